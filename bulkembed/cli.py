@@ -1,0 +1,188 @@
+"""The `bulkembed` command: submit, worker, status, run."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+
+from contract.errors import BulkEmbedError
+from contract.job import Role, Task
+from contract.model import DEFAULT_MODEL
+from contract.settings import ProducerSettings, WorkerSettings
+
+log = logging.getLogger("bulkembed")
+
+
+def _job_arguments(parser: argparse.ArgumentParser, model_default: str | None) -> None:
+    parser.add_argument("input", help="a Parquet file, a folder of them, or an s3:// prefix")
+    parser.add_argument("--model", required=model_default is None, default=model_default,
+                        help=f"a local .gguf path or REPO:QUANT of a Hugging Face GGUF repo (default {model_default})")
+    parser.add_argument("--out", required=True, help="s3://bucket/prefix or a local folder")
+    parser.add_argument("--task", choices=[t.value for t in Task], default=None,
+                        help="v4 task; read from the model file name when it says it")
+    parser.add_argument("--role", choices=[r.value for r in Role], default=Role.PASSAGE.value,
+                        help="query or passage; picks the prefix from v4's table")
+    parser.add_argument("--id-column", default="id")
+    parser.add_argument("--text-column", default="text")
+    parser.add_argument("--shard-tokens", type=int, default=ProducerSettings().shard_tokens,
+                        help="token budget of one shard")
+
+
+def _worker_arguments(parser: argparse.ArgumentParser) -> None:
+    defaults = WorkerSettings()
+    parser.add_argument("--ubatch", type=int, default=defaults.ubatch,
+                        help="largest physical batch (n_ubatch); 512 is fastest on an L4")
+    parser.add_argument("--gpu-layers", type=int, default=defaults.gpu_layers,
+                        help="layers on the GPU; -1 = all (when llama.cpp has a GPU backend)")
+    parser.add_argument("--threads", type=int, default=defaults.threads, help="CPU threads; 0 = all cores")
+
+
+def _engine_options(args: argparse.Namespace):
+    from worker.engine import EngineOptions
+
+    return EngineOptions(ubatch=args.ubatch, gpu_layers=args.gpu_layers, threads=args.threads)
+
+
+def _plan(args: argparse.Namespace):
+    from producer.submit import plan_job
+
+    return plan_job(args.input, args.model, args.out, Task(args.task) if args.task else None, Role(args.role),
+                    args.id_column, args.text_column, args.shard_tokens)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from bulkembed.local import run_local
+    from contract.model import resolve_path
+
+    planned = _plan(args)
+    manifest = run_local(planned, str(resolve_path(args.model)), _engine_options(args))
+    print(f"job {planned.job.job_id}: {manifest['rows']} rows, {manifest['tokens']} tokens, "
+          f"{manifest['rejected_rows']} rejected → {planned.store.uri}")
+    return 0
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from celery import Celery
+
+    from contract.queue import TASK_EMBED_SHARD, celery_app
+    from contract.registry import JobRegistry
+    from producer.submit import produce
+
+    settings = ProducerSettings()
+    planned = _plan(args)
+    job = planned.job
+    registry = JobRegistry.from_url(settings.redis_url.get_secret_value())
+    registry.start(job)
+    app: Celery = celery_app(settings, "bulkembed-producer")
+    with app.producer_or_acquire() as producer:
+        totals = produce(planned, lambda m: app.send_task(
+            TASK_EMBED_SHARD, args=[m.model_dump(mode="json")], queue=job.model.queue, producer=producer))
+    if registry.planned(job.job_id, totals):
+        registry.finalize(job.job_id)
+    print(job.job_id, flush=True)
+    log.info("job %s: %d shards queued on %s", job.job_id, totals.shards, job.model.queue)
+    return wait_for(registry, job.job_id) if args.wait else 0
+
+
+def wait_for(registry, job_id: str, poll_s: float = 1.0) -> int:
+    """A progress bar until every shard is written (exit 0) or some failed for good (exit 1)."""
+    from tqdm import tqdm
+
+    status = registry.status(job_id)
+    with tqdm(total=status.totals.tokens if status.totals else None, unit="tok", unit_scale=True,
+              desc=f"job {job_id}") as bar:
+        while True:
+            status = registry.status(job_id)
+            bar.update(status.tokens_done - bar.n)
+            if status.finished:
+                break
+            time.sleep(poll_s)
+    if status.state == "done":
+        print(f"job {job_id} done: {status.rows_done} rows, {status.tokens_done} tokens")
+        return 0
+    for shard, error in sorted(status.failures.items()):
+        print(f"shard {shard} failed: {error}", file=sys.stderr)
+    print(f"job {job_id} failed: {len(status.failures)} of {status.totals.shards} shards", file=sys.stderr)
+    return 1
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from contract.registry import JobRegistry
+
+    registry = JobRegistry.from_url(ProducerSettings().redis_url.get_secret_value())
+    status = registry.status(args.job)
+    if status is None:
+        print(f"no job {args.job} in this Redis", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(status.model_dump(mode="json") | {"finished": status.finished}))
+        return 0
+    totals = status.totals
+    shards = f"{status.shards_done}/{totals.shards}" if totals else f"{status.shards_done}/?"
+    tokens = f"{status.tokens_done}/{totals.tokens}" if totals else f"{status.tokens_done}/?"
+    print(f"job {status.job_id}: {status.state}; shards {shards}; tokens {tokens}; "
+          f"failed {len(status.failures)}; rejected rows {totals.rejected if totals else '?'}")
+    for shard, error in sorted(status.failures.items()):
+        print(f"  shard {shard}: {error}")
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    import os
+    import socket
+
+    from contract.model import model_ref
+    from worker import app as worker_app
+
+    ref, path = model_ref(args.model)
+    worker_app.MODEL = worker_app.ResidentModel(path=path, sha256=ref.sha256, options=_engine_options(args))
+    log.info("worker for %s (sha256 %s…) on queue %s", ref.file_name, ref.sha256[:12], ref.queue)
+    worker_app.app.worker_main([
+        "worker", "--queues", ref.queue, "--concurrency", "1", "--pool", "prefork",
+        "--hostname", f"bulkembed-{os.getpid()}@{socket.gethostname()}",
+        "--loglevel", WorkerSettings().log_level, "--without-gossip", "--without-mingle",
+    ])
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bulkembed", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    submit = commands.add_parser("submit", help="plan a job and queue its shards on Redis")
+    _job_arguments(submit, model_default=None)
+    submit.add_argument("--wait", action="store_true", help="show progress; exit 0 when every shard is written")
+    submit.set_defaults(func=cmd_submit)
+
+    worker = commands.add_parser("worker", help="a Celery worker with one resident model")
+    worker.add_argument("--model", required=True, help="a local .gguf path or REPO:QUANT")
+    _worker_arguments(worker)
+    worker.set_defaults(func=cmd_worker)
+
+    status = commands.add_parser("status", help="progress of a job")
+    status.add_argument("job")
+    status.add_argument("--json", action="store_true")
+    status.set_defaults(func=cmd_status)
+
+    run = commands.add_parser("run", help="embed in this process: no Redis, no workers")
+    _job_arguments(run, model_default=DEFAULT_MODEL)
+    _worker_arguments(run)
+    run.set_defaults(func=cmd_run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=ProducerSettings().log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except BulkEmbedError as exc:
+        print(f"bulkembed: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

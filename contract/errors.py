@@ -1,0 +1,25 @@
+"""Typed errors: what a caller can catch and what a user reads."""
+
+
+class BulkEmbedError(Exception):
+    """Base of every error bulkembed raises on purpose; its message is meant for the user."""
+
+
+class InputError(BulkEmbedError):
+    """The corpus cannot be read as asked (missing column, wrong type, unreadable file)."""
+
+
+class ModelError(BulkEmbedError):
+    """The model cannot be found, fetched or loaded, or is not the one the job names."""
+
+
+class ShardError(BulkEmbedError):
+    """A shard cannot be embedded; permanent, retrying it will not help."""
+
+
+class EngineError(ShardError):
+    """llama.cpp refused a decode or a context."""
+
+
+class TransientError(BulkEmbedError):
+    """A failure worth retrying (storage or network hiccup)."""

@@ -1,0 +1,29 @@
+"""Where everything lives: object keys under a job's OUT, and Redis keys of the job registry.
+
+Everything but the embedding files starts with "_", which pyarrow's dataset discovery skips, so
+`pyarrow.dataset.dataset(OUT, format="arrow")` reads exactly the embeddings.
+"""
+
+SHARD_WIDTH = 6
+
+SHARD_INPUT_KEY = "_shards/{shard:06d}.arrow"
+SHARD_OUTPUT_KEY = "{shard:06d}.arrow"
+REJECTED_KEY = "_rejected/{name}.arrow"
+MANIFEST_KEY = "_manifest.json"
+JOB_KEY = "_job.json"
+
+REDIS_JOB = "bulkembed:job:{job_id}"  # hash: spec, totals, state
+REDIS_JOB_DONE = "bulkembed:job:{job_id}:done"  # hash: shard -> result json
+REDIS_JOB_FAILED = "bulkembed:job:{job_id}:failed"  # hash: shard -> error
+
+
+def shard_input(shard: int) -> str:
+    return SHARD_INPUT_KEY.format(shard=shard)
+
+
+def shard_output(shard: int) -> str:
+    return SHARD_OUTPUT_KEY.format(shard=shard)
+
+
+def rejected(name: str) -> str:
+    return REJECTED_KEY.format(name=name)

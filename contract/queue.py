@@ -1,0 +1,33 @@
+"""The Celery wiring both sides share: task name and delivery settings for long shards on Redis."""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from contract.settings import Settings
+
+TASK_EMBED_SHARD = "bulkembed.embed_shard"
+
+
+def celery_app(settings: Settings, name: str) -> Celery:
+    """A Celery app on the settings' Redis. JSON only (never pickle from a broker); a shard is
+    acknowledged after it is written, handed back if its process dies, and one worker holds one
+    shard at a time. The hard time limit stays below Redis's redelivery timeout (NOTES.md 11)."""
+    if settings.task_time_limit >= settings.visibility_timeout:
+        raise ValueError("BULKEMBED_TASK_TIME_LIMIT must be below BULKEMBED_VISIBILITY_TIMEOUT")
+    app = Celery(name, broker=settings.redis_url.get_secret_value())
+    app.conf.update(
+        task_serializer="json",
+        accept_content=["json"],
+        result_serializer="json",
+        task_ignore_result=True,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_time_limit=settings.task_time_limit,
+        broker_transport_options={"visibility_timeout": settings.visibility_timeout},
+        broker_connection_retry_on_startup=True,
+        worker_hijack_root_logger=False,
+        worker_redirect_stdouts=False,
+    )
+    return app

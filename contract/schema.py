@@ -1,0 +1,65 @@
+"""Arrow schemas of the three files a job writes: shard inputs, embeddings, rejected rows."""
+
+from __future__ import annotations
+
+import io
+
+import pyarrow as pa
+
+from contract.job import JobSpec
+
+METADATA_PREFIX = "bulkembed."
+
+
+def shard_input_schema(id_type: pa.DataType) -> pa.Schema:
+    """A shard's input: the id as the corpus typed it, the text with its prefix, its token count."""
+    return pa.schema([("id", id_type), ("text", pa.string()), ("n_tokens", pa.int32())])
+
+
+def embedding_schema(id_type: pa.DataType, dims: int, job: JobSpec) -> pa.Schema:
+    metadata = {
+        "model_file": job.model.file_name,
+        "model_sha256": job.model.sha256,
+        "task": job.task.value,
+        "role": job.role.value,
+        "prefix": job.prefix,
+        "pooling": job.pooling,
+        "normalized": str(job.normalize).lower(),
+        "dims": str(dims),
+    }
+    return pa.schema(
+        [
+            pa.field("id", id_type, nullable=False),
+            pa.field("embedding", pa.list_(pa.float32(), dims), nullable=False),
+            pa.field("n_tokens", pa.int32(), nullable=False),
+        ],
+        metadata={METADATA_PREFIX + k: v for k, v in metadata.items()},
+    )
+
+
+def rejected_schema(id_type: pa.DataType) -> pa.Schema:
+    """Quarantine: which row (source file, row number), its id if it had one, and why."""
+    return pa.schema(
+        [("id", id_type), ("reason", pa.string()), ("source", pa.string()), ("row", pa.int64())]
+    )
+
+
+def read_metadata(schema: pa.Schema) -> dict[str, str]:
+    raw = schema.metadata or {}
+    return {
+        k.decode()[len(METADATA_PREFIX):]: v.decode()
+        for k, v in raw.items()
+        if k.decode().startswith(METADATA_PREFIX)
+    }
+
+
+def to_ipc_bytes(table: pa.Table) -> bytes:
+    """A complete Arrow IPC file in memory: objects are only ever written whole."""
+    sink = io.BytesIO()
+    with pa.ipc.new_file(sink, table.schema) as writer:
+        writer.write_table(table)
+    return sink.getvalue()
+
+
+def from_ipc_bytes(data: bytes) -> pa.Table:
+    return pa.ipc.open_file(pa.BufferReader(data)).read_all()

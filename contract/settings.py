@@ -1,0 +1,40 @@
+"""Process settings from the environment (prefix BULKEMBED_); nothing else reads os.environ.
+
+S3 uses boto3's own standard variables (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION,
+AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL), so they are not repeated here.
+"""
+
+from __future__ import annotations
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """What every bulkembed process shares."""
+
+    model_config = SettingsConfigDict(env_prefix="BULKEMBED_", extra="ignore")
+
+    redis_url: SecretStr = Field(
+        SecretStr("redis://localhost:6379/0"),
+        description="Redis URL of the broker and job registry (redis:// or rediss://, may hold a password).",
+    )
+    visibility_timeout: int = Field(
+        7200, description="Seconds before Redis redelivers an unacknowledged shard; above task_time_limit."
+    )
+    task_time_limit: int = Field(3600, description="Hard limit in seconds for one shard.")
+    log_level: str = Field("INFO", description="Python logging level.")
+
+
+class ProducerSettings(Settings):
+    """The producer (submit) side."""
+
+    shard_tokens: int = Field(65536, description="Token budget of one shard.", gt=0)
+
+
+class WorkerSettings(Settings):
+    """The worker side: one process per GPU with one resident model."""
+
+    ubatch: int = Field(512, description="Largest physical batch (n_ubatch) a shard may use.", ge=32)
+    gpu_layers: int = Field(-1, description="Layers offloaded to the GPU; -1 = all (when the build has a GPU).")
+    threads: int = Field(0, description="CPU threads for llama.cpp; 0 = all cores.", ge=0)

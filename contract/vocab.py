@@ -1,0 +1,101 @@
+"""Exact token counts with the model's own vocabulary: a vocab-only load reads no weights."""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+
+from contract.errors import ModelError
+
+log = logging.getLogger(__name__)
+_backend_ready = False
+
+
+def init_llama() -> None:
+    """Start llama.cpp once per process and keep its chatter out of the logs unless asked."""
+    global _backend_ready
+    if _backend_ready:
+        return
+    import llama_cpp
+
+    if not os.environ.get("BULKEMBED_LLAMA_LOG"):
+        _silence = llama_cpp.llama_log_callback(lambda level, text, data: None)
+        init_llama._callback = _silence  # keep the callback alive as long as the process
+        llama_cpp.llama_log_set(_silence, ctypes.c_void_p(0))
+    llama_cpp.llama_backend_init()
+    _backend_ready = True
+
+
+class Vocab:
+    """Tokenizer of a loaded llama model (its own, or a vocab-only load of the file)."""
+
+    def __init__(self, vocab_ptr: object, owner: object = None):
+        import llama_cpp
+
+        self._llama = llama_cpp
+        self._vocab = vocab_ptr
+        self._owner = owner  # the model the vocab belongs to must outlive it
+        self._buffer = (llama_cpp.llama_token * 4096)()
+
+    @classmethod
+    def load(cls, path: str | Path) -> Vocab:
+        import llama_cpp
+
+        init_llama()
+        params = llama_cpp.llama_model_default_params()
+        params.vocab_only = True
+        model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
+        if not model:
+            raise ModelError(f"llama.cpp cannot read the vocabulary of {path}")
+        vocab = cls(llama_cpp.llama_model_get_vocab(model), owner=_ModelHandle(model))
+        return vocab
+
+    def metadata(self, key: str) -> str | None:
+        """A GGUF metadata value as text (works on a vocab-only load, unlike the hparams getters)."""
+        model = getattr(self._owner, "model", None)
+        if model is None:
+            return None
+        buffer = ctypes.create_string_buffer(256)
+        n = self._llama.llama_model_meta_val_str(model, key.encode(), buffer, len(buffer))
+        return buffer.value.decode() if n >= 0 else None
+
+    @property
+    def n_ctx_train(self) -> int:
+        arch = self.metadata("general.architecture") or ""
+        return int(self.metadata(f"{arch}.context_length") or 0)
+
+    @property
+    def n_tokens(self) -> int:
+        return self._llama.llama_vocab_n_tokens(self._vocab)
+
+    def count(self, text: str) -> int:
+        data = text.encode("utf-8")
+        n = self._llama.llama_tokenize(self._vocab, data, len(data), None, 0, True, False)
+        return -n if n < 0 else n
+
+    def tokenize(self, text: str) -> np.ndarray:
+        """Token ids as int32; special-token text in a document stays text (parse_special off)."""
+        data = text.encode("utf-8")
+        n = self._llama.llama_tokenize(self._vocab, data, len(data), self._buffer, len(self._buffer), True, False)
+        if n < 0:
+            self._buffer = (self._llama.llama_token * (-n + 1024))()
+            n = self._llama.llama_tokenize(self._vocab, data, len(data), self._buffer, len(self._buffer), True, False)
+        return np.ctypeslib.as_array(self._buffer)[:n].astype(np.int32)
+
+
+class _ModelHandle:
+    """Frees a llama_model when the last Python reference goes."""
+
+    def __init__(self, model: object):
+        self.model = model
+
+    def __del__(self) -> None:
+        import llama_cpp
+
+        if self.model:
+            llama_cpp.llama_model_free(self.model)
+            self.model = None

@@ -1,0 +1,84 @@
+"""Read a Parquet corpus (a file, a folder, or an s3:// prefix) in bounded record batches."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from contract.errors import InputError
+from contract.store import open_store
+
+log = logging.getLogger(__name__)
+
+BATCH_ROWS = 8192
+
+
+@dataclass(frozen=True)
+class Corpus:
+    fs: pafs.FileSystem
+    files: list[tuple[str, int]]  # (path in fs, size)
+    id_type: pa.DataType
+
+    @property
+    def fingerprint(self) -> str:
+        return hashlib.sha256(repr(self.files).encode()).hexdigest()[:16]
+
+
+def _list_files(uri: str) -> tuple[pafs.FileSystem, list[tuple[str, int]]]:
+    if uri.startswith("s3://"):
+        fs, base = open_store(uri).arrow_fs()
+    else:
+        fs, base = pafs.LocalFileSystem(), str(__import__("pathlib").Path(uri).expanduser().resolve())
+    info = fs.get_file_info(base)
+    if info.type == pafs.FileType.File:
+        return fs, [(base, info.size)]
+    if info.type != pafs.FileType.Directory:
+        raise InputError(f"input {uri} does not exist")
+    found = [
+        (f.path, f.size)
+        for f in fs.get_file_info(pafs.FileSelector(base, recursive=True))
+        if f.type == pafs.FileType.File and f.base_name.endswith(".parquet") and f.base_name[0] not in "._"
+    ]
+    if not found:
+        raise InputError(f"no .parquet files under {uri}")
+    return fs, sorted(found)
+
+
+def open_corpus(uri: str, id_column: str, text_column: str) -> Corpus:
+    """List the input and check every file's schema before anything is queued."""
+    fs, files = _list_files(uri)
+    id_type = None
+    for path, _ in files:
+        try:
+            schema = pq.read_schema(fs.open_input_file(path))
+        except (pa.ArrowException, OSError) as exc:
+            raise InputError(f"cannot read {path} as Parquet: {exc}") from exc
+        for column in (id_column, text_column):
+            if column not in schema.names:
+                raise InputError(f"{path} has no column {column!r} (columns: {', '.join(schema.names)})")
+        text_type = schema.field(text_column).type
+        if not (pa.types.is_string(text_type) or pa.types.is_large_string(text_type)):
+            raise InputError(f"{path}: text column {text_column!r} is {text_type}, not a string")
+        this_id = schema.field(id_column).type
+        if not (pa.types.is_integer(this_id) or pa.types.is_string(this_id) or pa.types.is_large_string(this_id)):
+            raise InputError(f"{path}: id column {id_column!r} is {this_id}; use an integer or string id")
+        if id_type is not None and this_id != id_type:
+            raise InputError(f"{path}: id column is {this_id} but earlier files have {id_type}")
+        id_type = this_id
+    return Corpus(fs=fs, files=files, id_type=id_type)
+
+
+def read_batches(corpus: Corpus, id_column: str, text_column: str) -> Iterator[tuple[str, int, pa.RecordBatch]]:
+    """(source path, first row number, batch with columns id and text), a bounded batch at a time."""
+    for path, _ in corpus.files:
+        parquet = pq.ParquetFile(corpus.fs.open_input_file(path))
+        row = 0
+        for batch in parquet.iter_batches(batch_size=BATCH_ROWS, columns=[id_column, text_column]):
+            yield path, row, batch.rename_columns(["id", "text"])
+            row += batch.num_rows

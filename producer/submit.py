@@ -1,0 +1,154 @@
+"""Plan a job and produce its shards: read, reject what cannot be embedded, count, bucket, write.
+
+Shards go to a sink: the Celery queue (`submit`) or the in-process worker (`run`); the producer
+does not know which.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+
+from contract import keys
+from contract.errors import InputError
+from contract.job import JobSpec, Role, ShardMessage, Task, prefix_for, task_from_model_name
+from contract.model import model_ref
+from contract.registry import JobTotals
+from contract.schema import rejected_schema, shard_input_schema, to_ipc_bytes
+from contract.store import Store, open_store
+from contract.vocab import Vocab
+from producer.corpus import Corpus, open_corpus, read_batches
+from producer.planner import Document, ShardPlanner
+
+log = logging.getLogger(__name__)
+
+REJECTED_FLUSH_ROWS = 10_000
+
+
+@dataclass
+class PlannedJob:
+    job: JobSpec
+    corpus: Corpus
+    vocab: Vocab
+    store: Store
+
+
+def plan_job(
+    input_uri: str,
+    model: str,
+    out: str,
+    task: Task | None = None,
+    role: Role = Role.PASSAGE,
+    id_column: str = "id",
+    text_column: str = "text",
+    shard_tokens: int = 65536,
+) -> PlannedJob:
+    """Check the input and the model and fix the job spec (and so the job id); queue nothing yet."""
+    corpus = open_corpus(input_uri, id_column, text_column)
+    ref, path = model_ref(model)
+    task = task or task_from_model_name(ref.file_name)
+    if task is None:
+        raise InputError(f"cannot tell the task from the model name {ref.file_name}; pass --task")
+    store = open_store(out)
+    job = JobSpec(
+        input=input_uri, input_fingerprint=corpus.fingerprint, out=store.uri, model=ref, task=Task(task),
+        role=Role(role), prefix=prefix_for(task, role), id_column=id_column, text_column=text_column,
+        shard_tokens=shard_tokens,
+    )
+    return PlannedJob(job=job, corpus=corpus, vocab=Vocab.load(path), store=store)
+
+
+@dataclass
+class _Rejects:
+    """Quarantined rows, flushed to OUT/_rejected/ in bounded files."""
+
+    store: Store
+    id_type: pa.DataType
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    files: list[str] = field(default_factory=list)
+    count: int = 0
+
+    def add(self, doc_id: Any, reason: str, source: str, row: int) -> None:
+        self.rows.append({"id": doc_id, "reason": reason, "source": source, "row": row})
+        self.count += 1
+        if len(self.rows) >= REJECTED_FLUSH_ROWS:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.rows:
+            return
+        key = keys.rejected(f"producer-{len(self.files):05d}")
+        table = pa.Table.from_pylist(self.rows, schema=rejected_schema(self.id_type))
+        self.store.put(key, to_ipc_bytes(table))
+        self.files.append(key)
+        self.rows = []
+
+
+def _reason_to_reject(
+    doc_id: Any, text: str | None, seen: set[int], max_tokens: int, n_tokens: int | None
+) -> str | None:
+    if doc_id is None:
+        return "null id"
+    if text is None:
+        return "null text"
+    if not text.strip():
+        return "empty text"
+    if hash(doc_id) in seen:
+        return "duplicate id"
+    if n_tokens is not None and n_tokens > max_tokens:
+        return f"over-length: {n_tokens} tokens > max {max_tokens}"
+    return None
+
+
+def produce(planned: PlannedJob, emit: Callable[[ShardMessage], None]) -> JobTotals:
+    """Stream the corpus into shards; write each shard's input, then hand its message to `emit`."""
+    job, store, vocab = planned.job, planned.store, planned.vocab
+    store.put(keys.JOB_KEY, job.model_dump_json(indent=2).encode())
+    max_tokens = vocab.n_ctx_train or 32768
+    planner = ShardPlanner(job.shard_tokens)
+    rejects = _Rejects(store, planned.corpus.id_type)
+    input_schema = shard_input_schema(planned.corpus.id_type)
+    seen: set[int] = set()  # hashes of ids seen, for duplicates: ~70 bytes an id, not the ids
+    totals = JobTotals()
+
+    def emit_shard(documents: list[Document]) -> None:
+        table = pa.table(
+            {"id": [d.id for d in documents], "text": [d.text for d in documents],
+             "n_tokens": [d.n_tokens for d in documents]},
+            schema=input_schema,
+        )
+        shard = totals.shards
+        store.put_if_absent(keys.shard_input(shard), to_ipc_bytes(table))  # same job id, same content
+        lengths = [d.n_tokens for d in documents]
+        emit(ShardMessage(job_id=job.job_id, job=job, shard=shard, n_docs=len(documents),
+                          n_tokens=sum(lengths), longest=max(lengths)))
+        totals.shards += 1
+        totals.docs += len(documents)
+        totals.tokens += sum(lengths)
+
+    for source, first_row, batch in read_batches(planned.corpus, job.id_column, job.text_column):
+        for i, (doc_id, text) in enumerate(zip(batch.column(0).to_pylist(), batch.column(1).to_pylist(), strict=True)):
+            reason = _reason_to_reject(doc_id, text, seen, max_tokens, None)
+            n_tokens = 0
+            if reason is None:
+                text = job.prefix + text
+                n_tokens = vocab.count(text)
+                reason = _reason_to_reject(doc_id, text, seen, max_tokens, n_tokens)
+            if reason is not None:
+                rejects.add(doc_id, reason, source, first_row + i)
+                continue
+            seen.add(hash(doc_id))
+            ready = planner.add(Document(doc_id, text, n_tokens))
+            if ready:
+                emit_shard(ready)
+    for ready in planner.finish():
+        emit_shard(ready)
+    rejects.flush()
+    totals.rejected, totals.rejected_files = rejects.count, rejects.files
+    log.info("job %s: %d shards, %d docs, %d tokens, %d rejected", job.job_id, totals.shards, totals.docs,
+             totals.tokens, totals.rejected)
+    return totals

@@ -1,0 +1,106 @@
+"""Plan decodes that fill every ubatch yet keep every mean exact. Pure: token lengths in, steps out.
+
+llama.cpp mean-pools per ubatch, so each decode carries at most n_ubatch tokens (n_batch = n_ubatch
+and one decode is one ubatch). A document longer than the room left is split into pieces that
+continue its positions in later decodes, its KV cache kept between them; the worker averages the
+pieces' means weighted by their token counts, which equals the whole document's mean because the
+model is causal (earlier tokens never see later ones).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+MAX_SEQUENCES = 256  # llama.cpp's LLAMA_MAX_SEQ
+CTX_ALIGN = 256  # llama.cpp pads n_ctx to this
+
+
+@dataclass(frozen=True)
+class Piece:
+    doc: int  # index into the shard
+    seq: int  # llama seq_id slot while the document is in flight
+    start: int  # first token (also its position)
+    stop: int
+    last: bool  # the document's final piece: its mean is complete after this decode
+
+
+@dataclass(frozen=True)
+class ContextShape:
+    """One llama_context configuration; shards that need the same one reuse it."""
+
+    n_ctx: int
+    n_ubatch: int
+    n_seq_max: int
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+def largest_divisor_at_most(n: int, limit: int) -> int:
+    return max(d for d in range(1, min(n, limit) + 1) if n % d == 0)
+
+
+def choose_shape(lengths: Sequence[int], ubatch_cap: int) -> ContextShape:
+    """Just enough context for the longest document, the biggest ubatch the shard can fill.
+
+    n_seq_max must divide n_ubatch under mean pooling, or llama.cpp aborts the process
+    (NOTES.md 4), so it is the largest divisor of n_ubatch up to llama.cpp's 256.
+    """
+    if not lengths:
+        raise ValueError("a shard has at least one document")
+    total, longest = sum(lengths), max(lengths)
+    n_ubatch = min(ubatch_cap, max(32, _next_pow2(total)))
+    n_seq_max = largest_divisor_at_most(n_ubatch, MAX_SEQUENCES)
+    # Room for the longest document plus one ubatch of others in flight beside it.
+    n_ctx = _round_up(longest + n_ubatch, CTX_ALIGN)
+    return ContextShape(n_ctx=n_ctx, n_ubatch=n_ubatch, n_seq_max=n_seq_max)
+
+
+def plan_decodes(lengths: Sequence[int], shape: ContextShape) -> Iterator[list[Piece]]:
+    """Yield the pieces of each decode, in order. Documents start in the given order; the oldest
+    in flight continues first, so a long document streams through while short ones fill the rest.
+    Every document with length > 0 appears, its pieces covering [0, length) exactly once.
+    """
+    if any(n <= 0 for n in lengths):
+        raise ValueError("every document needs at least one token")
+    if max(lengths, default=0) + 1 > shape.n_ctx:
+        raise ValueError(f"a {max(lengths)}-token document does not fit n_ctx {shape.n_ctx}")
+    free_seqs = list(range(shape.n_seq_max - 1, -1, -1))
+    in_flight: list[tuple[int, int, int]] = []  # (doc, seq, next token)
+    reserved = 0  # KV cells the documents in flight will hold when complete
+    next_doc = 0
+    while next_doc < len(lengths) or in_flight:
+        room = shape.n_ubatch
+        pieces: list[Piece] = []
+        still: list[tuple[int, int, int]] = []
+        for doc, seq, start in in_flight:
+            take = min(lengths[doc] - start, room)
+            if take == 0:
+                still.append((doc, seq, start))
+                continue
+            stop = start + take
+            pieces.append(Piece(doc, seq, start, stop, stop == lengths[doc]))
+            room -= take
+            if stop < lengths[doc]:
+                still.append((doc, seq, stop))
+        while room > 0 and next_doc < len(lengths) and free_seqs and reserved + lengths[next_doc] <= shape.n_ctx:
+            doc, seq = next_doc, free_seqs.pop()
+            take = min(lengths[doc], room)
+            pieces.append(Piece(doc, seq, 0, take, take == lengths[doc]))
+            reserved += lengths[doc]
+            room -= take
+            if take < lengths[doc]:
+                still.append((doc, seq, take))
+            next_doc += 1
+        for piece in pieces:
+            if piece.last:
+                free_seqs.append(piece.seq)
+                reserved -= lengths[piece.doc]
+        in_flight = still
+        yield pieces
