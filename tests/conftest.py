@@ -1,0 +1,216 @@
+"""Real parts only: a redis-server process, a moto S3 HTTP server, `bulkembed worker` processes and
+llama.cpp on tiny generated qwen2vl GGUFs. No GPU exists here, so everything runs on the CPU."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from bulkembed.synthetic import TINY, write_qwen2vl_gguf
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(models_dir: Path) -> Path:
+    """A 2-layer qwen2vl (v4's architecture) named like a v4 retrieval file, so the task is inferred."""
+    return write_qwen2vl_gguf(models_dir / "tiny-embeddings-text-retrieval-F32.gguf", TINY, seed=0)
+
+
+@pytest.fixture(scope="session")
+def other_model(models_dir: Path) -> Path:
+    """Same shape and vocabulary, other weights: a different sha256."""
+    return write_qwen2vl_gguf(models_dir / "tiny-embeddings-text-retrieval-F32-b.gguf", TINY, seed=1)
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.fail("redis-server is not installed (.ci/run installs it: apt-get install redis-server)")
+    port = free_port()
+    folder = tmp_path_factory.mktemp("redis")
+    process = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+         "--dir", str(folder)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    _wait_for_port(port)
+    yield f"redis://127.0.0.1:{port}/0"
+    process.terminate()
+    process.wait(10)
+
+
+def _wait_for_port(port: int, timeout_s: float = 20) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on port {port}")
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[str]:
+    """moto's S3 in server mode: a real HTTP endpoint that boto3 and pyarrow talk to."""
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    saved = {k: os.environ.get(k) for k in S3_ENV}
+    os.environ.update(s3_env(endpoint))
+    yield endpoint
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    server.stop()
+
+
+S3_ENV = ("AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION", "AWS_DEFAULT_REGION")
+
+
+def s3_env(endpoint: str) -> dict[str, str]:
+    return {"AWS_ENDPOINT_URL_S3": endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_REGION": "us-east-1", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+@pytest.fixture
+def bucket(s3_server: str, request: pytest.FixtureRequest) -> str:
+    import boto3
+
+    name = "b-" + request.node.name.lower().replace("_", "-").replace("[", "-").replace("]", "")[:50]
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=name)
+    return name
+
+
+def mixed_texts(n: int, seed: int = 0, long_every: int = 10, long_tokens: tuple[int, int] = (150, 500)) -> list[str]:
+    """Short texts with some 2-8x longer than a 64-token ubatch (the tiny vocab is about a token a byte)."""
+    rng = np.random.default_rng(seed)
+    words = ["alpha", "beta", "gamma", "delta", "the", "river", "model", "token", "embed", "over", "and", "sea"]
+    texts = []
+    for i in range(n):
+        length = int(rng.integers(*long_tokens)) if i % long_every == 0 else int(rng.integers(2, 60))
+        text = " ".join(rng.choice(words, size=max(1, length // 5)))
+        texts.append(text[:length] if length > 1 else text[:1])
+    return texts
+
+
+def write_corpus(path: Path, ids: list, texts: list, id_type: pa.DataType | None = None) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({"id": pa.array(ids, id_type or pa.string()), "text": pa.array(texts, pa.string())}), path)
+    return path
+
+
+class Workers:
+    """`bulkembed worker` processes, each in its own process group so a test can kill the tree."""
+
+    def __init__(self, env: dict[str, str], log_dir: Path):
+        self.env, self.log_dir, self.processes = env, log_dir, []
+
+    def start(self, model: Path, *extra: str, wait: bool = True) -> subprocess.Popen:
+        log = self.log_dir / f"worker-{len(self.processes)}.log"
+        process = subprocess.Popen(
+            [sys.executable, "-m", "bulkembed.cli", "worker", "--model", str(model), "--threads", "1", *extra],
+            env=self.env, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO,
+        )
+        process.log = log
+        self.processes.append(process)
+        if wait:
+            self.wait_ready(process)
+        return process
+
+    def wait_ready(self, process: subprocess.Popen, timeout_s: float = 60) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            text = process.log.read_text()
+            if " ready." in text or "ready with" in text and "celery@" in text:
+                return
+            if process.poll() is not None:
+                raise RuntimeError(f"worker exited {process.returncode}:\n{text}")
+            time.sleep(0.1)
+        raise TimeoutError(f"worker not ready:\n{process.log.read_text()}")
+
+    def stop_all(self) -> None:
+        for process in self.processes:
+            if process.poll() is None:
+                os.killpg(process.pid, 15)
+        for process in self.processes:
+            try:
+                process.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, 9)
+                process.wait(5)
+
+
+@pytest.fixture
+def cli_env(redis_server: str, s3_server: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BULKEMBED_")}
+    env.update(s3_env(s3_server))
+    env.update({"BULKEMBED_REDIS_URL": redis_server, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"})
+    return env
+
+
+@pytest.fixture
+def workers(cli_env: dict[str, str], tmp_path: Path) -> Iterator[Workers]:
+    pool = Workers(cli_env, tmp_path)
+    yield pool
+    pool.stop_all()
+
+
+@pytest.fixture
+def run_cli(cli_env: dict[str, str]) -> Callable[..., subprocess.CompletedProcess]:
+    def run(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "bulkembed.cli", *map(str, args)], env=cli_env, cwd=REPO,
+                              capture_output=True, text=True, timeout=timeout)
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def reference_embedder(tiny_model: Path) -> Callable[[list[str]], np.ndarray]:
+    """Each text decoded alone in one ubatch by llama-cpp-python's own Llama.embed: an independent path."""
+    from llama_cpp import LLAMA_POOLING_TYPE_MEAN, Llama
+
+    cache: dict[Path, Llama] = {}
+
+    def embed(texts: list[str], model: Path = tiny_model) -> np.ndarray:
+        if model not in cache:
+            cache[model] = Llama(str(model), embedding=True, pooling_type=LLAMA_POOLING_TYPE_MEAN, n_ctx=4096,
+                                 n_batch=4096, n_ubatch=4096, n_threads=2, verbose=False)
+        vectors = np.array([cache[model].embed(t, normalize=False) for t in texts], np.float64)
+        return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+
+    return embed
+
+
+def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a = a / np.linalg.norm(a, axis=1, keepdims=True)
+    b = b / np.linalg.norm(b, axis=1, keepdims=True)
+    return np.sum(a * b, axis=1)

@@ -1,0 +1,76 @@
+import pyarrow as pa
+import pytest
+
+from contract.errors import ModelError
+from contract.job import JobSpec, ModelRef, Role, Task, prefix_for, task_from_model_name
+from contract.model import is_hub_spec, queue_name, resolve_path
+from contract.schema import embedding_schema, from_ipc_bytes, read_metadata, to_ipc_bytes
+from contract.store import LocalStore, open_store
+
+
+def test_prefix_table_matches_the_model_card():
+    assert prefix_for(Task.RETRIEVAL, Role.QUERY) == "Query: "
+    assert prefix_for(Task.RETRIEVAL, Role.PASSAGE) == "Passage: "
+    assert prefix_for(Task.CODE, Role.QUERY) == "Query: "
+    assert prefix_for(Task.CODE, Role.PASSAGE) == "Passage: "
+    assert prefix_for(Task.TEXT_MATCHING, Role.QUERY) == "Query: "
+    assert prefix_for(Task.TEXT_MATCHING, Role.PASSAGE) == "Query: "  # symmetric task
+
+
+def test_task_from_model_name():
+    assert task_from_model_name("jina-embeddings-v4-text-retrieval-Q8_0.gguf") == Task.RETRIEVAL
+    assert task_from_model_name("jina-embeddings-v4-text-code-IQ3_M.gguf") == Task.CODE
+    assert task_from_model_name("jina-embeddings-v4-text-matching-F16.gguf") == Task.TEXT_MATCHING
+    assert task_from_model_name("some-model.gguf") is None
+
+
+def _job(**change) -> JobSpec:
+    fields = dict(input="in", input_fingerprint="f", out="/o",
+                  model=ModelRef(spec="m", file_name="m.gguf", sha256="a" * 64, queue="bulkembed.m"),
+                  task=Task.RETRIEVAL, role=Role.PASSAGE, prefix="Passage: ", shard_tokens=100)
+    return JobSpec(**(fields | change))
+
+
+def test_job_id_is_derived_from_input_model_and_options():
+    assert _job().job_id == _job().job_id
+    assert _job().job_id != _job(shard_tokens=200).job_id
+    assert _job().job_id != _job(input_fingerprint="g").job_id
+    other_model = ModelRef(spec="m", file_name="m.gguf", sha256="b" * 64, queue="bulkembed.m")
+    assert _job().job_id != _job(model=other_model).job_id
+
+
+def test_queue_name_from_model_file():
+    name = queue_name("jina-embeddings-v4-text-retrieval-Q8_0.gguf")
+    assert name == "bulkembed.jina-embeddings-v4-text-retrieval-q8_0"
+
+
+def test_model_spec_errors_are_clear(tmp_path):
+    assert is_hub_spec("jinaai/jina-embeddings-v4-text-retrieval-GGUF:Q8_0")
+    with pytest.raises(ModelError, match="neither a file nor REPO:QUANT"):
+        resolve_path(str(tmp_path / "missing.gguf"))
+
+
+def test_unreachable_hub_says_to_pass_a_path(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelError, match="--model /path/to/model.gguf"):
+        resolve_path("nobody-xyz/not-a-real-repo-GGUF:Q8_0")
+
+
+def test_schema_roundtrip_keeps_metadata():
+    schema = embedding_schema(pa.string(), 4, _job())
+    table = pa.table({"id": ["a"], "embedding": pa.array([[1, 0, 0, 0]], pa.list_(pa.float32(), 4)),
+                      "n_tokens": pa.array([3], pa.int32())}, schema=schema)
+    back = from_ipc_bytes(to_ipc_bytes(table))
+    meta = read_metadata(back.schema)
+    assert meta["model_sha256"] == "a" * 64 and meta["prefix"] == "Passage: " and meta["dims"] == "4"
+
+
+@pytest.mark.parametrize("kind", ["local", "s3"])
+def test_store_writes_once(kind, tmp_path, bucket):
+    store = LocalStore(tmp_path) if kind == "local" else open_store(f"s3://{bucket}/prefix")
+    assert store.put_if_absent("a/x.bin", b"one")
+    assert not store.put_if_absent("a/x.bin", b"two")
+    assert store.get("a/x.bin") == b"one"
+    assert store.exists("a/x.bin") and not store.exists("a/y.bin")
+    store.put("m.json", b"{}")
+    assert [k for k, _ in store.list()] == ["a/x.bin", "m.json"]

@@ -1,0 +1,137 @@
+"""End to end with real processes: Parquet on S3 → shards on Redis → two workers → Arrow on S3."""
+
+from __future__ import annotations
+
+import json
+
+import boto3
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pytest
+
+from contract.schema import read_metadata
+from contract.store import open_store
+from tests.conftest import cosines, mixed_texts, write_corpus
+
+N_ROWS = 3000
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    texts = mixed_texts(N_ROWS, seed=11, long_every=25)
+    ids = [f"doc-{i:05d}" for i in range(N_ROWS)]
+    # Two files, to read a folder / prefix.
+    write_corpus(tmp_path / "corpus" / "part-0.parquet", ids[:1700], texts[:1700])
+    write_corpus(tmp_path / "corpus" / "part-1.parquet", ids[1700:], texts[1700:])
+    return tmp_path / "corpus", dict(zip(ids, texts, strict=True))
+
+
+def upload_folder(folder, bucket: str, prefix: str) -> str:
+    s3 = boto3.client("s3")
+    for path in sorted(folder.iterdir()):
+        s3.upload_file(str(path), bucket, f"{prefix}/{path.name}")
+    return f"s3://{bucket}/{prefix}"
+
+
+def read_output(uri: str) -> pa.Table:
+    store = open_store(uri)
+    fs, base = store.arrow_fs()
+    return ds.dataset(base, filesystem=fs, format="arrow").to_table()
+
+
+def check_output(table: pa.Table, expected: dict[str, str], reference_embedder, n_embd: int = 64) -> None:
+    ids = table.column("id").to_pylist()
+    assert len(ids) == len(set(ids)) == len(expected), "every input id exactly once"
+    assert set(ids) == set(expected)
+    vectors = np.asarray(table.column("embedding").combine_chunks().flatten()).reshape(-1, n_embd)
+    assert vectors.shape == (len(expected), n_embd)
+    assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    # Batch invariance through the whole pipeline, on a sample including the long documents.
+    rng = np.random.default_rng(0)
+    longest = np.argsort(table.column("n_tokens").to_numpy())[-20:]
+    sample = np.unique(np.concatenate([rng.choice(len(ids), 60, replace=False), longest]))
+    texts = ["Passage: " + expected[ids[i]] for i in sample]
+    assert cosines(vectors[sample], reference_embedder(texts)).min() >= 0.9999
+
+
+def test_submit_wait_with_two_workers(corpus, bucket, workers, run_cli, tiny_model, reference_embedder):
+    folder, expected = corpus
+    input_uri = upload_folder(folder, bucket, "input")
+    out = f"s3://{bucket}/embeddings"
+    first, second = workers.start(tiny_model), workers.start(tiny_model)
+
+    done = run_cli("submit", input_uri, "--model", tiny_model, "--out", out, "--shard-tokens", "4000", "--wait")
+    assert done.returncode == 0, done.stderr[-3000:]
+    job_id = done.stdout.split()[0]
+
+    table = read_output(out)
+    check_output(table, expected, reference_embedder)
+    meta = read_metadata(table.schema)
+    assert meta["task"] == "retrieval" and meta["prefix"] == "Passage: " and meta["pooling"] == "mean"
+
+    manifest = json.loads(open_store(out).get("_manifest.json"))
+    assert manifest["job_id"] == job_id and manifest["rows"] == N_ROWS
+    assert manifest["tokens"] == int(pa.compute.sum(table.column("n_tokens")).as_py())
+    assert len(manifest["shards"]) > 4, "the job was cut into several shards"
+    # Both workers took shards: the queue spreads work.
+    logs = [p.log.read_text() for p in (first, second)]
+    assert all("tok/s" in text for text in logs), logs
+
+    status = run_cli("status", job_id, "--json")
+    state = json.loads(status.stdout)
+    assert state["state"] == "done" and state["shards_done"] == len(manifest["shards"])
+    assert state["tokens_done"] == manifest["tokens"]
+
+
+def test_run_embedded_mode_local_and_s3(corpus, bucket, tmp_path, run_cli, tiny_model, reference_embedder):
+    folder, expected = corpus
+    local_out = tmp_path / "out"
+    done = run_cli("run", folder, "--model", tiny_model, "--out", local_out, "--shard-tokens", "8000",
+                   "--ubatch", "64")
+    assert done.returncode == 0, done.stderr[-3000:]
+    check_output(ds.dataset(local_out, format="arrow").to_table(), expected, reference_embedder)
+    assert json.loads((local_out / "_manifest.json").read_text())["rows"] == N_ROWS
+
+    s3_out = f"s3://{bucket}/run-out"
+    done = run_cli("run", folder / "part-0.parquet", "--model", tiny_model, "--out", s3_out)
+    assert done.returncode == 0, done.stderr[-3000:]
+    part0 = {k: v for k, v in expected.items() if int(k.split("-")[1]) < 1700}
+    check_output(read_output(s3_out), part0, reference_embedder)
+
+
+def test_bad_rows_are_quarantined_never_lost(tmp_path, run_cli, tiny_model):
+    ids = ["a", "b", None, "c", "d", "b", "e", "f"]
+    texts = ["fine text", "also fine", "no id", None, "   ", "duplicate of b", "", "last one"]
+    path = write_corpus(tmp_path / "bad.parquet", ids, texts)
+    out = tmp_path / "out"
+    done = run_cli("run", path, "--model", tiny_model, "--out", out)
+    assert done.returncode == 0, done.stderr[-3000:]
+    written = ds.dataset(out, format="arrow").to_table().column("id").to_pylist()
+    rejected = ds.dataset(out / "_rejected", format="arrow").to_table()
+    reasons = dict(zip(rejected.column("row").to_pylist(), rejected.column("reason").to_pylist(), strict=True))
+    assert sorted(written) == ["a", "b", "f"]
+    assert reasons == {2: "null id", 3: "null text", 4: "empty text", 5: "duplicate id", 6: "empty text"}
+    assert len(written) + len(reasons) == len(ids), "every input row is written or rejected"
+    assert json.loads((out / "_manifest.json").read_text())["rejected_rows"] == 5
+
+
+def test_input_errors_are_clear_before_anything_is_queued(tmp_path, run_cli, tiny_model):
+    path = write_corpus(tmp_path / "c.parquet", ["a"], ["x"])
+    done = run_cli("run", path, "--model", tiny_model, "--out", tmp_path / "o", "--text-column", "body")
+    assert done.returncode == 2 and "has no column 'body'" in done.stderr
+    assert not (tmp_path / "o" / "_shards").exists()
+    (tmp_path / "broken.parquet").write_bytes(b"not parquet")
+    done = run_cli("run", tmp_path / "broken.parquet", "--model", tiny_model, "--out", tmp_path / "o")
+    assert done.returncode == 2 and "cannot read" in done.stderr
+    done = run_cli("run", path, "--model", "nobody-xyz/missing-GGUF:Q8_0", "--out", tmp_path / "o")
+    assert done.returncode == 2 and "--model /path/to/model.gguf" in done.stderr
+
+
+def test_integer_ids_keep_their_type(tmp_path, run_cli, tiny_model):
+    path = write_corpus(tmp_path / "c.parquet", [10, 20, 30], ["x y", "z", "w v u"], id_type=pa.int64())
+    done = run_cli("run", path, "--model", tiny_model, "--out", tmp_path / "o")
+    assert done.returncode == 0, done.stderr
+    table = ds.dataset(tmp_path / "o", format="arrow").to_table()
+    assert table.schema.field("id").type == pa.int64()
+    assert sorted(table.column("id").to_pylist()) == [10, 20, 30]

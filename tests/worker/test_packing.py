@@ -1,0 +1,68 @@
+import numpy as np
+import pytest
+
+from worker.packing import MAX_SEQUENCES, ContextShape, choose_shape, plan_decodes
+
+
+def check_plan(lengths: list[int], shape: ContextShape) -> int:
+    covered = [np.zeros(n, int) for n in lengths]
+    in_flight: dict[int, int] = {}  # seq -> doc
+    reserved = 0
+    steps = 0
+    for pieces in plan_decodes(lengths, shape):
+        steps += 1
+        assert 0 < sum(p.stop - p.start for p in pieces) <= shape.n_ubatch
+        assert len({p.seq for p in pieces}) == len(pieces), "one piece per sequence per decode"
+        for p in pieces:
+            assert 0 <= p.seq < shape.n_seq_max
+            if p.start == 0:
+                assert p.seq not in in_flight, "a slot is reused only after its document finished"
+                in_flight[p.seq] = p.doc
+                reserved += lengths[p.doc]
+            else:
+                assert in_flight[p.seq] == p.doc
+                assert covered[p.doc][p.start - 1] == 1, "pieces continue where the last one stopped"
+            covered[p.doc][p.start:p.stop] += 1
+            assert p.last == (p.stop == lengths[p.doc])
+        assert reserved <= shape.n_ctx, "the KV cache holds every document in flight"
+        for p in pieces:
+            if p.last:
+                del in_flight[p.seq]
+                reserved -= lengths[p.doc]
+    assert all((c == 1).all() for c in covered), "every token exactly once"
+    assert not in_flight
+    return steps
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_every_token_once_and_ubatches_full(seed):
+    rng = np.random.default_rng(seed)
+    lengths = [int(x) for x in np.where(rng.random(300) < 0.1, rng.integers(200, 2000, 300),
+                                        rng.integers(1, 80, 300))]
+    shape = choose_shape(lengths, 128)
+    steps = check_plan(lengths, shape)
+    # Packing keeps ubatches full: at most one partly filled decode per long-document tail, roughly.
+    assert steps <= -(-sum(lengths) // shape.n_ubatch) * 1.1 + 2
+
+
+def test_choose_shape():
+    shape = choose_shape([10, 20, 900], 512)
+    assert shape.n_ubatch == 512 and shape.n_seq_max == MAX_SEQUENCES
+    assert shape.n_ctx >= 900 + 512 and shape.n_ctx % 256 == 0
+    small = choose_shape([3, 4], 512)
+    assert small.n_ubatch == 32, "a tiny shard does not get a big ubatch"
+    odd = choose_shape([5] * 100, 500)
+    assert odd.n_ubatch == 500 and 500 % odd.n_seq_max == 0
+
+
+def test_more_documents_than_sequences():
+    lengths = [1] * 1000
+    shape = ContextShape(n_ctx=512, n_ubatch=256, n_seq_max=8)
+    assert check_plan(lengths, shape) == 125
+
+
+def test_rejects_documents_that_do_not_fit():
+    with pytest.raises(ValueError):
+        list(plan_decodes([600], ContextShape(n_ctx=512, n_ubatch=64, n_seq_max=64)))
+    with pytest.raises(ValueError):
+        list(plan_decodes([0, 4], ContextShape(n_ctx=512, n_ubatch=64, n_seq_max=64)))
