@@ -9,7 +9,7 @@ import sys
 import time
 
 from contract.errors import BulkEmbedError
-from contract.job import Role, Task
+from contract.job import Dtype, Overlength, Pooling, Role, Task
 from contract.model import DEFAULT_MODEL
 from contract.settings import ProducerSettings, WorkerSettings
 
@@ -29,6 +29,18 @@ def _job_arguments(parser: argparse.ArgumentParser, model_default: str | None) -
     parser.add_argument("--text-column", default="text")
     parser.add_argument("--shard-tokens", type=int, default=ProducerSettings().shard_tokens,
                         help="token budget of one shard")
+    parser.add_argument("--prefix", default=None,
+                        help="text put before every document instead of v4's task/role prefix ('' for none)")
+    parser.add_argument("--max-tokens", type=int, default=None,
+                        help="longest input in tokens (default: the model's trained context, 32768 for v4)")
+    parser.add_argument("--overlength", choices=[o.value for o in Overlength], default=Overlength.TRUNCATE.value,
+                        help="longer documents: keep the first max-tokens, one row per chunk, or quarantine")
+    parser.add_argument("--dims", type=int, default=None,
+                        help="Matryoshka dimensions (v4: 128, 256, 512, 1024 or 2048), re-normalized")
+    parser.add_argument("--dtype", choices=[d.value for d in Dtype], default=Dtype.FLOAT32.value)
+    parser.add_argument("--no-normalize", action="store_true", help="write raw means, not L2-normalized")
+    parser.add_argument("--pooling", choices=[p.value for p in Pooling], default=Pooling.MEAN.value,
+                        help="mean: one vector per row; none: every token's vector (late chunking)")
 
 
 def _worker_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,19 +50,28 @@ def _worker_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gpu-layers", type=int, default=defaults.gpu_layers,
                         help="layers on the GPU; -1 = all (when llama.cpp has a GPU backend)")
     parser.add_argument("--threads", type=int, default=defaults.threads, help="CPU threads; 0 = all cores")
+    parser.add_argument("--flash-attn", choices=["auto", "on", "off"], default=defaults.flash_attn,
+                        help="flash attention; auto = on wherever the backend supports it")
 
 
 def _engine_options(args: argparse.Namespace):
     from worker.engine import EngineOptions
 
-    return EngineOptions(ubatch=args.ubatch, gpu_layers=args.gpu_layers, threads=args.threads)
+    return EngineOptions(ubatch=args.ubatch, gpu_layers=args.gpu_layers, threads=args.threads,
+                         flash_attn={"auto": None, "on": True, "off": False}[args.flash_attn],
+                         logical_batch=WorkerSettings().logical_batch)
 
 
 def _plan(args: argparse.Namespace):
-    from producer.submit import plan_job
+    from producer.submit import JobOptions, plan_job
 
-    return plan_job(args.input, args.model, args.out, Task(args.task) if args.task else None, Role(args.role),
-                    args.id_column, args.text_column, args.shard_tokens)
+    options = JobOptions(
+        task=Task(args.task) if args.task else None, role=Role(args.role), prefix=args.prefix,
+        id_column=args.id_column, text_column=args.text_column, shard_tokens=args.shard_tokens,
+        max_tokens=args.max_tokens, overlength=Overlength(args.overlength), pooling=Pooling(args.pooling),
+        dims=args.dims, dtype=Dtype(args.dtype), normalize=not args.no_normalize,
+    )
+    return plan_job(args.input, args.model, args.out, options)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -131,14 +152,24 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
+    import multiprocessing
     import os
     import socket
 
     from contract.model import model_ref
     from worker import app as worker_app
+    from worker.selftest import SelfTestError, self_test_file
 
     ref, path = model_ref(args.model)
-    worker_app.MODEL = worker_app.ResidentModel(path=path, sha256=ref.sha256, options=_engine_options(args))
+    options = _engine_options(args)
+    with multiprocessing.get_context("spawn").Pool(1) as pool:  # no GPU context in the parent before fork
+        try:
+            worst = pool.apply(self_test_file, (path, options))
+        except SelfTestError as exc:
+            log.critical("%s; refusing to start", exc)
+            return 3
+    log.info("self-test passed: packed == alone (worst cosine %.7f)", worst)
+    worker_app.MODEL = worker_app.ResidentModel(path=path, sha256=ref.sha256, options=options)
     log.info("worker for %s (sha256 %s…) on queue %s", ref.file_name, ref.sha256[:12], ref.queue)
     worker_app.app.worker_main([
         "worker", "--queues", ref.queue, "--concurrency", "1", "--pool", "prefork",

@@ -64,9 +64,10 @@ def _vocab(n_vocab: int) -> tuple[list[str], list[int]]:
     return tokens, types
 
 
-def write_qwen2vl_gguf(path: str | Path, shape: ModelShape = TINY, seed: int = 0,
-                       dtype: str = "f32", name: str = "synthetic-qwen2vl") -> Path:
-    """Write a random `qwen2vl` model to `path` and return it. dtype: f32 or f16."""
+def write_qwen2vl_gguf(path: str | Path, shape: ModelShape = TINY, seed: int = 0, dtype: str = "f32",
+                       name: str = "synthetic-qwen2vl", matryoshka_dims: tuple[int, ...] | None = None) -> Path:
+    """Write a random `qwen2vl` model to `path` and return it. dtype: f32 or f16. Matryoshka sizes,
+    when given, are declared as `qwen2vl.matryoshka_dims`."""
     import gguf  # only the generator needs it
 
     path = Path(path)
@@ -85,6 +86,8 @@ def write_qwen2vl_gguf(path: str | Path, shape: ModelShape = TINY, seed: int = 0
     half = shape.head_dim // 2  # M-RoPE sections: Qwen2.5-VL's 16/24/24 split, scaled to head_dim
     first = half // 4
     writer.add_rope_dimension_sections([first, (half - first) // 2, half - first - (half - first) // 2, 0])
+    if matryoshka_dims:
+        writer.add_array("qwen2vl.matryoshka_dims", list(matryoshka_dims))
     writer.add_file_type(gguf.LlamaFileType.ALL_F32 if dtype == "f32" else gguf.LlamaFileType.MOSTLY_F16)
 
     tokens, types = _vocab(shape.n_vocab)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from enum import StrEnum
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -49,6 +50,60 @@ def task_from_model_name(name: str) -> Task | None:
     return None
 
 
+class Overlength(StrEnum):
+    TRUNCATE = "truncate"  # keep the first max_tokens tokens; the row says truncated
+    CHUNK = "chunk"  # one row per chunk of at most max_tokens, each with the prefix
+    ERROR = "error"  # quarantine the row
+
+
+class Pooling(StrEnum):
+    MEAN = "mean"
+    NONE = "none"  # one vector per token (late chunking, a user's own projector)
+
+
+class Dtype(StrEnum):
+    FLOAT32 = "float32"
+    FLOAT16 = "float16"
+
+
+# v4 is trained with Matryoshka loss at these sizes only (model card); other cuts degrade badly.
+V4_MATRYOSHKA_DIMS = (128, 256, 512, 1024, 2048)
+# v4's GGUFs declare Qwen2.5-VL's 128000-token context, but v4 itself was trained to 32768.
+V4_MAX_TOKENS = 32768
+
+
+@dataclass(frozen=True)
+class Span:
+    """Which tokens of a document's prefixed tokenization one output row embeds."""
+
+    chunk: int
+    start: int
+    stop: int
+    truncated: bool = False
+
+    def n_tokens(self, prefix_tokens: int) -> int:
+        # Chunks after the first get the prefix's own tokens in front, so each is a valid input.
+        return self.stop - self.start + (prefix_tokens if self.chunk > 0 else 0)
+
+
+def document_spans(n_tokens: int, max_tokens: int, policy: Overlength, prefix_tokens: int) -> list[Span] | None:
+    """The rows a document becomes; None when the policy rejects it. Shared by producer and worker."""
+    if n_tokens <= max_tokens:
+        return [Span(0, 0, n_tokens)]
+    if policy is Overlength.ERROR:
+        return None
+    if policy is Overlength.TRUNCATE:
+        return [Span(0, 0, max_tokens, truncated=True)]
+    body = max_tokens - prefix_tokens
+    if body <= 0:
+        raise ValueError(f"max_tokens {max_tokens} leaves no room after a {prefix_tokens}-token prefix")
+    spans = [Span(0, 0, max_tokens)]
+    while spans[-1].stop < n_tokens:
+        start = spans[-1].stop
+        spans.append(Span(len(spans), start, min(n_tokens, start + body)))
+    return spans
+
+
 class ModelRef(BaseModel):
     """The model a job is embedded with: where the user named it and which bytes it is."""
 
@@ -69,13 +124,17 @@ class JobSpec(BaseModel):
     input_fingerprint: str = Field(description="Hash of the input files' names and sizes.")
     out: str
     model: ModelRef
-    task: Task
+    task: Task | None = Field(description="v4 task; None for other model families (custom prefix).")
     role: Role
     prefix: str
     id_column: str = "id"
     text_column: str = "text"
     shard_tokens: int
-    pooling: str = "mean"
+    max_tokens: int = V4_MAX_TOKENS
+    overlength: Overlength = Overlength.TRUNCATE
+    pooling: Pooling = Pooling.MEAN
+    dims: int | None = Field(None, description="Matryoshka truncation; None keeps the model's n_embd.")
+    dtype: Dtype = Dtype.FLOAT32
     normalize: bool = True
 
     @property

@@ -23,8 +23,9 @@ class ShardResult(BaseModel):
 
 class JobTotals(BaseModel):
     shards: int = 0
-    docs: int = 0
+    docs: int = 0  # rows to embed (a chunked document counts once per chunk)
     tokens: int = 0
+    truncated: int = 0
     rejected: int = 0
     rejected_files: list[str] = []
 
@@ -51,6 +52,7 @@ def build_manifest(job: JobSpec, totals: JobTotals, results: list[ShardResult]) 
         "shards": [r.model_dump(exclude={"seconds"}) for r in results],
         "rows": sum(r.rows for r in results),
         "tokens": sum(r.tokens for r in results),
+        "truncated_rows": totals.truncated,
         "rejected_rows": totals.rejected,
         "rejected_files": totals.rejected_files,
     }

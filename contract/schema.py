@@ -6,32 +6,48 @@ import io
 
 import pyarrow as pa
 
-from contract.job import JobSpec
+from contract.job import Dtype, JobSpec, Pooling
 
 METADATA_PREFIX = "bulkembed."
 
 
 def shard_input_schema(id_type: pa.DataType) -> pa.Schema:
-    """A shard's input: the id as the corpus typed it, the text with its prefix, its token count."""
-    return pa.schema([("id", id_type), ("text", pa.string()), ("n_tokens", pa.int32())])
+    """A shard's input: the id as the corpus typed it, the text with its prefix, and which of its
+    tokens this row embeds (contract.job.Span): all of them unless it was truncated or chunked."""
+    return pa.schema([
+        ("id", id_type), ("text", pa.string()), ("n_tokens", pa.int32()), ("chunk", pa.int32()),
+        ("start", pa.int32()), ("stop", pa.int32()), ("truncated", pa.bool_()),
+    ])
+
+
+def vector_type(dims: int, job: JobSpec) -> pa.DataType:
+    """One fixed-size vector per row; with pooling none, a list of them (one per token)."""
+    value = pa.float16() if job.dtype is Dtype.FLOAT16 else pa.float32()
+    vector = pa.list_(value, dims)
+    return pa.list_(vector) if job.pooling is Pooling.NONE else vector
 
 
 def embedding_schema(id_type: pa.DataType, dims: int, job: JobSpec) -> pa.Schema:
     metadata = {
         "model_file": job.model.file_name,
         "model_sha256": job.model.sha256,
-        "task": job.task.value,
+        "task": job.task.value if job.task else "",
         "role": job.role.value,
         "prefix": job.prefix,
-        "pooling": job.pooling,
+        "pooling": job.pooling.value,
         "normalized": str(job.normalize).lower(),
         "dims": str(dims),
+        "dtype": job.dtype.value,
+        "max_tokens": str(job.max_tokens),
+        "overlength": job.overlength.value,
     }
     return pa.schema(
         [
             pa.field("id", id_type, nullable=False),
-            pa.field("embedding", pa.list_(pa.float32(), dims), nullable=False),
+            pa.field("embedding", vector_type(dims, job), nullable=False),
             pa.field("n_tokens", pa.int32(), nullable=False),
+            pa.field("truncated", pa.bool_(), nullable=False),
+            pa.field("chunk", pa.int32(), nullable=False),
         ],
         metadata={METADATA_PREFIX + k: v for k, v in metadata.items()},
     )

@@ -6,6 +6,8 @@ AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL), so they are not repeated here.
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -38,3 +40,8 @@ class WorkerSettings(Settings):
     ubatch: int = Field(512, description="Largest physical batch (n_ubatch) a shard may use.", ge=32)
     gpu_layers: int = Field(-1, description="Layers offloaded to the GPU; -1 = all (when the build has a GPU).")
     threads: int = Field(0, description="CPU threads for llama.cpp; 0 = all cores.", ge=0)
+    flash_attn: Literal["auto", "on", "off"] = Field("auto", description="Flash attention (auto: where supported).")
+    logical_batch: int = Field(
+        0, ge=0, description="Tokens per decode above the ubatch, as upstream tools do. Makes pooled means of "
+        "long documents wrong; exists so benchmarks can compare and the start-up self-test can prove it refuses it.",
+    )

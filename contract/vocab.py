@@ -54,20 +54,6 @@ class Vocab:
         vocab = cls(llama_cpp.llama_model_get_vocab(model), owner=_ModelHandle(model))
         return vocab
 
-    def metadata(self, key: str) -> str | None:
-        """A GGUF metadata value as text (works on a vocab-only load, unlike the hparams getters)."""
-        model = getattr(self._owner, "model", None)
-        if model is None:
-            return None
-        buffer = ctypes.create_string_buffer(256)
-        n = self._llama.llama_model_meta_val_str(model, key.encode(), buffer, len(buffer))
-        return buffer.value.decode() if n >= 0 else None
-
-    @property
-    def n_ctx_train(self) -> int:
-        arch = self.metadata("general.architecture") or ""
-        return int(self.metadata(f"{arch}.context_length") or 0)
-
     @property
     def n_tokens(self) -> int:
         return self._llama.llama_vocab_n_tokens(self._vocab)

@@ -12,12 +12,15 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from contract.job import Span
+
 
 @dataclass
 class Document:
     id: Any
     text: str
     n_tokens: int
+    span: Span = Span(0, 0, 0)  # which tokens of the text this row embeds
 
 
 @dataclass

@@ -15,8 +15,19 @@ import pyarrow as pa
 
 from contract import keys
 from contract.errors import InputError
-from contract.job import JobSpec, Role, ShardMessage, Task, prefix_for, task_from_model_name
-from contract.model import model_ref
+from contract.job import (
+    Dtype,
+    JobSpec,
+    Overlength,
+    Pooling,
+    Role,
+    ShardMessage,
+    Task,
+    document_spans,
+    prefix_for,
+    task_from_model_name,
+)
+from contract.model import check_dims, model_info, model_ref
 from contract.registry import JobTotals
 from contract.schema import rejected_schema, shard_input_schema, to_ipc_bytes
 from contract.store import Store, open_store
@@ -37,27 +48,43 @@ class PlannedJob:
     store: Store
 
 
-def plan_job(
-    input_uri: str,
-    model: str,
-    out: str,
-    task: Task | None = None,
-    role: Role = Role.PASSAGE,
-    id_column: str = "id",
-    text_column: str = "text",
-    shard_tokens: int = 65536,
-) -> PlannedJob:
+@dataclass(frozen=True)
+class JobOptions:
+    """What a user can choose about a job (the CLI flags of submit and run)."""
+
+    task: Task | None = None  # None: read from the model file name
+    role: Role = Role.PASSAGE
+    prefix: str | None = None  # None: from v4's task/role table; "" for no prefix (other model families)
+    id_column: str = "id"
+    text_column: str = "text"
+    shard_tokens: int = 65536
+    max_tokens: int | None = None  # None: the model's trained context (32768 for v4)
+    overlength: Overlength = Overlength.TRUNCATE
+    pooling: Pooling = Pooling.MEAN
+    dims: int | None = None
+    dtype: Dtype = Dtype.FLOAT32
+    normalize: bool = True
+
+
+def plan_job(input_uri: str, model: str, out: str, options: JobOptions = JobOptions()) -> PlannedJob:
     """Check the input and the model and fix the job spec (and so the job id); queue nothing yet."""
-    corpus = open_corpus(input_uri, id_column, text_column)
+    corpus = open_corpus(input_uri, options.id_column, options.text_column)
     ref, path = model_ref(model)
-    task = task or task_from_model_name(ref.file_name)
-    if task is None:
-        raise InputError(f"cannot tell the task from the model name {ref.file_name}; pass --task")
+    info = model_info(path)
+    task = options.task or task_from_model_name(ref.file_name)
+    if task is None and options.prefix is None:
+        raise InputError(f"cannot tell the task from the model name {ref.file_name}; pass --task, "
+                         f"or --prefix for models outside jina-embeddings-v4")
     store = open_store(out)
     job = JobSpec(
-        input=input_uri, input_fingerprint=corpus.fingerprint, out=store.uri, model=ref, task=Task(task),
-        role=Role(role), prefix=prefix_for(task, role), id_column=id_column, text_column=text_column,
-        shard_tokens=shard_tokens,
+        input=input_uri, input_fingerprint=corpus.fingerprint, out=store.uri, model=ref,
+        task=task, role=options.role,
+        prefix=prefix_for(task, options.role) if options.prefix is None else options.prefix,
+        id_column=options.id_column, text_column=options.text_column, shard_tokens=options.shard_tokens,
+        max_tokens=options.max_tokens or info.default_max_tokens, overlength=options.overlength,
+        pooling=options.pooling, dims=check_dims(options.dims, info, ref.file_name), dtype=options.dtype,
+        # Token vectors are raw hidden states for the user to pool; normalizing each would break that.
+        normalize=options.normalize and options.pooling is Pooling.MEAN,
     )
     return PlannedJob(job=job, corpus=corpus, vocab=Vocab.load(path), store=store)
 
@@ -88,9 +115,7 @@ class _Rejects:
         self.rows = []
 
 
-def _reason_to_reject(
-    doc_id: Any, text: str | None, seen: set[int], max_tokens: int, n_tokens: int | None
-) -> str | None:
+def _reason_to_reject(doc_id: Any, text: str | None, seen: set[int]) -> str | None:
     if doc_id is None:
         return "null id"
     if text is None:
@@ -99,8 +124,6 @@ def _reason_to_reject(
         return "empty text"
     if hash(doc_id) in seen:
         return "duplicate id"
-    if n_tokens is not None and n_tokens > max_tokens:
-        return f"over-length: {n_tokens} tokens > max {max_tokens}"
     return None
 
 
@@ -108,7 +131,7 @@ def produce(planned: PlannedJob, emit: Callable[[ShardMessage], None]) -> JobTot
     """Stream the corpus into shards; write each shard's input, then hand its message to `emit`."""
     job, store, vocab = planned.job, planned.store, planned.vocab
     store.put(keys.JOB_KEY, job.model_dump_json(indent=2).encode())
-    max_tokens = vocab.n_ctx_train or 32768
+    prefix_tokens = vocab.count(job.prefix) if job.prefix else 0
     planner = ShardPlanner(job.shard_tokens)
     rejects = _Rejects(store, planned.corpus.id_type)
     input_schema = shard_input_schema(planned.corpus.id_type)
@@ -118,7 +141,9 @@ def produce(planned: PlannedJob, emit: Callable[[ShardMessage], None]) -> JobTot
     def emit_shard(documents: list[Document]) -> None:
         table = pa.table(
             {"id": [d.id for d in documents], "text": [d.text for d in documents],
-             "n_tokens": [d.n_tokens for d in documents]},
+             "n_tokens": [d.n_tokens for d in documents], "chunk": [d.span.chunk for d in documents],
+             "start": [d.span.start for d in documents], "stop": [d.span.stop for d in documents],
+             "truncated": [d.span.truncated for d in documents]},
             schema=input_schema,
         )
         shard = totals.shards
@@ -132,19 +157,23 @@ def produce(planned: PlannedJob, emit: Callable[[ShardMessage], None]) -> JobTot
 
     for source, first_row, batch in read_batches(planned.corpus, job.id_column, job.text_column):
         for i, (doc_id, text) in enumerate(zip(batch.column(0).to_pylist(), batch.column(1).to_pylist(), strict=True)):
-            reason = _reason_to_reject(doc_id, text, seen, max_tokens, None)
-            n_tokens = 0
+            reason = _reason_to_reject(doc_id, text, seen)
+            spans = None
             if reason is None:
                 text = job.prefix + text
                 n_tokens = vocab.count(text)
-                reason = _reason_to_reject(doc_id, text, seen, max_tokens, n_tokens)
+                spans = document_spans(n_tokens, job.max_tokens, job.overlength, prefix_tokens)
+                if spans is None:
+                    reason = f"over-length: {n_tokens} tokens > max {job.max_tokens}"
             if reason is not None:
                 rejects.add(doc_id, reason, source, first_row + i)
                 continue
             seen.add(hash(doc_id))
-            ready = planner.add(Document(doc_id, text, n_tokens))
-            if ready:
-                emit_shard(ready)
+            totals.truncated += spans[0].truncated
+            for span in spans:
+                ready = planner.add(Document(doc_id, text, span.n_tokens(prefix_tokens), span))
+                if ready:
+                    emit_shard(ready)
     for ready in planner.finish():
         emit_shard(ready)
     rejects.flush()

@@ -10,7 +10,7 @@ import ctypes
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +18,7 @@ import numpy as np
 
 from contract.errors import EngineError, ModelError
 from contract.vocab import Vocab, init_llama
-from worker.packing import ContextShape, choose_shape, plan_decodes
+from worker.packing import ContextShape, Piece, choose_shape, plan_decodes
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +28,10 @@ class EngineOptions:
     ubatch: int = 512
     gpu_layers: int = -1  # -1: every layer, when the build can offload
     threads: int = 0  # 0: every core
-    flash_attn: bool | None = None  # None: llama.cpp decides (on where supported)
+    flash_attn: bool | None = None  # None: llama.cpp decides (on wherever the backend supports it)
+    # Tokens per decode above the ubatch: how upstream tools run, wrong for long documents. Only
+    # for benchmarks and to prove the self-test refuses it; 0 keeps every decode one ubatch.
+    logical_batch: int = 0
 
 
 class _Context:
@@ -39,11 +42,11 @@ class _Context:
         self.shape = shape
         params = llama.llama_context_default_params()
         params.n_ctx = shape.n_ctx
-        params.n_batch = shape.n_ubatch  # one decode is one ubatch: the pooled mean covers all of it
+        params.n_batch = shape.decode_tokens  # one decode = one ubatch: the pooled mean covers all of it
         params.n_ubatch = shape.n_ubatch
         params.n_seq_max = shape.n_seq_max
         params.embeddings = True
-        params.pooling_type = llama.LLAMA_POOLING_TYPE_MEAN
+        params.pooling_type = llama.LLAMA_POOLING_TYPE_MEAN if shape.pooled else llama.LLAMA_POOLING_TYPE_NONE
         params.kv_unified = True  # one cache shared by all sequences, sized by n_ctx
         threads = options.threads or os.cpu_count() or 1
         params.n_threads = params.n_threads_batch = threads
@@ -57,7 +60,7 @@ class _Context:
             raise EngineError(f"llama.cpp could not create a context {shape}")
         self.memory = llama.llama_get_memory(self.ctx)
 
-        ub = shape.n_ubatch
+        ub = shape.decode_tokens
         self.tokens = np.zeros(ub, np.int32)
         self.positions = np.zeros(ub, np.int32)
         self.n_seq_id = np.ones(ub, np.int32)
@@ -116,9 +119,13 @@ class Engine:
             self._llama.llama_model_free(self.model)
             self.model = None
 
+    def shape_for(self, lengths: Sequence[int], pooled: bool = True) -> ContextShape:
+        return choose_shape(lengths, self.options.ubatch, pooled, self.options.logical_batch)
+
     def _context_for(self, shape: ContextShape) -> _Context:
         current = self._context
-        if current and current.shape.n_ubatch == shape.n_ubatch and current.shape.n_seq_max == shape.n_seq_max \
+        if current and (current.shape.n_ubatch, current.shape.n_seq_max, current.shape.n_batch, current.shape.pooled) \
+                == (shape.n_ubatch, shape.n_seq_max, shape.n_batch, shape.pooled) \
                 and shape.n_ctx <= current.shape.n_ctx <= 2 * shape.n_ctx:
             self._llama.llama_memory_clear(current.memory, True)
             return current
@@ -129,14 +136,12 @@ class Engine:
         log.debug("new context %s", shape)
         return self._context
 
-    def embed(self, documents: Sequence[np.ndarray], shape: ContextShape | None = None) -> np.ndarray:
-        """Mean of the last hidden states of each document, float32 (n_docs, n_embd), not normalized."""
-        lengths = [len(d) for d in documents]
-        shape = shape or choose_shape(lengths, self.options.ubatch)
+    def _decode(self, documents: Sequence[np.ndarray], shape: ContextShape,
+                read: Callable[[_Context, list[Piece]], None]) -> None:
+        """Run every planned decode; `read` takes each decode's results before the next one."""
         context = self._context_for(shape)
         llama = self._llama
-        sums = np.zeros((len(documents), self.n_embd), np.float64)
-        for pieces in plan_decodes(lengths, shape):
+        for pieces in plan_decodes([len(d) for d in documents], shape):
             offset = 0
             for p in pieces:
                 end = offset + p.stop - p.start
@@ -149,15 +154,45 @@ class Engine:
             if status != 0:
                 llama.llama_memory_clear(context.memory, True)
                 raise EngineError(f"llama_decode returned {status} for a {offset}-token batch ({shape})")
+            read(context, pieces)
+            for p in pieces:
+                if p.last:
+                    llama.llama_memory_seq_rm(context.memory, p.seq, -1, -1)
+
+    def embed(self, documents: Sequence[np.ndarray], shape: ContextShape | None = None) -> np.ndarray:
+        """Mean of the last hidden states of each document, float32 (n_docs, n_embd), not normalized."""
+        shape = shape or self.shape_for([len(d) for d in documents])
+        sums = np.zeros((len(documents), self.n_embd), np.float64)
+        llama = self._llama
+
+        def read(context: _Context, pieces: list[Piece]) -> None:
             for p in pieces:
                 pointer = llama.llama_get_embeddings_seq(context.ctx, p.seq)
                 if not pointer:
                     raise EngineError(f"llama.cpp returned no pooled embedding for sequence {p.seq}")
-                piece_mean = np.ctypeslib.as_array(pointer, shape=(self.n_embd,))
-                sums[p.doc] += piece_mean * (p.stop - p.start)  # token-weighted: exact whole mean
-                if p.last:
-                    llama.llama_memory_seq_rm(context.memory, p.seq, -1, -1)
-        return (sums / np.asarray(lengths, np.float64)[:, None]).astype(np.float32)
+                # Token-weighted mean of the pieces' means: the exact mean of the whole document.
+                sums[p.doc] += np.ctypeslib.as_array(pointer, shape=(self.n_embd,)) * (p.stop - p.start)
+
+        self._decode(documents, shape, read)
+        lengths = np.fromiter((len(d) for d in documents), np.float64, len(documents))
+        return (sums / lengths[:, None]).astype(np.float32)
+
+    def embed_tokens(self, documents: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """Every token's last hidden state: (n_tokens, n_embd) float32 per document."""
+        shape = self.shape_for([len(d) for d in documents], pooled=False)
+        out = [np.empty((len(d), self.n_embd), np.float32) for d in documents]
+        llama = self._llama
+
+        def read(context: _Context, pieces: list[Piece]) -> None:
+            n = sum(p.stop - p.start for p in pieces)
+            rows = np.ctypeslib.as_array(llama.llama_get_embeddings(context.ctx), shape=(n, self.n_embd))
+            offset = 0
+            for p in pieces:  # outputs come back in batch order: every token is an output
+                out[p.doc][p.start:p.stop] = rows[offset:offset + p.stop - p.start]
+                offset += p.stop - p.start
+
+        self._decode(documents, shape, read)
+        return out
 
 
 def l2_normalize(vectors: np.ndarray) -> np.ndarray:

@@ -32,6 +32,12 @@ class ContextShape:
     n_ctx: int
     n_ubatch: int
     n_seq_max: int
+    n_batch: int = 0  # tokens per decode; 0 = n_ubatch, the only exact choice for pooled output
+    pooled: bool = True  # MEAN pooling; False: every token's vector
+
+    @property
+    def decode_tokens(self) -> int:
+        return self.n_batch or self.n_ubatch
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -46,20 +52,23 @@ def largest_divisor_at_most(n: int, limit: int) -> int:
     return max(d for d in range(1, min(n, limit) + 1) if n % d == 0)
 
 
-def choose_shape(lengths: Sequence[int], ubatch_cap: int) -> ContextShape:
+def choose_shape(lengths: Sequence[int], ubatch_cap: int, pooled: bool = True, n_batch: int = 0) -> ContextShape:
     """Just enough context for the longest document, the biggest ubatch the shard can fill.
 
     n_seq_max must divide n_ubatch under mean pooling, or llama.cpp aborts the process
-    (NOTES.md 4), so it is the largest divisor of n_ubatch up to llama.cpp's 256.
+    (NOTES.md 4), so it is the largest divisor of n_ubatch up to llama.cpp's 256. An n_batch above
+    n_ubatch lets llama.cpp split decodes itself, as upstream tools do: pooled means then come back
+    wrong for documents split across ubatches, which is why only benchmarks and the self-test use it.
     """
     if not lengths:
         raise ValueError("a shard has at least one document")
     total, longest = sum(lengths), max(lengths)
     n_ubatch = min(ubatch_cap, max(32, _next_pow2(total)))
     n_seq_max = largest_divisor_at_most(n_ubatch, MAX_SEQUENCES)
-    # Room for the longest document plus one ubatch of others in flight beside it.
-    n_ctx = _round_up(longest + n_ubatch, CTX_ALIGN)
-    return ContextShape(n_ctx=n_ctx, n_ubatch=n_ubatch, n_seq_max=n_seq_max)
+    n_batch = n_batch if n_batch > n_ubatch else 0
+    # Room for the longest document plus one decode of others in flight beside it.
+    n_ctx = _round_up(longest + (n_batch or n_ubatch), CTX_ALIGN)
+    return ContextShape(n_ctx=n_ctx, n_ubatch=n_ubatch, n_seq_max=n_seq_max, n_batch=n_batch, pooled=pooled)
 
 
 def plan_decodes(lengths: Sequence[int], shape: ContextShape) -> Iterator[list[Piece]]:
@@ -76,7 +85,7 @@ def plan_decodes(lengths: Sequence[int], shape: ContextShape) -> Iterator[list[P
     reserved = 0  # KV cells the documents in flight will hold when complete
     next_doc = 0
     while next_doc < len(lengths) or in_flight:
-        room = shape.n_ubatch
+        room = shape.decode_tokens
         pieces: list[Piece] = []
         still: list[tuple[int, int, int]] = []
         for doc, seq, start in in_flight:

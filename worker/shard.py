@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow as pa
 
 from contract.errors import ShardError
-from contract.job import ShardMessage
+from contract.job import Dtype, JobSpec, Pooling, ShardMessage
 from contract.registry import ShardResult
 from contract.schema import embedding_schema, from_ipc_bytes, to_ipc_bytes
 from contract.store import Store
@@ -36,27 +36,47 @@ def embed_shard(message: ShardMessage, engine: Engine, model_sha256: str, store:
 
     started = time.perf_counter()
     table = from_ipc_bytes(store.get(message.input_key))
-    expected = table.column("n_tokens").to_numpy()
-    tokens = [engine.vocab.tokenize(text) for text in table.column("text").to_pylist()]
-    counted = np.fromiter((len(t) for t in tokens), np.int64, len(tokens))
-    if not np.array_equal(counted, expected):
-        first = int(np.argmax(counted != expected))
-        raise ShardError(f"job {message.job_id} shard {message.shard}: row {first} has {counted[first]} tokens "
-                         f"here but {expected[first]} when planned; producer and worker vocabularies differ")
-    vectors = engine.embed(tokens)
-    if job.normalize:
-        vectors = l2_normalize(vectors)
-    dims = vectors.shape[1]
+    tokens = shard_tokens(table, engine, job.prefix, message)
+    dims = job.dims or engine.n_embd
+    if job.pooling is Pooling.NONE:
+        per_token = [v[:, :dims] for v in engine.embed_tokens(tokens)]
+        flat = pa.array(np.concatenate(per_token).reshape(-1), _arrow_float(job))
+        offsets = pa.array(np.cumsum([0] + [len(v) for v in per_token]), pa.int32())
+        embedding = pa.ListArray.from_arrays(offsets, pa.FixedSizeListArray.from_arrays(flat, dims))
+    else:
+        vectors = engine.embed(tokens)[:, :dims]  # Matryoshka: the first dims, then re-normalized
+        if job.normalize:
+            vectors = l2_normalize(vectors)
+        embedding = pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1), _arrow_float(job)), dims)
     output = pa.Table.from_arrays(
-        [table.column("id"),
-         pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1), pa.float32()), dims),
-         table.column("n_tokens")],
+        [table.column("id"), embedding, table.column("n_tokens"), table.column("truncated"), table.column("chunk")],
         schema=embedding_schema(table.schema.field("id").type, dims, job),
     )
     written = store.put_if_absent(message.output_key, to_ipc_bytes(output))
     seconds = time.perf_counter() - started
-    n_tokens = int(expected.sum())
-    log.info("job %s shard %d: %d docs, %d tokens in %.2fs (%.0f tok/s)%s", message.job_id, message.shard,
+    n_tokens = int(sum(len(t) for t in tokens))
+    log.info("job %s shard %d: %d rows, %d tokens in %.2fs (%.0f tok/s)%s", message.job_id, message.shard,
              len(tokens), n_tokens, seconds, n_tokens / max(seconds, 1e-9), "" if written else ", already there")
     return ShardResult(shard=message.shard, key=message.output_key, rows=output.num_rows, tokens=n_tokens,
                        seconds=seconds)
+
+
+def _arrow_float(job: JobSpec) -> pa.DataType:
+    return pa.float16() if job.dtype is Dtype.FLOAT16 else pa.float32()
+
+
+def shard_tokens(table: pa.Table, engine: Engine, prefix: str, message: ShardMessage) -> list[np.ndarray]:
+    """Tokenize each row once and cut its span; the counts must be the producer's to the token."""
+    prefix_ids = engine.vocab.tokenize(prefix) if prefix else np.zeros(0, np.int32)
+    columns = {name: table.column(name).to_pylist() for name in ("text", "start", "stop", "chunk", "n_tokens")}
+    tokens = []
+    for row, (text, start, stop, chunk, expected) in enumerate(zip(*columns.values(), strict=True)):
+        full = engine.vocab.tokenize(text)
+        piece = full[start:stop]
+        if chunk > 0:
+            piece = np.concatenate([prefix_ids, piece])
+        if len(full) < stop or len(piece) != expected:
+            raise ShardError(f"job {message.job_id} shard {message.shard}: row {row} has {len(piece)} tokens here "
+                             f"but {expected} when planned; producer and worker vocabularies differ")
+        tokens.append(piece)
+    return tokens

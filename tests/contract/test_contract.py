@@ -59,7 +59,8 @@ def test_unreachable_hub_says_to_pass_a_path(monkeypatch):
 def test_schema_roundtrip_keeps_metadata():
     schema = embedding_schema(pa.string(), 4, _job())
     table = pa.table({"id": ["a"], "embedding": pa.array([[1, 0, 0, 0]], pa.list_(pa.float32(), 4)),
-                      "n_tokens": pa.array([3], pa.int32())}, schema=schema)
+                      "n_tokens": pa.array([3], pa.int32()), "truncated": [False],
+                      "chunk": pa.array([0], pa.int32())}, schema=schema)
     back = from_ipc_bytes(to_ipc_bytes(table))
     meta = read_metadata(back.schema)
     assert meta["model_sha256"] == "a" * 64 and meta["prefix"] == "Passage: " and meta["dims"] == "4"
