@@ -8,6 +8,7 @@ import logging
 import sys
 import time
 
+from bulkembed.evaluate import add_eval_parser
 from contract.errors import BulkEmbedError
 from contract.job import Dtype, Overlength, Pooling, Role, Task
 from contract.model import DEFAULT_MODEL
@@ -202,6 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     _job_arguments(run, model_default=DEFAULT_MODEL)
     _worker_arguments(run)
     run.set_defaults(func=cmd_run)
+
+    add_eval_parser(commands)
     return parser
 
 
