@@ -40,6 +40,8 @@ def _job_arguments(parser: argparse.ArgumentParser, model_default: str | None) -
                         help="Matryoshka dimensions (v4: 128, 256, 512, 1024 or 2048), re-normalized")
     parser.add_argument("--dtype", choices=[d.value for d in Dtype], default=Dtype.FLOAT32.value)
     parser.add_argument("--no-normalize", action="store_true", help="write raw means, not L2-normalized")
+    parser.add_argument("--force", action="store_true",
+                        help="start over: delete this job's earlier output instead of resuming it")
     parser.add_argument("--pooling", choices=[p.value for p in Pooling], default=Pooling.MEAN.value,
                         help="mean: one vector per row; none: every token's vector (late chunking)")
 
@@ -80,7 +82,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from contract.model import resolve_path
 
     planned = _plan(args)
-    manifest = run_local(planned, str(resolve_path(args.model)), _engine_options(args))
+    manifest = run_local(planned, str(resolve_path(args.model)), _engine_options(args), force=args.force)
     print(f"job {planned.job.job_id}: {manifest['rows']} rows, {manifest['tokens']} tokens, "
           f"{manifest['rejected_rows']} rejected → {planned.store.uri}")
     return 0
@@ -91,17 +93,24 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
     from contract.queue import TASK_EMBED_SHARD, celery_app
     from contract.registry import JobRegistry
-    from producer.submit import produce
+    from producer.submit import forget_outputs, produce
 
     settings = ProducerSettings()
     planned = _plan(args)
     job = planned.job
     registry = JobRegistry.from_url(settings.redis_url.get_secret_value())
+    if args.force:
+        registry.forget(job.job_id)
+        forget_outputs(planned.store)
     registry.start(job)
     app: Celery = celery_app(settings, "bulkembed-producer")
     with app.producer_or_acquire() as producer:
-        totals = produce(planned, lambda m: app.send_task(
-            TASK_EMBED_SHARD, args=[m.model_dump(mode="json")], queue=job.model.queue, producer=producer))
+        totals = produce(
+            planned,
+            lambda m: app.send_task(TASK_EMBED_SHARD, args=[m.model_dump(mode="json")], queue=job.model.queue,
+                                    producer=producer),
+            lambda result: registry.shard_done(job.job_id, result),  # resumed: written before
+        )
     if registry.planned(job.job_id, totals):
         registry.finalize(job.job_id)
     print(job.job_id, flush=True)

@@ -7,23 +7,27 @@ import logging
 from tqdm import tqdm
 
 from contract.job import ShardMessage
-from contract.registry import write_manifest
-from producer.submit import PlannedJob, produce
+from contract.registry import ShardResult, write_manifest
+from producer.submit import PlannedJob, forget_outputs, produce
 from worker.engine import Engine, EngineOptions
 from worker.shard import embed_shard
 
 log = logging.getLogger(__name__)
 
 
-def run_local(planned: PlannedJob, model_path: str, options: EngineOptions, progress: bool = True) -> dict:
-    """Plan every shard first (so the progress bar knows the total), then embed them in order."""
+def run_local(planned: PlannedJob, model_path: str, options: EngineOptions, progress: bool = True,
+              force: bool = False) -> dict:
+    """Plan every shard first (so the progress bar knows the total), then embed them in order.
+    Shards written by an earlier, interrupted run of the same job are kept, unless `force`."""
+    if force:
+        forget_outputs(planned.store)
     messages: list[ShardMessage] = []
-    totals = produce(planned, messages.append)
+    results: list[ShardResult] = []
+    totals = produce(planned, messages.append, results.append)
     engine = Engine(model_path, options)
-    results = []
     try:
-        with tqdm(total=totals.tokens, unit="tok", unit_scale=True, disable=not progress,
-                  desc=f"job {planned.job.job_id}") as bar:
+        with tqdm(total=totals.tokens, initial=sum(r.tokens for r in results), unit="tok", unit_scale=True,
+                  disable=not progress, desc=f"job {planned.job.job_id}") as bar:
             for message in messages:
                 result = embed_shard(message, engine, planned.job.model.sha256, planned.store)
                 results.append(result)

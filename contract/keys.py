@@ -15,6 +15,8 @@ JOB_KEY = "_job.json"
 REDIS_JOB = "bulkembed:job:{job_id}"  # hash: spec, totals, state
 REDIS_JOB_DONE = "bulkembed:job:{job_id}:done"  # hash: shard -> result json
 REDIS_JOB_FAILED = "bulkembed:job:{job_id}:failed"  # hash: shard -> error
+REDIS_JOB_ATTEMPTS = "bulkembed:job:{job_id}:attempts"  # hash: shard -> deliveries started
+REDIS_SHARD_LOCK = "bulkembed:lock:{job_id}:{shard}"  # for stores without conditional writes
 
 
 def shard_input(shard: int) -> str:
@@ -23,6 +25,10 @@ def shard_input(shard: int) -> str:
 
 def shard_output(shard: int) -> str:
     return SHARD_OUTPUT_KEY.format(shard=shard)
+
+
+def shard_rejected(shard: int) -> str:
+    return REJECTED_KEY.format(name=f"shard-{shard:06d}")
 
 
 def rejected(name: str) -> str:

@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 
+import pyarrow as pa
+import pyarrow.compute as pc
 import redis
 from pydantic import BaseModel
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
 
 from contract import keys
-from contract.job import JobSpec
+from contract.errors import ShardError
+from contract.job import JobSpec, ShardMessage
+from contract.schema import from_ipc_bytes, read_metadata
 from contract.store import Store, open_store
 
 
@@ -18,6 +25,8 @@ class ShardResult(BaseModel):
     key: str
     rows: int
     tokens: int
+    sha256: str = ""  # of the Arrow file's bytes, to check a duplicate delivery and the manifest
+    rejected: int = 0  # rows llama.cpp could not embed, quarantined under _rejected/
     seconds: float = 0.0
 
 
@@ -44,6 +53,26 @@ class JobStatus(BaseModel):
         return self.state in ("done", "failed")
 
 
+def stored_result(message: ShardMessage, store: Store) -> ShardResult:
+    """A shard found written (a duplicate delivery, a resumed job): check the file, report what it holds."""
+    data = store.get(message.output_key)
+    try:
+        table = from_ipc_bytes(data)
+    except pa.ArrowInvalid as exc:
+        raise ShardError(f"job {message.job_id}: {message.output_key} exists but is not a valid Arrow file") from exc
+    rejected = 0
+    if store.exists(keys.shard_rejected(message.shard)):
+        rejected = from_ipc_bytes(store.get(keys.shard_rejected(message.shard))).num_rows
+    sha = read_metadata(table.schema).get("model_sha256")
+    if sha != message.job.model.sha256 or table.num_rows + rejected != message.n_docs:
+        raise ShardError(f"job {message.job_id}: {message.output_key} exists with {table.num_rows} rows "
+                         f"(+{rejected} rejected) from model {str(sha)[:12]}, expected {message.n_docs} rows "
+                         f"from {message.job.model.sha256[:12]}")
+    return ShardResult(shard=message.shard, key=message.output_key, rows=table.num_rows,
+                       tokens=int(pc.sum(table["n_tokens"]).as_py() or 0),
+                       sha256=hashlib.sha256(data).hexdigest(), rejected=rejected)
+
+
 def build_manifest(job: JobSpec, totals: JobTotals, results: list[ShardResult]) -> dict:
     results = sorted(results, key=lambda r: r.shard)
     return {
@@ -53,7 +82,7 @@ def build_manifest(job: JobSpec, totals: JobTotals, results: list[ShardResult]) 
         "rows": sum(r.rows for r in results),
         "tokens": sum(r.tokens for r in results),
         "truncated_rows": totals.truncated,
-        "rejected_rows": totals.rejected,
+        "rejected_rows": totals.rejected + sum(r.rejected for r in results),
         "rejected_files": totals.rejected_files,
     }
 
@@ -72,11 +101,33 @@ class JobRegistry:
 
     @classmethod
     def from_url(cls, url: str) -> JobRegistry:
-        return cls(redis.Redis.from_url(url, decode_responses=True))
+        # A restarted Redis (AOF keeps the data) must not turn a written shard into a failed task.
+        retry = Retry(ExponentialBackoff(cap=10, base=0.2), retries=30)
+        client = redis.Redis.from_url(url, decode_responses=True, retry=retry,
+                                      retry_on_error=[redis.ConnectionError, redis.TimeoutError])
+        return cls(client)
 
     def start(self, job: JobSpec) -> None:
+        """Register a job; a resubmitted one keeps what its shards already did."""
         key = keys.REDIS_JOB.format(job_id=job.job_id)
         self.redis.hset(key, mapping={"spec": job.model_dump_json(), "state": "planning", "started": time.time()})
+        self.redis.hdel(key, "totals")
+        # Failed shards get a fresh set of attempts.
+        self.redis.delete(keys.REDIS_JOB_FAILED.format(job_id=job.job_id),
+                          keys.REDIS_JOB_ATTEMPTS.format(job_id=job.job_id))
+
+    def forget(self, job_id: str) -> None:
+        """Drop everything Redis knows of a job (--force)."""
+        self.redis.delete(*(k.format(job_id=job_id) for k in (keys.REDIS_JOB, keys.REDIS_JOB_DONE,
+                                                                keys.REDIS_JOB_FAILED, keys.REDIS_JOB_ATTEMPTS)))
+
+    def attempt(self, job_id: str, shard: int) -> int:
+        """Count a delivery of a shard; the count survives the process that took it."""
+        return int(self.redis.hincrby(keys.REDIS_JOB_ATTEMPTS.format(job_id=job_id), str(shard), 1))
+
+    def release_attempt(self, job_id: str, shard: int) -> None:
+        """A retry for a transient error is not a crash: it does not use up an attempt."""
+        self.redis.hincrby(keys.REDIS_JOB_ATTEMPTS.format(job_id=job_id), str(shard), -1)
 
     def planned(self, job_id: str, totals: JobTotals) -> bool:
         """Record the totals once every shard is queued; True when the job is already complete."""

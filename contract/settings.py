@@ -25,6 +25,11 @@ class Settings(BaseSettings):
         7200, description="Seconds before Redis redelivers an unacknowledged shard; above task_time_limit."
     )
     task_time_limit: int = Field(3600, description="Hard limit in seconds for one shard.")
+    shard_max_attempts: int = Field(
+        3, ge=1, description="Deliveries of one shard that may end without a result (a crashed process, a time "
+        "limit) before it is reported failed instead of redelivered again.",
+    )
+    transient_retries: int = Field(8, ge=0, description="Retries, with backoff, of S3/Redis hiccups in one shard.")
     log_level: str = Field("INFO", description="Python logging level.")
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import uuid
 from pathlib import Path
 from typing import Protocol
 from urllib.parse import urlparse
@@ -30,6 +31,8 @@ class Store(Protocol):
         """Write or replace `key` (only for files that are rewritten whole, like the manifest)."""
 
     def get(self, key: str) -> bytes: ...
+
+    def delete(self, key: str) -> None: ...
 
     def exists(self, key: str) -> bool: ...
 
@@ -74,6 +77,9 @@ class LocalStore:
 
     def get(self, key: str) -> bytes:
         return self._path(key).read_bytes()
+
+    def delete(self, key: str) -> None:
+        self._path(key).unlink(missing_ok=True)
 
     def exists(self, key: str) -> bool:
         return self._path(key).exists()
@@ -146,6 +152,14 @@ class S3Store:
         except (ClientError, BotoCoreError) as exc:
             raise _classify(exc) from exc
 
+    def delete(self, key: str) -> None:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
+        except (ClientError, BotoCoreError) as exc:
+            raise _classify(exc) from exc
+
     def exists(self, key: str) -> bool:
         from botocore.exceptions import ClientError
 
@@ -196,6 +210,16 @@ def _classify(exc: Exception) -> Exception:
             return TransientError(f"S3 {code or status}: {exc}")
         return exc
     return TransientError(f"S3 connection problem: {exc}")
+
+
+def has_conditional_writes(store: Store) -> bool:
+    """Probe once: does a second if-absent write of the same key fail, as it must? (Some older
+    S3-compatible servers ignore If-None-Match and overwrite.)"""
+    key = f"_probe/{uuid.uuid4().hex}"
+    try:
+        return store.put_if_absent(key, b"1") and not store.put_if_absent(key, b"2")
+    finally:
+        store.delete(key)
 
 
 def open_store(uri: str) -> Store:

@@ -7,6 +7,7 @@ does not know which.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,7 +29,7 @@ from contract.job import (
     task_from_model_name,
 )
 from contract.model import check_dims, model_info, model_ref
-from contract.registry import JobTotals
+from contract.registry import JobTotals, ShardResult, stored_result
 from contract.schema import rejected_schema, shard_input_schema, to_ipc_bytes
 from contract.store import Store, open_store
 from contract.vocab import Vocab
@@ -127,8 +128,12 @@ def _reason_to_reject(doc_id: Any, text: str | None, seen: set[int]) -> str | No
     return None
 
 
-def produce(planned: PlannedJob, emit: Callable[[ShardMessage], None]) -> JobTotals:
-    """Stream the corpus into shards; write each shard's input, then hand its message to `emit`."""
+def produce(planned: PlannedJob, emit: Callable[[ShardMessage], None],
+            written: Callable[[ShardResult], None] | None = None) -> JobTotals:
+    """Stream the corpus into shards; write each shard's input, then hand its message to `emit`.
+
+    A resubmitted job plans the same shards (same job id, same input, same order); a shard whose
+    output is already there goes to `written` instead of being queued again."""
     job, store, vocab = planned.job, planned.store, planned.vocab
     store.put(keys.JOB_KEY, job.model_dump_json(indent=2).encode())
     prefix_tokens = vocab.count(job.prefix) if job.prefix else 0
@@ -149,8 +154,12 @@ def produce(planned: PlannedJob, emit: Callable[[ShardMessage], None]) -> JobTot
         shard = totals.shards
         store.put_if_absent(keys.shard_input(shard), to_ipc_bytes(table))  # same job id, same content
         lengths = [d.n_tokens for d in documents]
-        emit(ShardMessage(job_id=job.job_id, job=job, shard=shard, n_docs=len(documents),
-                          n_tokens=sum(lengths), longest=max(lengths)))
+        message = ShardMessage(job_id=job.job_id, job=job, shard=shard, n_docs=len(documents),
+                               n_tokens=sum(lengths), longest=max(lengths))
+        if written is not None and store.exists(message.output_key):
+            written(stored_result(message, store))
+        else:
+            emit(message)
         totals.shards += 1
         totals.docs += len(documents)
         totals.tokens += sum(lengths)
@@ -181,3 +190,14 @@ def produce(planned: PlannedJob, emit: Callable[[ShardMessage], None]) -> JobTot
     log.info("job %s: %d shards, %d docs, %d tokens, %d rejected", job.job_id, totals.shards, totals.docs,
              totals.tokens, totals.rejected)
     return totals
+
+
+OUTPUT_KEY = re.compile(r"^(\d{6}\.arrow|_manifest\.json|_job\.json|_shards/\d{6}\.arrow|_rejected/[\w-]+\.arrow)$")
+
+
+def forget_outputs(store: Store) -> int:
+    """--force: delete what a job wrote under OUT (and nothing else that lives there)."""
+    doomed = [key for key, _ in store.list() if OUTPUT_KEY.match(key)]
+    for key in doomed:
+        store.delete(key)
+    return len(doomed)

@@ -8,20 +8,22 @@ from __future__ import annotations
 
 import logging
 import os
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 from celery import Task
 from celery.signals import worker_process_init
 
+from contract import keys
 from contract.errors import TransientError
 from contract.job import ShardMessage
 from contract.queue import TASK_EMBED_SHARD, celery_app
 from contract.registry import JobRegistry
 from contract.settings import WorkerSettings
-from contract.store import open_store
+from contract.store import Store, has_conditional_writes, open_store
 from worker.engine import Engine, EngineOptions
-from worker.shard import embed_shard
+from worker.shard import Guard, embed_shard
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +52,8 @@ def _load_model(**_: object) -> None:
 class ModelTask(Task):
     """Base of tasks that need the resident model."""
 
+    _conditional_writes: dict[str, bool] = {}
+
     @property
     def model(self) -> ResidentModel:
         if MODEL is None:
@@ -58,22 +62,44 @@ class ModelTask(Task):
             _load_model()
         return MODEL
 
+    def write_guard(self, store: Store, registry: JobRegistry, shard: ShardMessage) -> Guard:
+        """No guard where the store refuses a second if-absent write; a Redis lock where it does not."""
+        if store.uri not in self._conditional_writes:
+            self._conditional_writes[store.uri] = has_conditional_writes(store)
+            if not self._conditional_writes[store.uri]:
+                log.warning("%s ignores conditional writes: shard commits take a Redis lock", store.uri)
+        if self._conditional_writes[store.uri]:
+            return nullcontext
+        name = keys.REDIS_SHARD_LOCK.format(job_id=shard.job_id, shard=shard.shard)
+        return lambda: registry.redis.lock(name, timeout=300, blocking_timeout=600)
 
-@app.task(name=TASK_EMBED_SHARD, base=ModelTask, bind=True, autoretry_for=(TransientError,),
-          retry_backoff=True, retry_backoff_max=120, max_retries=8)
-def embed_shard_task(self: ModelTask, message: dict) -> dict:
+
+@app.task(name=TASK_EMBED_SHARD, base=ModelTask, bind=True, max_retries=settings.transient_retries)
+def embed_shard_task(self: ModelTask, message: dict) -> dict | None:
+    """Validate → give up if this shard keeps killing workers → embed (skipped if written) → report."""
     shard = ShardMessage.model_validate(message)
     registry = JobRegistry.from_url(settings.redis_url.get_secret_value())
+    attempt = registry.attempt(shard.job_id, shard.shard)
+    if attempt > settings.shard_max_attempts:
+        error = (f"gave up after {attempt - 1} attempts that ended without a result (the worker process died or "
+                 f"hit the {settings.task_time_limit}s limit); the shard may be poison")
+        log.error("job %s shard %d: %s", shard.job_id, shard.shard, error)
+        registry.shard_failed(shard.job_id, shard.shard, error)
+        return None
     store = open_store(shard.job.out)
     model = self.model
     try:
-        result = embed_shard(shard, model.engine, model.sha256, store)
-    except TransientError:
-        raise
+        result = embed_shard(shard, model.engine, model.sha256, store, self.write_guard(store, registry, shard))
+    except TransientError as exc:
+        if self.request.retries >= self.max_retries:
+            registry.shard_failed(shard.job_id, shard.shard, f"still failing after {self.max_retries} retries: {exc}")
+            raise
+        registry.release_attempt(shard.job_id, shard.shard)
+        log.warning("job %s shard %d: %s; retrying", shard.job_id, shard.shard, exc)
+        raise self.retry(exc=exc, countdown=min(60, 2 ** self.request.retries)) from exc
     except Exception as exc:
         registry.shard_failed(shard.job_id, shard.shard, f"{type(exc).__name__}: {exc}")
         raise
     if registry.shard_done(shard.job_id, result):
         registry.finalize(shard.job_id)
     return result.model_dump()
-
