@@ -54,11 +54,16 @@ def open_corpus(uri: str, id_column: str, text_column: str) -> Corpus:
     """List the input and check every file's schema before anything is queued."""
     fs, files = _list_files(uri)
     id_type = None
+    total_rows = 0
     for path, _ in files:
         try:
-            schema = pq.read_schema(fs.open_input_file(path))
+            metadata = pq.read_metadata(fs.open_input_file(path))
         except (pa.ArrowException, OSError) as exc:
             raise InputError(f"cannot read {path} as Parquet: {exc}") from exc
+        schema = metadata.schema.to_arrow_schema()
+        total_rows += metadata.num_rows
+        if metadata.num_rows == 0:
+            log.warning("%s has no rows", path)
         for column in (id_column, text_column):
             if column not in schema.names:
                 raise InputError(f"{path} has no column {column!r} (columns: {', '.join(schema.names)})")
@@ -71,7 +76,27 @@ def open_corpus(uri: str, id_column: str, text_column: str) -> Corpus:
         if id_type is not None and this_id != id_type:
             raise InputError(f"{path}: id column is {this_id} but earlier files have {id_type}")
         id_type = this_id
+    if total_rows == 0:
+        raise InputError(f"input {uri} has no rows")
     return Corpus(fs=fs, files=files, id_type=id_type)
+
+
+def decode_texts(column: pa.Array) -> tuple[list[str | None], dict[int, str]]:
+    """The texts of a batch, and the rows whose bytes are not valid UTF-8 (Parquet does not check)."""
+    try:
+        column.validate(full=True)
+        return column.to_pylist(), {}
+    except pa.ArrowInvalid:
+        pass
+    texts: list[str | None] = []
+    bad: dict[int, str] = {}
+    for row, raw in enumerate(column.cast(pa.binary()).to_pylist()):
+        try:
+            texts.append(None if raw is None else raw.decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            texts.append(None)
+            bad[row] = f"invalid UTF-8 at byte {exc.start}"
+    return texts, bad
 
 
 def read_batches(corpus: Corpus, id_column: str, text_column: str) -> Iterator[tuple[str, int, pa.RecordBatch]]:

@@ -33,7 +33,7 @@ from contract.registry import JobTotals, ShardResult, stored_result
 from contract.schema import rejected_schema, shard_input_schema, to_ipc_bytes
 from contract.store import Store, open_store
 from contract.vocab import Vocab
-from producer.corpus import Corpus, open_corpus, read_batches
+from producer.corpus import Corpus, decode_texts, open_corpus, read_batches
 from producer.planner import Document, ShardPlanner
 
 log = logging.getLogger(__name__)
@@ -165,14 +165,17 @@ def produce(planned: PlannedJob, emit: Callable[[ShardMessage], None],
         totals.tokens += sum(lengths)
 
     for source, first_row, batch in read_batches(planned.corpus, job.id_column, job.text_column):
-        for i, (doc_id, text) in enumerate(zip(batch.column(0).to_pylist(), batch.column(1).to_pylist(), strict=True)):
-            reason = _reason_to_reject(doc_id, text, seen)
+        texts, undecodable = decode_texts(batch.column(1))
+        for i, (doc_id, text) in enumerate(zip(batch.column(0).to_pylist(), texts, strict=True)):
+            reason = undecodable.get(i) or _reason_to_reject(doc_id, text, seen)
             spans = None
             if reason is None:
                 text = job.prefix + text
                 n_tokens = vocab.count(text)
                 spans = document_spans(n_tokens, job.max_tokens, job.overlength, prefix_tokens)
-                if spans is None:
+                if n_tokens == 0:
+                    reason = "no tokens: the model's vocabulary drops every character"
+                elif spans is None:
                     reason = f"over-length: {n_tokens} tokens > max {job.max_tokens}"
             if reason is not None:
                 rejects.add(doc_id, reason, source, first_row + i)

@@ -1,0 +1,145 @@
+"""Bad input gets a clear error or a quarantine record with its reason; no row is lost or doubled."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+import pytest
+
+from contract import keys
+from contract.errors import EngineError
+from contract.job import JobSpec, ModelRef, Role, ShardMessage, Task
+from contract.model import file_sha256, queue_name
+from contract.schema import from_ipc_bytes, shard_input_schema, to_ipc_bytes
+from contract.store import LocalStore
+from tests.conftest import write_corpus
+from worker.engine import Engine, EngineOptions
+from worker.shard import embed_shard
+
+
+def invalid_utf8_column(values: list[bytes | None]) -> pa.Array:
+    """A string column holding bytes that are not UTF-8: Parquet stores it without complaint."""
+    offsets, data, valid = [0], b"", []
+    for v in values:
+        data += v or b""
+        offsets.append(len(data))
+        valid.append(v is not None)
+    validity = pa.array(valid).buffers()[1]
+    return pa.Array.from_buffers(pa.string(), len(values), [validity, pa.array(offsets, pa.int32()).buffers()[1],
+                                                            pa.py_buffer(data)])
+
+
+def test_every_bad_row_is_quarantined_with_its_reason(tmp_path, run_cli, tiny_model):
+    rows = [  # (id, text bytes, expected reason or None)
+        ("ok-1", b"a fine document", None),
+        (None, b"no id", "null id"),
+        ("null-text", None, "null text"),
+        ("empty", b"", "empty text"),
+        ("blank", b"  \n\t ", "empty text"),
+        ("bad-utf8", b"caf\xe9 au lait", "invalid UTF-8"),
+        ("surrogate", b"lone \xed\xa0\x80 surrogate", "invalid UTF-8"),
+        ("ok-1", b"same id again", "duplicate id"),
+        ("too-long", b"alpha beta gamma " * 40, "over-length"),
+        ("ok-2", b"another fine one", None),
+    ]
+    table = pa.table({"id": pa.array([r[0] for r in rows], pa.string()),
+                      "text": invalid_utf8_column([r[1] for r in rows])})
+    pq.write_table(table, tmp_path / "bad.parquet")
+    out = tmp_path / "out"
+    done = run_cli("run", tmp_path / "bad.parquet", "--model", tiny_model, "--out", out,
+                   "--max-tokens", "200", "--overlength", "error")
+    assert done.returncode == 0, done.stderr[-2000:]
+
+    written = ds.dataset(out, format="arrow").to_table().column("id").to_pylist()
+    rejected = ds.dataset(out / "_rejected", format="arrow").to_table().to_pylist()
+    by_row = {r["row"]: r["reason"] for r in rejected}
+    expected = {i: reason for i, (_, _, reason) in enumerate(rows) if reason}
+    assert set(by_row) == set(expected) and len(rejected) == len(expected), "each bad row quarantined once"
+    for row, reason in expected.items():
+        assert by_row[row].startswith(reason), (row, by_row[row])
+    assert sorted(written) == ["ok-1", "ok-2"]
+    accepted_rows = {i for i, r in enumerate(rows) if r[2] is None}
+    assert accepted_rows | set(by_row) == set(range(len(rows))) and not accepted_rows & set(by_row)
+    manifest = (out / "_manifest.json").read_text()
+    assert '"rejected_rows": 8' in manifest
+
+
+@pytest.mark.parametrize("case", ["missing-column", "wrong-type", "unreadable", "empty", "no-files"])
+def test_input_errors_stop_before_anything_is_queued(case, tmp_path, run_cli, tiny_model):
+    path = tmp_path / "in.parquet"
+    if case == "missing-column":
+        write_corpus(path, ["a"], ["x"])
+        expected, extra = "has no column 'body'", ("--text-column", "body")
+    elif case == "wrong-type":
+        pq.write_table(pa.table({"id": ["a"], "text": [1.5]}), path)
+        expected, extra = "not a string", ()
+    elif case == "unreadable":
+        path.write_bytes(b"")
+        expected, extra = "cannot read", ()
+    elif case == "empty":
+        write_corpus(path, [], [])
+        expected, extra = "has no rows", ()
+    else:
+        path = tmp_path / "folder"
+        path.mkdir()
+        expected, extra = "no .parquet files", ()
+    done = run_cli("run", path, "--model", tiny_model, "--out", tmp_path / "o", *extra)
+    assert done.returncode == 2 and expected in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "o" / "_shards").exists()
+
+
+def _shard(tmp_path, tiny_model, rows: list[tuple[str, str, int]]) -> tuple[LocalStore, ShardMessage]:
+    store = LocalStore(tmp_path / "out")
+    job = JobSpec(input="x", input_fingerprint="f", out=store.uri, task=Task.RETRIEVAL, role=Role.PASSAGE,
+                  prefix="", shard_tokens=1000,
+                  model=ModelRef(spec=str(tiny_model), file_name=tiny_model.name, sha256=file_sha256(tiny_model),
+                                 queue=queue_name(tiny_model.name)))
+    table = pa.table({"id": [r[0] for r in rows], "text": [r[1] for r in rows], "n_tokens": [r[2] for r in rows],
+                      "chunk": [0] * len(rows), "start": [0] * len(rows), "stop": [r[2] for r in rows],
+                      "truncated": [False] * len(rows)}, schema=shard_input_schema(pa.string()))
+    store.put(keys.shard_input(0), to_ipc_bytes(table))
+    return store, ShardMessage(job_id="j", job=job, shard=0, n_docs=len(rows), n_tokens=0, longest=1)
+
+
+def test_a_row_the_worker_tokenizes_differently_is_quarantined(tmp_path, tiny_model):
+    engine = Engine(tiny_model, EngineOptions(threads=2))
+    try:
+        store, message = _shard(tmp_path, tiny_model, [("a", "abc", 3), ("b", "abcd", 99), ("c", "x", 1)])
+        result = embed_shard(message, engine, message.job.model.sha256, store)
+    finally:
+        engine.close()
+    assert result.rows == 2 and result.rejected == 1
+    assert from_ipc_bytes(store.get(message.output_key)).column("id").to_pylist() == ["a", "c"]
+    rejected = from_ipc_bytes(store.get(keys.shard_rejected(0))).to_pylist()
+    assert rejected[0]["id"] == "b" and rejected[0]["reason"].startswith("tokenizer mismatch")
+
+
+class FailingOnPoisonEngine(Engine):
+    """Stands in for a document that makes llama.cpp fail (a GPU out-of-memory, a kernel error): no such
+    document can be made on this CPU build, so this engine refuses any batch holding the token of '~'."""
+
+    poison_token: int = -1
+
+    def embed(self, documents, shape=None):
+        if any(self.poison_token in d for d in documents):
+            raise EngineError("llama_decode returned -3")
+        return super().embed(documents, shape)
+
+
+def test_a_document_llama_cpp_fails_on_is_quarantined_and_the_rest_written(tmp_path, tiny_model):
+    engine = FailingOnPoisonEngine(tiny_model, EngineOptions(threads=2))
+    try:
+        engine.poison_token = int(engine.vocab.tokenize("~")[0])
+        store, message = _shard(tmp_path, tiny_model, [("a", "abc", 3), ("p", "ab~", 3), ("c", "xy", 2)])
+        result = embed_shard(message, engine, message.job.model.sha256, store)
+    finally:
+        engine.close()
+    assert result.rows == 2 and result.rejected == 1
+    rejected = from_ipc_bytes(store.get(keys.shard_rejected(0))).to_pylist()
+    assert rejected == [{"id": "p", "reason": "llama.cpp failed: llama_decode returned -3",
+                         "source": keys.shard_input(0), "row": 1}]
+    # A second delivery finds the shard written and reports the same thing without embedding again.
+    again = embed_shard(message, engine, message.job.model.sha256, store)
+    assert (again.rows, again.rejected, again.sha256) == (2, 1, result.sha256)
