@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ssl
+
 from celery import Celery
 
 from contract.settings import Settings
@@ -15,7 +17,11 @@ def celery_app(settings: Settings, name: str) -> Celery:
     shard at a time. The hard time limit stays below Redis's redelivery timeout (NOTES.md 11)."""
     if settings.task_time_limit >= settings.visibility_timeout:
         raise ValueError("BULKEMBED_TASK_TIME_LIMIT must be below BULKEMBED_VISIBILITY_TIMEOUT")
-    app = Celery(name, broker=settings.redis_url.get_secret_value())
+    url = settings.redis_url.get_secret_value()
+    app = Celery(name, broker=url)
+    if url.startswith("rediss://") and "ssl_cert_reqs" not in url:
+        # TLS verified by default; the URL may say otherwise (?ssl_cert_reqs=none&ssl_ca_certs=...).
+        app.conf.broker_use_ssl = {"ssl_cert_reqs": ssl.CERT_REQUIRED}
     app.conf.update(
         task_serializer="json",
         accept_content=["json"],

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from urllib.parse import urlparse
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -14,7 +15,7 @@ from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 from contract import keys
-from contract.errors import ShardError
+from contract.errors import BulkEmbedError, ShardError
 from contract.job import JobSpec, ShardMessage
 from contract.schema import from_ipc_bytes, read_metadata
 from contract.store import Store, open_store
@@ -100,7 +101,9 @@ class JobRegistry:
         self.redis = client
 
     @classmethod
-    def from_url(cls, url: str) -> JobRegistry:
+    def from_url(cls, url: str, check: bool = True) -> JobRegistry:
+        if check:
+            _check_redis(url)
         # A restarted Redis (AOF keeps the data) must not turn a written shard into a failed task.
         retry = Retry(ExponentialBackoff(cap=10, base=0.2), retries=30)
         client = redis.Redis.from_url(url, decode_responses=True, retry=retry,
@@ -185,3 +188,16 @@ class JobRegistry:
         return JobStatus(job_id=job_id, state=state, totals=totals, shards_done=len(results),
                          tokens_done=sum(r.tokens for r in results), rows_done=sum(r.rows for r in results),
                          failures=failures)
+
+
+def _check_redis(url: str) -> None:
+    """One try, no retries: a wrong password or address is a clear error, not a long wait. The
+    message names the host, never the URL (it may hold the password)."""
+    where = f"{urlparse(url).hostname}:{urlparse(url).port or 6379}"
+    try:
+        redis.Redis.from_url(url, socket_connect_timeout=10, socket_timeout=10).ping()
+    except redis.AuthenticationError as exc:
+        raise BulkEmbedError(f"Redis at {where} refused the credentials in BULKEMBED_REDIS_URL") from exc
+    except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+        raise BulkEmbedError(f"cannot reach Redis at {where} ({type(exc).__name__}); check BULKEMBED_REDIS_URL") \
+            from exc

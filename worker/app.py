@@ -78,7 +78,7 @@ class ModelTask(Task):
 def embed_shard_task(self: ModelTask, message: dict) -> dict | None:
     """Validate → give up if this shard keeps killing workers → embed (skipped if written) → report."""
     shard = ShardMessage.model_validate(message)
-    registry = JobRegistry.from_url(settings.redis_url.get_secret_value())
+    registry = JobRegistry.from_url(settings.redis_url.get_secret_value(), check=False)
     attempt = registry.attempt(shard.job_id, shard.shard)
     if attempt > settings.shard_max_attempts:
         error = (f"gave up after {attempt - 1} attempts that ended without a result (the worker process died or "

@@ -1,0 +1,88 @@
+"""Secrets stay secret, TLS and passwords work, and a worker never embeds with the wrong model."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from bulkembed.synthetic import TINY, write_qwen2vl_gguf
+from tests.conftest import REPO, Workers, _wait_for_port, free_port, mixed_texts, write_corpus
+
+PASSWORD = "s3cr3t-redis-pw-7f1c"
+AWS_SECRET = "aws-secret-key-that-must-not-leak-9c2e"
+
+
+@pytest.fixture
+def tls_redis(tmp_path):
+    """redis-server with TLS only and a password; a CA and a localhost certificate made here."""
+    if shutil.which("openssl") is None:
+        pytest.fail("openssl is needed to make test certificates")
+    ca_key, ca, key, csr, cert = (tmp_path / n for n in ("ca.key", "ca.crt", "r.key", "r.csr", "r.crt"))
+    run = lambda *a: subprocess.run(["openssl", *map(str, a)], check=True, capture_output=True)  # noqa: E731
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", ca_key, "-out", ca, "-days", "1",
+        "-subj", "/CN=bulkembed-test-ca")
+    run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", csr, "-subj", "/CN=localhost")
+    ext = tmp_path / "ext.cnf"
+    ext.write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
+    run("x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial", "-out", cert, "-days", "1",
+        "-extfile", ext)
+    port = free_port()
+    process = subprocess.Popen(
+        ["redis-server", "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1", "--tls-cert-file", cert,
+         "--tls-key-file", key, "--tls-ca-cert-file", ca, "--tls-auth-clients", "no", "--requirepass", PASSWORD,
+         "--save", "", "--dir", str(tmp_path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _wait_for_port(port)
+    yield f"rediss://:{PASSWORD}@localhost:{port}/0?ssl_cert_reqs=required&ssl_ca_certs={ca}"
+    process.terminate()
+    process.wait(10)
+
+
+def test_tls_redis_with_password_and_no_secret_in_any_output(tls_redis, cli_env, tmp_path, tiny_model, bucket):
+    env = cli_env | {"BULKEMBED_REDIS_URL": tls_redis, "AWS_SECRET_ACCESS_KEY": AWS_SECRET}
+    corpus = write_corpus(tmp_path / "c.parquet", [f"d{i}" for i in range(200)], mixed_texts(200, seed=5))
+    pool = Workers(env, tmp_path)
+    try:
+        pool.start(tiny_model)
+        out = f"s3://{bucket}/tls"
+        done = subprocess.run([sys.executable, "-m", "bulkembed.cli", "submit", str(corpus), "--model",
+                               str(tiny_model), "--out", out, "--shard-tokens", "3000", "--wait"],
+                              env=env | {"BULKEMBED_LOG_LEVEL": "DEBUG"}, cwd=REPO, capture_output=True, text=True,
+                              timeout=180)
+        assert done.returncode == 0, done.stderr[-3000:]
+        status = subprocess.run([sys.executable, "-m", "bulkembed.cli", "status", done.stdout.split()[0], "--json"],
+                                env=env, cwd=REPO, capture_output=True, text=True, timeout=60)
+        assert json.loads(status.stdout)["state"] == "done"
+    finally:
+        pool.stop_all()
+    everything = done.stdout + done.stderr + status.stdout + status.stderr + pool.processes[0].log.read_text()
+    assert "celery@" in everything or "ready" in everything  # the logs are there
+    assert PASSWORD not in everything and AWS_SECRET not in everything
+
+
+def test_wrong_redis_password_is_a_clear_error_without_the_password(tls_redis, cli_env, tmp_path, tiny_model):
+    wrong = tls_redis.replace(PASSWORD, "wrong-password-123")
+    corpus = write_corpus(tmp_path / "c.parquet", ["a"], ["x"])
+    done = subprocess.run([sys.executable, "-m", "bulkembed.cli", "submit", str(corpus), "--model", str(tiny_model),
+                           "--out", str(tmp_path / "o")], env=cli_env | {"BULKEMBED_REDIS_URL": wrong}, cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert "wrong-password-123" not in done.stdout + done.stderr
+    assert "Traceback" not in done.stderr, done.stderr[-2000:]
+
+
+def test_worker_with_another_model_refuses_the_shard(cli_env, tmp_path, workers, run_cli, tiny_model):
+    """Same file name (same queue), other weights: the sha256 differs and nothing is written."""
+    impostor_dir = tmp_path / "impostor"
+    impostor_dir.mkdir()
+    impostor = write_qwen2vl_gguf(impostor_dir / tiny_model.name, TINY, seed=42)
+    workers.start(impostor)
+    corpus = write_corpus(tmp_path / "c.parquet", ["a", "b"], ["alpha", "beta"])
+    out = tmp_path / "out"
+    done = run_cli("submit", corpus, "--model", tiny_model, "--out", out, "--wait", timeout=120)
+    assert done.returncode == 1
+    assert "is not the job's" in done.stderr and "sha256" in done.stderr
+    assert not list(out.glob("0*.arrow")), "no vectors from the wrong model"
