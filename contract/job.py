@@ -155,6 +155,7 @@ class ShardMessage(BaseModel):
     n_docs: int
     n_tokens: int
     longest: int = Field(description="Token count of the shard's longest document.")
+    queued_at: float = Field(0.0, description="Unix time it was queued, for the queue-wait metric.")
 
     @property
     def input_key(self) -> str:

@@ -45,6 +45,7 @@ class WorkerSettings(Settings):
     ubatch: int = Field(512, description="Largest physical batch (n_ubatch) a shard may use.", ge=32)
     gpu_layers: int = Field(-1, description="Layers offloaded to the GPU; -1 = all (when the build has a GPU).")
     threads: int = Field(0, description="CPU threads for llama.cpp; 0 = all cores.", ge=0)
+    metrics_port: int = Field(9100, ge=0, description="Port of the Prometheus /metrics endpoint; 0 = off.")
     flash_attn: Literal["auto", "on", "off"] = Field("auto", description="Flash attention (auto: where supported).")
     logical_batch: int = Field(
         0, ge=0, description="Tokens per decode above the ubatch, as upstream tools do. Makes pooled means of "

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -155,7 +156,7 @@ def produce(planned: PlannedJob, emit: Callable[[ShardMessage], None],
         store.put_if_absent(keys.shard_input(shard), to_ipc_bytes(table))  # same job id, same content
         lengths = [d.n_tokens for d in documents]
         message = ShardMessage(job_id=job.job_id, job=job, shard=shard, n_docs=len(documents),
-                               n_tokens=sum(lengths), longest=max(lengths))
+                               n_tokens=sum(lengths), longest=max(lengths), queued_at=time.time())
         if written is not None and store.exists(message.output_key):
             written(stored_result(message, store))
         else:

@@ -173,7 +173,8 @@ class Workers:
 def cli_env(redis_server: str, s3_server: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("BULKEMBED_")}
     env.update(s3_env(s3_server))
-    env.update({"BULKEMBED_REDIS_URL": redis_server, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"})
+    env.update({"BULKEMBED_REDIS_URL": redis_server, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1",
+                "BULKEMBED_METRICS_PORT": "0"})
     return env
 
 

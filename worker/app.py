@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ from contract.queue import TASK_EMBED_SHARD, celery_app
 from contract.registry import JobRegistry
 from contract.settings import WorkerSettings
 from contract.store import Store, has_conditional_writes, open_store
+from worker import metrics
 from worker.engine import Engine, EngineOptions
 from worker.shard import Guard, embed_shard
 
@@ -46,6 +48,8 @@ MODEL: ResidentModel | None = None  # set by `bulkembed worker` before the pool 
 def _load_model(**_: object) -> None:
     if MODEL is not None and MODEL.engine is None:
         MODEL.engine = Engine(MODEL.path, MODEL.options)
+        metrics.MODEL_LOAD_SECONDS.labels(MODEL.path.name).set(MODEL.engine.load_seconds)
+        metrics.serve(settings.metrics_port)
         log.info("pool process %d ready with %s", os.getpid(), MODEL.path.name)
 
 
@@ -85,9 +89,13 @@ def embed_shard_task(self: ModelTask, message: dict) -> dict | None:
                  f"hit the {settings.task_time_limit}s limit); the shard may be poison")
         log.error("job %s shard %d: %s", shard.job_id, shard.shard, error)
         registry.shard_failed(shard.job_id, shard.shard, error)
+        metrics.SHARDS.labels(MODEL.path.name if MODEL else "", "failed").inc()
         return None
     store = open_store(shard.job.out)
     model = self.model
+    name = model.path.name
+    if shard.queued_at:
+        metrics.QUEUE_WAIT.labels(name).observe(max(0.0, time.time() - shard.queued_at))
     try:
         result = embed_shard(shard, model.engine, model.sha256, store, self.write_guard(store, registry, shard))
     except TransientError as exc:
@@ -98,8 +106,15 @@ def embed_shard_task(self: ModelTask, message: dict) -> dict | None:
         log.warning("job %s shard %d: %s; retrying", shard.job_id, shard.shard, exc)
         raise self.retry(exc=exc, countdown=min(60, 2 ** self.request.retries)) from exc
     except Exception as exc:
+        metrics.SHARDS.labels(name, "failed").inc()
         registry.shard_failed(shard.job_id, shard.shard, f"{type(exc).__name__}: {exc}")
         raise
+    metrics.SHARDS.labels(name, "done" if result.seconds else "skipped").inc()
+    if result.seconds:  # embedded here, not found written
+        metrics.TOKENS.labels(name).inc(result.tokens)
+        metrics.ROWS.labels(name).inc(result.rows)
+        metrics.DECODE_SECONDS.labels(name).inc(result.seconds)
+        metrics.TOKENS_PER_SECOND.labels(name).set(result.tokens / result.seconds)
     if registry.shard_done(shard.job_id, result):
         registry.finalize(shard.job_id)
     return result.model_dump()

@@ -1,0 +1,32 @@
+"""Prometheus metrics of a worker, served from its pool process (one per worker: concurrency is 1).
+
+The same events feed Redis's job registry, which `bulkembed status` and `submit --wait` read.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+log = logging.getLogger(__name__)
+
+TOKENS = Counter("bulkembed_tokens_total", "Tokens embedded (rows written, not rejected).", ["model"])
+ROWS = Counter("bulkembed_rows_total", "Rows written.", ["model"])
+SHARDS = Counter("bulkembed_shards_total", "Shards finished, by outcome.", ["model", "outcome"])
+DECODE_SECONDS = Counter("bulkembed_embed_seconds_total", "Seconds spent embedding shards (tokenize, decode, "
+                         "pool, write).", ["model"])
+TOKENS_PER_SECOND = Gauge("bulkembed_tokens_per_second", "Throughput of the last shard.", ["model"])
+MODEL_LOAD_SECONDS = Gauge("bulkembed_model_load_seconds", "Seconds the resident model took to load.", ["model"])
+QUEUE_WAIT = Histogram("bulkembed_queue_wait_seconds", "From a shard's enqueue to its start.", ["model"],
+                       buckets=(1, 5, 15, 60, 300, 900, 3600, 4 * 3600, 24 * 3600))
+
+
+def serve(port: int) -> None:
+    if not port:
+        return
+    try:
+        start_http_server(port)
+        log.info("metrics on :%d/metrics", port)
+    except OSError as exc:  # another worker on this host has it: embedding matters more than metrics
+        log.warning("metrics port %d unavailable (%s); set BULKEMBED_METRICS_PORT per worker", port, exc)
