@@ -24,6 +24,7 @@ from contract.job import (
     Pooling,
     Role,
     ShardMessage,
+    Span,
     Task,
     document_spans,
     prefix_for,
@@ -35,6 +36,7 @@ from contract.schema import rejected_schema, shard_input_schema, to_ipc_bytes
 from contract.store import Store, open_store
 from contract.vocab import Vocab
 from producer.corpus import Corpus, decode_texts, open_corpus, read_batches
+from producer.dedup import SeenIds, id_hashes
 from producer.planner import Document, ShardPlanner
 
 log = logging.getLogger(__name__)
@@ -117,15 +119,13 @@ class _Rejects:
         self.rows = []
 
 
-def _reason_to_reject(doc_id: Any, text: str | None, seen: set[int]) -> str | None:
+def _reason_to_reject(doc_id: Any, text: str | None) -> str | None:
     if doc_id is None:
         return "null id"
     if text is None:
         return "null text"
     if not text.strip():
         return "empty text"
-    if hash(doc_id) in seen:
-        return "duplicate id"
     return None
 
 
@@ -141,7 +141,7 @@ def produce(planned: PlannedJob, emit: Callable[[ShardMessage], None],
     planner = ShardPlanner(job.shard_tokens)
     rejects = _Rejects(store, planned.corpus.id_type)
     input_schema = shard_input_schema(planned.corpus.id_type)
-    seen: set[int] = set()  # hashes of ids seen, for duplicates: ~70 bytes an id, not the ids
+    seen = SeenIds()  # duplicate ids across the corpus, 8 bytes an id
     totals = JobTotals()
 
     def emit_shard(documents: list[Document]) -> None:
@@ -167,9 +167,9 @@ def produce(planned: PlannedJob, emit: Callable[[ShardMessage], None],
 
     for source, first_row, batch in read_batches(planned.corpus, job.id_column, job.text_column):
         texts, undecodable = decode_texts(batch.column(1))
+        accepted: list[tuple[int, Any, str, list[Span]]] = []
         for i, (doc_id, text) in enumerate(zip(batch.column(0).to_pylist(), texts, strict=True)):
-            reason = undecodable.get(i) or _reason_to_reject(doc_id, text, seen)
-            spans = None
+            reason = undecodable.get(i) or _reason_to_reject(doc_id, text)
             if reason is None:
                 text = job.prefix + text
                 n_tokens = vocab.count(text)
@@ -178,10 +178,15 @@ def produce(planned: PlannedJob, emit: Callable[[ShardMessage], None],
                     reason = "no tokens: the model's vocabulary drops every character"
                 elif spans is None:
                     reason = f"over-length: {n_tokens} tokens > max {job.max_tokens}"
+                else:
+                    accepted.append((i, doc_id, text, spans))
             if reason is not None:
                 rejects.add(doc_id, reason, source, first_row + i)
+        duplicates = seen.add(id_hashes(doc_id for _, doc_id, _, _ in accepted))
+        for (i, doc_id, text, spans), duplicate in zip(accepted, duplicates, strict=True):
+            if duplicate:
+                rejects.add(doc_id, "duplicate id", source, first_row + i)
                 continue
-            seen.add(hash(doc_id))
             totals.truncated += spans[0].truncated
             for span in spans:
                 ready = planner.add(Document(doc_id, text, span.n_tokens(prefix_tokens), span))

@@ -1,0 +1,43 @@
+"""Duplicate ids across a whole corpus at 8 bytes an id: 64-bit hashes in sorted numpy runs.
+
+A Python set costs ~70 bytes an id (600 MB for 10M documents); sorted runs cost 8. Runs merge
+when a newer one grows to half the size of the one before it (a log-structured merge), so
+insertion stays O(n log n) overall and a lookup is a binary search per run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+
+
+def id_hashes(ids: Iterable[Any]) -> np.ndarray:
+    # Python's hash is SipHash (64-bit) for str/bytes and exact for ints: equal ids, equal hashes.
+    return np.fromiter((hash(i) for i in ids), np.int64)
+
+
+class SeenIds:
+    def __init__(self) -> None:
+        self._runs: list[np.ndarray] = []
+
+    def __len__(self) -> int:
+        return sum(len(r) for r in self._runs)
+
+    def add(self, hashes: np.ndarray) -> np.ndarray:
+        """Mark each hash as a duplicate (seen before, or earlier in this batch) and remember the rest."""
+        duplicate = np.zeros(len(hashes), bool)
+        if not len(hashes):
+            return duplicate
+        _, first = np.unique(hashes, return_index=True)
+        duplicate[:] = True
+        duplicate[first] = False  # the first occurrence in the batch is not a duplicate of the batch
+        for run in self._runs:
+            where = np.minimum(np.searchsorted(run, hashes), len(run) - 1)
+            duplicate |= run[where] == hashes
+        self._runs.append(np.sort(hashes[~duplicate]))
+        while len(self._runs) > 1 and len(self._runs[-2]) <= 2 * len(self._runs[-1]):
+            newest = self._runs.pop()
+            self._runs[-1] = np.sort(np.concatenate([self._runs[-1], newest]), kind="mergesort")
+        return duplicate
