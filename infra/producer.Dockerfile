@@ -1,0 +1,60 @@
+# The CPU image: the whole `bulkembed` CLI with llama-cpp-python built without CUDA. The producer
+# needs llama.cpp too: it counts tokens with the model's own vocabulary.
+#
+#   docker build -f infra/producer.Dockerfile -t bulkembed/producer:0.1.0 .                        # producer (last stage)
+#   docker build -f infra/producer.Dockerfile --target worker-cpu -t bulkembed/worker:0.1.0-cpu .  # CPU worker, laptops
+#
+# GGML_NATIVE=OFF keeps the image portable across x86-64 CPUs (AVX2 still on); for a CPU worker
+# built and run on the same machine, --build-arg CMAKE_ARGS="-DLLAVA_BUILD=OFF -DGGML_NATIVE=ON"
+# is faster.
+
+ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+
+FROM ${PYTHON_IMAGE} AS build
+ARG CMAKE_ARGS="-DLLAVA_BUILD=OFF -DGGML_NATIVE=OFF"
+ENV DEBIAN_FRONTEND=noninteractive \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    CMAKE_ARGS="${CMAKE_ARGS}"
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends build-essential cmake ninja-build \
+ && rm -rf /var/lib/apt/lists/*
+RUN python -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
+WORKDIR /src
+# Dependencies first (see infra/worker.Dockerfile): the llama-cpp-python build gets its own layer.
+COPY pyproject.toml README.md ./
+RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
+        > /tmp/requirements.txt \
+ && pip install -r /tmp/requirements.txt
+COPY bulkembed bulkembed
+COPY contract contract
+COPY producer producer
+COPY worker worker
+RUN pip install . && bulkembed --help > /dev/null && python -c "import llama_cpp"
+
+FROM ${PYTHON_IMAGE} AS runtime
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends libgomp1 \
+ && rm -rf /var/lib/apt/lists/*
+RUN groupadd --gid 10001 bulkembed \
+ && useradd --uid 10001 --gid 10001 --create-home --home-dir /home/bulkembed --shell /usr/sbin/nologin bulkembed \
+ && mkdir -p /models \
+ && chown 10001:10001 /models
+COPY --from=build /opt/venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH \
+    HF_HOME=/models \
+    PYTHONUNBUFFERED=1
+USER 10001:10001
+WORKDIR /home/bulkembed
+
+# A worker on the CPU: same interface as the GPU image (arguments after `bulkembed worker`).
+FROM runtime AS worker-cpu
+EXPOSE 9100
+ENTRYPOINT ["bulkembed", "worker"]
+CMD ["--model", "jinaai/jina-embeddings-v4-text-retrieval-GGUF:IQ3_M", "--gpu-layers", "0"]
+
+# The producer and every other subcommand: submit, status, run.
+FROM runtime AS producer
+ENTRYPOINT ["bulkembed"]
+CMD ["--help"]

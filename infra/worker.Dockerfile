@@ -1,0 +1,64 @@
+# GPU worker: `bulkembed worker` with llama-cpp-python built for CUDA.
+#
+#   docker build -f infra/worker.Dockerfile -t bulkembed/worker:0.1.0-cuda .
+#
+# CUDA_ARCHS picks the GPU architecture the kernels are compiled for: 89 = NVIDIA L4 (the default),
+# 86 = A10/A10G, 80 = A100, 90 = H100/H200; several at once as "89;90" (each one adds build time).
+# The CPU-only worker for laptops is the `worker-cpu` target of infra/producer.Dockerfile.
+#
+# The build stage has the CUDA toolkit (nvcc); the final stage only the CUDA runtime libraries
+# (cudart, cuBLAS). libcuda itself comes from the host's driver through the NVIDIA container
+# toolkit. Both stages are Ubuntu 24.04 with its Python 3.12, so the virtualenv copies across.
+
+ARG CUDA_VERSION=12.6.3
+ARG UBUNTU=ubuntu24.04
+
+FROM nvidia/cuda:${CUDA_VERSION}-devel-${UBUNTU} AS build
+ARG CUDA_ARCHS=89
+ENV DEBIAN_FRONTEND=noninteractive \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends python3 python3-venv python3-dev build-essential cmake ninja-build \
+ && rm -rf /var/lib/apt/lists/*
+RUN python3 -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
+# GGML_NATIVE=OFF: the CPU code must not assume the build machine's instruction set.
+ENV CMAKE_ARGS="-DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=${CUDA_ARCHS} -DLLAVA_BUILD=OFF -DGGML_NATIVE=OFF"
+WORKDIR /src
+# Dependencies first, read from pyproject.toml: the long llama-cpp-python build stays in its own
+# layer and is redone only when the dependencies or CUDA_ARCHS change, not on every code change.
+COPY pyproject.toml README.md ./
+RUN python3 -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
+        > /tmp/requirements.txt \
+ && pip install -r /tmp/requirements.txt
+COPY bulkembed bulkembed
+COPY contract contract
+COPY producer producer
+COPY worker worker
+RUN pip install . && bulkembed --help > /dev/null
+
+FROM nvidia/cuda:${CUDA_VERSION}-runtime-${UBUNTU} AS runtime
+ENV DEBIAN_FRONTEND=noninteractive
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends python3 libgomp1 ca-certificates \
+ && rm -rf /var/lib/apt/lists/*
+# A numeric non-root user (Kubernetes' runAsNonRoot can only verify a numeric USER); /models is
+# the Hugging Face cache, a mounted volume, owned by that user so a fresh named volume is writable.
+RUN groupadd --gid 10001 bulkembed \
+ && useradd --uid 10001 --gid 10001 --create-home --home-dir /home/bulkembed --shell /usr/sbin/nologin bulkembed \
+ && mkdir -p /models \
+ && chown 10001:10001 /models
+COPY --from=build /opt/venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH \
+    HF_HOME=/models \
+    PYTHONUNBUFFERED=1
+USER 10001:10001
+WORKDIR /home/bulkembed
+# Prometheus metrics (BULKEMBED_METRICS_PORT).
+EXPOSE 9100
+# Exec form: `bulkembed` is PID 1 and gets SIGTERM itself, and Celery answers it with a warm
+# shutdown (the shard in progress finishes, nothing new is taken). Arguments come from CMD, or
+# from compose `command:` / Kubernetes `args:`.
+ENTRYPOINT ["bulkembed", "worker"]
+CMD ["--model", "jinaai/jina-embeddings-v4-text-retrieval-GGUF:IQ3_M", "--ubatch", "512"]

@@ -1,0 +1,117 @@
+"""The images: what they build, what they run, as whom, and with which cache folder."""
+
+from __future__ import annotations
+
+import re
+import shlex
+
+import pytest
+
+from tests.infra.manifests import (
+    INFRA,
+    REPO,
+    console_scripts,
+    dockerignore_patterns,
+    ignored,
+    is_pinned,
+    parse_cli,
+    parse_dockerfile,
+    project_packages,
+)
+
+WORKER = INFRA / "worker.Dockerfile"
+CPU = INFRA / "producer.Dockerfile"
+DOCKERFILES = [WORKER, CPU]
+# The images that are run, as (Dockerfile, target stage or None for the last one, subcommand).
+RUNNABLE = [(WORKER, None, "worker"), (CPU, "worker-cpu", "worker"), (CPU, "producer", None)]
+HF_HOME = "/models"
+
+
+@pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.name)
+def test_every_base_image_is_pinned_or_a_stage(path):
+    dockerfile = parse_dockerfile(path)
+    names = {s.name for s in dockerfile.stages}
+    for stage in dockerfile.stages:
+        image = dockerfile.image_of(stage)
+        assert "$" not in image, f"{path.name}: FROM {stage.base} uses an ARG without a default"
+        assert stage.base in names or is_pinned(image), f"{path.name}: FROM {image} is not pinned to a tag"
+
+
+@pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.name)
+def test_the_build_stage_installs_the_project_from_files_that_are_copied(path):
+    dockerfile = parse_dockerfile(path)
+    build = dockerfile.stages[0]
+    copied: set[str] = set()
+    patterns = dockerignore_patterns(path)
+    for value in build.values("COPY"):
+        words = [w for w in shlex.split(value) if not w.startswith("--")]
+        for source in words[:-1]:
+            assert (REPO / source).exists(), f"{path.name}: COPY {source}: no such file in the repository"
+            assert not ignored(source, patterns), f"{path.name}: COPY {source} is excluded by its .dockerignore"
+            copied.add(source.rstrip("/"))
+    needed = {"pyproject.toml", "README.md", *project_packages()}  # README.md: pyproject's readme
+    assert needed <= copied, f"{path.name} does not copy {sorted(needed - copied)} before `pip install .`"
+    assert any(re.search(r"\bpip install \.(\s|$)", run) for run in build.values("RUN")), \
+        f"{path.name}: no `pip install .`"
+
+
+@pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.name)
+def test_the_dockerignore_keeps_the_context_small(path):
+    patterns = dockerignore_patterns(path)
+    assert patterns, f"{path.name}.dockerignore is missing: the whole repository (.venv too) would be sent"
+    for heavy in (".venv/bin/python", ".git/HEAD", "tests/conftest.py", "out/000000.arrow"):
+        assert ignored(heavy, patterns), f"{heavy} would be in the build context of {path.name}"
+
+
+@pytest.mark.parametrize(("path", "target", "subcommand"), RUNNABLE)
+def test_the_entrypoint_is_the_console_script_in_exec_form(path, target, subcommand):
+    dockerfile = parse_dockerfile(path)
+    stage = dockerfile.stage(target)
+    entrypoint = dockerfile.exec_form(stage, "ENTRYPOINT")
+    assert entrypoint[0] in console_scripts(), f"{entrypoint[0]} is not in pyproject's [project.scripts]"
+    assert entrypoint[1:2] == ([subcommand] if subcommand else [])
+    # The default command is valid for bulkembed itself.
+    cmd = dockerfile.exec_form(stage, "CMD")
+    if cmd != ["--help"]:
+        parse_cli(entrypoint[1:] + cmd)
+
+
+@pytest.mark.parametrize(("path", "target", "subcommand"), RUNNABLE)
+def test_runs_as_a_numeric_non_root_user_with_the_hf_cache_on_a_volume(path, target, subcommand):
+    dockerfile = parse_dockerfile(path)
+    stage = dockerfile.stage(target)
+    user = dockerfile.last(stage, "USER")
+    assert user is not None, f"{path.name} {target}: runs as root"
+    uid = user.split(":")[0]
+    assert uid.isdigit() and int(uid) != 0, f"USER {user}: Kubernetes' runAsNonRoot needs a numeric non-root uid"
+    env = dockerfile.env(stage)
+    assert env.get("HF_HOME") == HF_HOME
+    assert env.get("PATH", "").startswith("/opt/venv/bin:")
+    copies = [v for s in dockerfile.chain(stage) for v in s.values("COPY")]
+    assert any(c.startswith("--from=build") and "/opt/venv" in c for c in copies), "the virtualenv is not copied"
+    if subcommand == "worker":
+        assert "9100" in (dockerfile.last(stage, "EXPOSE") or "").split(), "the metrics port is not exposed"
+
+
+def test_the_gpu_image_builds_llama_cpp_for_cuda_for_the_l4_by_default():
+    dockerfile = parse_dockerfile(WORKER)
+    build, runtime = dockerfile.stages[0], dockerfile.stage()
+    assert dockerfile.stage_args(build).get("CUDA_ARCHS") == "89", "the default architecture is the L4's (sm_89)"
+    cmake_args = dockerfile.env(build)["CMAKE_ARGS"].split()
+    for flag in ("-DGGML_CUDA=on", "-DCMAKE_CUDA_ARCHITECTURES=${CUDA_ARCHS}", "-DLLAVA_BUILD=OFF"):
+        assert flag in cmake_args, f"CMAKE_ARGS lacks {flag}"
+    build_image, run_image = dockerfile.image_of(build), dockerfile.image_of(runtime)
+    match_build = re.fullmatch(r"nvidia/cuda:(12\.[\d.]+)-devel-(ubuntu[\d.]+)", build_image)
+    match_run = re.fullmatch(r"nvidia/cuda:(12\.[\d.]+)-runtime-(ubuntu[\d.]+)", run_image)
+    assert match_build and match_run, f"expected CUDA 12 devel → runtime, got {build_image} → {run_image}"
+    assert match_build.groups() == match_run.groups(), "build and runtime must share CUDA version and OS"
+
+
+def test_the_cpu_image_has_no_cuda_and_one_python_for_build_and_run():
+    dockerfile = parse_dockerfile(CPU)
+    images = {dockerfile.image_of(s) for s in dockerfile.stages if s.base not in {t.name for t in dockerfile.stages}}
+    assert len(images) == 1 and next(iter(images)).startswith("python:3.11-slim"), images
+    build = dockerfile.stages[0]
+    assert "GGML_CUDA" not in dockerfile.env(build)["CMAKE_ARGS"].replace("${CMAKE_ARGS}", "")
+    assert "GGML_CUDA" not in dockerfile.stage_args(build).get("CMAKE_ARGS", "")
+    assert dockerfile.stage().name == "producer", "a plain `docker build` of producer.Dockerfile gives the producer"

@@ -1,0 +1,251 @@
+"""infra/k8s: the worker Deployment, KEDA's ScaledObject on the model's queue, the Secret every
+reference points into, Redis, and the producer Job."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pytest
+import yaml
+
+from contract.model import queue_name
+from tests.infra.manifests import (
+    INFRA,
+    K8S_DIR,
+    REPO,
+    env_name_problem,
+    is_pinned,
+    model_file_name,
+    option,
+    parse_cli,
+    parse_dockerfile,
+    settings_class,
+)
+
+NAMESPACE = "bulkembed"
+MIN_GRACE_S = 300
+MIN_COOLDOWN_S = 600
+CLUSTER_SCOPED = {"Namespace"}
+
+
+@pytest.fixture(scope="module")
+def documents() -> list[tuple[Path, dict]]:
+    docs = []
+    for path in sorted(K8S_DIR.glob("*.yaml")):
+        if path.name == "kustomization.yaml":
+            continue
+        docs += [(path, d) for d in yaml.safe_load_all(path.read_text()) if d is not None]
+    return docs
+
+
+def one(documents, kind: str, name: str | None = None) -> dict:
+    found = [d for _, d in documents if d["kind"] == kind and (name is None or d["metadata"]["name"] == name)]
+    assert len(found) == 1, f"expected one {kind} {name or ''}, found {len(found)}"
+    return found[0]
+
+
+@pytest.fixture(scope="module")
+def deployment(documents) -> dict:
+    return one(documents, "Deployment", "bulkembed-worker")
+
+
+@pytest.fixture(scope="module")
+def job(documents) -> dict:
+    return one(documents, "Job")
+
+
+@pytest.fixture(scope="module")
+def secret(documents) -> dict:
+    s = one(documents, "Secret", "bulkembed")
+    return {**s.get("stringData", {}), **s.get("data", {})}
+
+
+@pytest.fixture(scope="module")
+def scaled_object(documents) -> dict:
+    return one(documents, "ScaledObject")
+
+
+def container(workload: dict) -> dict:
+    containers = workload["spec"]["template"]["spec"]["containers"]
+    assert len(containers) == 1
+    return containers[0]
+
+
+def image_argv(workload: dict, dockerfile: str, target: str | None) -> list[str]:
+    """The image's ENTRYPOINT (from its Dockerfile) followed by the pod's args."""
+    parsed = parse_dockerfile(INFRA / dockerfile)
+    c = container(workload)
+    assert "command" not in c, "keep the image's ENTRYPOINT (exec form, bulkembed as PID 1)"
+    return parsed.exec_form(parsed.stage(target), "ENTRYPOINT") + c["args"]
+
+
+def worker_model(deployment) -> str:
+    return option(image_argv(deployment, "worker.Dockerfile", None), "--model")
+
+
+def test_every_document_is_named_and_namespaced(documents):
+    assert documents
+    for path, doc in documents:
+        assert doc.get("apiVersion") and doc.get("kind"), f"{path.name}: a document lacks apiVersion/kind"
+        assert doc.get("metadata", {}).get("name"), f"{path.name}: {doc['kind']} has no metadata.name"
+        if doc["kind"] not in CLUSTER_SCOPED:
+            assert doc["metadata"].get("namespace") == NAMESPACE, f"{path.name}: {doc['kind']} namespace"
+
+
+def test_kustomization_lists_existing_files_and_everything_but_the_secret_and_job():
+    kustomization = yaml.safe_load((K8S_DIR / "kustomization.yaml").read_text())
+    resources = set(kustomization["resources"])
+    for resource in resources:
+        assert (K8S_DIR / resource).is_file(), f"kustomization lists missing {resource}"
+    manifests = {p.name for p in K8S_DIR.glob("*.yaml")} - {"kustomization.yaml"}
+    assert resources == manifests - {"secret.example.yaml", "producer-job.yaml"}
+    assert kustomization["namespace"] == NAMESPACE
+
+
+def test_every_image_is_pinned(documents):
+    for path, doc in documents:
+        spec = doc.get("spec", {}).get("template", {}).get("spec", {})
+        for c in spec.get("containers", []) + spec.get("initContainers", []):
+            assert is_pinned(c["image"]), f"{path.name}: {c['image']} is not pinned"
+
+
+def test_the_worker_requests_one_gpu(deployment):
+    resources = container(deployment)["resources"]
+    assert int(resources["requests"]["nvidia.com/gpu"]) == 1
+    assert int(resources["limits"]["nvidia.com/gpu"]) == 1, "extended resources need limits equal to requests"
+
+
+def test_the_worker_drains_gracefully(deployment):
+    pod = deployment["spec"]["template"]["spec"]
+    assert pod["terminationGracePeriodSeconds"] >= MIN_GRACE_S, "the default 30 s can cut a shard short"
+    assert "replicas" not in deployment["spec"], "KEDA owns the replica count; `replicas` would fight it on apply"
+
+
+def test_the_worker_runs_bulkembed_worker_as_the_images_user(deployment):
+    args = parse_cli(image_argv(deployment, "worker.Dockerfile", None)[1:])
+    assert args.command == "worker"
+    parsed = parse_dockerfile(INFRA / "worker.Dockerfile")
+    uid = int(parsed.last(parsed.stage(), "USER").split(":")[0])
+    security = deployment["spec"]["template"]["spec"]["securityContext"]
+    assert security["runAsNonRoot"] is True
+    assert security["runAsUser"] == uid
+    assert security["fsGroup"] == uid, "the models volume must be writable by the image's user"
+
+
+def test_prometheus_scrapes_the_metrics_port(deployment):
+    annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/scrape"] == "true"
+    ports = {p["name"]: p["containerPort"] for p in container(deployment)["ports"]}
+    env = {e["name"]: e.get("value") for e in container(deployment)["env"]}
+    assert int(annotations["prometheus.io/port"]) == ports["metrics"] == int(env["BULKEMBED_METRICS_PORT"])
+
+
+@pytest.mark.parametrize(("kind", "dockerfile", "target"),
+                         [("Deployment", "worker.Dockerfile", None), ("Job", "producer.Dockerfile", "producer")])
+def test_the_models_volume_is_the_hf_cache(documents, kind, dockerfile, target):
+    workload = one(documents, kind)
+    c = container(workload)
+    parsed = parse_dockerfile(INFRA / dockerfile)
+    env = {e["name"]: e.get("value") for e in c.get("env", [])}
+    hf_home = env.get("HF_HOME") or parsed.env(parsed.stage(target))["HF_HOME"]
+    mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+    assert hf_home in mounts, f"{kind}: nothing mounted at HF_HOME {hf_home}"
+    volumes = {v["name"]: v for v in workload["spec"]["template"]["spec"]["volumes"]}
+    assert mounts[hf_home] in volumes
+    assert {"emptyDir", "persistentVolumeClaim"} & set(volumes[mounts[hf_home]])
+
+
+@pytest.mark.parametrize(("kind", "role"), [("Deployment", "worker"), ("Job", "producer")])
+def test_environment_names_are_settings_or_standard_variables(documents, kind, role):
+    c = container(one(documents, kind))
+    names = [e["name"] for e in c.get("env", [])]
+    for source in c.get("envFrom", []):
+        assert "configMapRef" in source, "envFrom a Secret would import key names unchecked; use secretKeyRef"
+        names += list(one(documents, "ConfigMap", source["configMapRef"]["name"])["data"])
+    assert names
+    for name in names:
+        problem = env_name_problem(name, settings_class(role))
+        assert problem is None, f"{kind}: {problem}"
+
+
+def secret_references(documents) -> list[tuple[str, str, str]]:
+    """(where, secret name, key) of every secretKeyRef and TriggerAuthentication secretTargetRef."""
+    refs = []
+    for path, doc in documents:
+        spec = doc.get("spec", {}).get("template", {}).get("spec", {})
+        for c in spec.get("containers", []):
+            for e in c.get("env", []):
+                ref = e.get("valueFrom", {}).get("secretKeyRef")
+                if ref:
+                    refs.append((f"{path.name} {doc['kind']} {e['name']}", ref["name"], ref["key"]))
+        if doc["kind"] == "TriggerAuthentication":
+            for ref in doc["spec"]["secretTargetRef"]:
+                refs.append((f"{path.name} TriggerAuthentication {ref['parameter']}", ref["name"], ref["key"]))
+    return refs
+
+
+def test_every_secret_reference_exists_in_the_secret(documents, secret):
+    refs = secret_references(documents)
+    assert len(refs) >= 8
+    for where, name, key in refs:
+        assert name == "bulkembed", f"{where}: unknown Secret {name}"
+        assert key in secret, f"{where}: the Secret has no key {key}"
+
+
+def test_redis_url_password_and_keda_address_agree(documents, secret, scaled_object):
+    url = urlparse(secret["redis-url"])
+    assert url.scheme in ("redis", "rediss")
+    assert url.password == secret["redis-password"], "redis-url must carry redis-password"
+    trigger = scaled_object["spec"]["triggers"][0]["metadata"]
+    assert trigger["address"] == f"{url.hostname}:{url.port}", "KEDA must read the Redis the workers use"
+    assert trigger.get("databaseIndex", "0") == (url.path.strip("/") or "0")
+    service, namespace = url.hostname.split(".")[:2]
+    redis = one(documents, "Service", service)
+    assert namespace == redis["metadata"]["namespace"]
+    assert url.port in {p["port"] for p in redis["spec"]["ports"]}
+
+
+def test_keda_scales_the_worker_to_zero_on_its_models_queue(documents, deployment, scaled_object):
+    spec = scaled_object["spec"]
+    assert scaled_object["apiVersion"] == "keda.sh/v1alpha1"
+    target = spec["scaleTargetRef"]
+    assert target.get("kind", "Deployment") == "Deployment" and target["name"] == deployment["metadata"]["name"]
+    assert spec["minReplicaCount"] == 0
+    assert spec["maxReplicaCount"] >= 1
+    assert spec["pollingInterval"] > 0
+    grace = deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    assert spec["cooldownPeriod"] >= max(MIN_COOLDOWN_S, grace), "KEDA sees queued shards only, not running ones"
+    [trigger] = spec["triggers"]
+    assert trigger["type"] == "redis"
+    assert all(isinstance(v, str) for v in trigger["metadata"].values()), "KEDA trigger metadata is string → string"
+    assert trigger["metadata"]["listName"] == queue_name(model_file_name(worker_model(deployment)))
+    assert int(trigger["metadata"]["listLength"]) >= 1
+    auth = one(documents, "TriggerAuthentication", trigger["authenticationRef"]["name"])
+    assert {r["parameter"] for r in auth["spec"]["secretTargetRef"]} == {"password"}
+
+
+def test_the_queue_name_is_the_one_documented():
+    queue = queue_name(model_file_name("jinaai/jina-embeddings-v4-text-retrieval-GGUF:IQ3_M"))
+    assert queue == "bulkembed.jina-embeddings-v4-text-retrieval-iq3_m"
+    assert queue in (REPO / "docs" / "deploy.md").read_text()
+    assert queue in (K8S_DIR / "keda.yaml").read_text()
+
+
+def test_the_producer_job_submits_to_the_workers_queue(job, deployment):
+    args = parse_cli(image_argv(job, "producer.Dockerfile", "producer")[1:])
+    assert args.command == "submit"
+    assert queue_name(model_file_name(args.model)) == queue_name(model_file_name(worker_model(deployment)))
+    assert args.out.startswith("s3://")
+    assert job["spec"]["backoffLimit"] == 0, "a retried submit would queue the whole job a second time"
+    assert job["spec"]["template"]["spec"]["restartPolicy"] == "Never"
+
+
+def test_redis_keeps_queued_shards(documents):
+    redis = container(one(documents, "StatefulSet", "redis"))
+    args = " ".join(redis["args"])
+    assert "--appendonly yes" in args and "--maxmemory-policy noeviction" in args
+    assert "--requirepass $(REDIS_PASSWORD)" in args
+    env = {e["name"] for e in redis["env"]}
+    assert "REDIS_PASSWORD" in env, "$(REDIS_PASSWORD) in args expands only from the container's env"
+    assert "/data" in {m["mountPath"] for m in redis["volumeMounts"]}
