@@ -89,7 +89,7 @@ def embed_shard_task(self: ModelTask, message: dict) -> dict | None:
                  f"hit the {settings.task_time_limit}s limit); the shard may be poison")
         log.error("job %s shard %d: %s", shard.job_id, shard.shard, error)
         registry.shard_failed(shard.job_id, shard.shard, error)
-        metrics.SHARDS.labels(MODEL.path.name if MODEL else "", "failed").inc()
+        metrics.shard_failed(MODEL.path.name if MODEL else "")
         return None
     store = open_store(shard.job.out)
     model = self.model
@@ -106,15 +106,10 @@ def embed_shard_task(self: ModelTask, message: dict) -> dict | None:
         log.warning("job %s shard %d: %s; retrying", shard.job_id, shard.shard, exc)
         raise self.retry(exc=exc, countdown=min(60, 2 ** self.request.retries)) from exc
     except Exception as exc:
-        metrics.SHARDS.labels(name, "failed").inc()
+        metrics.shard_failed(name)
         registry.shard_failed(shard.job_id, shard.shard, f"{type(exc).__name__}: {exc}")
         raise
-    metrics.SHARDS.labels(name, "done" if result.seconds else "skipped").inc()
-    if result.seconds:  # embedded here, not found written
-        metrics.TOKENS.labels(name).inc(result.tokens)
-        metrics.ROWS.labels(name).inc(result.rows)
-        metrics.DECODE_SECONDS.labels(name).inc(result.seconds)
-        metrics.TOKENS_PER_SECOND.labels(name).set(result.tokens / result.seconds)
+    metrics.shard_finished(name, result.tokens, result.rows, result.seconds)
     if registry.shard_done(shard.job_id, result):
         registry.finalize(shard.job_id)
     return result.model_dump()

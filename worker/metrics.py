@@ -22,6 +22,20 @@ QUEUE_WAIT = Histogram("bulkembed_queue_wait_seconds", "From a shard's enqueue t
                        buckets=(1, 5, 15, 60, 300, 900, 3600, 4 * 3600, 24 * 3600))
 
 
+def shard_finished(model: str, tokens: int, rows: int, seconds: float) -> None:
+    """A shard this process embedded (seconds > 0) or found already written (seconds == 0)."""
+    SHARDS.labels(model, "done" if seconds else "skipped").inc()
+    if seconds:
+        TOKENS.labels(model).inc(tokens)
+        ROWS.labels(model).inc(rows)
+        DECODE_SECONDS.labels(model).inc(seconds)
+        TOKENS_PER_SECOND.labels(model).set(tokens / seconds)
+
+
+def shard_failed(model: str) -> None:
+    SHARDS.labels(model, "failed").inc()
+
+
 def serve(port: int) -> None:
     if not port:
         return
