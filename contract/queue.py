@@ -28,10 +28,17 @@ def celery_app(settings: Settings, name: str) -> Celery:
         result_serializer="json",
         task_ignore_result=True,
         task_acks_late=True,
+        task_acks_on_timeout=False,  # a shard killed by the hard time limit goes back, and counts an attempt
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
         task_time_limit=settings.task_time_limit,
-        broker_transport_options={"visibility_timeout": settings.visibility_timeout},
+        # Look for orphaned (unacknowledged) shards often enough that they return near the timeout,
+        # not up to 100 s later (kombu's default 10 s x 10 throttle).
+        broker_transport_options={
+            "visibility_timeout": settings.visibility_timeout,
+            "unacked_restore_interval": max(1, min(10, settings.visibility_timeout // 4)),
+            "unacked_restore_throttle": 1,
+        },
         broker_connection_retry_on_startup=True,
         worker_hijack_root_logger=False,
         worker_redirect_stdouts=False,
