@@ -8,6 +8,7 @@ import logging
 import sys
 import time
 
+from bulkembed.bench import add_bench_parser
 from bulkembed.evaluate import add_eval_parser
 from contract.errors import BulkEmbedError
 from contract.job import Dtype, Overlength, Pooling, Role, Task
@@ -214,6 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=cmd_run)
 
     add_eval_parser(commands)
+    add_bench_parser(commands)
     return parser
 
 

@@ -7,6 +7,7 @@ padded with filler tokens to the requested size so the LM head costs what it wou
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -133,3 +134,120 @@ def write_qwen2vl_gguf(path: str | Path, shape: ModelShape = TINY, seed: int = 0
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+# ---- Quantization (llama.cpp's own quantizer) -------------------------------------------------------------------
+
+# Measured with llama-cpp-python 0.3.36: these fail ("this quantization requires an imatrix!") without one.
+IMATRIX_QUANTS = frozenset({"IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "Q2_K_S", "IQ3_XXS"})
+
+
+def quant_ftype(quant: str) -> int:
+    """`Q8_0` → llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0 (F32 → ALL_F32); ValueError for unknown names."""
+    import llama_cpp
+
+    name, prefix = quant.upper(), "LLAMA_FTYPE_MOSTLY_"
+    ftype = llama_cpp.LLAMA_FTYPE_ALL_F32 if name == "F32" else getattr(llama_cpp, prefix + name, None)
+    if ftype is None:
+        known = sorted(n.removeprefix(prefix) for n in dir(llama_cpp) if n.startswith(prefix))
+        raise ValueError(f"unknown quantization {quant!r}; known: F32, {', '.join(known)}")
+    return ftype
+
+
+def quantize(src: Path, dst: Path, quant: str, threads: int, uniform_imatrix: bool = False) -> Path:
+    """Quantize the GGUF `src` (F32/F16) to `dst` with llama_model_quantize; return dst.
+
+    IQ1/IQ2 (and IQ3_XXS, Q2_K_S) need an importance matrix. `uniform_imatrix` passes an all-ones one: fine for
+    random-weight models that only measure speed (the kernels are the same), meaningless for real weights.
+    """
+    import llama_cpp
+
+    from contract.vocab import init_llama
+
+    init_llama()
+    name = quant.upper()
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.nthread = threads
+    params.ftype = quant_ftype(name)
+    keep_alive: list[object] = []
+    if name in IMATRIX_QUANTS:
+        if not uniform_imatrix:
+            raise ValueError(f"{name} needs an importance matrix (llama.cpp refuses it without one); quantize with "
+                             f"llama-quantize --imatrix, or pass uniform_imatrix=True for a speed-only synthetic model")
+        params.imatrix, keep_alive = _uniform_imatrix(Path(src))
+    status = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
+    del keep_alive  # the quantizer has returned: the imatrix buffers may go
+    if status != 0:
+        raise RuntimeError(f"llama_model_quantize({src.name} → {name}) returned {status}")
+    return Path(dst)
+
+
+def _uniform_imatrix(src: Path) -> tuple[object, list[object]]:
+    """An all-ones importance matrix for every weight matrix of `src`, NULL-name terminated, and its buffers."""
+    import ctypes
+
+    import gguf
+    import llama_cpp
+
+    matrices = [t for t in gguf.GGUFReader(str(src)).tensors if len(t.shape) >= 2]
+    entries = (llama_cpp.llama_model_imatrix_data * (len(matrices) + 1))()
+    buffers: list[object] = [entries]
+    for entry, tensor in zip(entries, matrices, strict=False):
+        ones = np.ones(int(tensor.shape[0]), np.float32)  # one weight per input column (ne[0])
+        name = tensor.name.encode()
+        buffers += [ones, name]
+        entry.name, entry.size = name, ones.size
+        entry.data = ones.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+    entries[len(matrices)].name = None
+    return ctypes.cast(entries, ctypes.POINTER(llama_cpp.llama_model_imatrix_data)), buffers
+
+
+# ---- Synthetic corpora ------------------------------------------------------------------------------------------
+
+WORDS = (
+    "the of and to in is was for on that with as by at from his her they this have are be which one had not but "
+    "all were when we there can an your more if will so about out many then them these some would other into has "
+    "time two like water river model token embed over sea data mill grain boat light stone city market north "
+    "winter summer garden window letter number system network paper energy music history science value report"
+).split()
+
+
+def target_lengths(n: int, dist: str = "mixed", seed: int = 0, cap: int | None = None) -> np.ndarray:
+    """Wanted token counts of `n` documents. dist: `mixed` (~85% short 10-120, ~15% long 300-3000, lognormal-ish),
+    `short`, `long` or `fixed:K`; `cap` clips every length."""
+    rng = np.random.default_rng(seed)
+
+    def lognormal(median: float, low: int, high: int) -> np.ndarray:
+        return np.clip(np.rint(rng.lognormal(np.log(median), 0.6, n)), low, high)
+
+    if dist.startswith("fixed:"):
+        lengths = np.full(n, int(dist.removeprefix("fixed:")), np.float64)
+    elif dist in ("mixed", "short", "long"):
+        short, long = lognormal(40, 10, 120), lognormal(900, 300, 3000)
+        pick_long = rng.random(n) < 0.15 if dist == "mixed" else np.full(n, dist == "long")
+        lengths = np.where(pick_long, long, short)
+    else:
+        raise ValueError(f"unknown length distribution {dist!r}: mixed, short, long or fixed:K")
+    if cap is not None:
+        lengths = np.minimum(lengths, cap)
+    return np.maximum(lengths, 1).astype(np.int64)
+
+
+def synthetic_texts(lengths: np.ndarray, count: Callable[[str], int], seed: int = 0) -> list[str]:
+    """Random word sequences, each the longest run of words whose token count (by `count`, the model's own
+    tokenizer) is at most its target; at least one word. Lengths come out close, not exact."""
+    rng = np.random.default_rng(seed)
+    tokens_per_word = 2.0  # refined as texts are made
+    texts = []
+    for target in lengths:
+        words = list(rng.choice(WORDS, size=int(target / tokens_per_word * 1.3) + 2))
+        while count(" ".join(words)) < target:  # too few words: add more
+            words += list(rng.choice(WORDS, size=len(words)))
+        low, high = 1, len(words)  # binary search: the most words within the target
+        while low < high:
+            mid = (low + high + 1) // 2
+            low, high = (mid, high) if count(" ".join(words[:mid])) <= target else (low, mid - 1)
+        text = " ".join(words[:low])
+        tokens_per_word = 0.8 * tokens_per_word + 0.2 * max(count(text), 1) / low
+        texts.append(text)
+    return texts
