@@ -93,7 +93,7 @@ def main() -> None:
             data = work / "corpus.parquet"
             corpus(data, args.docs)
             env = os.environ | {"BULKEMBED_REDIS_URL": f"redis://127.0.0.1:{port}/0", "BULKEMBED_METRICS_PORT": "0",
-                                "BULKEMBED_LOG_LEVEL": "WARNING"}
+                                "BULKEMBED_LOG_LEVEL": "INFO"}
             one = run_job(1, model, data, env, work, args.shard_tokens)
             many = run_job(args.workers, model, data, env, work, args.shard_tokens)
         finally:
