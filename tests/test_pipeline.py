@@ -135,3 +135,23 @@ def test_integer_ids_keep_their_type(tmp_path, run_cli, tiny_model):
     table = ds.dataset(tmp_path / "o", format="arrow").to_table()
     assert table.schema.field("id").type == pa.int64()
     assert sorted(table.column("id").to_pylist()) == [10, 20, 30]
+
+
+def test_rerun_resumes_and_force_starts_over(tmp_path, run_cli, tiny_model):
+    path = write_corpus(tmp_path / "c.parquet", [f"d{i}" for i in range(60)], mixed_texts(60, seed=2))
+    out = tmp_path / "out"
+    args = ("run", path, "--model", tiny_model, "--out", out, "--shard-tokens", "800")
+    assert run_cli(*args).returncode == 0
+    outputs = sorted(out.glob("0*.arrow"))
+    assert len(outputs) > 3
+    stamps = {p: p.stat().st_mtime_ns for p in outputs}
+    outputs[1].unlink()  # as if the first run died before this shard
+    (out / "_manifest.json").unlink()
+    again = run_cli(*args)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert all(p.stat().st_mtime_ns == stamps[p] for p in outputs if p != outputs[1]), "written shards kept"
+    assert outputs[1].exists() and json.loads((out / "_manifest.json").read_text())["rows"] == 60
+    forced = run_cli(*args, "--force")
+    assert forced.returncode == 0, forced.stderr[-2000:]
+    assert all(p.stat().st_mtime_ns != stamps[p] for p in outputs if p != outputs[1]), "--force rewrote them"
+    assert ds.dataset(out, format="arrow").to_table().num_rows == 60
