@@ -11,8 +11,6 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from contract import keys
 
-ARROW_FORMAT_VERSION = 1
-
 
 class Task(StrEnum):
     RETRIEVAL = "retrieval"

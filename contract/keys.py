@@ -4,8 +4,6 @@ Everything but the embedding files starts with "_", which pyarrow's dataset disc
 `pyarrow.dataset.dataset(OUT, format="arrow")` reads exactly the embeddings.
 """
 
-SHARD_WIDTH = 6
-
 SHARD_INPUT_KEY = "_shards/{shard:06d}.arrow"
 SHARD_OUTPUT_KEY = "{shard:06d}.arrow"
 REJECTED_KEY = "_rejected/{name}.arrow"
