@@ -26,7 +26,7 @@ import numpy as np
 from bulkembed import synthetic
 from producer.planner import Document, ShardPlanner
 from worker.engine import Engine, EngineOptions, l2_normalize
-from worker.packing import ContextShape, largest_divisor_at_most, plan_decodes
+from worker.packing import ContextShape, largest_divisor_at_most, next_pow2, plan_decodes
 
 log = logging.getLogger(__name__)
 
@@ -42,10 +42,6 @@ SHAPES = {
 LLAMA_EMBED_CHUNK = 64  # texts per Llama.embed call
 SEED_CHUNK = 1024  # documents per engine.embed call in the seed recipe
 MIB = 1 << 20
-
-
-def next_pow2(n: int) -> int:
-    return 1 << max(0, n - 1).bit_length()
 
 
 @dataclass

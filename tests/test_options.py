@@ -11,7 +11,7 @@ from bulkembed.synthetic import TINY, write_qwen2vl_gguf
 from contract.job import Overlength, document_spans
 from tests.conftest import cosines, write_corpus
 from worker.engine import Engine, EngineOptions
-from worker.selftest import _alone
+from worker.selftest import embed_alone
 
 LONG = "the river and the sea over alpha beta gamma delta " * 12  # ~600 tokens in the tiny vocab
 TEXTS = {"short": "alpha beta", "mid": "the model embeds every token " * 3, "long": LONG}
@@ -47,7 +47,7 @@ def test_truncate_keeps_the_first_tokens(run_cli, corpus, tmp_path, tiny_model, 
     assert not rows["short"]["truncated"]
     tokens = engine.vocab.tokenize("Passage: " + LONG)[:100]
     got = vectors(table)[table.column("id").to_pylist().index("long")]
-    assert cosines(got[None], _alone(engine, tokens)[None])[0] >= 0.9999
+    assert cosines(got[None], embed_alone(engine, tokens)[None])[0] >= 0.9999
 
 
 def test_chunk_writes_a_row_per_chunk_each_with_the_prefix(run_cli, corpus, tmp_path, tiny_model, engine):
@@ -61,7 +61,7 @@ def test_chunk_writes_a_row_per_chunk_each_with_the_prefix(run_cli, corpus, tmp_
     for span, vector in zip(spans, got, strict=True):
         piece = full[span.start:span.stop] if span.chunk == 0 else np.concatenate([prefix, full[span.start:span.stop]])
         assert len(piece) <= 150
-        assert cosines(vector[None], _alone(engine, piece)[None])[0] >= 0.9999
+        assert cosines(vector[None], embed_alone(engine, piece)[None])[0] >= 0.9999
     covered = np.concatenate([np.arange(s.start, s.stop) for s in spans])
     assert np.array_equal(covered, np.arange(len(full))), "chunks cover the document once, in order"
 
@@ -112,7 +112,7 @@ def test_custom_prefix_and_task_inference(run_cli, corpus, tmp_path, tiny_model,
     table = run_table(run_cli, corpus, tmp_path / "o", tiny_model, "--prefix", "")
     assert table.schema.metadata[b"bulkembed.prefix"] == b""
     short = vectors(table)[table.column("id").to_pylist().index("short")]
-    assert cosines(short[None], _alone(engine, engine.vocab.tokenize("alpha beta"))[None])[0] >= 0.9999
+    assert cosines(short[None], embed_alone(engine, engine.vocab.tokenize("alpha beta"))[None])[0] >= 0.9999
     query = run_table(run_cli, corpus, tmp_path / "q", tiny_model, "--role", "query")
     assert query.schema.metadata[b"bulkembed.prefix"] == b"Query: "
     unnamed = write_qwen2vl_gguf(models_dir / "unnamed.gguf", TINY, seed=0)

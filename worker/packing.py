@@ -44,7 +44,7 @@ def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
-def _next_pow2(n: int) -> int:
+def next_pow2(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
 
@@ -63,12 +63,17 @@ def choose_shape(lengths: Sequence[int], ubatch_cap: int, pooled: bool = True, n
     if not lengths:
         raise ValueError("a shard has at least one document")
     total, longest = sum(lengths), max(lengths)
-    n_ubatch = min(ubatch_cap, max(32, _next_pow2(total)))
+    n_ubatch = min(ubatch_cap, max(32, next_pow2(total)))
     n_seq_max = largest_divisor_at_most(n_ubatch, MAX_SEQUENCES)
     n_batch = n_batch if n_batch > n_ubatch else 0
     # Room for the longest document plus one decode of others in flight beside it.
     n_ctx = _round_up(longest + (n_batch or n_ubatch), CTX_ALIGN)
     return ContextShape(n_ctx=n_ctx, n_ubatch=n_ubatch, n_seq_max=n_seq_max, n_batch=n_batch, pooled=pooled)
+
+
+def single_document_shape(n_tokens: int) -> ContextShape:
+    """One document in one ubatch: the definition of its embedding, which packing must reproduce."""
+    return ContextShape(n_ctx=_round_up(n_tokens + 1, CTX_ALIGN), n_ubatch=max(32, next_pow2(n_tokens)), n_seq_max=1)
 
 
 def plan_decodes(lengths: Sequence[int], shape: ContextShape) -> Iterator[list[Piece]]:

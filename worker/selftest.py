@@ -14,7 +14,7 @@ import numpy as np
 
 from contract.errors import BulkEmbedError
 from worker.engine import Engine, EngineOptions
-from worker.packing import CTX_ALIGN, ContextShape
+from worker.packing import single_document_shape
 
 log = logging.getLogger(__name__)
 
@@ -34,11 +34,9 @@ class SelfTestError(BulkEmbedError):
     """Packed and one-by-one embeddings differ: this build or configuration is not exact."""
 
 
-def _alone(engine: Engine, tokens: np.ndarray) -> np.ndarray:
+def embed_alone(engine: Engine, tokens: np.ndarray) -> np.ndarray:
     """One document in one ubatch: the definition of its embedding."""
-    n_ubatch = 1 << max(5, (len(tokens) - 1).bit_length())
-    shape = ContextShape(n_ctx=-(-(len(tokens) + 1) // CTX_ALIGN) * CTX_ALIGN, n_ubatch=n_ubatch, n_seq_max=1)
-    return engine.embed([tokens], shape)[0]
+    return engine.embed([tokens], single_document_shape(len(tokens)))[0]
 
 
 def self_test(engine: Engine) -> float:
@@ -49,7 +47,7 @@ def self_test(engine: Engine) -> float:
         long = np.concatenate([long, long])
     tokens.append(long[: engine.options.ubatch * 3 // 2 + 1])
     packed = engine.embed(tokens)
-    alone = np.stack([_alone(engine, t) for t in tokens])
+    alone = np.stack([embed_alone(engine, t) for t in tokens])
     cos = np.sum(packed * alone, axis=1) / (np.linalg.norm(packed, axis=1) * np.linalg.norm(alone, axis=1))
     worst = int(np.argmin(cos))
     if cos[worst] < MIN_COSINE:
