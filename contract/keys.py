@@ -4,11 +4,16 @@ Everything but the embedding files starts with "_", which pyarrow's dataset disc
 `pyarrow.dataset.dataset(OUT, format="arrow")` reads exactly the embeddings.
 """
 
+import re
+
 SHARD_INPUT_KEY = "_shards/{shard:06d}.arrow"
 SHARD_OUTPUT_KEY = "{shard:06d}.arrow"
 REJECTED_KEY = "_rejected/{name}.arrow"
 MANIFEST_KEY = "_manifest.json"
 JOB_KEY = "_job.json"
+
+# Every key a job writes under OUT, for --force to delete exactly those (and nothing else there).
+JOB_OUTPUT_KEY = re.compile(r"^(\d{6}\.arrow|_manifest\.json|_job\.json|_shards/\d{6}\.arrow|_rejected/[\w-]+\.arrow)$")
 
 REDIS_JOB = "bulkembed:job:{job_id}"  # hash: spec, totals, state
 REDIS_JOB_DONE = "bulkembed:job:{job_id}:done"  # hash: shard -> result json

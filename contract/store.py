@@ -51,15 +51,20 @@ class LocalStore:
     def _path(self, key: str) -> Path:
         return self.root / key
 
-    def put_if_absent(self, key: str, data: bytes) -> bool:
-        path = self._path(key)
+    def _temp_file(self, path: Path, data: bytes) -> str:
+        """`data` durably in a temporary file beside `path`, to be linked or renamed into place."""
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        return tmp
+
+    def put_if_absent(self, key: str, data: bytes) -> bool:
+        path = self._path(key)
+        tmp = self._temp_file(path, data)
         try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
             os.link(tmp, path)  # atomic, and fails if the key exists
             return True
         except FileExistsError:
@@ -69,11 +74,7 @@ class LocalStore:
 
     def put(self, key: str, data: bytes) -> None:
         path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
+        os.replace(self._temp_file(path, data), path)
 
     def get(self, key: str) -> bytes:
         return self._path(key).read_bytes()

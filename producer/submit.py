@@ -7,7 +7,6 @@ does not know which.
 from __future__ import annotations
 
 import logging
-import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -201,12 +200,9 @@ def produce(planned: PlannedJob, emit: Callable[[ShardMessage], None],
     return totals
 
 
-OUTPUT_KEY = re.compile(r"^(\d{6}\.arrow|_manifest\.json|_job\.json|_shards/\d{6}\.arrow|_rejected/[\w-]+\.arrow)$")
-
-
 def forget_outputs(store: Store) -> int:
     """--force: delete what a job wrote under OUT (and nothing else that lives there)."""
-    doomed = [key for key, _ in store.list() if OUTPUT_KEY.match(key)]
+    doomed = [key for key, _ in store.list() if keys.JOB_OUTPUT_KEY.match(key)]
     for key in doomed:
         store.delete(key)
     return len(doomed)
