@@ -57,6 +57,14 @@ class ModelTask(Task):
     """Base of tasks that need the resident model."""
 
     _conditional_writes: dict[str, bool] = {}
+    _registry: JobRegistry | None = None
+
+    @property
+    def registry(self) -> JobRegistry:
+        """One Redis connection pool per pool process, made after the fork."""
+        if ModelTask._registry is None:
+            ModelTask._registry = JobRegistry.from_url(settings.redis_url.get_secret_value(), check=False)
+        return ModelTask._registry
 
     @property
     def model(self) -> ResidentModel:
@@ -82,7 +90,7 @@ class ModelTask(Task):
 def embed_shard_task(self: ModelTask, message: dict) -> dict | None:
     """Validate → give up if this shard keeps killing workers → embed (skipped if written) → report."""
     shard = ShardMessage.model_validate(message)
-    registry = JobRegistry.from_url(settings.redis_url.get_secret_value(), check=False)
+    registry = self.registry
     attempt = registry.attempt(shard.job_id, shard.shard)
     if attempt > settings.shard_max_attempts:
         error = (f"gave up after {attempt - 1} attempts that ended without a result (the worker process died or "
