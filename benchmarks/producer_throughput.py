@@ -19,8 +19,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from bulkembed.producer.submit import JobOptions, plan_job, produce
 from bulkembed.synthetic import TINY, write_qwen2vl_gguf
-from producer.submit import JobOptions, plan_job, produce
 
 WORDS = np.array("the river model token embed over and sea alpha beta gamma delta query passage".split())
 

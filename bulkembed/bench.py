@@ -24,9 +24,9 @@ from pathlib import Path
 import numpy as np
 
 from bulkembed import synthetic
-from producer.planner import Document, ShardPlanner
-from worker.engine import Engine, EngineOptions, l2_normalize
-from worker.packing import ContextShape, largest_divisor_at_most, next_pow2, plan_decodes
+from bulkembed.producer.planner import Document, ShardPlanner
+from bulkembed.worker.engine import Engine, EngineOptions, l2_normalize
+from bulkembed.worker.packing import ContextShape, largest_divisor_at_most, next_pow2, plan_decodes
 
 log = logging.getLogger(__name__)
 

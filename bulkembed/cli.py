@@ -9,11 +9,11 @@ import sys
 import time
 
 from bulkembed.bench import add_bench_parser
+from bulkembed.contract.errors import BulkEmbedError
+from bulkembed.contract.job import Dtype, Overlength, Pooling, Role, Task
+from bulkembed.contract.model import DEFAULT_MODEL
+from bulkembed.contract.settings import ProducerSettings, WorkerSettings
 from bulkembed.evaluate import add_eval_parser
-from contract.errors import BulkEmbedError
-from contract.job import Dtype, Overlength, Pooling, Role, Task
-from contract.model import DEFAULT_MODEL
-from contract.settings import ProducerSettings, WorkerSettings
 
 log = logging.getLogger("bulkembed")
 
@@ -59,7 +59,7 @@ def _worker_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _engine_options(args: argparse.Namespace):
-    from worker.engine import EngineOptions
+    from bulkembed.worker.engine import EngineOptions
 
     return EngineOptions(ubatch=args.ubatch, gpu_layers=args.gpu_layers, threads=args.threads,
                          flash_attn={"auto": None, "on": True, "off": False}[args.flash_attn],
@@ -67,7 +67,7 @@ def _engine_options(args: argparse.Namespace):
 
 
 def _plan(args: argparse.Namespace):
-    from producer.submit import JobOptions, plan_job
+    from bulkembed.producer.submit import JobOptions, plan_job
 
     options = JobOptions(
         task=Task(args.task) if args.task else None, role=Role(args.role), prefix=args.prefix,
@@ -79,8 +79,8 @@ def _plan(args: argparse.Namespace):
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from bulkembed.contract.model import resolve_path
     from bulkembed.local import run_local
-    from contract.model import resolve_path
 
     planned = _plan(args)
     manifest = run_local(planned, str(resolve_path(args.model)), _engine_options(args), force=args.force)
@@ -92,9 +92,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_submit(args: argparse.Namespace) -> int:
     from celery import Celery
 
-    from contract.queue import TASK_EMBED_SHARD, celery_app
-    from contract.registry import JobRegistry
-    from producer.submit import forget_outputs, produce
+    from bulkembed.contract.queue import TASK_EMBED_SHARD, celery_app
+    from bulkembed.contract.registry import JobRegistry
+    from bulkembed.producer.submit import forget_outputs, produce
 
     settings = ProducerSettings()
     planned = _plan(args)
@@ -142,7 +142,7 @@ def wait_for(registry, job_id: str, poll_s: float = 1.0) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from contract.registry import JobRegistry
+    from bulkembed.contract.registry import JobRegistry
 
     registry = JobRegistry.from_url(ProducerSettings().redis_url.get_secret_value())
     status = registry.status(args.job)
@@ -167,9 +167,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
     import os
     import socket
 
-    from contract.model import model_ref
-    from worker import app as worker_app
-    from worker.selftest import SelfTestError, self_test_file
+    from bulkembed.contract.model import model_ref
+    from bulkembed.worker import app as worker_app
+    from bulkembed.worker.selftest import SelfTestError, self_test_file
 
     ref, path = model_ref(args.model)
     options = _engine_options(args)

@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from contract.errors import InputError
+from bulkembed.contract.errors import InputError
 
 Qrels = dict[str, dict[str, int]]  # query id -> {doc id: graded relevance}
 DEFAULT_KS = (5, 10)
@@ -147,10 +147,10 @@ def load_beir(folder: str | Path, split: str = "test") -> tuple[dict[str, str], 
 def embed_texts(texts: Mapping[str, str], role: str, model: str, work: Path, name: str, task: str | None,
                 engine_options: Any, progress: bool = False) -> tuple[dict[str, np.ndarray], dict]:
     """Embed {id: text} with `bulkembed run`'s code; ({id: vector}, manifest). Rejected rows are absent."""
+    from bulkembed.contract.job import Role, Task
+    from bulkembed.contract.model import resolve_path
     from bulkembed.local import run_local
-    from contract.job import Role, Task
-    from contract.model import resolve_path
-    from producer.submit import JobOptions, plan_job
+    from bulkembed.producer.submit import JobOptions, plan_job
 
     source, out = work / f"{name}.parquet", work / f"{name}-embeddings"
     pq.write_table(pa.table({"id": pa.array(list(texts), pa.string()), "text": pa.array(list(texts.values()))}),
@@ -171,7 +171,7 @@ def embed_texts(texts: Mapping[str, str], role: str, model: str, work: Path, nam
 def run_eval(dataset: str | Path, model: str, ks: Sequence[int] = DEFAULT_KS, task: str | None = None,
              split: str = "test", work: str | Path | None = None, engine_options: Any = None,
              progress: bool = False) -> dict:
-    from worker.engine import EngineOptions
+    from bulkembed.worker.engine import EngineOptions
 
     corpus, queries, qrels = load_beir(dataset, split)
     with tempfile.TemporaryDirectory(prefix="bulkembed-eval-") as tmp:
@@ -218,7 +218,7 @@ def format_table(result: Mapping[str, Any]) -> str:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from worker.engine import EngineOptions
+    from bulkembed.worker.engine import EngineOptions
 
     options = EngineOptions(ubatch=args.ubatch, gpu_layers=args.gpu_layers, threads=args.threads)
     result = run_eval(args.dataset, args.model, args.k or DEFAULT_KS, args.task, args.split, args.work, options,
@@ -229,8 +229,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
-    from contract.job import Task
-    from contract.settings import WorkerSettings
+    from bulkembed.contract.job import Task
+    from bulkembed.contract.settings import WorkerSettings
 
     defaults = WorkerSettings()
     parser = subparsers.add_parser("eval", help="NDCG@k and recall@k on a BEIR-format dataset, via the pipeline")

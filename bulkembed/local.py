@@ -6,11 +6,11 @@ import logging
 
 from tqdm import tqdm
 
-from contract.job import ShardMessage
-from contract.registry import ShardResult, write_manifest
-from producer.submit import PlannedJob, forget_outputs, produce
-from worker.engine import Engine, EngineOptions
-from worker.shard import embed_shard
+from bulkembed.contract.job import ShardMessage
+from bulkembed.contract.registry import ShardResult, write_manifest
+from bulkembed.producer.submit import PlannedJob, forget_outputs, produce
+from bulkembed.worker.engine import Engine, EngineOptions
+from bulkembed.worker.shard import embed_shard
 
 log = logging.getLogger(__name__)
 

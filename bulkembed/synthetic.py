@@ -162,7 +162,7 @@ def quantize(src: Path, dst: Path, quant: str, threads: int, uniform_imatrix: bo
     """
     import llama_cpp
 
-    from contract.vocab import init_llama
+    from bulkembed.contract.vocab import init_llama
 
     init_llama()
     name = quant.upper()

@@ -9,7 +9,7 @@ from enum import StrEnum
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from contract import keys
+from bulkembed.contract import keys
 
 
 class Task(StrEnum):

@@ -10,8 +10,8 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from contract.errors import ModelError
-from contract.job import V4_MATRYOSHKA_DIMS, V4_MAX_TOKENS, ModelRef
+from bulkembed.contract.errors import ModelError
+from bulkembed.contract.job import V4_MATRYOSHKA_DIMS, V4_MAX_TOKENS, ModelRef
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ import ssl
 
 from celery import Celery
 
-from contract.settings import Settings
+from bulkembed.contract.settings import Settings
 
 TASK_EMBED_SHARD = "bulkembed.embed_shard"
 

@@ -14,11 +14,11 @@ from pydantic import BaseModel
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from contract import keys
-from contract.errors import BulkEmbedError, ShardError
-from contract.job import JobSpec, ShardMessage
-from contract.schema import from_ipc_bytes, read_metadata
-from contract.store import Store, open_store
+from bulkembed.contract import keys
+from bulkembed.contract.errors import BulkEmbedError, ShardError
+from bulkembed.contract.job import JobSpec, ShardMessage
+from bulkembed.contract.schema import from_ipc_bytes, read_metadata
+from bulkembed.contract.store import Store, open_store
 
 
 class ShardResult(BaseModel):

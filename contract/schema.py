@@ -6,14 +6,14 @@ import io
 
 import pyarrow as pa
 
-from contract.job import Dtype, JobSpec, Pooling
+from bulkembed.contract.job import Dtype, JobSpec, Pooling
 
 METADATA_PREFIX = "bulkembed."
 
 
 def shard_input_schema(id_type: pa.DataType) -> pa.Schema:
     """A shard's input: the id as the corpus typed it, the text with its prefix, and which of its
-    tokens this row embeds (contract.job.Span): all of them unless it was truncated or chunked."""
+    tokens this row embeds (bulkembed.contract.job.Span): all of them unless it was truncated or chunked."""
     return pa.schema([
         ("id", id_type), ("text", pa.string()), ("n_tokens", pa.int32()), ("chunk", pa.int32()),
         ("start", pa.int32()), ("stop", pa.int32()), ("truncated", pa.bool_()),

@@ -16,7 +16,7 @@ from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 
-from contract.errors import TransientError
+from bulkembed.contract.errors import TransientError
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from contract.errors import ModelError
+from bulkembed.contract.errors import ModelError
 
 log = logging.getLogger(__name__)
 _backend_ready = False

@@ -11,8 +11,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from contract.errors import InputError
-from contract.store import open_store
+from bulkembed.contract.errors import InputError
+from bulkembed.contract.store import open_store
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from contract.job import Span
+from bulkembed.contract.job import Span
 
 
 @dataclass

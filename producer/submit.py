@@ -14,9 +14,9 @@ from typing import Any
 
 import pyarrow as pa
 
-from contract import keys
-from contract.errors import InputError
-from contract.job import (
+from bulkembed.contract import keys
+from bulkembed.contract.errors import InputError
+from bulkembed.contract.job import (
     Dtype,
     JobSpec,
     Overlength,
@@ -29,14 +29,14 @@ from contract.job import (
     prefix_for,
     task_from_model_name,
 )
-from contract.model import check_dims, model_info, model_ref
-from contract.registry import JobTotals, ShardResult, stored_result
-from contract.schema import rejected_schema, shard_input_schema, to_ipc_bytes
-from contract.store import Store, open_store
-from contract.vocab import Vocab
-from producer.corpus import Corpus, decode_texts, open_corpus, read_batches
-from producer.dedup import SeenIds, id_hashes
-from producer.planner import Document, ShardPlanner
+from bulkembed.contract.model import check_dims, model_info, model_ref
+from bulkembed.contract.registry import JobTotals, ShardResult, stored_result
+from bulkembed.contract.schema import rejected_schema, shard_input_schema, to_ipc_bytes
+from bulkembed.contract.store import Store, open_store
+from bulkembed.contract.vocab import Vocab
+from bulkembed.producer.corpus import Corpus, decode_texts, open_corpus, read_batches
+from bulkembed.producer.dedup import SeenIds, id_hashes
+from bulkembed.producer.planner import Document, ShardPlanner
 
 log = logging.getLogger(__name__)
 

@@ -25,8 +25,8 @@ from urllib.parse import urlparse
 import pyarrow.dataset as ds
 import redis
 
-from contract import keys
-from contract.store import LocalStore, open_store
+from bulkembed.contract import keys
+from bulkembed.contract.store import LocalStore, open_store
 
 T = TypeVar("T")
 REPO = Path(__file__).resolve().parents[1]

@@ -7,15 +7,15 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
-from contract import keys
-from contract.errors import EngineError
-from contract.job import JobSpec, ModelRef, Role, ShardMessage, Task
-from contract.model import file_sha256, queue_name
-from contract.schema import from_ipc_bytes, shard_input_schema, to_ipc_bytes
-from contract.store import LocalStore
+from bulkembed.contract import keys
+from bulkembed.contract.errors import EngineError
+from bulkembed.contract.job import JobSpec, ModelRef, Role, ShardMessage, Task
+from bulkembed.contract.model import file_sha256, queue_name
+from bulkembed.contract.schema import from_ipc_bytes, shard_input_schema, to_ipc_bytes
+from bulkembed.contract.store import LocalStore
+from bulkembed.worker.engine import Engine, EngineOptions
+from bulkembed.worker.shard import embed_shard
 from tests.conftest import write_corpus
-from worker.engine import Engine, EngineOptions
-from worker.shard import embed_shard
 
 
 def invalid_utf8_column(values: list[bytes | None]) -> pa.Array:

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from bulkembed import bench
+from bulkembed.contract.vocab import Vocab
 from bulkembed.synthetic import TINY, ModelShape, quantize, synthetic_texts, target_lengths, write_qwen2vl_gguf
-from contract.vocab import Vocab
-from worker.engine import Engine, EngineOptions
+from bulkembed.worker.engine import Engine, EngineOptions
 
 REPO = Path(__file__).resolve().parents[1]
 ARGS = ("--synthetic-model", "tiny", "--quant", "F32", "--synthetic", "60", "--max-doc-tokens", "600",

@@ -24,7 +24,7 @@ from bulkembed.evaluate import (
     search,
     top_k,
 )
-from worker.engine import EngineOptions
+from bulkembed.worker.engine import EngineOptions
 
 LOG2_3 = math.log2(3)  # 1.5849625
 

@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 import redis
 
-from contract import keys
-from contract.schema import from_ipc_bytes
+from bulkembed.contract import keys
+from bulkembed.contract.schema import from_ipc_bytes
 from tests.conftest import Workers, free_port, mixed_texts, write_corpus
 from tests.faults_support import (
     Background,
@@ -457,9 +457,9 @@ def test_orphaned_shard_is_redelivered_after_the_visibility_timeout(tmp_path, po
 def test_lock_fallback_where_the_store_ignores_conditional_writes(tmp_path, bucket, redis_server):
     """A store whose if-absent writes overwrite (an old S3-compatible server) is detected, and shard
     commits to it take a Redis lock; LocalStore and S3 (moto) need none."""
-    from contract.registry import JobRegistry
-    from contract.store import LocalStore, has_conditional_writes, open_store
-    from worker.app import ModelTask
+    from bulkembed.contract.registry import JobRegistry
+    from bulkembed.contract.store import LocalStore, has_conditional_writes, open_store
+    from bulkembed.worker.app import ModelTask
 
     local, s3 = LocalStore(tmp_path / "local"), open_store(f"s3://{bucket}/out")
     old = OverwritingStore(tmp_path / "old")
@@ -495,7 +495,7 @@ def test_lock_fallback_where_the_store_ignores_conditional_writes(tmp_path, buck
 
 def test_conditional_write_probe_survives_a_lost_answer(s3_server, bucket, monkeypatch):
     """The probe's first write takes effect but its answer is lost (connection reset); boto3 retries."""
-    from contract.store import has_conditional_writes, open_store
+    from bulkembed.contract.store import has_conditional_writes, open_store
 
     plan = FaultPlan(every=1, kinds=("reset-after",))  # every request, but never twice in a row per path
     with FaultyS3Proxy(s3_server, plan) as proxy:

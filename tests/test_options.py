@@ -7,11 +7,11 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pytest
 
+from bulkembed.contract.job import Overlength, document_spans
 from bulkembed.synthetic import TINY, write_qwen2vl_gguf
-from contract.job import Overlength, document_spans
+from bulkembed.worker.engine import Engine, EngineOptions
+from bulkembed.worker.selftest import embed_alone
 from tests.conftest import cosines, write_corpus
-from worker.engine import Engine, EngineOptions
-from worker.selftest import embed_alone
 
 LONG = "the river and the sea over alpha beta gamma delta " * 12  # ~600 tokens in the tiny vocab
 TEXTS = {"short": "alpha beta", "mid": "the model embeds every token " * 3, "long": LONG}

@@ -10,8 +10,8 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pytest
 
-from contract.schema import read_metadata
-from contract.store import open_store
+from bulkembed.contract.schema import read_metadata
+from bulkembed.contract.store import open_store
 from tests.conftest import cosines, mixed_texts, write_corpus
 
 N_ROWS = 3000

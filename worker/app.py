@@ -16,16 +16,16 @@ from pathlib import Path
 from celery import Task
 from celery.signals import worker_process_init
 
-from contract import keys
-from contract.errors import TransientError
-from contract.job import ShardMessage
-from contract.queue import TASK_EMBED_SHARD, celery_app
-from contract.registry import JobRegistry
-from contract.settings import WorkerSettings
-from contract.store import Store, has_conditional_writes, open_store
-from worker import metrics
-from worker.engine import Engine, EngineOptions
-from worker.shard import Guard, embed_shard
+from bulkembed.contract import keys
+from bulkembed.contract.errors import TransientError
+from bulkembed.contract.job import ShardMessage
+from bulkembed.contract.queue import TASK_EMBED_SHARD, celery_app
+from bulkembed.contract.registry import JobRegistry
+from bulkembed.contract.settings import WorkerSettings
+from bulkembed.contract.store import Store, has_conditional_writes, open_store
+from bulkembed.worker import metrics
+from bulkembed.worker.engine import Engine, EngineOptions
+from bulkembed.worker.shard import Guard, embed_shard
 
 log = logging.getLogger(__name__)
 

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from contract.errors import EngineError, ModelError
-from contract.vocab import Vocab, init_llama
-from worker.packing import ContextShape, Piece, choose_shape, plan_decodes
+from bulkembed.contract.errors import EngineError, ModelError
+from bulkembed.contract.vocab import Vocab, init_llama
+from bulkembed.worker.packing import ContextShape, Piece, choose_shape, plan_decodes
 
 log = logging.getLogger(__name__)
 

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
-from contract.errors import BulkEmbedError
-from worker.engine import Engine, EngineOptions
-from worker.packing import single_document_shape
+from bulkembed.contract.errors import BulkEmbedError
+from bulkembed.worker.engine import Engine, EngineOptions
+from bulkembed.worker.packing import single_document_shape
 
 log = logging.getLogger(__name__)
 

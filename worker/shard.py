@@ -15,13 +15,13 @@ from contextlib import AbstractContextManager, nullcontext
 import numpy as np
 import pyarrow as pa
 
-from contract import keys
-from contract.errors import EngineError, ShardError
-from contract.job import Dtype, JobSpec, Pooling, ShardMessage
-from contract.registry import ShardResult, stored_result
-from contract.schema import embedding_schema, from_ipc_bytes, rejected_schema, to_ipc_bytes
-from contract.store import Store
-from worker.engine import Engine, l2_normalize
+from bulkembed.contract import keys
+from bulkembed.contract.errors import EngineError, ShardError
+from bulkembed.contract.job import Dtype, JobSpec, Pooling, ShardMessage
+from bulkembed.contract.registry import ShardResult, stored_result
+from bulkembed.contract.schema import embedding_schema, from_ipc_bytes, rejected_schema, to_ipc_bytes
+from bulkembed.contract.store import Store
+from bulkembed.worker.engine import Engine, l2_normalize
 
 log = logging.getLogger(__name__)
 

@@ -1,11 +1,11 @@
 import pyarrow as pa
 import pytest
 
-from contract.errors import ModelError
-from contract.job import JobSpec, ModelRef, Role, Task, prefix_for, task_from_model_name
-from contract.model import is_hub_spec, queue_name, resolve_path
-from contract.schema import embedding_schema, from_ipc_bytes, read_metadata, to_ipc_bytes
-from contract.store import LocalStore, open_store
+from bulkembed.contract.errors import ModelError
+from bulkembed.contract.job import JobSpec, ModelRef, Role, Task, prefix_for, task_from_model_name
+from bulkembed.contract.model import is_hub_spec, queue_name, resolve_path
+from bulkembed.contract.schema import embedding_schema, from_ipc_bytes, read_metadata, to_ipc_bytes
+from bulkembed.contract.store import LocalStore, open_store
 
 
 def test_prefix_table_matches_the_model_card():

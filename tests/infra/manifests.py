@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from contract.settings import ProducerSettings, Settings, WorkerSettings
+from bulkembed.contract.settings import ProducerSettings, Settings, WorkerSettings
 
 REPO = Path(__file__).resolve().parents[2]
 INFRA = REPO / "infra"
@@ -35,8 +35,8 @@ def console_scripts() -> set[str]:
 
 
 def project_packages() -> list[str]:
-    """Top-level packages `pip install .` ships: [tool.setuptools.packages.find] include."""
-    return [p.rstrip("*").rstrip(".") for p in pyproject()["tool"]["setuptools"]["packages"]["find"]["include"]]
+    """Source folders `pip install .` ships: [tool.setuptools.package-dir] maps each into `bulkembed`."""
+    return sorted(set(pyproject()["tool"]["setuptools"]["package-dir"].values()))
 
 
 def settings_class(role: str) -> type[Settings]:

@@ -9,8 +9,8 @@ from urllib.parse import urlparse
 import pytest
 import yaml
 
-from contract.model import queue_name
-from contract.queue import celery_app
+from bulkembed.contract.model import queue_name
+from bulkembed.contract.queue import celery_app
 from tests.infra.manifests import (
     COMPOSE_FILE,
     INFRA,

@@ -9,7 +9,7 @@ from urllib.parse import urlparse
 import pytest
 import yaml
 
-from contract.model import queue_name
+from bulkembed.contract.model import queue_name
 from tests.infra.manifests import (
     INFRA,
     K8S_DIR,

@@ -1,6 +1,6 @@
 import numpy as np
 
-from producer.dedup import SeenIds, id_hashes
+from bulkembed.producer.dedup import SeenIds, id_hashes
 
 
 def test_finds_every_duplicate_across_and_within_batches():

@@ -1,6 +1,6 @@
 import numpy as np
 
-from producer.planner import Document, ShardPlanner, length_class
+from bulkembed.producer.planner import Document, ShardPlanner, length_class
 
 
 def plan(lengths: list[int], budget: int) -> list[list[Document]]:

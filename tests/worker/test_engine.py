@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from bulkembed.worker.engine import Engine, EngineOptions
+from bulkembed.worker.packing import ContextShape, choose_shape
 from tests.conftest import cosines, mixed_texts
-from worker.engine import Engine, EngineOptions
-from worker.packing import ContextShape, choose_shape
 
 EXACT = 0.9999
 

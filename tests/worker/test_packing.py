@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from worker.packing import MAX_SEQUENCES, ContextShape, choose_shape, plan_decodes
+from bulkembed.worker.packing import MAX_SEQUENCES, ContextShape, choose_shape, plan_decodes
 
 
 def check_plan(lengths: list[int], shape: ContextShape) -> int:

@@ -3,9 +3,9 @@ import sys
 
 import pytest
 
+from bulkembed.worker.engine import Engine, EngineOptions
+from bulkembed.worker.selftest import MIN_COSINE, SelfTestError, self_test
 from tests.conftest import REPO
-from worker.engine import Engine, EngineOptions
-from worker.selftest import MIN_COSINE, SelfTestError, self_test
 
 
 def test_exact_engine_passes(tiny_model):
