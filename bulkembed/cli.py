@@ -47,23 +47,47 @@ def _job_arguments(parser: argparse.ArgumentParser, model_default: str | None) -
                         help="mean: one vector per row; none: every token's vector (late chunking)")
 
 
+def _ubatch(value: str) -> int | str:
+    if value in ("auto", "probe"):
+        return value
+    if not value.isdigit() or int(value) < 32:
+        raise argparse.ArgumentTypeError(f"--ubatch takes auto, probe or a number >= 32, not {value!r}")
+    return int(value)
+
+
+def _engines(value: str) -> int | str:
+    if value == "auto":
+        return value
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"--engines takes auto or a number >= 1, not {value!r}")
+    return int(value)
+
+
 def _worker_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = WorkerSettings()
-    parser.add_argument("--ubatch", type=int, default=defaults.ubatch,
-                        help="largest physical batch (n_ubatch); 512 is fastest on an L4")
+    parser.add_argument("--engines", type=_engines, default=defaults.engines,
+                        help="engine processes, each with the model resident, taking shards side by side; auto = as "
+                             "many as fit the GPU's free memory (at most 3), 1 on CPU")
+    parser.add_argument("--ubatch", type=_ubatch, default=defaults.ubatch,
+                        help="largest physical batch (n_ubatch): a number pins it; auto = measured at start on a GPU "
+                             "(cached per device, model and engines), 512 on CPU; probe = measured on CPU too")
     parser.add_argument("--gpu-layers", type=int, default=defaults.gpu_layers,
                         help="layers on the GPU; -1 = all (when llama.cpp has a GPU backend)")
-    parser.add_argument("--threads", type=int, default=defaults.threads, help="CPU threads; 0 = all cores")
+    parser.add_argument("--threads", type=int, default=defaults.threads,
+                        help="CPU threads per engine; 0 = the cores split between the engines")
     parser.add_argument("--flash-attn", choices=["auto", "on", "off"], default=defaults.flash_attn,
                         help="flash attention; auto = on wherever the backend supports it")
 
 
-def _engine_options(args: argparse.Namespace):
+def _engine_setup(args: argparse.Namespace):
     from bulkembed.worker.engine import EngineOptions
+    from bulkembed.worker.engines import EngineSetup
 
-    return EngineOptions(ubatch=args.ubatch, gpu_layers=args.gpu_layers, threads=args.threads,
-                         flash_attn={"auto": None, "on": True, "off": False}[args.flash_attn],
-                         logical_batch=WorkerSettings().logical_batch)
+    settings = WorkerSettings()
+    options = EngineOptions(ubatch=args.ubatch if isinstance(args.ubatch, int) else 512, gpu_layers=args.gpu_layers,
+                            threads=args.threads, flash_attn={"auto": None, "on": True, "off": False}[args.flash_attn],
+                            logical_batch=settings.logical_batch)
+    return EngineSetup(options, engines=args.engines, ubatch=args.ubatch, probe_cache=settings.probe_cache)
 
 
 def _plan(args: argparse.Namespace):
@@ -83,7 +107,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from bulkembed.local import run_local
 
     planned = _plan(args)
-    manifest = run_local(planned, str(resolve_path(args.model)), _engine_options(args), force=args.force)
+    manifest = run_local(planned, str(resolve_path(args.model)), _engine_setup(args), force=args.force)
     print(f"job {planned.job.job_id}: {manifest['rows']} rows, {manifest['tokens']} tokens, "
           f"{manifest['rejected_rows']} rejected → {planned.store.uri}")
     return 0
@@ -163,31 +187,11 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    import multiprocessing
-    import os
-    import socket
-
     from bulkembed.contract.model import model_ref
-    from bulkembed.worker import app as worker_app
-    from bulkembed.worker.selftest import SelfTestError, self_test_file
+    from bulkembed.worker.serve import serve
 
     ref, path = model_ref(args.model)
-    options = _engine_options(args)
-    with multiprocessing.get_context("spawn").Pool(1) as pool:  # no GPU context in the parent before fork
-        try:
-            worst = pool.apply(self_test_file, (path, options))
-        except SelfTestError as exc:
-            log.critical("%s; refusing to start", exc)
-            return 3
-    log.info("self-test passed: packed == alone (worst cosine %.7f)", worst)
-    worker_app.MODEL = worker_app.ResidentModel(path=path, sha256=ref.sha256, options=options)
-    log.info("worker for %s (sha256 %s…) on queue %s", ref.file_name, ref.sha256[:12], ref.queue)
-    worker_app.app.worker_main([
-        "worker", "--queues", ref.queue, "--concurrency", "1", "--pool", "prefork",
-        "--hostname", f"bulkembed-{os.getpid()}@{socket.gethostname()}",
-        "--loglevel", WorkerSettings().log_level, "--without-gossip", "--without-mingle",
-    ])
-    return 0
+    return serve(ref, path, _engine_setup(args), WorkerSettings())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -221,7 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=ProducerSettings().log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=ProducerSettings().log_level,  # [pid]: which engine of a worker said it
+                        format="%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s")
     try:
         return args.func(args)
     except BulkEmbedError as exc:

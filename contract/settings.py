@@ -6,10 +6,14 @@ AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL), so they are not repeated here.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# A pinned ubatch (llama.cpp's n_ubatch) or how to choose one; a number of engines or "auto".
+UbatchSpec = Annotated[int, Field(ge=32)] | Literal["auto", "probe"]
+EngineSpec = Annotated[int, Field(ge=1, le=64)] | Literal["auto"]
 
 
 class Settings(BaseSettings):
@@ -40,11 +44,24 @@ class ProducerSettings(Settings):
 
 
 class WorkerSettings(Settings):
-    """The worker side: one process per GPU with one resident model."""
+    """The worker side: one worker per GPU, running one or more engine processes with the model resident."""
 
-    ubatch: int = Field(512, description="Largest physical batch (n_ubatch) a shard may use.", ge=32)
+    ubatch: UbatchSpec = Field(
+        "auto", description="Largest physical batch (n_ubatch) a shard may use: a number (>= 32) pins it; auto "
+        "measures the candidates on the resident model at start where a GPU is used (512 on CPU), cached per "
+        "device, model and engines; probe measures on CPU too.",
+    )
+    engines: EngineSpec = Field(
+        "auto", description="Engine processes per worker, each with the model resident and its own context, taking "
+        "shards from the same queue. auto: as many as fit the GPU's free memory (at most 3), 1 on CPU.",
+    )
+    probe_cache: str = Field(
+        "~/.cache/bulkembed/ubatch-probe.json", description="File of measured ubatch choices (one per device, "
+        "model sha256, engines and flash-attention setting), so restarts skip the probe.",
+    )
     gpu_layers: int = Field(-1, description="Layers offloaded to the GPU; -1 = all (when the build has a GPU).")
-    threads: int = Field(0, description="CPU threads for llama.cpp; 0 = all cores.", ge=0)
+    threads: int = Field(0, description="CPU threads for llama.cpp per engine; 0 = the cores split between the "
+                         "engines.", ge=0)
     metrics_port: int = Field(9100, ge=0, description="Port of the Prometheus /metrics endpoint; 0 = off.")
     flash_attn: Literal["auto", "on", "off"] = Field("auto", description="Flash attention (auto: where supported).")
     logical_batch: int = Field(

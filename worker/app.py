@@ -1,7 +1,7 @@
 """The Celery side of the worker: the app, the model each pool process keeps, and the shard task.
 
-`bulkembed worker` sets MODEL before Celery forks; each pool process loads the engine once, when
-it starts, and keeps it for every shard it takes.
+`bulkembed worker` (worker.serve) sets MODEL before Celery forks its pool; each pool process is one engine:
+it loads the model once, when it starts, and keeps it for every shard it takes.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from celery import Task
-from celery.signals import worker_process_init
+from celery.signals import worker_process_init, worker_process_shutdown
 
 from bulkembed.contract import keys
 from bulkembed.contract.errors import TransientError
@@ -46,11 +46,16 @@ MODEL: ResidentModel | None = None  # set by `bulkembed worker` before the pool 
 
 @worker_process_init.connect
 def _load_model(**_: object) -> None:
+    """Each pool process is one engine: it loads the model once, when it starts."""
     if MODEL is not None and MODEL.engine is None:
         MODEL.engine = Engine(MODEL.path, MODEL.options)
         metrics.MODEL_LOAD_SECONDS.labels(MODEL.path.name).set(MODEL.engine.load_seconds)
-        metrics.serve(settings.metrics_port)
         log.info("pool process %d ready with %s", os.getpid(), MODEL.path.name)
+
+
+@worker_process_shutdown.connect
+def _engine_stopped(pid: int | None = None, **_: object) -> None:
+    metrics.engine_stopped(pid or os.getpid())
 
 
 class ModelTask(Task):

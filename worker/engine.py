@@ -119,8 +119,8 @@ class Engine:
             self._llama.llama_model_free(self.model)
             self.model = None
 
-    def shape_for(self, lengths: Sequence[int], pooled: bool = True) -> ContextShape:
-        return choose_shape(lengths, self.options.ubatch, pooled, self.options.logical_batch)
+    def shape_for(self, lengths: Sequence[int], pooled: bool = True, ubatch_cap: int | None = None) -> ContextShape:
+        return choose_shape(lengths, ubatch_cap or self.options.ubatch, pooled, self.options.logical_batch)
 
     def _context_for(self, shape: ContextShape) -> _Context:
         current = self._context
