@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 
 from tqdm import tqdm
 
@@ -36,9 +37,14 @@ def run_local(planned: PlannedJob, model_path: str, setup: EngineSetup, progress
         plan = pool.start(self_test=False)
         log.info("job %s: %d shards on %d engine(s), ubatch %d", planned.job.job_id, len(messages), plan.engines,
                  plan.options.ubatch)
+        started, embedded = time.perf_counter(), 0
         with tqdm(total=totals.tokens, initial=sum(r.tokens for r in results), unit="tok", unit_scale=True,
                   disable=not progress, desc=f"job {planned.job.job_id}") as bar:
             for result in pool.imap(_embed, messages):
                 results.append(result)
+                embedded += result.tokens if result.seconds else 0
                 bar.update(result.tokens)
+        seconds = time.perf_counter() - started
+        log.info("job %s: %d tokens embedded in %.1fs on %d engine(s): %.0f tok/s", planned.job.job_id, embedded,
+                 seconds, plan.engines, embedded / max(seconds, 1e-9))
     return write_manifest(planned.store, planned.job, totals, results)

@@ -138,26 +138,28 @@ class Engine:
 
     def _decode(self, documents: Sequence[np.ndarray], shape: ContextShape,
                 read: Callable[[_Context, list[Piece]], None]) -> None:
-        """Run every planned decode; `read` takes each decode's results before the next one."""
+        """Run every planned decode; `read` takes each decode's results before the next one.
+
+        The next decode's batch is filled while the device still computes this one: llama_decode has copied
+        the batch when it returns, and its results are waited for only when `read` asks for them."""
         context = self._context_for(shape)
         llama = self._llama
-        for pieces in plan_decodes([len(d) for d in documents], shape):
-            offset = 0
-            for p in pieces:
-                end = offset + p.stop - p.start
-                context.tokens[offset:end] = documents[p.doc][p.start:p.stop]
-                context.positions[offset:end] = np.arange(p.start, p.stop, dtype=np.int32)
-                context.seq_pointers[offset:end] = context.seq_pointer_of[p.seq]
-                offset = end
-            context.batch.n_tokens = offset
+        plan = plan_decodes([len(d) for d in documents], shape)
+        pieces = next(plan, None)
+        n_tokens = _fill(context, documents, pieces) if pieces else 0
+        while pieces:
+            context.batch.n_tokens = n_tokens
             status = llama.llama_decode(context.ctx, context.batch)
             if status != 0:
                 llama.llama_memory_clear(context.memory, True)
-                raise EngineError(f"llama_decode returned {status} for a {offset}-token batch ({shape})")
+                raise EngineError(f"llama_decode returned {status} for a {n_tokens}-token batch ({shape})")
+            following = next(plan, None)
+            n_next = _fill(context, documents, following) if following else 0
             read(context, pieces)
             for p in pieces:
                 if p.last:
                     llama.llama_memory_seq_rm(context.memory, p.seq, -1, -1)
+            pieces, n_tokens = following, n_next
 
     def embed(self, documents: Sequence[np.ndarray], shape: ContextShape | None = None) -> np.ndarray:
         """Mean of the last hidden states of each document, float32 (n_docs, n_embd), not normalized."""
@@ -193,6 +195,18 @@ class Engine:
 
         self._decode(documents, shape, read)
         return out
+
+
+def _fill(context: _Context, documents: Sequence[np.ndarray], pieces: list[Piece]) -> int:
+    """Put one decode's pieces into the context's batch arrays; the number of tokens."""
+    offset = 0
+    for p in pieces:
+        end = offset + p.stop - p.start
+        context.tokens[offset:end] = documents[p.doc][p.start:p.stop]
+        context.positions[offset:end] = np.arange(p.start, p.stop, dtype=np.int32)
+        context.seq_pointers[offset:end] = context.seq_pointer_of[p.seq]
+        offset = end
+    return offset
 
 
 def l2_normalize(vectors: np.ndarray) -> np.ndarray:
