@@ -70,9 +70,8 @@ def model_file_name(spec: str) -> str:
 def parse_cli(argv: list[str]):
     """The arguments as `bulkembed` itself parses them, a test failure instead of SystemExit; worker
     options are held to WorkerSettings' bounds and --model must be REPO:QUANT or a .gguf path."""
-    from pydantic import ValidationError
-
     from bulkembed.cli import build_parser
+    from bulkembed.contract.errors import SettingsError
 
     try:
         args = build_parser().parse_args(argv)
@@ -85,7 +84,7 @@ def parse_cli(argv: list[str]):
     if hasattr(args, "ubatch"):
         try:
             WorkerSettings(ubatch=args.ubatch, gpu_layers=args.gpu_layers, threads=args.threads)
-        except ValidationError as exc:
+        except SettingsError as exc:
             pytest.fail(f"`bulkembed {shlex.join(argv)}`: {exc}")
     return args
 

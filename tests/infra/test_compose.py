@@ -131,7 +131,8 @@ def test_environment_values_are_valid_settings(services, monkeypatch):
             for key, value in service["environment"].items():
                 env.setenv(key, str(value))
             settings = settings_class(role(service))()
-            celery_app(settings, "compose-check")  # raises if the time limit is not below the visibility timeout
+            celery_app(settings, "compose-check")
+            assert settings.task_time_limit < settings.visibility_timeout, name
             assert settings.redis_url.get_secret_value().startswith("redis://"), name
 
 
