@@ -26,6 +26,17 @@ K8S_DIR = INFRA / "k8s"
 FOREIGN_ENV_PREFIXES = ("AWS_", "HF_")
 
 
+# PID 1 of every image: it forwards SIGTERM to bulkembed (which, as PID 1 itself, would ignore it
+# until Celery installs its handlers) and reaps orphans.
+INIT = ["/usr/bin/tini", "--"]
+
+
+def without_init(entrypoint: list[str]) -> list[str]:
+    """The program an ENTRYPOINT starts under the init."""
+    assert entrypoint[:len(INIT)] == INIT, f"ENTRYPOINT {entrypoint} does not start with {INIT}"
+    return entrypoint[len(INIT):]
+
+
 def pyproject() -> dict:
     return tomllib.loads((REPO / "pyproject.toml").read_text())
 

@@ -26,6 +26,7 @@ from tests.infra.manifests import (
     parse_cli,
     parse_dockerfile,
     settings_class,
+    without_init,
 )
 
 MIN_STOP_GRACE_S = 300
@@ -55,7 +56,7 @@ def image(service: dict):
 def argv(service: dict) -> list[str]:
     """What the container runs: the image's ENTRYPOINT followed by the service's command."""
     dockerfile, stage = image(service)
-    entrypoint = service.get("entrypoint") or dockerfile.exec_form(stage, "ENTRYPOINT")
+    entrypoint = service.get("entrypoint") or without_init(dockerfile.exec_form(stage, "ENTRYPOINT"))
     command = service.get("command") or dockerfile.exec_form(stage, "CMD")
     assert isinstance(command, list), "use the exec (list) form for command"
     return entrypoint + command

@@ -21,6 +21,7 @@ from tests.infra.manifests import (
     parse_cli,
     parse_dockerfile,
     settings_class,
+    without_init,
 )
 
 NAMESPACE = "bulkembed"
@@ -76,8 +77,8 @@ def image_argv(workload: dict, dockerfile: str, target: str | None) -> list[str]
     """The image's ENTRYPOINT (from its Dockerfile) followed by the pod's args."""
     parsed = parse_dockerfile(INFRA / dockerfile)
     c = container(workload)
-    assert "command" not in c, "keep the image's ENTRYPOINT (exec form, bulkembed as PID 1)"
-    return parsed.exec_form(parsed.stage(target), "ENTRYPOINT") + c["args"]
+    assert "command" not in c, "keep the image's ENTRYPOINT (exec form, tini as PID 1)"
+    return without_init(parsed.exec_form(parsed.stage(target), "ENTRYPOINT")) + c["args"]
 
 
 def worker_model(deployment) -> str:
@@ -119,7 +120,10 @@ def test_the_worker_requests_one_gpu(deployment):
 def test_the_worker_drains_gracefully(deployment):
     pod = deployment["spec"]["template"]["spec"]
     assert pod["terminationGracePeriodSeconds"] >= MIN_GRACE_S, "the default 30 s can cut a shard short"
-    assert "replicas" not in deployment["spec"], "KEDA owns the replica count; `replicas` would fight it on apply"
+
+def test_the_first_apply_starts_no_gpu_pod(deployment):
+    # Without `replicas` a Deployment starts with 1; KEDA owns the count from then on.
+    assert deployment["spec"].get("replicas") == 0
 
 
 def test_the_worker_runs_bulkembed_worker_as_the_images_user(deployment):
