@@ -89,7 +89,8 @@ def test_every_document_is_named_and_namespaced(documents):
     assert documents
     for path, doc in documents:
         assert doc.get("apiVersion") and doc.get("kind"), f"{path.name}: a document lacks apiVersion/kind"
-        assert doc.get("metadata", {}).get("name"), f"{path.name}: {doc['kind']} has no metadata.name"
+        metadata = doc.get("metadata", {})
+        assert metadata.get("name") or metadata.get("generateName"), f"{path.name}: {doc['kind']} has no name"
         if doc["kind"] not in CLUSTER_SCOPED:
             assert doc["metadata"].get("namespace") == NAMESPACE, f"{path.name}: {doc['kind']} namespace"
 
@@ -253,3 +254,25 @@ def test_redis_keeps_queued_shards(documents):
     env = {e["name"] for e in redis["env"]}
     assert "REDIS_PASSWORD" in env, "$(REDIS_PASSWORD) in args expands only from the container's env"
     assert "/data" in {m["mountPath"] for m in redis["volumeMounts"]}
+
+
+def memory_bytes(quantity: str) -> int:
+    """Kubernetes (Mi, Gi) and Redis (mb, gb: 1024-based) memory quantities."""
+    units = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "kb": 2**10, "mb": 2**20, "gb": 2**30}
+    number, unit = quantity[:-2], quantity[-2:]
+    assert unit in units and number.isdigit(), f"not a memory quantity: {quantity}"
+    return int(number) * units[unit]
+
+
+def test_redis_refuses_writes_below_its_memory_limit(documents):
+    redis = container(one(documents, "StatefulSet", "redis"))
+    maxmemory = memory_bytes(option(redis["args"], "--maxmemory"))
+    limit = memory_bytes(redis["resources"]["limits"]["memory"])
+    # Room for the AOF rewrite's fork: ~75% of the limit, not so low that the limit is wasted.
+    assert 0.6 * limit <= maxmemory <= 0.8 * limit, (maxmemory, limit)
+
+
+def test_each_submit_is_a_new_job_with_a_generated_name(job):
+    assert "name" not in job["metadata"], "a fixed name makes the second `kubectl create` fail"
+    assert job["metadata"]["generateName"].endswith("-")
+    assert "generateName" in (REPO / "docs" / "deploy.md").read_text()
