@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from bulkembed.contract.model import queue_name
+from bulkembed.contract.settings import WorkerSettings
 from tests.infra.manifests import (
     INFRA,
     K8S_DIR,
@@ -202,9 +203,9 @@ def test_redis_url_password_and_keda_address_agree(documents, secret, scaled_obj
     url = urlparse(secret["redis-url"])
     assert url.scheme in ("redis", "rediss")
     assert url.password == secret["redis-password"], "redis-url must carry redis-password"
-    trigger = scaled_object["spec"]["triggers"][0]["metadata"]
-    assert trigger["address"] == f"{url.hostname}:{url.port}", "KEDA must read the Redis the workers use"
-    assert trigger.get("databaseIndex", "0") == (url.path.strip("/") or "0")
+    for trigger in (t["metadata"] for t in scaled_object["spec"]["triggers"]):
+        assert trigger["address"] == f"{url.hostname}:{url.port}", "KEDA must read the Redis the workers use"
+        assert trigger.get("databaseIndex", "0") == (url.path.strip("/") or "0")
     service, namespace = url.hostname.split(".")[:2]
     redis = one(documents, "Service", service)
     assert namespace == redis["metadata"]["namespace"]
@@ -221,13 +222,38 @@ def test_keda_scales_the_worker_to_zero_on_its_models_queue(documents, deploymen
     assert spec["pollingInterval"] > 0
     grace = deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
     assert spec["cooldownPeriod"] >= max(MIN_COOLDOWN_S, grace), "KEDA sees queued shards only, not running ones"
-    [trigger] = spec["triggers"]
-    assert trigger["type"] == "redis"
-    assert all(isinstance(v, str) for v in trigger["metadata"].values()), "KEDA trigger metadata is string → string"
-    assert trigger["metadata"]["listName"] == queue_name(model_file_name(worker_model(deployment)))
-    assert int(trigger["metadata"]["listLength"]) >= 1
-    auth = one(documents, "TriggerAuthentication", trigger["authenticationRef"]["name"])
-    assert {r["parameter"] for r in auth["spec"]["secretTargetRef"]} == {"password"}
+    queue = queue_name(model_file_name(worker_model(deployment)))
+    queued, open_jobs = spec["triggers"]
+    for trigger in (queued, open_jobs):
+        assert trigger["type"] == "redis"
+        assert all(isinstance(v, str) for v in trigger["metadata"].values()), "KEDA metadata is string → string"
+        assert trigger["metadata"]["activationListLength"] == "0"
+        auth = one(documents, "TriggerAuthentication", trigger["authenticationRef"]["name"])
+        assert {r["parameter"] for r in auth["spec"]["secretTargetRef"]} == {"password"}
+    assert queued["metadata"]["listName"] == queue
+    assert int(queued["metadata"]["listLength"]) >= 1
+
+
+def test_one_worker_stays_while_a_job_has_unfinished_shards(deployment, scaled_object):
+    """An orphaned shard waits in kombu's unacked hash for a running worker to restore it: the
+    second trigger counts the registry's open jobs on the model's queue and asks for one pod."""
+    from bulkembed.contract import keys
+
+    queue = queue_name(model_file_name(worker_model(deployment)))
+    [open_jobs] = [t for t in scaled_object["spec"]["triggers"] if t.get("name") == "open-jobs"]
+    assert open_jobs["metadata"]["listName"] == keys.REDIS_QUEUE_OPEN_JOBS.format(queue=queue)
+    assert int(open_jobs["metadata"]["listLength"]) >= 10_000, "any number of open jobs must ask for one pod only"
+
+
+def test_the_time_limit_fits_the_grace_period(documents, deployment, monkeypatch):
+    config = one(documents, "ConfigMap", "bulkembed")["data"]
+    for name, value in config.items():
+        if name.startswith("BULKEMBED_"):
+            monkeypatch.setenv(name, value)
+    settings = WorkerSettings()
+    grace = deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    assert settings.task_time_limit <= grace, "a warm shutdown may wait for one shard's whole time limit"
+    assert settings.visibility_timeout <= 3600, "an orphaned shard should not stall a job for hours"
 
 
 def test_the_queue_name_is_the_one_documented():
