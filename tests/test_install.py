@@ -1,9 +1,10 @@
 """A non-editable install is one namespace, `bulkembed`, and the installed command works on its own.
 
-The package is built and installed (pip, no build isolation, no dependencies) into a fresh venv
-whose only other path is this test venv's site-packages, for the dependencies. That directory's
-.pth files are not run from there, so the editable install of the worktree cannot leak in; every
-command runs from a folder outside the repository, so the source tree cannot shadow it either.
+The package is built and installed (pip without build isolation, which is why the test extra brings
+setuptools; no dependencies) into a fresh venv whose only other path is this test venv's
+site-packages, for the dependencies. That directory's .pth files are not run from there, so the
+editable install of the worktree cannot leak in; every command runs from a folder outside the
+repository, so the source tree cannot shadow it either.
 """
 
 from __future__ import annotations
