@@ -7,6 +7,8 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Callable
+from typing import NoReturn
 
 from bulkembed.bench import add_bench_parser
 from bulkembed.contract.errors import BulkEmbedError
@@ -16,6 +18,26 @@ from bulkembed.contract.settings import ProducerSettings, WorkerSettings
 from bulkembed.evaluate import add_eval_parser
 
 log = logging.getLogger("bulkembed")
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with its errors on one line (usage stays in --help)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an integer no smaller than `minimum`."""
+
+    def parse(text: str) -> int:
+        value = int(text)  # argparse turns a ValueError into "invalid parse value"
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, not {value}")
+        return value
+
+    parse.__name__ = "integer"
+    return parse
 
 
 def _job_arguments(parser: argparse.ArgumentParser, model_default: str | None) -> None:
@@ -29,15 +51,15 @@ def _job_arguments(parser: argparse.ArgumentParser, model_default: str | None) -
                         help="query or passage; picks the prefix from v4's table")
     parser.add_argument("--id-column", default="id")
     parser.add_argument("--text-column", default="text")
-    parser.add_argument("--shard-tokens", type=int, default=ProducerSettings().shard_tokens,
+    parser.add_argument("--shard-tokens", type=at_least(1), default=ProducerSettings().shard_tokens,
                         help="token budget of one shard")
     parser.add_argument("--prefix", default=None,
                         help="text put before every document instead of v4's task/role prefix ('' for none)")
-    parser.add_argument("--max-tokens", type=int, default=None,
+    parser.add_argument("--max-tokens", type=at_least(1), default=None,
                         help="longest input in tokens (default: the model's trained context, 32768 for v4)")
     parser.add_argument("--overlength", choices=[o.value for o in Overlength], default=Overlength.TRUNCATE.value,
                         help="longer documents: keep the first max-tokens, one row per chunk, or quarantine")
-    parser.add_argument("--dims", type=int, default=None,
+    parser.add_argument("--dims", type=at_least(1), default=None,
                         help="Matryoshka dimensions (v4: 128, 256, 512, 1024 or 2048), re-normalized")
     parser.add_argument("--dtype", choices=[d.value for d in Dtype], default=Dtype.FLOAT32.value)
     parser.add_argument("--no-normalize", action="store_true", help="write raw means, not L2-normalized")
@@ -71,9 +93,9 @@ def _worker_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ubatch", type=_ubatch, default=defaults.ubatch,
                         help="largest physical batch (n_ubatch): a number pins it; auto = measured at start on a GPU "
                              "(cached per device, model and engines), 512 on CPU; probe = measured on CPU too")
-    parser.add_argument("--gpu-layers", type=int, default=defaults.gpu_layers,
+    parser.add_argument("--gpu-layers", type=at_least(-1), default=defaults.gpu_layers,
                         help="layers on the GPU; -1 = all (when llama.cpp has a GPU backend)")
-    parser.add_argument("--threads", type=int, default=defaults.threads,
+    parser.add_argument("--threads", type=at_least(0), default=defaults.threads,
                         help="CPU threads per engine; 0 = the cores split between the engines")
     parser.add_argument("--flash-attn", choices=["auto", "on", "off"], default=defaults.flash_attn,
                         help="flash attention; auto = on wherever the backend supports it")
@@ -195,7 +217,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="bulkembed", description=__doc__)
+    parser = Parser(prog="bulkembed", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
     submit = commands.add_parser("submit", help="plan a job and queue its shards on Redis")
@@ -224,10 +246,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=ProducerSettings().log_level,  # [pid]: which engine of a worker said it
-                        format="%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s")
-    try:
+    try:  # settings are read while the parser is built (defaults) and by every command
+        args = build_parser().parse_args(argv)
+        logging.basicConfig(level=ProducerSettings().log_level,  # [pid]: which engine of a worker said it
+                            format="%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s")
         return args.func(args)
     except BulkEmbedError as exc:
         print(f"bulkembed: {exc}", file=sys.stderr)
