@@ -222,6 +222,8 @@ class _ProxyHandler(BaseHTTPRequestHandler):
 
     def _handle(self) -> None:
         body = self._body()
+        if self.server.dark.is_set():
+            return self._reset()
         fault = self.server.plan.decide(self.command, self.path, self.headers.get("User-Agent", ""))
         if fault == "reset":
             return self._reset()
@@ -259,7 +261,8 @@ class _ProxyHandler(BaseHTTPRequestHandler):
 
 class FaultyS3Proxy(ThreadingHTTPServer):
     """A reverse proxy in front of an S3 endpoint that injects the faults of a FaultPlan. At most
-    `max_threads` connections are served at once (others are closed at once, which clients retry)."""
+    `max_threads` connections are served at once (others are closed at once, which clients retry).
+    `go_dark()` starts an outage: open connections are cut and new ones reset, until `light()`."""
 
     daemon_threads = True
 
@@ -268,11 +271,29 @@ class FaultyS3Proxy(ThreadingHTTPServer):
         self.upstream_host, self.upstream_port = parsed.hostname, parsed.port
         self.plan = plan
         self.slots = threading.BoundedSemaphore(max_threads)
+        self.dark = threading.Event()
+        self.refused = 0  # connections reset while dark
+        self._open: set[socket.socket] = set()
+        self._open_lock = threading.Lock()
         super().__init__(("127.0.0.1", 0), _ProxyHandler)
         self.endpoint = f"http://127.0.0.1:{self.server_address[1]}"
         self._thread: threading.Thread | None = None
 
+    def go_dark(self) -> None:
+        self.dark.set()
+        with self._open_lock:
+            for connection in self._open:
+                _cut(connection)
+
+    def light(self) -> None:
+        self.dark.clear()
+
     def process_request(self, request, client_address) -> None:
+        if self.dark.is_set():
+            self.refused += 1
+            _cut(request)
+            self.shutdown_request(request)
+            return
         if not self.slots.acquire(timeout=5):
             self.shutdown_request(request)
             return
@@ -283,10 +304,18 @@ class FaultyS3Proxy(ThreadingHTTPServer):
             raise
 
     def process_request_thread(self, request, client_address) -> None:
+        with self._open_lock:
+            self._open.add(request)
         try:
             super().process_request_thread(request, client_address)
         finally:
+            with self._open_lock:
+                self._open.discard(request)
             self.slots.release()
+
+    def handle_error(self, request, client_address) -> None:
+        if not self.dark.is_set():  # a connection cut by go_dark() is expected to fail
+            super().handle_error(request, client_address)
 
     def __enter__(self) -> FaultyS3Proxy:
         self._thread = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
@@ -298,6 +327,15 @@ class FaultyS3Proxy(ThreadingHTTPServer):
         self.server_close()
         if self._thread is not None:
             self._thread.join(10)
+
+
+def _cut(connection: socket.socket) -> None:
+    """End a connection with a TCP reset, whatever its handler is doing."""
+    try:
+        connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        connection.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
 
 
 # --- what every fault test checks at the end ----------------------------------------------------------
