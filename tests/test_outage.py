@@ -22,6 +22,7 @@ from tests.faults_support import (
     RedisProcess,
     attempts,
     check_exactly_once,
+    cli,
     redis_hash,
     wait_until,
 )
@@ -42,13 +43,13 @@ class Healthy:
 
 
 class FailingKey:
-    """Answers 503 to the first `times` requests whose path contains `part`, then lets them through."""
+    """Answers 503 to the first `times` GETs of a path ending in `suffix`, then lets them through."""
 
-    def __init__(self, part: str, times: int):
-        self.part, self.times, self.failed = part, times, 0
+    def __init__(self, suffix: str, times: int):
+        self.suffix, self.times, self.failed = suffix, times, 0
 
     def decide(self, method: str, path: str, user_agent: str = "") -> str:
-        if self.part in path and self.failed < self.times:
+        if method == "GET" and path.split("?")[0].endswith(self.suffix) and self.failed < self.times:
             self.failed += 1
             return "503"
         return "none"
@@ -123,3 +124,54 @@ def test_job_rides_out_a_store_blackout(tmp_path, s3_server, bucket, outage_env,
     check_vectors(out, ids, texts, reference_embedder)
     counts = attempts(url, job_id)
     assert len(counts) == shards and set(counts.values()) == {1}, f"the outage used up no attempts: {counts}"
+
+
+def run_with_failing_key(tmp_path: Path, s3_server: str, bucket: str, env: dict[str, str], model: Path,
+                         plan: FailingKey) -> tuple[Background, str, str, str]:
+    """One worker, a local corpus and output on S3 behind `plan`; returns submit, job id, output and logs."""
+    texts, ids = texts_and_ids(200, seed=22)
+    path = write_corpus(tmp_path / "corpus.parquet", ids, texts)
+    out = f"s3://{bucket}/out"
+    with FaultyS3Proxy(s3_server, plan) as proxy:
+        env = env | {"AWS_ENDPOINT_URL_S3": proxy.endpoint}
+        workers = Workers(env, tmp_path)
+        try:
+            worker = workers.start(model)
+            submit = Background(["submit", path, "--model", model, "--out", out, "--shard-tokens", "1000", "--wait"],
+                                env, tmp_path, "submit")
+            submit.wait(120)
+        finally:
+            workers.stop_all()
+    return submit, submit.stdout.split()[0], out, worker.log.read_text()
+
+
+def test_a_key_failing_past_boto3s_retries_is_retried_without_spending_an_attempt(
+        tmp_path, s3_server, bucket, outage_env, tiny_model):
+    """GETs of shard 1's input answer 503 seven times: twice more than boto3's three attempts. The
+    shard goes back with a backoff twice (bulkembed's own retry, releasing the attempt each time) and
+    is written by its third delivery; it counts one attempt."""
+    plan = FailingKey(keys.shard_input(1), BOTO3_ATTEMPTS * 2 + 1)
+    submit, job_id, out, log = run_with_failing_key(tmp_path, s3_server, bucket, outage_env, tiny_model, plan)
+    assert submit.process.returncode == 0, submit.stderr[-3000:]
+    assert plan.failed == plan.times
+    assert log.count(f"shard 1: S3 GET {keys.shard_input(1)}: ClientError") == 2, log[-3000:]
+    assert "retry 1 in" in log and "retry 2 in" in log
+    assert attempts(outage_env["BULKEMBED_REDIS_URL"], job_id)[1] == 1, "the two retries were released"
+    check_exactly_once(out, texts_and_ids(200, seed=22)[1])
+
+
+def test_a_store_failing_past_the_outage_limit_fails_the_shard(tmp_path, s3_server, bucket, outage_env, tiny_model):
+    """Shard 1's input never comes back: after BULKEMBED_TRANSIENT_RETRIES (1) and
+    BULKEMBED_STORE_OUTAGE_S (3 s) the shard is reported failed with the store's error; the rest is written."""
+    env = outage_env | {"BULKEMBED_TRANSIENT_RETRIES": "1", "BULKEMBED_STORE_OUTAGE_S": "3",
+                        "BULKEMBED_STORE_BACKOFF_MAX_S": "1"}
+    plan = FailingKey(keys.shard_input(1), 10**9)
+    submit, job_id, out, log = run_with_failing_key(tmp_path, s3_server, bucket, env, tiny_model, plan)
+    assert submit.process.returncode == 1, submit.stderr[-3000:]
+    assert re.search(r"shard 1 failed: the store kept failing for [3-9]s and \d+ retries: S3 GET", submit.stderr), \
+        submit.stderr[-3000:]
+    failing_for = [int(s) for s in FAILING_FOR.findall(log)]
+    assert failing_for[-1] < 3, "it kept retrying until the limit"
+    status = json.loads(cli(env, "status", job_id, "--json").stdout)
+    assert status["state"] == "failed" and list(status["failures"]) == ["1"]
+    assert status["shards_done"] == status["totals"]["shards"] - 1
