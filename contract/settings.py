@@ -63,6 +63,6 @@ class WorkerSettings(Settings):
     )
     test_hold_dir: Path | None = Field(
         None, description="Test only, never in production: before committing a shard the worker creates "
-        "<dir>/<job_id>-<shard>.held and waits until that file is removed, so fault tests can kill or stop it "
+        "<dir>/<job_id>-<shard>-<pid>.held and waits until that file is removed, so fault tests can kill or stop it "
         "at a known point whatever the machine's speed.",
     )

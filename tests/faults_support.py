@@ -7,6 +7,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -22,11 +23,14 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlparse
 
+import numpy as np
 import pyarrow.dataset as ds
+import pyarrow.parquet as pq
 import redis
 
 from bulkembed.contract import keys
 from bulkembed.contract.store import LocalStore, open_store
+from tests.conftest import cosines
 
 T = TypeVar("T")
 REPO = Path(__file__).resolve().parents[1]
@@ -136,6 +140,56 @@ class RedisProcess:
             self.process.wait(5)
 
 
+# --- a shard held at a known point ----------------------------------------------------------------------
+
+
+class Holds:
+    """The test side of BULKEMBED_TEST_HOLD_DIR: a worker started with `env` holds every shard just
+    before its commit until the test releases it (worker/hold.py), so a test acts mid-shard whatever
+    the machine's speed. `auto_release(keep)` lets every shard but those in `keep` go on."""
+
+    MARKER = re.compile(r"-(\d{5})-(\d+)\.held$")
+
+    def __init__(self, folder: Path):
+        folder.mkdir(parents=True, exist_ok=True)
+        self.folder = folder
+        self.env = {"BULKEMBED_TEST_HOLD_DIR": str(folder)}
+        self._stop = threading.Event()
+        self._releaser: threading.Thread | None = None
+
+    def held(self) -> list[tuple[int, int]]:
+        """(shard, pool process id) of every shard held now."""
+        found = (self.MARKER.search(p.name) for p in self.folder.glob("*.held"))
+        return sorted((int(m[1]), int(m[2])) for m in found if m)
+
+    def wait(self, timeout_s: float = 60, shard: int | None = None, not_pid: int | None = None) -> tuple[int, int]:
+        """A shard held now (`shard`, if given, by a process other than `not_pid`)."""
+        def found() -> tuple[int, int] | None:
+            return next((h for h in self.held() if shard in (None, h[0]) and h[1] != not_pid), None)
+        return wait_until(found, timeout_s, f"a worker to hold {'a shard' if shard is None else f'shard {shard}'}")
+
+    def release(self, shard: int, pid: int | None = None) -> None:
+        """Let `shard` go on (only where process `pid` holds it, if given)."""
+        for marker in self.folder.glob(f"*-{shard:05d}-{pid or '*'}.held"):
+            marker.unlink(missing_ok=True)
+
+    def auto_release(self, keep: frozenset[int] = frozenset()) -> None:
+        def run() -> None:
+            while not self._stop.wait(0.02):
+                for shard, _ in self.held():
+                    if shard not in keep:
+                        self.release(shard)
+        self.stop()
+        self._stop.clear()
+        self._releaser = threading.Thread(target=run, daemon=True)
+        self._releaser.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._releaser is not None:
+            self._releaser.join(5)
+
+
 # --- a faulty S3 endpoint ---------------------------------------------------------------------------
 
 HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailers",
@@ -177,6 +231,24 @@ class FaultPlan:
                 self.injected[fault] += 1
                 self.log.append((n, method, path, fault))
             return fault
+
+
+class HoldRequest:
+    """A plan that holds the first `method` request for a path ending in `suffix` until `release()`,
+    then resets its connection; every other request goes through. Holds a client at a known point."""
+
+    def __init__(self, method: str, suffix: str):
+        self.method, self.suffix = method, suffix
+        self.reached, self.released = threading.Event(), threading.Event()
+
+    def decide(self, method: str, path: str, user_agent: str = "") -> str:
+        if method == self.method and path.split("?")[0].endswith(self.suffix) and not self.reached.is_set():
+            self.reached.set()
+            return "hold"
+        return "none"
+
+    def release(self) -> None:
+        self.released.set()
 
 
 class _ProxyHandler(BaseHTTPRequestHandler):
@@ -226,6 +298,9 @@ class _ProxyHandler(BaseHTTPRequestHandler):
             return self._reset()
         fault = self.server.plan.decide(self.command, self.path, self.headers.get("User-Agent", ""))
         if fault == "reset":
+            return self._reset()
+        if fault == "hold":
+            self.server.plan.released.wait(120)
             return self._reset()
         if fault in ("500", "503"):
             code, message = S3_ERRORS[int(fault)]
@@ -389,3 +464,15 @@ class OverwritingStore(LocalStore):
     def put_if_absent(self, key: str, data: bytes) -> bool:
         self.put(key, data)
         return True
+
+
+def check_vectors(uri: str, corpus: Path, reference_embedder: Callable[[list[str]], Any]) -> None:
+    """Every row's vector equals its document embedded alone by llama-cpp-python (`Passage: ` prefix)."""
+    source = pq.read_table(corpus)
+    by_id = dict(zip(source.column("id").to_pylist(), source.column("text").to_pylist(), strict=True))
+    store = open_store(uri)
+    fs, base = store.arrow_fs()
+    table = ds.dataset(base, filesystem=fs, format="arrow").to_table()
+    vectors = np.asarray(table.column("embedding").combine_chunks().flatten()).reshape(table.num_rows, -1)
+    reference = reference_embedder(["Passage: " + by_id[i] for i in table.column("id").to_pylist()])
+    assert cosines(vectors, reference).min() >= 0.9999

@@ -4,6 +4,7 @@ kill or stop a worker at a known point instead of guessing how long a shard take
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,8 +19,9 @@ POLL_S = 0.02
 
 
 def hold_marker(folder: Path, job_id: str, shard: int) -> Path:
-    """The file a held shard waits on; a test removes it to let the shard go on."""
-    return folder / f"{job_id}-{shard:05d}.held"
+    """The file a held shard waits on, named with the pool process holding it; a test removes it to let
+    the shard go on."""
+    return folder / f"{job_id}-{shard:05d}-{os.getpid()}.held"
 
 
 def holding(folder: Path | None, message: ShardMessage, guard: Guard) -> Guard:
