@@ -57,7 +57,7 @@ def long_texts(n: int, chars: tuple[int, int], seed: int) -> list[str]:
 
 def corpus(folder: Path, n_short: int, n_long: int, long_chars: tuple[int, int] = (2600, 4000),
            seed: int = 0) -> tuple[Path, list[str]]:
-    """Short documents (fast shards) and long ones (slow shards, to be caught mid-shard)."""
+    """Short documents and long ones (each spanning many ubatches)."""
     texts = mixed_texts(n_short, seed=seed, long_every=10**9) + long_texts(n_long, long_chars, seed)
     order = np.random.default_rng(seed).permutation(len(texts))
     ids = [f"doc-{i:05d}" for i in range(len(texts))]
