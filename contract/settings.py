@@ -6,6 +6,7 @@ AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL), so they are not repeated here.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Any, Literal, Self
 from urllib.parse import urlparse
 
@@ -76,6 +77,11 @@ class Settings(BaseSettings):
     )
     transient_retries: int = Field(8, ge=0, description="Retries, with backoff, of S3/Redis hiccups in one shard.")
     log_level: str = Field("INFO", description="Python logging level.")
+    store_outage_s: float = Field(
+        1800, ge=0, description="Seconds a shard keeps retrying, with backoff, while the object store is unreachable "
+        "or failing (after its BULKEMBED_TRANSIENT_RETRIES); past both it is reported failed. Such retries do not "
+        "use up the shard's attempts.",
+    )
 
 
 class ProducerSettings(Settings):
@@ -108,6 +114,15 @@ class WorkerSettings(Settings):
     logical_batch: int = Field(
         0, ge=0, description="Tokens per decode above the ubatch, as upstream tools do. Makes pooled means of "
         "long documents wrong; exists so benchmarks can compare and the start-up self-test can prove it refuses it.",
+    )
+    store_backoff_max_s: float = Field(
+        120, gt=0, description="Longest wait between two retries of a shard while the store is unreachable "
+        "(doubling from 1 s, jittered, and at most half the visibility timeout).",
+    )
+    test_hold_dir: Path | None = Field(
+        None, description="Test only, never in production: before committing a shard the worker creates "
+        "<dir>/<job_id>-<shard>-<pid>.held and waits until that file is removed, so fault tests can kill or stop it "
+        "at a known point whatever the machine's speed.",
     )
 
 

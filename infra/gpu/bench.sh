@@ -6,8 +6,10 @@
 # Results go to $OUT (or ./gpu-out). Every step has its own time limit, so one that hangs costs only itself.
 set -uo pipefail
 . .gpu/env.sh
-OUT=${OUT:-gpu-out}
+REPO=$(pwd)
+OUT=${OUT:-$REPO/gpu-out}
 mkdir -p "$OUT" /tmp/bw
+cd /tmp  # python3 -c/-m put the working directory first on sys.path: the installed copy must win
 W=/tmp/bw
 THREADS=$(nproc)
 bench() { # name, limit, args...
@@ -26,7 +28,7 @@ check)
   # Exactness on CUDA: packed == alone, pieces across decodes (tiny models, offloaded to the GPU). The installed
   # copy (/tmp/site) must win over the source folders, hence append mode and no extra pythonpath.
   timeout 240 python3 -m pytest -q -x -p no:cacheprovider --import-mode=append -o pythonpath= \
-    tests/worker/test_engine.py tests/worker/test_selftest.py 2>&1 | tail -4 | tee "$OUT/cuda-tests.txt"
+    $REPO/tests/worker/test_engine.py $REPO/tests/worker/test_selftest.py 2>&1 | tail -4 | tee "$OUT/cuda-tests.txt"
   # NOTES.md 25: numpy before llama_cpp, then a GPU model load; and the same through bulkembed (and a fork).
   python3 -c "from bulkembed.synthetic import TINY, write_qwen2vl_gguf as w; w('$W/tiny.gguf', TINY)"
   for order in "import numpy, llama_cpp" "import bulkembed, numpy"; do
