@@ -27,7 +27,9 @@ log = logging.getLogger(__name__)
 CANDIDATES = (256, 512, 1024, 2048)
 CPU_UBATCH = 512  # `auto` on CPU: probing a real model there would take minutes
 PROBE_DOC_TOKENS = 192  # documents of a typical passage length, packed many to a ubatch
-PROBE_DECODES = 3  # timed full ubatches per candidate, after one untimed warm-up
+PROBE_WARM_DECODES = 2  # untimed full ubatches first: a new context and its first decodes (CUDA graphs) cost more
+PROBE_DECODES = 6  # timed full ubatches per candidate, at least
+PROBE_MIN_S = 1.0  # and at least this long, so a fast device is not timed on a few milliseconds
 NEAR_BEST = 0.97  # a smaller ubatch within 3% of the fastest wins: less memory, same speed
 MAX_AUTO_ENGINES = 3  # on an H100, 3 engines gave 1.1x of 2 and more gave nothing (docs/benchmarks.md)
 CONTEXT_RESERVE_MIB = 1536  # per engine beside its weights: KV cache and compute buffers at ub 2048
@@ -86,28 +88,27 @@ def candidates_for(engine: Engine) -> list[int]:
     return [ub for ub in CANDIDATES if ub <= max(CANDIDATES[0], engine.n_ctx_train)]
 
 
-def probe_documents(engine: Engine, ubatch: int) -> list[np.ndarray]:
-    """Enough same-length documents for a warm-up and PROBE_DECODES full ubatches of `ubatch` tokens."""
+def probe_documents(engine: Engine, ubatch: int, decodes: int) -> list[np.ndarray]:
+    """Same-length documents that fill `decodes` ubatches of `ubatch` tokens."""
     text = " ".join(["The river carried the boat past the mill, and the miller counted sacks of grain."] * 40)
     tokens = engine.vocab.tokenize(text)
     while len(tokens) < PROBE_DOC_TOKENS:
         tokens = np.concatenate([tokens, tokens])
-    doc = tokens[:PROBE_DOC_TOKENS]
-    count = -(-(PROBE_DECODES + 1) * ubatch // PROBE_DOC_TOKENS)
-    return [doc] * count
+    return [tokens[:PROBE_DOC_TOKENS]] * -(-decodes * ubatch // PROBE_DOC_TOKENS)
 
 
 def time_candidate(engine: Engine, ubatch: int, wait: object = None) -> tuple[int, float]:
     """(tokens, seconds) of full packed ubatches at this cap; `wait` lines the engines up before the clock."""
-    docs = probe_documents(engine, ubatch)
-    warm = docs[: max(1, ubatch // PROBE_DOC_TOKENS)]
+    docs = probe_documents(engine, ubatch, PROBE_DECODES)
     shape = engine.shape_for([len(d) for d in docs], ubatch_cap=ubatch)
-    engine.embed(warm, shape)  # a new context and its first decode: not what steady state costs
+    engine.embed(probe_documents(engine, ubatch, PROBE_WARM_DECODES), shape)
     if wait is not None:
         wait()
-    started = time.perf_counter()
-    engine.embed(docs, shape)
-    return sum(len(d) for d in docs), time.perf_counter() - started
+    tokens, started = 0, time.perf_counter()
+    while not tokens or time.perf_counter() - started < PROBE_MIN_S:
+        engine.embed(docs, shape)
+        tokens += sum(len(d) for d in docs)
+    return tokens, time.perf_counter() - started
 
 
 def pick(tok_per_s: dict[int, float]) -> int:

@@ -8,7 +8,6 @@ import re
 import shutil
 import subprocess
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,33 +23,33 @@ SEED_UBATCH = 512  # the seed blog's L4 recipe: --ubatch-size 512 --ctx-size 819
 SEED_CTX = 8192
 TRANSFORMERS_BATCH_TOKENS = 8192  # padded tokens per forward pass
 
-# llama_perf_context_print: prompt eval time = 31234.56 ms / 597020 tokens (...)
-_PROMPT_EVAL = re.compile(r"prompt eval time\s*=\s*([\d.]+) ms /\s*(\d+) tokens")
-_BATCH = re.compile(r"batch_decode: n_tokens = (\d+), n_seq = (\d+)")
-_LOAD = re.compile(r"load time\s*=\s*([\d.]+) ms")
+# With --log-prefix --log-timestamps every decode is announced as "0.02.697.213 I batch_decode: n_tokens = 7308,
+# n_seq = 64" (minutes.seconds.ms.us since start). Its perf summary is not printed by every build.
+_BATCH = re.compile(r"(\d+)\.(\d+)\.(\d+)\.(\d+) I batch_decode: n_tokens = (\d+), n_seq = (\d+)")
 
 
 @dataclass(frozen=True)
 class PeerLog:
-    """What llama-embedding says of its own run (stderr)."""
+    """What llama-embedding says of its own run (stderr with timestamps)."""
 
-    decode_ms: float  # llama.cpp's own prompt-eval time: every llama_decode until its results were ready
-    tokens: int  # tokens it decoded (its own tokenization, prefix and BOS/EOS as it adds them)
-    decodes: int  # logical batches it submitted
+    decode_s: float  # second decode's start to the last one's estimated end (the mean gap added)
+    tokens: int  # tokens of those decodes (its own tokenization, with the BOS/EOS it adds)
+    decodes: int  # logical batches counted (all but the first)
     sequences: int
-    load_ms: float | None
 
 
 def parse_llama_embedding_log(text: str) -> PeerLog:
-    """Read llama-embedding's stderr; ValueError when it did not finish (no perf summary)."""
-    found = _PROMPT_EVAL.search(text)
-    if not found:
+    """Read llama-embedding's stderr; ValueError when it announced fewer than two decodes."""
+    found = _BATCH.findall(text)
+    if len(found) < 2:
         tail = "\n".join(text.strip().splitlines()[-5:])
-        raise ValueError(f"llama-embedding printed no 'prompt eval time' summary; its log ends:\n{tail}")
-    batches = [(int(n), int(s)) for n, s in _BATCH.findall(text)]
-    load = _LOAD.search(text)
-    return PeerLog(decode_ms=float(found.group(1)), tokens=int(found.group(2)), decodes=len(batches),
-                   sequences=sum(s for _, s in batches), load_ms=float(load.group(1)) if load else None)
+        raise ValueError(f"llama-embedding announced {len(found)} decodes (run it with --log-prefix "
+                         f"--log-timestamps); its log ends:\n{tail}")
+    stamps = [int(m) * 60 + int(s) + int(ms) / 1e3 + int(us) / 1e6 for m, s, ms, us, _, _ in found]
+    # From the second decode on: the first carries CUDA's warm-up, which bulkembed's rows leave out too.
+    span = stamps[-1] - stamps[1]
+    return PeerLog(decode_s=span + span / max(1, len(stamps) - 2), tokens=sum(int(f[4]) for f in found[1:]),
+                   decodes=len(found) - 1, sequences=sum(int(f[5]) for f in found[1:]))
 
 
 def find_binary(explicit: str | None) -> str | None:
@@ -80,93 +79,33 @@ def run_llama_embedding(binary: str, model: Path, corpus: Corpus, ubatch: int, g
         raise RuntimeError(f"llama-embedding exited {done.returncode}: {done.stderr[-2000:]}")
     peer = parse_llama_embedding_log(done.stderr)
     recipe = f"real binary, seed recipe: ub {ubatch}, ctx = b = {ctx}, flash-attn on; {peer.decodes} decodes"
-    span = Result("llama-embedding", len(corpus.texts), peer.tokens, peer.decode_ms / 1000, 0.0, None, meter.vram,
-                  f"{recipe}; decode span (its own prompt-eval time); long docs pooled per ubatch upstream")
-    whole = Result("llama-embedding run", len(corpus.texts), peer.tokens, meter.seconds, 0.0, None, meter.vram,
+    span = Result("llama-embedding", peer.sequences, peer.tokens, peer.decode_s, 0.0, None, meter.vram,
+                  f"{recipe}; decode span from its log's timestamps, first (warm-up) decode left out; long docs "
+                  f"pooled per ubatch upstream")
+    whole = Result("llama-embedding run", len(corpus.texts), sum(corpus.lengths), meter.seconds, 0.0, None, meter.vram,
                    "the same run start to exit: model load, tokenizing and printing the vectors included")
     return [span, whole]
 
 
 def transformers_available() -> bool:
-    try:
-        import torch  # noqa: F401
-        import transformers  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    import importlib.util
 
-
-def tower_config(model: Path):
-    """A Qwen2 config with the GGUF's own shape (v4's text tower is Qwen2.5-VL's: M-RoPE equals RoPE for text)."""
-    from gguf import GGUFReader
-    from transformers import Qwen2Config
-
-    reader = GGUFReader(str(model))
-
-    def value(key: str, default=None):
-        field = reader.get_field(key)
-        return default if field is None else field.contents()
-
-    arch = value("general.architecture")
-    vocab = len(value("tokenizer.ggml.tokens"))
-    return Qwen2Config(
-        vocab_size=vocab, hidden_size=int(value(f"{arch}.embedding_length")),
-        intermediate_size=int(value(f"{arch}.feed_forward_length")),
-        num_hidden_layers=int(value(f"{arch}.block_count")),
-        num_attention_heads=int(value(f"{arch}.attention.head_count")),
-        num_key_value_heads=int(value(f"{arch}.attention.head_count_kv")),
-        rms_norm_eps=float(value(f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)),
-        rope_theta=float(value(f"{arch}.rope.freq_base", 1e6)),
-        max_position_embeddings=int(value(f"{arch}.context_length", 32768)), attn_implementation="sdpa",
-    ), arch
+    return all(importlib.util.find_spec(name) for name in ("torch", "transformers"))
 
 
 def run_transformers(model: Path, corpus: Corpus, batch_tokens: int = TRANSFORMERS_BATCH_TOKENS) -> Result:
-    """The anchor a user could run instead: the same tower in transformers, random weights (speed does not depend
-    on them), bf16 on the GPU (float32 on CPU), SDPA, length-sorted padded batches, masked mean pooling."""
-    import torch
-    from transformers import Qwen2Model
+    """The anchor a user could run instead (bench/anchor.py), in its own process: torch, transformers and the
+    pyarrow they pull in must not share a process with llama.cpp (they crashed together on a CUDA image)."""
+    import json
+    import sys
 
-    config, arch = tower_config(model)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    net = Qwen2Model(config).to(device=device, dtype=dtype).eval()
-    order = np.argsort([-n for n in corpus.lengths], kind="stable")
-    batches, batch = [], []
-    for i in order:  # longest first: a batch's padded size is its first document's length times its count
-        if batch and (len(batch) + 1) * corpus.lengths[batch[0]] > batch_tokens:
-            batches.append(batch)
-            batch = []
-        batch.append(int(i))
-    batches.append(batch)
-
-    def forward(ids: list[int]) -> None:
-        width = corpus.lengths[ids[0]]
-        tokens = np.zeros((len(ids), width), np.int64)
-        mask = np.zeros((len(ids), width), np.int64)
-        for row, i in enumerate(ids):
-            tokens[row, :corpus.lengths[i]] = corpus.tokens[i]
-            mask[row, :corpus.lengths[i]] = 1
-        t, m = torch.from_numpy(tokens).to(device), torch.from_numpy(mask).to(device)
-        hidden = net(input_ids=t, attention_mask=m).last_hidden_state
-        pooled = (hidden * m[..., None]).sum(1) / m.sum(1, keepdim=True)
-        torch.nn.functional.normalize(pooled.float(), dim=-1).cpu()
-
-    with torch.inference_mode():
-        forward(batches[-1])  # warm-up
-        if device == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        started = time.perf_counter()
-        with Meter() as meter:
-            for ids in batches:
-                forward(ids)
-            if device == "cuda":
-                torch.cuda.synchronize()
-        meter.seconds = time.perf_counter() - started
-        peak = torch.cuda.max_memory_allocated() / (1 << 20) if device == "cuda" else None
-    note = f"transformers {__import__('transformers').__version__}, Qwen2Model shaped as this {arch} GGUF, " \
-           f"{str(dtype).removeprefix('torch.')}, SDPA, {len(batches)} padded batches of <= {batch_tokens} tokens, " \
-           f"random weights, no LM head"
-    return Result("transformers", len(corpus.texts), sum(corpus.lengths), meter.seconds, meter.cpu, meter.rss,
-                  peak if peak is not None else meter.vram, note)
+    with tempfile.TemporaryDirectory(prefix="bulkembed-anchor-") as tmp:
+        tokens = Path(tmp) / "tokens.npz"
+        np.savez(tokens, lengths=np.array(corpus.lengths), ids=np.concatenate(corpus.tokens))
+        done = subprocess.run([sys.executable, str(Path(__file__).with_name("anchor.py")), str(model), str(tokens),
+                               str(batch_tokens)], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"the transformers anchor exited {done.returncode}: {done.stderr[-2000:]}")
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    return Result("transformers", len(corpus.texts), out["tokens"], out["seconds"], out["cpu_seconds"], None,
+                  out["peak_mib"], out["note"])
