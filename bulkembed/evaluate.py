@@ -245,7 +245,7 @@ def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--split", default="test", help="qrels split: qrels/SPLIT.tsv")
     parser.add_argument("--work", default=None, help="folder for the converted inputs and embeddings (default: temp)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
-    parser.add_argument("--ubatch", type=int, default=defaults.ubatch, help="largest physical batch (n_ubatch)")
+    parser.add_argument("--ubatch", type=int, default=512, help="largest physical batch (n_ubatch), pinned")
     parser.add_argument("--gpu-layers", type=int, default=defaults.gpu_layers, help="layers on the GPU; -1 = all")
     parser.add_argument("--threads", type=int, default=defaults.threads, help="CPU threads; 0 = all cores")
     parser.set_defaults(func=cmd_eval)

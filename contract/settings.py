@@ -6,11 +6,10 @@ AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL), so they are not repeated here.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated, Any, Literal, Self
 from urllib.parse import urlparse
 
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import DirectoryPath, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from bulkembed.contract.errors import SettingsError
@@ -103,8 +102,8 @@ class WorkerSettings(Settings):
         "shards from the same queue. auto: as many as fit the GPU's free memory (at most 3), 1 on CPU.",
     )
     probe_cache: str = Field(
-        "~/.cache/bulkembed/ubatch-probe.json", description="File of measured ubatch choices (one per device, "
-        "model sha256, engines and flash-attention setting), so restarts skip the probe.",
+        "~/.cache/bulkembed/ubatch-probe.json", min_length=1, description="File of measured ubatch choices (one per "
+        "device, model sha256, engines and flash-attention setting), so restarts skip the probe.",
     )
     gpu_layers: int = Field(-1, description="Layers offloaded to the GPU; -1 = all (when the build has a GPU).")
     threads: int = Field(0, description="CPU threads for llama.cpp per engine; 0 = the cores split between the "
@@ -119,7 +118,7 @@ class WorkerSettings(Settings):
         120, gt=0, description="Longest wait between two retries of a shard while the store is unreachable "
         "(doubling from 1 s, jittered, and at most half the visibility timeout).",
     )
-    test_hold_dir: Path | None = Field(
+    test_hold_dir: DirectoryPath | None = Field(
         None, description="Test only, never in production: before committing a shard the worker creates "
         "<dir>/<job_id>-<shard>-<pid>.held and waits until that file is removed, so fault tests can kill or stop it "
         "at a known point whatever the machine's speed.",
