@@ -144,6 +144,18 @@ def choose_pooling(info: ModelInfo, requested: Pooling | None, file_name: str) -
     return requested or info.declared_pooling or Pooling.MEAN
 
 
+def choose_max_tokens(requested: int | None, info: ModelInfo, max_ubatch: int, file_name: str) -> int:
+    """--max-tokens, or the model's default. A non-causal model embeds each document whole in one ubatch
+    with its own positions, so it can take no more than its trained context."""
+    if requested is None:
+        return info.default_max_tokens(max_ubatch)
+    if not info.causal and info.n_ctx_train and requested > info.n_ctx_train:
+        raise ModelError(f"--max-tokens {requested}: {file_name} is a non-causal model trained on {info.n_ctx_train} "
+                         f"tokens, and each document is embedded whole; use at most {info.n_ctx_train} "
+                         f"(--overlength chunk splits longer documents into rows that fit)")
+    return requested
+
+
 def check_dims(dims: int | None, info: ModelInfo, file_name: str) -> int:
     """The output width: n_embd, or a Matryoshka cut the model was trained for."""
     if dims is None or dims == info.n_embd:
