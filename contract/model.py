@@ -141,7 +141,14 @@ def choose_pooling(info: ModelInfo, requested: Pooling | None, file_name: str) -
     if info.pooling_type != -1 and info.declared_pooling is None:
         raise ModelError(f"{file_name} declares pooling type {info.pooling_type}, which bulkembed does not know; "
                          f"it embeds with none, mean, cls or last")
-    return requested or info.declared_pooling or Pooling.MEAN
+    pooling = requested or info.declared_pooling or Pooling.MEAN
+    if pooling is Pooling.CLS and not info.add_bos:
+        log.warning("%s: cls pooling takes each text's first token, and its tokenizer puts no BOS/[CLS] there",
+                    file_name)
+    if pooling is Pooling.LAST and not info.add_eos:
+        log.warning("%s: last pooling takes each text's last token, and its tokenizer appends no EOS/[SEP]",
+                    file_name)
+    return pooling
 
 
 def choose_max_tokens(requested: int | None, info: ModelInfo, max_ubatch: int, file_name: str) -> int:
