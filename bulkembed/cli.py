@@ -7,6 +7,8 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Callable
+from typing import NoReturn
 
 from bulkembed.bench import add_bench_parser
 from bulkembed.contract.errors import BulkEmbedError
@@ -16,6 +18,26 @@ from bulkembed.contract.settings import ProducerSettings, WorkerSettings
 from bulkembed.evaluate import add_eval_parser
 
 log = logging.getLogger("bulkembed")
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with its errors on one line (usage stays in --help)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an integer no smaller than `minimum`."""
+
+    def parse(text: str) -> int:
+        value = int(text)  # argparse turns a ValueError into "invalid parse value"
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, not {value}")
+        return value
+
+    parse.__name__ = "integer"
+    return parse
 
 
 def _job_arguments(parser: argparse.ArgumentParser, model_default: str | None) -> None:
@@ -29,16 +51,16 @@ def _job_arguments(parser: argparse.ArgumentParser, model_default: str | None) -
                         help="query or passage; picks the prefix from v4's table")
     parser.add_argument("--id-column", default="id")
     parser.add_argument("--text-column", default="text")
-    parser.add_argument("--shard-tokens", type=int, default=ProducerSettings().shard_tokens,
+    parser.add_argument("--shard-tokens", type=at_least(1), default=ProducerSettings().shard_tokens,
                         help="token budget of one shard")
     parser.add_argument("--prefix", default=None,
                         help="text put before every document instead of v4's task/role prefix ('' for none)")
-    parser.add_argument("--max-tokens", type=int, default=None,
+    parser.add_argument("--max-tokens", type=at_least(1), default=None,
                         help="longest input in tokens (default: the model's trained context, 32768 for v4; "
                         "non-causal models: what one ubatch may hold, BULKEMBED_MAX_UBATCH, within that context)")
     parser.add_argument("--overlength", choices=[o.value for o in Overlength], default=Overlength.TRUNCATE.value,
                         help="longer documents: keep the first max-tokens, one row per chunk, or quarantine")
-    parser.add_argument("--dims", type=int, default=None,
+    parser.add_argument("--dims", type=at_least(1), default=None,
                         help="Matryoshka dimensions (v4: 128, 256, 512, 1024 or 2048), re-normalized")
     parser.add_argument("--dtype", choices=[d.value for d in Dtype], default=Dtype.FLOAT32.value)
     parser.add_argument("--no-normalize", action="store_true", help="write raw means, not L2-normalized")
@@ -49,23 +71,47 @@ def _job_arguments(parser: argparse.ArgumentParser, model_default: str | None) -
                         "vector (late chunking). Default: what the model declares (mean where it declares nothing)")
 
 
+def _ubatch(value: str) -> int | str:
+    if value in ("auto", "probe"):
+        return value
+    if not value.isdigit() or int(value) < 32:
+        raise argparse.ArgumentTypeError(f"--ubatch takes auto, probe or a number >= 32, not {value!r}")
+    return int(value)
+
+
+def _engines(value: str) -> int | str:
+    if value == "auto":
+        return value
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"--engines takes auto or a number >= 1, not {value!r}")
+    return int(value)
+
+
 def _worker_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = WorkerSettings()
-    parser.add_argument("--ubatch", type=int, default=defaults.ubatch,
-                        help="largest physical batch (n_ubatch); 512 is fastest on an L4")
-    parser.add_argument("--gpu-layers", type=int, default=defaults.gpu_layers,
+    parser.add_argument("--engines", type=_engines, default=defaults.engines,
+                        help="engine processes, each with the model resident, taking shards side by side; auto = as "
+                             "many as fit the GPU's free memory (at most 3), 1 on CPU")
+    parser.add_argument("--ubatch", type=_ubatch, default=defaults.ubatch,
+                        help="largest physical batch (n_ubatch): a number pins it; auto = measured at start on a GPU "
+                             "(cached per device, model and engines), 512 on CPU; probe = measured on CPU too")
+    parser.add_argument("--gpu-layers", type=at_least(-1), default=defaults.gpu_layers,
                         help="layers on the GPU; -1 = all (when llama.cpp has a GPU backend)")
-    parser.add_argument("--threads", type=int, default=defaults.threads, help="CPU threads; 0 = all cores")
+    parser.add_argument("--threads", type=at_least(0), default=defaults.threads,
+                        help="CPU threads per engine; 0 = the cores split between the engines")
     parser.add_argument("--flash-attn", choices=["auto", "on", "off"], default=defaults.flash_attn,
                         help="flash attention; auto = on wherever the backend supports it")
 
 
-def _engine_options(args: argparse.Namespace):
+def _engine_setup(args: argparse.Namespace):
     from bulkembed.worker.engine import EngineOptions
+    from bulkembed.worker.engines import EngineSetup
 
-    return EngineOptions(ubatch=args.ubatch, gpu_layers=args.gpu_layers, threads=args.threads,
-                         flash_attn={"auto": None, "on": True, "off": False}[args.flash_attn],
-                         logical_batch=WorkerSettings().logical_batch)
+    settings = WorkerSettings()
+    options = EngineOptions(ubatch=args.ubatch if isinstance(args.ubatch, int) else 512, gpu_layers=args.gpu_layers,
+                            threads=args.threads, flash_attn={"auto": None, "on": True, "off": False}[args.flash_attn],
+                            logical_batch=settings.logical_batch)
+    return EngineSetup(options, engines=args.engines, ubatch=args.ubatch, probe_cache=settings.probe_cache)
 
 
 def _plan(args: argparse.Namespace):
@@ -86,7 +132,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from bulkembed.local import run_local
 
     planned = _plan(args)
-    manifest = run_local(planned, str(resolve_path(args.model)), _engine_options(args), force=args.force)
+    manifest = run_local(planned, str(resolve_path(args.model)), _engine_setup(args), force=args.force)
     print(f"job {planned.job.job_id}: {manifest['rows']} rows, {manifest['tokens']} tokens, "
           f"{manifest['rejected_rows']} rejected → {planned.store.uri}")
     return 0
@@ -166,36 +212,16 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    import multiprocessing
-    import os
-    import socket
-
     from bulkembed.contract.model import choose_pooling, model_info, model_ref
-    from bulkembed.worker import app as worker_app
-    from bulkembed.worker.selftest import SelfTestError, self_test_file
+    from bulkembed.worker.serve import serve
 
     ref, path = model_ref(args.model)
     choose_pooling(model_info(path), None, ref.file_name)  # a reranker is refused before anything loads
-    options = _engine_options(args)
-    with multiprocessing.get_context("spawn").Pool(1) as pool:  # no GPU context in the parent before fork
-        try:
-            worst = pool.apply(self_test_file, (path, options))
-        except SelfTestError as exc:
-            log.critical("%s; refusing to start", exc)
-            return 3
-    log.info("self-test passed: packed == alone (worst cosine %.7f)", worst)
-    worker_app.MODEL = worker_app.ResidentModel(path=path, sha256=ref.sha256, options=options)
-    log.info("worker for %s (sha256 %s…) on queue %s", ref.file_name, ref.sha256[:12], ref.queue)
-    worker_app.app.worker_main([
-        "worker", "--queues", ref.queue, "--concurrency", "1", "--pool", "prefork",
-        "--hostname", f"bulkembed-{os.getpid()}@{socket.gethostname()}",
-        "--loglevel", WorkerSettings().log_level, "--without-gossip", "--without-mingle",
-    ])
-    return 0
+    return serve(ref, path, _engine_setup(args), WorkerSettings())
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="bulkembed", description=__doc__)
+    parser = Parser(prog="bulkembed", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
     submit = commands.add_parser("submit", help="plan a job and queue its shards on Redis")
@@ -224,9 +250,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=ProducerSettings().log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
+    try:  # settings are read while the parser is built (defaults) and by every command
+        args = build_parser().parse_args(argv)
+        logging.basicConfig(level=ProducerSettings().log_level,  # [pid]: which engine of a worker said it
+                            format="%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s")
         return args.func(args)
     except BulkEmbedError as exc:
         print(f"bulkembed: {exc}", file=sys.stderr)

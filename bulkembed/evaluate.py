@@ -151,6 +151,7 @@ def embed_texts(texts: Mapping[str, str], role: str, model: str, work: Path, nam
     from bulkembed.contract.model import resolve_path
     from bulkembed.local import run_local
     from bulkembed.producer.submit import JobOptions, plan_job
+    from bulkembed.worker.engines import EngineSetup
 
     source, out = work / f"{name}.parquet", work / f"{name}-embeddings"
     pq.write_table(pa.table({"id": pa.array(list(texts), pa.string()), "text": pa.array(list(texts.values()))}),
@@ -158,7 +159,8 @@ def embed_texts(texts: Mapping[str, str], role: str, model: str, work: Path, nam
     shutil.rmtree(out, ignore_errors=True)  # a stale job with as many rows would be reused as done
     planned = plan_job(str(source), model, str(out),
                        JobOptions(task=Task(task) if task else None, role=Role(role)))
-    manifest = run_local(planned, str(resolve_path(model)), engine_options, progress=progress)
+    setup = EngineSetup(engine_options, engines=1, ubatch=engine_options.ubatch)
+    manifest = run_local(planned, str(resolve_path(model)), setup, progress=progress)
     table = ds.dataset(str(out), format="arrow").to_table(columns=["id", "embedding"])
     ids = table.column("id").to_pylist()
     if len(ids) != len(set(ids)):

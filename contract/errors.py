@@ -23,3 +23,7 @@ class EngineError(ShardError):
 
 class TransientError(BulkEmbedError):
     """A failure worth retrying (storage or network hiccup)."""
+
+
+class SettingsError(BulkEmbedError):
+    """A BULKEMBED_* environment variable holds a value bulkembed cannot use."""

@@ -20,6 +20,9 @@ REDIS_JOB_DONE = "bulkembed:job:{job_id}:done"  # hash: shard -> result json
 REDIS_JOB_FAILED = "bulkembed:job:{job_id}:failed"  # hash: shard -> error
 REDIS_JOB_ATTEMPTS = "bulkembed:job:{job_id}:attempts"  # hash: shard -> deliveries started
 REDIS_SHARD_LOCK = "bulkembed:lock:{job_id}:{shard}"  # for stores without conditional writes
+# list: ids of the jobs on a model's queue that still have unfinished shards. KEDA's second trigger
+# reads its length: while it is not empty a worker stays up to restore an orphaned shard.
+REDIS_QUEUE_OPEN_JOBS = "bulkembed:open-jobs:{queue}"
 
 
 def shard_input(shard: int) -> str:

@@ -14,9 +14,7 @@ TASK_EMBED_SHARD = "bulkembed.embed_shard"
 def celery_app(settings: Settings, name: str) -> Celery:
     """A Celery app on the settings' Redis. JSON only (never pickle from a broker); a shard is
     acknowledged after it is written, handed back if its process dies, and one worker holds one
-    shard at a time. The hard time limit stays below Redis's redelivery timeout (NOTES.md 11)."""
-    if settings.task_time_limit >= settings.visibility_timeout:
-        raise ValueError("BULKEMBED_TASK_TIME_LIMIT must be below BULKEMBED_VISIBILITY_TIMEOUT")
+    shard at a time. The hard time limit is below Redis's redelivery timeout (Settings checks it)."""
     url = settings.redis_url.get_secret_value()
     app = Celery(name, broker=url)
     if url.startswith("rediss://") and "ssl_cert_reqs" not in url:

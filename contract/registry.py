@@ -118,9 +118,11 @@ class JobRegistry:
         # Failed shards get a fresh set of attempts.
         self.redis.delete(keys.REDIS_JOB_FAILED.format(job_id=job.job_id),
                           keys.REDIS_JOB_ATTEMPTS.format(job_id=job.job_id))
+        self._open(job)
 
     def forget(self, job_id: str) -> None:
         """Drop everything Redis knows of a job (--force)."""
+        self._close(job_id)
         self.redis.delete(*(k.format(job_id=job_id) for k in (keys.REDIS_JOB, keys.REDIS_JOB_DONE,
                                                                 keys.REDIS_JOB_FAILED, keys.REDIS_JOB_ATTEMPTS)))
 
@@ -136,7 +138,10 @@ class JobRegistry:
         """Record the totals once every shard is queued; True when the job is already complete."""
         self.redis.hset(keys.REDIS_JOB.format(job_id=job_id), mapping={"totals": totals.model_dump_json(),
                                                                       "state": "running"})
-        return self._complete(job_id)
+        complete = self._complete(job_id)
+        if not complete and self._settled(job_id):  # its last shards failed while it was being queued
+            self._close(job_id)
+        return complete
 
     def shard_done(self, job_id: str, result: ShardResult) -> bool:
         """Record a written shard (idempotent); True when this made the job complete."""
@@ -146,6 +151,8 @@ class JobRegistry:
 
     def shard_failed(self, job_id: str, shard: int, error: str) -> None:
         self.redis.hset(keys.REDIS_JOB_FAILED.format(job_id=job_id), str(shard), error[:2000])
+        if self._settled(job_id):  # failed for good: no worker needs to stay up for it
+            self._close(job_id)
 
     def _complete(self, job_id: str) -> bool:
         totals = self.redis.hget(keys.REDIS_JOB.format(job_id=job_id), "totals")
@@ -170,7 +177,31 @@ class JobRegistry:
             return None
         manifest = write_manifest(open_store(spec.out), spec, JobTotals.model_validate_json(raw), self.results(job_id))
         self.redis.hset(keys.REDIS_JOB.format(job_id=job_id), "state", "done")
+        self._close(job_id)
         return manifest
+
+    def open_jobs(self, queue: str) -> list[str]:
+        """Jobs on this queue with unfinished shards (what KEDA counts to keep a worker up)."""
+        return self.redis.lrange(keys.REDIS_QUEUE_OPEN_JOBS.format(queue=queue), 0, -1)
+
+    def _open(self, job: JobSpec) -> None:
+        key = keys.REDIS_QUEUE_OPEN_JOBS.format(queue=job.model.queue)
+        with self.redis.pipeline() as pipe:  # MULTI: the job is listed once, however often it is submitted
+            pipe.lrem(key, 0, job.job_id).rpush(key, job.job_id).execute()
+
+    def _close(self, job_id: str) -> None:
+        spec = self.spec(job_id)
+        if spec is not None:
+            self.redis.lrem(keys.REDIS_QUEUE_OPEN_JOBS.format(queue=spec.model.queue), 0, job_id)
+
+    def _settled(self, job_id: str) -> bool:
+        """Every shard of a fully queued job is written or failed for good."""
+        totals = self.redis.hget(keys.REDIS_JOB.format(job_id=job_id), "totals")
+        if totals is None:
+            return False
+        settled = (self.redis.hlen(keys.REDIS_JOB_DONE.format(job_id=job_id))
+                   + self.redis.hlen(keys.REDIS_JOB_FAILED.format(job_id=job_id)))
+        return settled >= JobTotals.model_validate_json(totals).shards
 
     def status(self, job_id: str) -> JobStatus | None:
         job = self.redis.hgetall(keys.REDIS_JOB.format(job_id=job_id))

@@ -6,10 +6,20 @@ AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL), so they are not repeated here.
 
 from __future__ import annotations
 
-from typing import Literal
+from pathlib import Path
+from typing import Annotated, Any, Literal, Self
+from urllib.parse import urlparse
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from bulkembed.contract.errors import SettingsError
+
+REDIS_SCHEMES = ("redis", "rediss", "unix")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+# A pinned ubatch (llama.cpp's n_ubatch) or how to choose one; a number of engines or "auto".
+UbatchSpec = Annotated[int, Field(ge=32)] | Literal["auto", "probe"]
+EngineSpec = Annotated[int, Field(ge=1, le=64)] | Literal["auto"]
 
 
 class Settings(BaseSettings):
@@ -22,15 +32,56 @@ class Settings(BaseSettings):
         description="Redis URL of the broker and job registry (redis:// or rediss://, may hold a password).",
     )
     visibility_timeout: int = Field(
-        7200, description="Seconds before Redis redelivers an unacknowledged shard; above task_time_limit."
+        7200, ge=2, description="Seconds before Redis redelivers an unacknowledged shard; above task_time_limit."
     )
-    task_time_limit: int = Field(3600, description="Hard limit in seconds for one shard.")
+    task_time_limit: int = Field(
+        3600, ge=1, description="Hard limit in seconds for one shard; below visibility_timeout (half of it when "
+        "only the visibility timeout is set).",
+    )
+
+    def __init__(self, **values: Any) -> None:
+        """A wrong setting is one line naming its variable (SettingsError), not a pydantic traceback."""
+        try:
+            super().__init__(**values)
+        except ValidationError as exc:
+            raise SettingsError(describe(exc, type(self))) from None
+
+    @model_validator(mode="after")
+    def _time_limit_below_visibility_timeout(self) -> Self:
+        # Redis redelivers a shard still running at the visibility timeout (NOTES.md 11), so the hard
+        # limit must end it first.
+        if "task_time_limit" not in self.model_fields_set and "visibility_timeout" in self.model_fields_set:
+            self.task_time_limit = self.visibility_timeout // 2
+        if self.task_time_limit >= self.visibility_timeout:
+            raise ValueError(f"BULKEMBED_TASK_TIME_LIMIT ({self.task_time_limit}) must be below "
+                             f"BULKEMBED_VISIBILITY_TIMEOUT ({self.visibility_timeout})")
+        return self
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, url: SecretStr) -> SecretStr:
+        scheme = urlparse(url.get_secret_value()).scheme
+        if scheme not in REDIS_SCHEMES:  # the message never shows the URL: it may hold the password
+            raise ValueError(f"must start with {', '.join(s + '://' for s in REDIS_SCHEMES)}")
+        return url
+
+    @field_validator("log_level")
+    @classmethod
+    def _known_log_level(cls, level: str) -> str:
+        if level.upper() not in LOG_LEVELS:
+            raise ValueError(f"must be one of {', '.join(LOG_LEVELS)}")
+        return level.upper()
     shard_max_attempts: int = Field(
         3, ge=1, description="Deliveries of one shard that may end without a result (a crashed process, a time "
         "limit) before it is reported failed instead of redelivered again.",
     )
     transient_retries: int = Field(8, ge=0, description="Retries, with backoff, of S3/Redis hiccups in one shard.")
     log_level: str = Field("INFO", description="Python logging level.")
+    store_outage_s: float = Field(
+        1800, ge=0, description="Seconds a shard keeps retrying, with backoff, while the object store is unreachable "
+        "or failing (after its BULKEMBED_TRANSIENT_RETRIES); past both it is reported failed. Such retries do not "
+        "use up the shard's attempts.",
+    )
 
 
 class ProducerSettings(Settings):
@@ -45,14 +96,52 @@ class ProducerSettings(Settings):
 
 
 class WorkerSettings(Settings):
-    """The worker side: one process per GPU with one resident model."""
+    """The worker side: one worker per GPU, running one or more engine processes with the model resident."""
 
-    ubatch: int = Field(512, description="Largest physical batch (n_ubatch) a shard may use.", ge=32)
+    ubatch: UbatchSpec = Field(
+        "auto", description="Largest physical batch (n_ubatch) a shard may use: a number (>= 32) pins it; auto "
+        "measures the candidates on the resident model at start where a GPU is used (512 on CPU), cached per "
+        "device, model and engines; probe measures on CPU too.",
+    )
+    engines: EngineSpec = Field(
+        "auto", description="Engine processes per worker, each with the model resident and its own context, taking "
+        "shards from the same queue. auto: as many as fit the GPU's free memory (at most 3), 1 on CPU.",
+    )
+    probe_cache: str = Field(
+        "~/.cache/bulkembed/ubatch-probe.json", description="File of measured ubatch choices (one per device, "
+        "model sha256, engines and flash-attention setting), so restarts skip the probe.",
+    )
     gpu_layers: int = Field(-1, description="Layers offloaded to the GPU; -1 = all (when the build has a GPU).")
-    threads: int = Field(0, description="CPU threads for llama.cpp; 0 = all cores.", ge=0)
-    metrics_port: int = Field(9100, ge=0, description="Port of the Prometheus /metrics endpoint; 0 = off.")
+    threads: int = Field(0, description="CPU threads for llama.cpp per engine; 0 = the cores split between the "
+                         "engines.", ge=0)
+    metrics_port: int = Field(9100, ge=0, le=65535, description="Port of the Prometheus /metrics endpoint; 0 = off.")
     flash_attn: Literal["auto", "on", "off"] = Field("auto", description="Flash attention (auto: where supported).")
     logical_batch: int = Field(
         0, ge=0, description="Tokens per decode above the ubatch, as upstream tools do. Makes pooled means of "
         "long documents wrong; exists so benchmarks can compare and the start-up self-test can prove it refuses it.",
     )
+    store_backoff_max_s: float = Field(
+        120, gt=0, description="Longest wait between two retries of a shard while the store is unreachable "
+        "(doubling from 1 s, jittered, and at most half the visibility timeout).",
+    )
+    test_hold_dir: Path | None = Field(
+        None, description="Test only, never in production: before committing a shard the worker creates "
+        "<dir>/<job_id>-<shard>-<pid>.held and waits until that file is removed, so fault tests can kill or stop it "
+        "at a known point whatever the machine's speed.",
+    )
+
+
+def describe(exc: ValidationError, settings_cls: type[BaseSettings]) -> str:
+    """Every problem of one ValidationError on one line, each named by its environment variable."""
+    prefix = settings_cls.model_config["env_prefix"]
+    problems = []
+    for error in exc.errors():
+        field = str(error["loc"][0]) if error["loc"] else ""
+        message = error["msg"].removeprefix("Value error, ")
+        if not field:  # a check across fields: its message names the variables itself
+            problems.append(message)
+        elif settings_cls.model_fields[field].annotation is SecretStr:
+            problems.append(f"{prefix}{field.upper()}: {message}")
+        else:
+            problems.append(f"{prefix}{field.upper()}={error['input']!r}: {message}")
+    return "invalid settings: " + "; ".join(problems)

@@ -10,6 +10,8 @@ import logging
 import os
 import tempfile
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Protocol
 from urllib.parse import urlparse
@@ -107,19 +109,25 @@ class S3Store:
 
     def __init__(self, uri: str):
         import boto3
+        import botocore.session
         from botocore.config import Config
 
         parsed = urlparse(uri)
         self.uri = uri.rstrip("/")
         self.bucket = parsed.netloc
         self.prefix = parsed.path.strip("/")
+        # boto3's own AWS_MAX_ATTEMPTS / AWS_RETRY_MODE (or ~/.aws/config) win; else 9 attempts in standard
+        # mode. Past those, a failing call is a TransientError and the worker backs off for minutes.
+        core = botocore.session.get_session()
+        retries = {"total_max_attempts": core.get_config_variable("max_attempts") or 9,
+                   "mode": core.get_config_variable("retry_mode") or "standard"}
         # Checksums only when required: some S3-compatible servers reject boto3's default ones.
         config = Config(
             request_checksum_calculation="when_required",
             response_checksum_validation="when_required",
-            retries={"max_attempts": 8, "mode": "standard"},
+            retries=retries,
         )
-        self._session = boto3.session.Session()
+        self._session = boto3.session.Session(botocore_session=core)
         self.client = self._session.client("s3", config=config)
 
     def _key(self, key: str) -> str:
@@ -128,57 +136,47 @@ class S3Store:
     def put_if_absent(self, key: str, data: bytes) -> bool:
         from botocore.exceptions import ClientError
 
-        try:
-            self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data, IfNoneMatch="*")
-            return True
-        except ClientError as exc:
-            code = exc.response.get("Error", {}).get("Code", "")
-            if code in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
-                return False
-            raise _classify(exc) from exc
+        with _transient_errors("PUT", key):
+            try:
+                self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data, IfNoneMatch="*")
+                return True
+            except ClientError as exc:
+                if _error_code(exc) in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
+                    return False
+                raise
 
     def put(self, key: str, data: bytes) -> None:
-        from botocore.exceptions import BotoCoreError, ClientError
-
-        try:
+        with _transient_errors("PUT", key):
             self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data)
-        except (ClientError, BotoCoreError) as exc:
-            raise _classify(exc) from exc
 
     def get(self, key: str) -> bytes:
-        from botocore.exceptions import BotoCoreError, ClientError
-
-        try:
+        with _transient_errors("GET", key):
             return self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read()
-        except (ClientError, BotoCoreError) as exc:
-            raise _classify(exc) from exc
 
     def delete(self, key: str) -> None:
-        from botocore.exceptions import BotoCoreError, ClientError
-
-        try:
+        with _transient_errors("DELETE", key):
             self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
-        except (ClientError, BotoCoreError) as exc:
-            raise _classify(exc) from exc
 
     def exists(self, key: str) -> bool:
         from botocore.exceptions import ClientError
 
-        try:
-            self.client.head_object(Bucket=self.bucket, Key=self._key(key))
-            return True
-        except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
-                return False
-            raise _classify(exc) from exc
+        with _transient_errors("HEAD", key):
+            try:
+                self.client.head_object(Bucket=self.bucket, Key=self._key(key))
+                return True
+            except ClientError as exc:
+                if _error_code(exc) in ("404", "NoSuchKey", "NotFound"):
+                    return False
+                raise
 
     def list(self, prefix: str = "") -> list[tuple[str, int]]:
         full = self._key(prefix)
         strip = len(self.prefix) + 1 if self.prefix else 0
         found = []
-        for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=full):
-            for obj in page.get("Contents", []):
-                found.append((obj["Key"][strip:], obj["Size"]))
+        with _transient_errors("LIST", prefix):
+            for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=full):
+                for obj in page.get("Contents", []):
+                    found.append((obj["Key"][strip:], obj["Size"]))
         return sorted(found)
 
     def arrow_fs(self) -> tuple[pafs.FileSystem, str]:
@@ -200,17 +198,45 @@ class S3Store:
         return fs, f"{self.bucket}/{self.prefix}".rstrip("/")
 
 
-def _classify(exc: Exception) -> Exception:
-    """5xx, throttling and connection trouble are transient; the rest is permanent."""
-    from botocore.exceptions import ClientError
+# What botocore's standard retry mode retries, by error code and HTTP status (botocore/retries/standard.py).
+TRANSIENT_CODES = frozenset({
+    "RequestTimeout", "RequestTimeoutException", "PriorRequestNotComplete", "InternalError", "ServiceUnavailable",
+    "SlowDown", "Throttling", "ThrottlingException", "ThrottledException", "RequestThrottledException",
+    "TooManyRequestsException", "RequestThrottled", "RequestLimitExceeded", "BandwidthLimitExceeded",
+    "ProvisionedThroughputExceededException", "TransactionInProgressException", "LimitExceededException",
+    "EC2ThrottledException",
+})
+TRANSIENT_STATUS = frozenset({429, 500, 502, 503, 504})
+
+
+def _error_code(exc: Exception) -> str:
+    return exc.response.get("Error", {}).get("Code", "")  # type: ignore[attr-defined]
+
+
+def is_transient(exc: Exception) -> bool:
+    """Connection trouble, timeouts, throttling and 5xx answers: worth retrying later. The rest
+    (access denied, no such bucket, no credentials, bad parameters) is permanent."""
+    from botocore.exceptions import ClientError, ConnectionError, HTTPClientError, IncompleteReadError
 
     if isinstance(exc, ClientError):
         status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-        code = exc.response.get("Error", {}).get("Code", "")
-        if status >= 500 or code in ("SlowDown", "Throttling", "RequestTimeout"):
-            return TransientError(f"S3 {code or status}: {exc}")
-        return exc
-    return TransientError(f"S3 connection problem: {exc}")
+        return status in TRANSIENT_STATUS or _error_code(exc) in TRANSIENT_CODES
+    # ConnectionError: refused, connect timeout, TLS, proxy; HTTPClientError: closed, read timeout,
+    # a body cut short; IncompleteReadError: fewer body bytes than announced.
+    return isinstance(exc, (ConnectionError, HTTPClientError, IncompleteReadError))
+
+
+@contextmanager
+def _transient_errors(method: str, key: str) -> Iterator[None]:
+    """A transient boto3 failure (after boto3's own retries) becomes a TransientError naming the call."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        yield
+    except (ClientError, BotoCoreError) as exc:
+        if is_transient(exc):
+            raise TransientError(f"S3 {method} {key}: {type(exc).__name__}: {exc}") from exc
+        raise
 
 
 def has_conditional_writes(store: Store) -> bool:

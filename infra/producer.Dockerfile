@@ -23,19 +23,20 @@ RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
 # Dependencies first (see infra/worker.Dockerfile): the llama-cpp-python build gets its own layer.
-COPY pyproject.toml README.md ./
+# constraints.txt pins the tested versions (llama-cpp-python among them), the same in every image.
+COPY pyproject.toml README.md infra/constraints.txt ./
 RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
         > /tmp/requirements.txt \
- && pip install -r /tmp/requirements.txt
+ && pip install -c constraints.txt -r /tmp/requirements.txt
 COPY bulkembed bulkembed
 COPY contract contract
 COPY producer producer
 COPY worker worker
-RUN pip install . && bulkembed --help > /dev/null && python -c "import llama_cpp"
+RUN pip install -c constraints.txt . && bulkembed --help > /dev/null && python -c "import llama_cpp"
 
 FROM ${PYTHON_IMAGE} AS runtime
 RUN apt-get update \
- && apt-get install -y --no-install-recommends libgomp1 \
+ && apt-get install -y --no-install-recommends libgomp1 tini \
  && rm -rf /var/lib/apt/lists/*
 RUN groupadd --gid 10001 bulkembed \
  && useradd --uid 10001 --gid 10001 --create-home --home-dir /home/bulkembed --shell /usr/sbin/nologin bulkembed \
@@ -51,10 +52,11 @@ WORKDIR /home/bulkembed
 # A worker on the CPU: same interface as the GPU image (arguments after `bulkembed worker`).
 FROM runtime AS worker-cpu
 EXPOSE 9100
-ENTRYPOINT ["bulkembed", "worker"]
+# tini as PID 1 forwards SIGTERM (see infra/worker.Dockerfile).
+ENTRYPOINT ["/usr/bin/tini", "--", "bulkembed", "worker"]
 CMD ["--model", "jinaai/jina-embeddings-v4-text-retrieval-GGUF:IQ3_M", "--gpu-layers", "0"]
 
 # The producer and every other subcommand: submit, status, run.
 FROM runtime AS producer
-ENTRYPOINT ["bulkembed"]
+ENTRYPOINT ["/usr/bin/tini", "--", "bulkembed"]
 CMD ["--help"]

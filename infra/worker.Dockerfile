@@ -28,20 +28,21 @@ ENV CMAKE_ARGS="-DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=${CUDA_ARCHS} -DLLAVA_
 WORKDIR /src
 # Dependencies first, read from pyproject.toml: the long llama-cpp-python build stays in its own
 # layer and is redone only when the dependencies or CUDA_ARCHS change, not on every code change.
-COPY pyproject.toml README.md ./
+# constraints.txt pins the tested versions (llama-cpp-python among them), the same in every image.
+COPY pyproject.toml README.md infra/constraints.txt ./
 RUN python3 -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
         > /tmp/requirements.txt \
- && pip install -r /tmp/requirements.txt
+ && pip install -c constraints.txt -r /tmp/requirements.txt
 COPY bulkembed bulkembed
 COPY contract contract
 COPY producer producer
 COPY worker worker
-RUN pip install . && bulkembed --help > /dev/null
+RUN pip install -c constraints.txt . && bulkembed --help > /dev/null
 
 FROM nvidia/cuda:${CUDA_VERSION}-runtime-${UBUNTU} AS runtime
 ENV DEBIAN_FRONTEND=noninteractive
 RUN apt-get update \
- && apt-get install -y --no-install-recommends python3 libgomp1 ca-certificates \
+ && apt-get install -y --no-install-recommends python3 libgomp1 ca-certificates tini \
  && rm -rf /var/lib/apt/lists/*
 # A numeric non-root user (Kubernetes' runAsNonRoot can only verify a numeric USER); /models is
 # the Hugging Face cache, a mounted volume, owned by that user so a fresh named volume is writable.
@@ -57,8 +58,11 @@ USER 10001:10001
 WORKDIR /home/bulkembed
 # Prometheus metrics (BULKEMBED_METRICS_PORT).
 EXPOSE 9100
-# Exec form: `bulkembed` is PID 1 and gets SIGTERM itself, and Celery answers it with a warm
-# shutdown (the shard in progress finishes, nothing new is taken). Arguments come from CMD, or
-# from compose `command:` / Kubernetes `args:`.
-ENTRYPOINT ["bulkembed", "worker"]
+# tini is PID 1: the kernel ignores a signal PID 1 has no handler for, so a bare `bulkembed` would
+# ignore SIGTERM until Celery installs its handlers (model download, self-test) and keep the GPU
+# for the whole grace period. tini forwards SIGTERM to `bulkembed`, which stops at once before
+# Celery starts and afterwards gets Celery's warm shutdown (the shard in progress finishes,
+# nothing new is taken); tini also reaps orphaned children. Arguments come from CMD, or from
+# compose `command:` / Kubernetes `args:`.
+ENTRYPOINT ["/usr/bin/tini", "--", "bulkembed", "worker"]
 CMD ["--model", "jinaai/jina-embeddings-v4-text-retrieval-GGUF:IQ3_M", "--ubatch", "512"]

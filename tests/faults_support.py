@@ -7,6 +7,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -22,11 +23,14 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlparse
 
+import numpy as np
 import pyarrow.dataset as ds
+import pyarrow.parquet as pq
 import redis
 
 from bulkembed.contract import keys
 from bulkembed.contract.store import LocalStore, open_store
+from tests.conftest import cosines
 
 T = TypeVar("T")
 REPO = Path(__file__).resolve().parents[1]
@@ -136,6 +140,56 @@ class RedisProcess:
             self.process.wait(5)
 
 
+# --- a shard held at a known point ----------------------------------------------------------------------
+
+
+class Holds:
+    """The test side of BULKEMBED_TEST_HOLD_DIR: a worker started with `env` holds every shard just
+    before its commit until the test releases it (worker/hold.py), so a test acts mid-shard whatever
+    the machine's speed. `auto_release(keep)` lets every shard but those in `keep` go on."""
+
+    MARKER = re.compile(r"-(\d{5})-(\d+)\.held$")
+
+    def __init__(self, folder: Path):
+        folder.mkdir(parents=True, exist_ok=True)
+        self.folder = folder
+        self.env = {"BULKEMBED_TEST_HOLD_DIR": str(folder)}
+        self._stop = threading.Event()
+        self._releaser: threading.Thread | None = None
+
+    def held(self) -> list[tuple[int, int]]:
+        """(shard, pool process id) of every shard held now."""
+        found = (self.MARKER.search(p.name) for p in self.folder.glob("*.held"))
+        return sorted((int(m[1]), int(m[2])) for m in found if m)
+
+    def wait(self, timeout_s: float = 60, shard: int | None = None, not_pid: int | None = None) -> tuple[int, int]:
+        """A shard held now (`shard`, if given, by a process other than `not_pid`)."""
+        def found() -> tuple[int, int] | None:
+            return next((h for h in self.held() if shard in (None, h[0]) and h[1] != not_pid), None)
+        return wait_until(found, timeout_s, f"a worker to hold {'a shard' if shard is None else f'shard {shard}'}")
+
+    def release(self, shard: int, pid: int | None = None) -> None:
+        """Let `shard` go on (only where process `pid` holds it, if given)."""
+        for marker in self.folder.glob(f"*-{shard:05d}-{pid or '*'}.held"):
+            marker.unlink(missing_ok=True)
+
+    def auto_release(self, keep: frozenset[int] = frozenset()) -> None:
+        def run() -> None:
+            while not self._stop.wait(0.02):
+                for shard, _ in self.held():
+                    if shard not in keep:
+                        self.release(shard)
+        self.stop()
+        self._stop.clear()
+        self._releaser = threading.Thread(target=run, daemon=True)
+        self._releaser.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._releaser is not None:
+            self._releaser.join(5)
+
+
 # --- a faulty S3 endpoint ---------------------------------------------------------------------------
 
 HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailers",
@@ -177,6 +231,24 @@ class FaultPlan:
                 self.injected[fault] += 1
                 self.log.append((n, method, path, fault))
             return fault
+
+
+class HoldRequest:
+    """A plan that holds the first `method` request for a path ending in `suffix` until `release()`,
+    then resets its connection; every other request goes through. Holds a client at a known point."""
+
+    def __init__(self, method: str, suffix: str):
+        self.method, self.suffix = method, suffix
+        self.reached, self.released = threading.Event(), threading.Event()
+
+    def decide(self, method: str, path: str, user_agent: str = "") -> str:
+        if method == self.method and path.split("?")[0].endswith(self.suffix) and not self.reached.is_set():
+            self.reached.set()
+            return "hold"
+        return "none"
+
+    def release(self) -> None:
+        self.released.set()
 
 
 class _ProxyHandler(BaseHTTPRequestHandler):
@@ -222,8 +294,13 @@ class _ProxyHandler(BaseHTTPRequestHandler):
 
     def _handle(self) -> None:
         body = self._body()
+        if self.server.dark.is_set():
+            return self._reset()
         fault = self.server.plan.decide(self.command, self.path, self.headers.get("User-Agent", ""))
         if fault == "reset":
+            return self._reset()
+        if fault == "hold":
+            self.server.plan.released.wait(120)
             return self._reset()
         if fault in ("500", "503"):
             code, message = S3_ERRORS[int(fault)]
@@ -259,7 +336,8 @@ class _ProxyHandler(BaseHTTPRequestHandler):
 
 class FaultyS3Proxy(ThreadingHTTPServer):
     """A reverse proxy in front of an S3 endpoint that injects the faults of a FaultPlan. At most
-    `max_threads` connections are served at once (others are closed at once, which clients retry)."""
+    `max_threads` connections are served at once (others are closed at once, which clients retry).
+    `go_dark()` starts an outage: open connections are cut and new ones reset, until `light()`."""
 
     daemon_threads = True
 
@@ -268,11 +346,29 @@ class FaultyS3Proxy(ThreadingHTTPServer):
         self.upstream_host, self.upstream_port = parsed.hostname, parsed.port
         self.plan = plan
         self.slots = threading.BoundedSemaphore(max_threads)
+        self.dark = threading.Event()
+        self.refused = 0  # connections reset while dark
+        self._open: set[socket.socket] = set()
+        self._open_lock = threading.Lock()
         super().__init__(("127.0.0.1", 0), _ProxyHandler)
         self.endpoint = f"http://127.0.0.1:{self.server_address[1]}"
         self._thread: threading.Thread | None = None
 
+    def go_dark(self) -> None:
+        self.dark.set()
+        with self._open_lock:
+            for connection in self._open:
+                _cut(connection)
+
+    def light(self) -> None:
+        self.dark.clear()
+
     def process_request(self, request, client_address) -> None:
+        if self.dark.is_set():
+            self.refused += 1
+            _cut(request)
+            self.shutdown_request(request)
+            return
         if not self.slots.acquire(timeout=5):
             self.shutdown_request(request)
             return
@@ -283,10 +379,18 @@ class FaultyS3Proxy(ThreadingHTTPServer):
             raise
 
     def process_request_thread(self, request, client_address) -> None:
+        with self._open_lock:
+            self._open.add(request)
         try:
             super().process_request_thread(request, client_address)
         finally:
+            with self._open_lock:
+                self._open.discard(request)
             self.slots.release()
+
+    def handle_error(self, request, client_address) -> None:
+        if not self.dark.is_set():  # a connection cut by go_dark() is expected to fail
+            super().handle_error(request, client_address)
 
     def __enter__(self) -> FaultyS3Proxy:
         self._thread = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
@@ -298,6 +402,15 @@ class FaultyS3Proxy(ThreadingHTTPServer):
         self.server_close()
         if self._thread is not None:
             self._thread.join(10)
+
+
+def _cut(connection: socket.socket) -> None:
+    """End a connection with a TCP reset, whatever its handler is doing."""
+    try:
+        connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        connection.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
 
 
 # --- what every fault test checks at the end ----------------------------------------------------------
@@ -351,3 +464,15 @@ class OverwritingStore(LocalStore):
     def put_if_absent(self, key: str, data: bytes) -> bool:
         self.put(key, data)
         return True
+
+
+def check_vectors(uri: str, corpus: Path, reference_embedder: Callable[[list[str]], Any]) -> None:
+    """Every row's vector equals its document embedded alone by llama-cpp-python (`Passage: ` prefix)."""
+    source = pq.read_table(corpus)
+    by_id = dict(zip(source.column("id").to_pylist(), source.column("text").to_pylist(), strict=True))
+    store = open_store(uri)
+    fs, base = store.arrow_fs()
+    table = ds.dataset(base, filesystem=fs, format="arrow").to_table()
+    vectors = np.asarray(table.column("embedding").combine_chunks().flatten()).reshape(table.num_rows, -1)
+    reference = reference_embedder(["Passage: " + by_id[i] for i in table.column("id").to_pylist()])
+    assert cosines(vectors, reference).min() >= 0.9999

@@ -8,10 +8,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from bulkembed.contract import keys
-from bulkembed.contract.errors import EngineError
+from bulkembed.contract.errors import EngineError, ShardError
 from bulkembed.contract.job import JobSpec, ModelRef, Role, ShardMessage, Task
 from bulkembed.contract.model import file_sha256, queue_name
-from bulkembed.contract.schema import from_ipc_bytes, shard_input_schema, to_ipc_bytes
+from bulkembed.contract.schema import METADATA_PREFIX, from_ipc_bytes, shard_input_schema, to_ipc_bytes
 from bulkembed.contract.store import LocalStore
 from bulkembed.worker.engine import Engine, EngineOptions
 from bulkembed.worker.shard import embed_shard
@@ -143,3 +143,39 @@ def test_a_document_llama_cpp_fails_on_is_quarantined_and_the_rest_written(tmp_p
     # A second delivery finds the shard written and reports the same thing without embedding again.
     again = embed_shard(message, engine, message.job.model.sha256, store)
     assert (again.rows, again.rejected, again.sha256) == (2, 1, result.sha256)
+
+
+def _tamper_corrupt(table: pa.Table, data: bytes) -> bytes:
+    return data[: len(data) // 2]
+
+
+def _tamper_other_model(table: pa.Table, data: bytes) -> bytes:
+    meta = {**table.schema.metadata, f"{METADATA_PREFIX}model_sha256".encode(): b"0" * 64}
+    return to_ipc_bytes(table.replace_schema_metadata(meta))
+
+
+def _tamper_rows(table: pa.Table, data: bytes) -> bytes:
+    return to_ipc_bytes(table.slice(0, 1))
+
+
+@pytest.mark.parametrize("tamper, error", [
+    (_tamper_corrupt, "exists but is not a valid Arrow file"),
+    (_tamper_other_model, "exists with 2 rows .* from model 000000000000, expected 2 rows"),
+    (_tamper_rows, "exists with 1 rows .* expected 2 rows"),
+])
+def test_a_duplicate_delivery_refuses_a_stored_result_that_does_not_match(tmp_path, tiny_model, tamper, error):
+    """A second delivery finds the shard's output written; a corrupt file, one from another model, or
+    one with the wrong row count is a clear error, and the file is left for a person to look at."""
+    engine = Engine(tiny_model, EngineOptions(threads=2))
+    try:
+        store, message = _shard(tmp_path, tiny_model, [("a", "abc", 3), ("b", "xy", 2)])
+        embed_shard(message, engine, message.job.model.sha256, store)
+        written = store.get(message.output_key)
+        bad = tamper(from_ipc_bytes(written), written)
+        store.delete(message.output_key)
+        store.put(message.output_key, bad)
+        with pytest.raises(ShardError, match=error):
+            embed_shard(message, engine, message.job.model.sha256, store)
+    finally:
+        engine.close()
+    assert store.get(message.output_key) == bad, "not overwritten"

@@ -18,7 +18,7 @@ from bulkembed.worker.engine import Engine, EngineOptions
 
 REPO = Path(__file__).resolve().parents[1]
 ARGS = ("--synthetic-model", "tiny", "--quant", "F32", "--synthetic", "60", "--max-doc-tokens", "600",
-        "--threads", "1", "--sweep", "--ubs", "64,512", "--ctxs", "256,1024")
+        "--threads", "1", "--sweep", "--ubs", "64,512", "--ctxs", "256,1024", "--engines", "2")
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +32,10 @@ def report(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 def test_every_mode_measures_the_same_corpus(report: dict) -> None:
     rows = {r["mode"]: r for r in report["modes"]}
-    assert list(rows) == list(bench.MODES)
+    # No llama-embedding binary on PATH here: its row is left out with a note, the emulation stays.
+    assert list(rows) == ["bulkembed", "bulkembed x2", "raw", "llama-embed", "seed emulated"]
+    assert any(n.startswith("llama-embedding: no binary") for n in report["notes"])
+    assert "2 engine processes" in rows["bulkembed x2"]["note"]
     corpus = report["corpus"]
     assert corpus["docs"] == 60 and corpus["max"] <= 600
     for row in rows.values():
@@ -104,3 +107,28 @@ def test_synthetic_texts_come_close_to_their_lengths(tmp_path: Path) -> None:
     got = np.array([vocab.count(t) for t in synthetic_texts(wanted, vocab.count, seed=3)])
     assert np.all(got <= wanted) and np.all(wanted - got <= 10)
     assert set(target_lengths(5, "fixed:77")) == {77}
+
+
+def test_llama_embedding_log_parser_reads_a_real_run() -> None:
+    """Recorded: the real llama-embedding (upstream, as vendored in llama-cpp-python 0.3.36, CUDA build) on an H100,
+    seed recipe, 3000 synthetic texts on the v4-shaped F16 model (docs/benchmarks.md); decode lines kept whole."""
+    from bulkembed.bench import peers
+
+    log = (REPO / "tests" / "data" / "llama-embedding-h100.log").read_text()
+    peer = peers.parse_llama_embedding_log(log)
+    assert peer.decodes == 78 and peer.sequences == 3000 - 64
+    assert peer.tokens == 597020 - 7308  # all decodes but the first (warm-up)
+    # 0.06.135.806 → 0.53.027.131 over 77 gaps, plus one mean gap for the last decode
+    assert peer.decode_s == pytest.approx((53.027131 - 6.135806) * 78 / 77, rel=1e-6)
+    with pytest.raises(ValueError, match="announced 0 decodes"):
+        peers.parse_llama_embedding_log("main: unable to load model\n")
+
+
+def test_anchor_batches_are_length_sorted_and_bounded() -> None:
+    from bulkembed.bench import anchor
+
+    lengths = np.array([5, 300, 40, 41, 300, 2])
+    plan = anchor.batches(lengths, batch_tokens=600)
+    assert sorted(i for b in plan for i in b) == list(range(6))
+    assert all(len(b) * lengths[b[0]] <= 600 or len(b) == 1 for b in plan)
+    assert [lengths[b[0]] for b in plan] == sorted((lengths[b[0]] for b in plan), reverse=True)

@@ -4,7 +4,6 @@ once in the output and the manifest agrees with the input."""
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import re
@@ -26,11 +25,14 @@ from tests.faults_support import (
     Background,
     FaultPlan,
     FaultyS3Proxy,
+    HoldRequest,
+    Holds,
     OverwritingStore,
     RedisProcess,
     ShardStuck,
     attempts,
     check_exactly_once,
+    check_vectors,
     cli,
     kill_tree,
     output_ids,
@@ -55,7 +57,7 @@ def long_texts(n: int, chars: tuple[int, int], seed: int) -> list[str]:
 
 def corpus(folder: Path, n_short: int, n_long: int, long_chars: tuple[int, int] = (2600, 4000),
            seed: int = 0) -> tuple[Path, list[str]]:
-    """Short documents (fast shards) and long ones (slow shards, to be caught mid-shard)."""
+    """Short documents and long ones (each spanning many ubatches)."""
     texts = mixed_texts(n_short, seed=seed, long_every=10**9) + long_texts(n_long, long_chars, seed)
     order = np.random.default_rng(seed).permutation(len(texts))
     ids = [f"doc-{i:05d}" for i in range(len(texts))]
@@ -100,44 +102,10 @@ def background(tmp_path: Path):
         command.stop()
 
 
-def unacked_messages(url: str) -> dict[str, dict]:
-    """Task id → shard message of every message a worker holds (kombu's `unacked` hash)."""
-    client = redis.Redis.from_url(url, decode_responses=True)
-    try:
-        found = {}
-        for raw in client.hvals("unacked"):
-            message = json.loads(raw)[0]
-            args = json.loads(base64.b64decode(message["body"]))[0]
-            found[message["headers"]["id"]] = args[0]
-        return found
-    finally:
-        client.close()
-
-
-def current_shard(worker, url: str) -> dict | None:
-    """The shard message a worker has received and not yet finished, if any."""
-    text = worker.log.read_text()
-    received = RECEIVED.findall(text)
-    if not received or f"[{received[-1]}] succeeded" in text or f"[{received[-1]}] raised" in text:
-        return None
-    return unacked_messages(url).get(received[-1])
-
-
-def catch_mid_shard(worker, url: str, job_id: str, min_tokens: int = 10000, timeout_s: float = 60) -> dict:
-    """Wait until `worker` is embedding a slow shard (one of at least `min_tokens` tokens) and return
-    its message; short shards it takes meanwhile are let through."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise TimeoutError(f"no slow shard for the worker in {timeout_s:.0f}s")
-        shard = wait_until(lambda: current_shard(worker, url), left, "the worker to take a shard")
-        if shard["n_tokens"] >= min_tokens:
-            break
-        wait_until(lambda s=shard: current_shard(worker, url) != s, left, "a short shard to finish")
-    wait_until(lambda: attempts(url, job_id).get(shard["shard"]), 10, f"shard {shard['shard']} to start")
-    time.sleep(0.3)  # well inside: a slow shard takes over a second
-    return shard
+def held_workers(env: dict[str, str], folder: Path) -> tuple[Workers, Holds]:
+    """Workers that hold every shard before its commit until the test releases it (BULKEMBED_TEST_HOLD_DIR)."""
+    holds = Holds(folder / "holds")
+    return Workers(env | holds.env, folder), holds
 
 
 def submit_args(path, model, out, *extra) -> list:
@@ -148,72 +116,82 @@ def job_id_of(submit: Background) -> str:
     return wait_until(lambda: submit.stdout.split()[:1], 60, "submit to print the job id")[0]
 
 
-def test_kill9_workers_mid_shard(tmp_path, pool, background, fault_env, tiny_model):
-    """Three workers in a row are killed with SIGKILL (the whole process tree) while embedding a
-    slow shard, a new worker started after each; another worker keeps running throughout."""
+def test_kill9_workers_mid_shard(tmp_path, pool, background, fault_env, tiny_model, reference_embedder):
+    """Three workers in a row are killed with SIGKILL (the whole process tree) while holding a shard
+    before its commit, a new worker started after each; another worker keeps running throughout
+    (holding its first shard until the kills are done, so the queue cannot run dry first)."""
     url = fault_env["BULKEMBED_REDIS_URL"]
-    path, ids = corpus(tmp_path / "in", n_short=1500, n_long=80)
+    path, ids = corpus(tmp_path / "in", n_short=600, n_long=0)
     out = tmp_path / "out"
-    steady = pool.start(tiny_model)
-    submit = background(submit_args(path, tiny_model, out, "--shard-tokens", "20000"), fault_env, "submit")
-    job_id = job_id_of(submit)
-    victim, killed = pool.start(tiny_model), []
-    for kill in range(3):
-        shard = catch_mid_shard(victim, url, job_id)
-        kill_tree(victim, signal.SIGKILL)
-        killed_at = time.monotonic()
-        assert not (out / keys.shard_output(shard["shard"])).exists(), "the shard was not written yet"
-        killed.append(shard["shard"])
-        if kill < 2:
-            victim = pool.start(tiny_model)
-    # A killed worker's shard stays unacknowledged in Redis until the visibility timeout; a worker
-    # restores such shards when it starts (and, with kombu 5.7's defaults, only every ~100 s after:
-    # see test_orphaned_shard_is_redelivered_after_the_visibility_timeout). So the third
-    # replacement starts once the orphans are past the visibility timeout.
-    visibility = int(fault_env["BULKEMBED_VISIBILITY_TIMEOUT"])
-    wait_until(lambda: time.monotonic() > killed_at + visibility + 1, visibility + 5, "the visibility timeout")
-    pool.start(tiny_model)
-    assert submit.wait(90) == 0, submit.stderr[-3000:]
-    assert steady.poll() is None, "the steady worker kept running"
+    # The steady worker's time limit outlasts its hold; neither it nor a victim restores an orphan
+    # (that waits for the last worker), so each victim takes a fresh shard from the queue.
+    patient = fault_env | {"BULKEMBED_VISIBILITY_TIMEOUT": "120", "BULKEMBED_TASK_TIME_LIMIT": "100"}
+    steady_pool, steady_holds = held_workers(patient, tmp_path / "steady")
+    victims, victim_holds = held_workers(patient, tmp_path / "victims")
+    try:
+        steady = steady_pool.start(tiny_model)
+        submit = background(submit_args(path, tiny_model, out, "--shard-tokens", "2000"), fault_env, "submit")
+        job_id = job_id_of(submit)
+        steady_holds.wait()
+        victim, killed = victims.start(tiny_model), []
+        for kill in range(3):
+            shard, _ = victim_holds.wait()
+            kill_tree(victim, signal.SIGKILL)
+            killed_at = time.monotonic()
+            victim_holds.release(shard)
+            assert not (out / keys.shard_output(shard)).exists(), "the shard was not written"
+            killed.append(shard)
+            if kill < 2:
+                victim = victims.start(tiny_model)
+        steady_holds.auto_release()
+        # A killed worker's shard stays unacknowledged in Redis until the visibility timeout; a worker
+        # restores such shards when it starts (and, with kombu 5.7's defaults, only every ~100 s after:
+        # see test_orphaned_shard_is_redelivered_after_the_visibility_timeout). So a last worker
+        # starts once the orphans are past the visibility timeout.
+        visibility = int(fault_env["BULKEMBED_VISIBILITY_TIMEOUT"])
+        wait_until(lambda: time.monotonic() > killed_at + visibility + 1, visibility + 5, "the visibility timeout")
+        pool.start(tiny_model)
+        assert submit.wait(90) == 0, submit.stderr[-3000:]
+        assert steady.poll() is None, "the steady worker kept running"
+    finally:
+        steady_holds.stop()
+        steady_pool.stop_all()
+        victims.stop_all()
     check_exactly_once(str(out), ids)
+    check_vectors(str(out), path, reference_embedder)
     counts = attempts(url, job_id)
-    assert all(counts[s] >= 2 for s in killed), f"each killed shard was delivered again: {killed} {counts}"
+    assert len(set(killed)) == 3 and all(counts[s] == 2 for s in killed), \
+        f"each killed shard was delivered again: {killed} {counts}"
 
 
-def test_sigterm_mid_shard_finishes_or_hands_back(tmp_path, pool, background, fault_env, tiny_model):
-    """SIGTERM to a worker's main process mid-shard: a warm shutdown. The shard is finished (or
-    handed back), never lost, the worker exits, and another worker completes the job."""
+def test_sigterm_mid_shard_finishes_it_then_exits(tmp_path, pool, background, fault_env, tiny_model):
+    """SIGTERM to a worker's main process while it holds a shard before its commit: a warm shutdown.
+    The worker takes nothing more, finishes the shard once it is let go, writes it once and exits;
+    another worker completes the job."""
     url = fault_env["BULKEMBED_REDIS_URL"]
-    path, ids = corpus(tmp_path / "in", n_short=500, n_long=40, seed=1)
+    path, ids = corpus(tmp_path / "in", n_short=300, n_long=0, seed=1)
     out = tmp_path / "out"
-    victim = pool.start(tiny_model)
-    submit = background(submit_args(path, tiny_model, out, "--shard-tokens", "20000"), fault_env, "submit")
-    job_id = job_id_of(submit)
-    shard = catch_mid_shard(victim, url, job_id)
-    task_id = RECEIVED.findall(victim.log.read_text())[-1]
-    os.kill(victim.pid, signal.SIGTERM)
-    assert victim.wait(30) == 0, victim.log.read_text()[-3000:]
+    victims, holds = held_workers(fault_env, tmp_path / "victim")
+    try:
+        victim = victims.start(tiny_model)
+        submit = background(submit_args(path, tiny_model, out, "--shard-tokens", "2000"), fault_env, "submit")
+        job_id = job_id_of(submit)
+        shard, _ = holds.wait()
+        os.kill(victim.pid, signal.SIGTERM)
+        wait_until(lambda: "worker: Warm shutdown" in victim.log.read_text(), 20, "the warm shutdown to begin")
+        assert victim.poll() is None and not (out / keys.shard_output(shard)).exists(), "it waits for the shard"
+        holds.release(shard)
+        assert victim.wait(30) == 0, victim.log.read_text()[-3000:]
+    finally:
+        victims.stop_all()
     log = victim.log.read_text()
-    assert RECEIVED.findall(log)[-1] == task_id, "nothing taken after SIGTERM"
-    finished = f"[{task_id}] succeeded" in log
-    if finished:  # written once, by the stopped worker
-        assert str(shard["shard"]) in redis_hash(url, keys.REDIS_JOB_DONE.format(job_id=job_id))
-        assert (out / keys.shard_output(shard["shard"])).exists()
-    else:  # handed back: queued again
-        assert task_id in queued_task_ids(url), "the stopped worker's shard is back in the queue"
+    assert len(RECEIVED.findall(log)) == 1 and "succeeded" in log, "one shard taken, finished, nothing after"
+    assert str(shard) in redis_hash(url, keys.REDIS_JOB_DONE.format(job_id=job_id))
+    assert (out / keys.shard_output(shard)).exists()
     pool.start(tiny_model)
     assert submit.wait(60) == 0, submit.stderr[-3000:]
     check_exactly_once(str(out), ids)
-    if finished:
-        assert attempts(url, job_id)[shard["shard"]] == 1, "a finished shard is not embedded again"
-
-
-def queued_task_ids(url: str) -> set[str]:
-    client = redis.Redis.from_url(url, decode_responses=True)
-    try:
-        return {json.loads(raw)["headers"]["id"] for raw in client.lrange(QUEUE, 0, -1)}
-    finally:
-        client.close()
+    assert attempts(url, job_id)[shard] == 1, "a finished shard is not embedded again"
 
 
 @pytest.fixture
@@ -293,30 +271,42 @@ def queue_length(url: str) -> int:
         client.close()
 
 
-def test_producer_killed_mid_submit_then_resubmitted(tmp_path, pool, background, fault_env, tiny_model):
-    """SIGKILL of `submit` while it is still queueing shards; a worker takes part of what was queued;
-    the same command again resumes the job: the shards already written are not queued again, the
-    ones queued twice are embedded once, each shard is once in the manifest and each id once in
-    the output."""
+def test_producer_killed_mid_submit_then_resubmitted(tmp_path, s3_server, bucket, pool, background, fault_env,
+                                                    tiny_model):
+    """SIGKILL of `submit` while it is still queueing shards (held at a known point: its write of
+    shard 20's input, through a proxy); a worker takes part of what was queued; the same command
+    again resumes the job: the shards already written are not queued again, the ones queued twice
+    are embedded once, each shard is once in the manifest and each id once in the output."""
     url = fault_env["BULKEMBED_REDIS_URL"]
-    path, ids = corpus(tmp_path / "in", n_short=6000, n_long=0, seed=4)
-    out = tmp_path / "out"
+    path, ids = corpus(tmp_path / "in", n_short=2000, n_long=0, seed=4)
+    out = f"s3://{bucket}/out"
     args = submit_args(path, tiny_model, out, "--shard-tokens", "1500")
-    first = background(args, fault_env, "submit")
-    wait_until(lambda: queue_length(url) >= 20, 60, "twenty shards queued")
-    kill_tree(first.process, signal.SIGKILL)
+    plan = HoldRequest("PUT", keys.shard_input(20))
+    with FaultyS3Proxy(s3_server, plan) as proxy:
+        first = background(args, fault_env | {"AWS_ENDPOINT_URL_S3": proxy.endpoint}, "submit")
+        assert plan.reached.wait(60), "submit reached shard 20"
+        kill_tree(first.process, signal.SIGKILL)
+        plan.release()
     client = redis.Redis.from_url(url, decode_responses=True)
     jobs = [k for k in client.keys("bulkembed:job:*") if k.count(":") == 2]
     assert len(jobs) == 1 and "totals" not in client.hgetall(jobs[0]), "killed before every shard was queued"
+    assert queue_length(url) == 20, "shards 0-19 queued"
     job_id = jobs[0].split(":")[-1]
     done_key = keys.REDIS_JOB_DONE.format(job_id=job_id)
 
-    worker = pool.start(tiny_model)  # takes a few of the queued shards, then stops (warm)
-    wait_until(lambda: client.hlen(done_key) >= 3, 60, "some queued shards written")
-    os.kill(worker.pid, signal.SIGTERM)
-    assert worker.wait(30) == 0
+    held, holds = held_workers(fault_env, tmp_path / "held")
+    try:  # a worker writes four of the queued shards, then stops (warm) while holding the fourth
+        worker = held.start(tiny_model)
+        for _ in range(3):
+            holds.release(holds.wait()[0])
+        shard, _ = holds.wait()
+        os.kill(worker.pid, signal.SIGTERM)
+        holds.release(shard)
+        assert worker.wait(30) == 0
+    finally:
+        held.stop_all()
     left, written = queue_length(url), client.hlen(done_key)
-    assert left > 0 and client.hlen("unacked") == 0
+    assert (left, written) == (16, 4) and client.hlen("unacked") == 0
 
     second = background(args, fault_env, "resubmit")
     assert job_id_of(second) == job_id
@@ -324,18 +314,16 @@ def test_producer_killed_mid_submit_then_resubmitted(tmp_path, pool, background,
     assert queue_length(url) == left + totals["shards"] - written, "written shards are not queued again"
     pool.start(tiny_model), pool.start(tiny_model)
     assert second.wait(90) == 0, second.stderr[-3000:]
-    manifest = check_exactly_once(str(out), ids)
+    manifest = check_exactly_once(out, ids)
     assert len(manifest["shards"]) == totals["shards"] and manifest["job_id"] == job_id
     logs = "".join(p.log.read_text() for p in pool.processes)
     assert logs.count("already written, skipped") + logs.count("another delivery wrote it first") == left
     client.close()
 
 
-
-
 def poison_corpus(folder: Path) -> tuple[Path, list[str]]:
-    """400 short documents and, last, one of ~15000 tokens: ~3 s alone on one thread."""
-    texts = mixed_texts(400, seed=5, long_every=10**9) + long_texts(1, (17000, 17001), seed=5)
+    """401 short documents; the shard of the last one is the test's poison (held, never let go)."""
+    texts = mixed_texts(401, seed=5, long_every=10**9)
     ids = [f"doc-{i:05d}" for i in range(len(texts))]
     return write_corpus(folder / "corpus.parquet", ids, texts), ids
 
@@ -358,8 +346,8 @@ def check_poison_reported(submit: Background, env: dict[str, str], job_id: str, 
     assert f"failed: 1 of {status['totals']['shards']} shards" in submit.stderr
     assert status["shards_done"] == status["totals"]["shards"] - 1
     assert not (out / keys.MANIFEST_KEY).exists()
-    written = output_ids(str(out))
-    assert sorted(written) == ids[:-1], "every other document written, once"
+    held = set(from_ipc_bytes((out / keys.shard_input(int(poison))).read_bytes()).column("id").to_pylist())
+    assert sorted(output_ids(str(out))) == [i for i in ids if i not in held], "every other document written, once"
     return int(poison)
 
 
@@ -377,29 +365,31 @@ def resume_after_poison(tmp_path: Path, background, env: dict[str, str], model: 
 
 
 def test_poison_shard_past_the_time_limit_fails_after_max_attempts(tmp_path, background, fault_env, tiny_model):
-    """One shard (a single ~15000-token document) runs past a 2 s hard time limit every time; the
-    others take a fraction of it. After BULKEMBED_SHARD_MAX_ATTEMPTS (3) it is reported failed, the
-    rest is written and `submit --wait` exits 1 with the shard's error. Resubmitted to workers with
-    a longer limit, the job completes."""
-    env = fault_env | {"BULKEMBED_TASK_TIME_LIMIT": "2"}
+    """One shard is held before its commit, never let go, so it runs past a 3 s hard time limit every
+    time; the others are let go at once. After BULKEMBED_SHARD_MAX_ATTEMPTS (3) it is reported
+    failed, the rest is written and `submit --wait` exits 1 with the shard's error. Resubmitted to
+    workers that hold nothing, the job completes."""
+    env = fault_env | {"BULKEMBED_TASK_TIME_LIMIT": "3"}
     url = env["BULKEMBED_REDIS_URL"]
     path, ids = poison_corpus(tmp_path / "in")
     out = tmp_path / "out"
-    args = submit_args(path, tiny_model, out, "--shard-tokens", "4000", "--max-tokens", "20000")
-    workers = Workers(env, tmp_path)
+    args = submit_args(path, tiny_model, out, "--shard-tokens", "1000")
+    workers, holds = held_workers(env, tmp_path / "held")
     try:
         workers.start(tiny_model), workers.start(tiny_model)
         submit = background(args, env, "submit")
         job_id = job_id_of(submit)
         poison = shard_of(out, ids[-1])
+        holds.auto_release(keep=frozenset({poison}))
         wait_until(lambda: any("Hard time limit" in p.log.read_text() for p in workers.processes), 30,
-                   "the long shard to hit the time limit")
+                   "the held shard to hit the time limit")
         # It must come back (and count an attempt), not vanish with its acknowledged message.
         wait_until(lambda: attempts(url, job_id).get(poison, 0) >= 2, 20, "the timed-out shard to be delivered again",
                    error=ShardStuck)
         assert submit.wait(60) == 1, submit.stderr[-3000:]
         assert check_poison_reported(submit, env, job_id, out, ids) == poison
     finally:
+        holds.stop()
         workers.stop_all()
     resume_after_poison(tmp_path, background, fault_env, tiny_model, args, out, ids)
 
@@ -408,47 +398,56 @@ def pool_pid(worker) -> int:
     return int(re.findall(r"pool process (\d+) ready", worker.log.read_text())[-1])
 
 
-def test_poison_shard_killing_its_process_fails_after_max_attempts(tmp_path, pool, background, fault_env,
-                                                                   tiny_model):
-    """A shard whose pool process dies every time it is on it (SIGKILL of that process, as the
-    kernel's OOM killer would do): reported failed after 3 attempts, the rest written, `submit
-    --wait` exits 1 with the error; resubmitted, the job completes."""
+def test_poison_shard_killing_its_process_fails_after_max_attempts(tmp_path, background, fault_env, tiny_model):
+    """A shard whose pool process dies every time it is on it (SIGKILL of that process while it holds
+    the shard, as the kernel's OOM killer would do): reported failed after 3 attempts, the rest
+    written, `submit --wait` exits 1 with the error; resubmitted, the job completes."""
     url = fault_env["BULKEMBED_REDIS_URL"]
     path, ids = poison_corpus(tmp_path / "in")
     out = tmp_path / "out"
-    args = submit_args(path, tiny_model, out, "--shard-tokens", "4000", "--max-tokens", "20000")
-    worker = pool.start(tiny_model)
-    submit = background(args, fault_env, "submit")
-    job_id = job_id_of(submit)
-    poison = catch_mid_shard(worker, url, job_id)["shard"]
-    for attempt in range(1, 4):
-        wait_until(lambda a=attempt: attempts(url, job_id)[poison] == a, 30, f"attempt {attempt} of the shard")
-        pid = pool_pid(worker)
-        os.kill(pid, signal.SIGKILL)
-        wait_until(lambda p=pid: pool_pid(worker) != p, 30, "a new pool process")
-    assert submit.wait(30) == 1, submit.stderr[-3000:]
-    assert check_poison_reported(submit, fault_env, job_id, out, ids) == poison
-    assert attempts(url, job_id)[poison] == 4, "the fourth delivery gave up without running it"
-    assert worker.poll() is None
-    pool.stop_all()
+    args = submit_args(path, tiny_model, out, "--shard-tokens", "1000")
+    workers, holds = held_workers(fault_env, tmp_path / "held")
+    try:
+        worker = workers.start(tiny_model)
+        submit = background(args, fault_env, "submit")
+        job_id = job_id_of(submit)
+        poison = shard_of(out, ids[-1])
+        holds.auto_release(keep=frozenset({poison}))
+        pid = None
+        for attempt in range(1, 4):
+            _, pid = holds.wait(shard=poison, not_pid=pid)
+            assert attempts(url, job_id)[poison] == attempt
+            os.kill(pid, signal.SIGKILL)
+            holds.release(poison, pid)  # the dead process's marker
+            wait_until(lambda p=pid: pool_pid(worker) != p, 30, "a new pool process")
+        assert submit.wait(30) == 1, submit.stderr[-3000:]
+        assert check_poison_reported(submit, fault_env, job_id, out, ids) == poison
+        assert attempts(url, job_id)[poison] == 4, "the fourth delivery gave up without running it"
+        assert worker.poll() is None
+    finally:
+        holds.stop()
+        workers.stop_all()
     resume_after_poison(tmp_path, background, fault_env, tiny_model, args, out, ids)
 
 
 def test_orphaned_shard_is_redelivered_after_the_visibility_timeout(tmp_path, pool, background, fault_env,
                                                                      tiny_model):
-    """A worker killed mid-shard: a worker that is already running takes the shard again once the
-    visibility timeout (10 s here) has passed, give or take a sweep interval."""
-    url = fault_env["BULKEMBED_REDIS_URL"]
-    path, ids = corpus(tmp_path / "in", n_short=0, n_long=30, seed=6)
+    """A worker killed while it holds a shard: a worker that is already running takes the shard
+    again once the visibility timeout (10 s here) has passed, give or take a sweep interval."""
+    path, ids = corpus(tmp_path / "in", n_short=300, n_long=0, seed=6)
     out = tmp_path / "out"
-    pool.start(tiny_model)
-    victim = pool.start(tiny_model)
-    submit = background(submit_args(path, tiny_model, out, "--shard-tokens", "20000"), fault_env, "submit")
-    job_id = job_id_of(submit)
-    shard = catch_mid_shard(victim, url, job_id)
-    kill_tree(victim, signal.SIGKILL)
+    victims, holds = held_workers(fault_env, tmp_path / "victim")
+    try:
+        victim = victims.start(tiny_model)
+        submit = background(submit_args(path, tiny_model, out, "--shard-tokens", "2000"), fault_env, "submit")
+        job_id_of(submit)
+        shard, _ = holds.wait()
+        pool.start(tiny_model)
+        kill_tree(victim, signal.SIGKILL)
+    finally:
+        victims.stop_all()
     visibility = int(fault_env["BULKEMBED_VISIBILITY_TIMEOUT"])
-    wait_until(lambda: (out / keys.shard_output(shard["shard"])).exists(), visibility + 15,
+    wait_until(lambda: (out / keys.shard_output(shard)).exists(), visibility + 15,
                "a running worker to take the orphaned shard again", error=ShardStuck)
     assert submit.wait(30) == 0, submit.stderr[-3000:]
     check_exactly_once(str(out), ids)

@@ -155,3 +155,20 @@ def test_rerun_resumes_and_force_starts_over(tmp_path, run_cli, tiny_model):
     assert forced.returncode == 0, forced.stderr[-2000:]
     assert all(p.stat().st_mtime_ns != stamps[p] for p in outputs if p != outputs[1]), "--force rewrote them"
     assert ds.dataset(out, format="arrow").to_table().num_rows == 60
+
+
+def test_documents_longer_than_the_ubatch_through_two_workers(tmp_path, bucket, workers, run_cli, tiny_model,
+                                                               reference_embedder):
+    """Workers with a 64-token ubatch and documents up to ~8 ubatches long: each long document is
+    decoded in pieces across decodes, and its vector still equals the document embedded in one go."""
+    texts = mixed_texts(300, seed=12, long_every=4)
+    ids = [f"doc-{i:05d}" for i in range(len(texts))]
+    path = write_corpus(tmp_path / "long.parquet", ids, texts)
+    out = f"s3://{bucket}/long"
+    workers.start(tiny_model, "--ubatch", "64"), workers.start(tiny_model, "--ubatch", "64")
+    done = run_cli("submit", path, "--model", tiny_model, "--out", out, "--shard-tokens", "3000", "--wait")
+    assert done.returncode == 0, done.stderr[-3000:]
+    table = read_output(out)
+    assert (table.column("n_tokens").to_numpy() > 4 * 64).sum() >= 20, "many documents span several ubatches"
+    check_output(table, dict(zip(ids, texts, strict=True)), reference_embedder)
+    assert all("tok/s" in p.log.read_text() for p in workers.processes), "both workers took shards"

@@ -8,7 +8,9 @@ import subprocess
 import sys
 
 import pytest
+import redis
 
+from bulkembed.contract import keys
 from bulkembed.synthetic import TINY, write_qwen2vl_gguf
 from tests.conftest import REPO, Workers, _wait_for_port, free_port, mixed_texts, write_corpus
 
@@ -86,3 +88,49 @@ def test_worker_with_another_model_refuses_the_shard(cli_env, tmp_path, workers,
     assert done.returncode == 1
     assert "is not the job's" in done.stderr and "sha256" in done.stderr
     assert not list(out.glob("0*.arrow")), "no vectors from the wrong model"
+
+
+def test_rediss_refuses_an_untrusted_certificate_by_default(tls_redis):
+    """A rediss:// URL that names no CA and no ssl_cert_reqs: the server's certificate (from a CA the
+    system does not trust) is refused by the broker connection and by the job registry alike."""
+    from bulkembed.contract.errors import BulkEmbedError
+    from bulkembed.contract.queue import celery_app
+    from bulkembed.contract.registry import JobRegistry
+    from bulkembed.contract.settings import Settings
+
+    untrusted = tls_redis.split("?")[0]
+    app = celery_app(Settings(redis_url=untrusted), "tls-test")
+    with pytest.raises(Exception) as caught, app.connection_for_write() as connection:
+        connection.ensure_connection(max_retries=0)
+    assert "CERTIFICATE_VERIFY_FAILED" in repr(caught.value) + repr(caught.value.__cause__), repr(caught.value)
+    with pytest.raises(BulkEmbedError, match="cannot reach Redis"):
+        JobRegistry.from_url(untrusted)
+    # The same server with its CA named in the URL: the refusal was the certificate.
+    with celery_app(Settings(redis_url=tls_redis), "tls-test").connection_for_write() as connection:
+        connection.ensure_connection(max_retries=0)
+
+
+def test_a_pickle_serialized_message_is_refused(cli_env, tmp_path, tiny_model):
+    """A shard message serialized with pickle (what an attacker with access to Redis could send to run
+    code in a worker) is refused and dropped, never run; the worker goes on."""
+    from bulkembed.contract.queue import TASK_EMBED_SHARD, celery_app
+    from bulkembed.contract.settings import Settings
+    from tests.faults_support import RedisProcess, redis_hash, wait_until
+
+    server = RedisProcess(free_port(), tmp_path / "redis", "--save", "", "--appendonly", "no")
+    server.start()
+    pool = Workers(cli_env | {"BULKEMBED_REDIS_URL": server.url}, tmp_path)
+    try:
+        worker = pool.start(tiny_model)
+        app = celery_app(Settings(redis_url=server.url), "attacker")
+        queue = f"bulkembed.{tiny_model.stem.lower()}"
+        app.send_task(TASK_EMBED_SHARD, args=[{"job_id": "evil"}], queue=queue, serializer="pickle")
+        wait_until(lambda: "Refusing to deserialize untrusted content of type pickle" in worker.log.read_text(), 30,
+                   "the worker to refuse the message")
+        client = redis.Redis.from_url(server.url)
+        wait_until(lambda: client.llen(queue) == 0 and client.hlen("unacked") == 0, 10, "the message to be dropped")
+        assert not redis_hash(server.url, keys.REDIS_JOB_ATTEMPTS.format(job_id="evil")), "the task never ran"
+        assert "] received" not in worker.log.read_text() and worker.poll() is None
+    finally:
+        pool.stop_all()
+        server.stop()

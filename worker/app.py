@@ -1,20 +1,22 @@
 """The Celery side of the worker: the app, the model each pool process keeps, and the shard task.
 
-`bulkembed worker` sets MODEL before Celery forks; each pool process loads the engine once, when
-it starts, and keeps it for every shard it takes.
+`bulkembed worker` (worker.serve) sets MODEL before Celery forks its pool; each pool process is one engine:
+it loads the model once, when it starts, and keeps it for every shard it takes.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import random
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 from celery import Task
-from celery.signals import worker_process_init
+from celery.signals import worker_process_init, worker_process_shutdown
 
 from bulkembed.contract import keys
 from bulkembed.contract.errors import TransientError
@@ -25,6 +27,7 @@ from bulkembed.contract.settings import WorkerSettings
 from bulkembed.contract.store import Store, has_conditional_writes, open_store
 from bulkembed.worker import metrics
 from bulkembed.worker.engine import Engine, EngineOptions
+from bulkembed.worker.hold import holding
 from bulkembed.worker.shard import Guard, embed_shard
 
 log = logging.getLogger(__name__)
@@ -46,11 +49,16 @@ MODEL: ResidentModel | None = None  # set by `bulkembed worker` before the pool 
 
 @worker_process_init.connect
 def _load_model(**_: object) -> None:
+    """Each pool process is one engine: it loads the model once, when it starts."""
     if MODEL is not None and MODEL.engine is None:
         MODEL.engine = Engine(MODEL.path, MODEL.options)
         metrics.MODEL_LOAD_SECONDS.labels(MODEL.path.name).set(MODEL.engine.load_seconds)
-        metrics.serve(settings.metrics_port)
         log.info("pool process %d ready with %s", os.getpid(), MODEL.path.name)
+
+
+@worker_process_shutdown.connect
+def _engine_stopped(pid: int | None = None, **_: object) -> None:
+    metrics.engine_stopped(pid or os.getpid())
 
 
 class ModelTask(Task):
@@ -86,9 +94,34 @@ class ModelTask(Task):
         return lambda: registry.redis.lock(name, timeout=300, blocking_timeout=600)
 
 
-@app.task(name=TASK_EMBED_SHARD, base=ModelTask, bind=True, max_retries=settings.transient_retries)
-def embed_shard_task(self: ModelTask, message: dict) -> dict | None:
-    """Validate → give up if this shard keeps killing workers → embed (skipped if written) → report."""
+    def retry_later(self, shard: ShardMessage, exc: TransientError, unreachable_since: float | None) -> NoReturn:
+        """The store failed past boto3's own retries: come back after a jittered backoff, without using
+        up an attempt, until it has failed for BULKEMBED_STORE_OUTAGE_S and BULKEMBED_TRANSIENT_RETRIES."""
+        since = unreachable_since or time.time()
+        failing_s, retries = time.time() - since, self.request.retries
+        if retries >= settings.transient_retries and failing_s >= settings.store_outage_s:
+            error = f"the store kept failing for {failing_s:.0f}s and {retries} retries: {exc}"
+            log.error("job %s shard %d: %s", shard.job_id, shard.shard, error)
+            self.registry.shard_failed(shard.job_id, shard.shard, error)
+            metrics.shard_failed(MODEL.path.name if MODEL else "")
+            raise exc
+        self.registry.release_attempt(shard.job_id, shard.shard)
+        # Under half the visibility timeout: a message held longer than that would be delivered twice.
+        delay = backoff_s(retries, min(settings.store_backoff_max_s, settings.visibility_timeout / 2))
+        log.warning("job %s shard %d: %s; retry %d in %.1fs (store failing for %.0fs)", shard.job_id, shard.shard,
+                    exc, retries + 1, delay, failing_s)
+        raise self.retry(exc=exc, countdown=delay, kwargs={"unreachable_since": since}) from exc
+
+
+def backoff_s(retries: int, cap_s: float) -> float:
+    """Doubling from 1 s up to `cap_s`, jittered so shards that failed together do not return together."""
+    return min(cap_s, 2.0 ** retries) * random.uniform(0.5, 1.0)
+
+
+@app.task(name=TASK_EMBED_SHARD, base=ModelTask, bind=True, max_retries=None)
+def embed_shard_task(self: ModelTask, message: dict, unreachable_since: float | None = None) -> dict | None:
+    """Validate → give up if this shard keeps killing workers → embed (skipped if written) → report.
+    `unreachable_since`: when the store first failed this shard, on a retry."""
     shard = ShardMessage.model_validate(message)
     registry = self.registry
     attempt = registry.attempt(shard.job_id, shard.shard)
@@ -102,22 +135,18 @@ def embed_shard_task(self: ModelTask, message: dict) -> dict | None:
     store = open_store(shard.job.out)
     model = self.model
     name = model.path.name
-    if shard.queued_at:
+    if shard.queued_at and unreachable_since is None:
         metrics.QUEUE_WAIT.labels(name).observe(max(0.0, time.time() - shard.queued_at))
     try:
-        result = embed_shard(shard, model.engine, model.sha256, store, self.write_guard(store, registry, shard))
+        guard = holding(settings.test_hold_dir, shard, self.write_guard(store, registry, shard))
+        result = embed_shard(shard, model.engine, model.sha256, store, guard)
+        if registry.shard_done(shard.job_id, result):
+            registry.finalize(shard.job_id)  # writes the manifest: the store again, so inside the retry
     except TransientError as exc:
-        if self.request.retries >= self.max_retries:
-            registry.shard_failed(shard.job_id, shard.shard, f"still failing after {self.max_retries} retries: {exc}")
-            raise
-        registry.release_attempt(shard.job_id, shard.shard)
-        log.warning("job %s shard %d: %s; retrying", shard.job_id, shard.shard, exc)
-        raise self.retry(exc=exc, countdown=min(60, 2 ** self.request.retries)) from exc
+        self.retry_later(shard, exc, unreachable_since)
     except Exception as exc:
         metrics.shard_failed(name)
         registry.shard_failed(shard.job_id, shard.shard, f"{type(exc).__name__}: {exc}")
         raise
     metrics.shard_finished(name, result.tokens, result.rows, result.seconds)
-    if registry.shard_done(shard.job_id, result):
-        registry.finalize(shard.job_id)
     return result.model_dump()

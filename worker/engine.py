@@ -131,9 +131,10 @@ class Engine:
             self._llama.llama_model_free(self.model)
             self.model = None
 
-    def shape_for(self, lengths: Sequence[int], pooling: Pooling | None = None) -> ContextShape:
-        return choose_shape(lengths, self.options.ubatch, pooling or self.pooling, self.options.logical_batch,
-                            self.info.causal)
+    def shape_for(self, lengths: Sequence[int], pooling: Pooling | None = None,
+                  ubatch_cap: int | None = None) -> ContextShape:
+        return choose_shape(lengths, ubatch_cap or self.options.ubatch, pooling or self.pooling,
+                            self.options.logical_batch, self.info.causal)
 
     def _context_for(self, shape: ContextShape) -> _Context:
         current = self._context
@@ -150,26 +151,28 @@ class Engine:
 
     def _decode(self, documents: Sequence[np.ndarray], shape: ContextShape,
                 read: Callable[[_Context, list[Piece]], None]) -> None:
-        """Run every planned decode; `read` takes each decode's results before the next one."""
+        """Run every planned decode; `read` takes each decode's results before the next one.
+
+        The next decode's batch is filled while the device still computes this one: llama_decode has copied
+        the batch when it returns, and its results are waited for only when `read` asks for them."""
         context = self._context_for(shape)
         llama = self._llama
-        for pieces in plan_decodes([len(d) for d in documents], shape):
-            offset = 0
-            for p in pieces:
-                end = offset + p.stop - p.start
-                context.tokens[offset:end] = documents[p.doc][p.start:p.stop]
-                context.positions[offset:end] = np.arange(p.start, p.stop, dtype=np.int32)
-                context.seq_pointers[offset:end] = context.seq_pointer_of[p.seq]
-                offset = end
-            context.batch.n_tokens = offset
+        plan = plan_decodes([len(d) for d in documents], shape)
+        pieces = next(plan, None)
+        n_tokens = _fill(context, documents, pieces) if pieces else 0
+        while pieces:
+            context.batch.n_tokens = n_tokens
             status = llama.llama_decode(context.ctx, context.batch)
             if status != 0:
                 context.forget()
-                raise EngineError(f"llama_decode returned {status} for a {offset}-token batch ({shape})")
+                raise EngineError(f"llama_decode returned {status} for a {n_tokens}-token batch ({shape})")
+            following = next(plan, None)
+            n_next = _fill(context, documents, following) if following else 0
             read(context, pieces)
             for p in pieces:
                 if p.last:
                     context.forget(p.seq)
+            pieces, n_tokens = following, n_next
 
     def _fit(self, shape: ContextShape, pooling: Pooling, lengths: Sequence[int]) -> ContextShape:
         """A caller's shape (the self-test's, a benchmark's) made to pool as asked and to respect what the
@@ -232,6 +235,18 @@ class Engine:
 
         self._decode(documents, shape, read)
         return out
+
+
+def _fill(context: _Context, documents: Sequence[np.ndarray], pieces: list[Piece]) -> int:
+    """Put one decode's pieces into the context's batch arrays; the number of tokens."""
+    offset = 0
+    for p in pieces:
+        end = offset + p.stop - p.start
+        context.tokens[offset:end] = documents[p.doc][p.start:p.stop]
+        context.positions[offset:end] = np.arange(p.start, p.stop, dtype=np.int32)
+        context.seq_pointers[offset:end] = context.seq_pointer_of[p.seq]
+        offset = end
+    return offset
 
 
 def l2_normalize(vectors: np.ndarray) -> np.ndarray:

@@ -1,4 +1,5 @@
-"""Prometheus metrics of a worker, served from its pool process (one per worker: concurrency is 1).
+"""Prometheus metrics of a worker: each engine process writes its own, the worker's parent serves them summed
+(prometheus_client's multiprocess mode), so one endpoint covers every engine.
 
 The same events feed Redis's job registry, which `bulkembed status` and `submit --wait` read.
 """
@@ -6,8 +7,9 @@ The same events feed Redis's job registry, which `bulkembed status` and `submit 
 from __future__ import annotations
 
 import logging
+import os
 
-from prometheus_client import Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess, start_http_server
 
 log = logging.getLogger(__name__)
 
@@ -16,8 +18,13 @@ ROWS = Counter("bulkembed_rows_total", "Rows written.", ["model"])
 SHARDS = Counter("bulkembed_shards_total", "Shards finished, by outcome.", ["model", "outcome"])
 DECODE_SECONDS = Counter("bulkembed_embed_seconds_total", "Seconds spent embedding shards (tokenize, decode, "
                          "pool, write).", ["model"])
-TOKENS_PER_SECOND = Gauge("bulkembed_tokens_per_second", "Throughput of the last shard.", ["model"])
-MODEL_LOAD_SECONDS = Gauge("bulkembed_model_load_seconds", "Seconds the resident model took to load.", ["model"])
+TOKENS_PER_SECOND = Gauge("bulkembed_tokens_per_second", "Throughput of each engine's last shard, summed over "
+                          "the engines.", ["model"], multiprocess_mode="livesum")
+MODEL_LOAD_SECONDS = Gauge("bulkembed_model_load_seconds", "Seconds the resident model took to load (slowest "
+                           "engine).", ["model"], multiprocess_mode="max")
+ENGINES = Gauge("bulkembed_engines", "Engine processes of this worker.", ["model"], multiprocess_mode="max")
+UBATCH = Gauge("bulkembed_ubatch", "The ubatch cap the engines use (pinned, cached or measured at start).",
+               ["model"], multiprocess_mode="max")
 QUEUE_WAIT = Histogram("bulkembed_queue_wait_seconds", "From a shard's enqueue to its start.", ["model"],
                        buckets=(1, 5, 15, 60, 300, 900, 3600, 4 * 3600, 24 * 3600))
 
@@ -36,11 +43,25 @@ def shard_failed(model: str) -> None:
     SHARDS.labels(model, "failed").inc()
 
 
-def serve(port: int) -> None:
+def worker_started(model: str, engines: int, ubatch: int) -> None:
+    ENGINES.labels(model).set(engines)
+    UBATCH.labels(model).set(ubatch)
+
+
+def engine_stopped(pid: int) -> None:
+    """An engine process that ends: its live gauges leave the sums."""
+    if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
+        multiprocess.mark_process_dead(pid)
+
+
+def serve_engines(port: int) -> None:
+    """The endpoint, in the worker's parent: the sum of what every engine process wrote."""
     if not port:
         return
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry)
     try:
-        start_http_server(port)
+        start_http_server(port, registry=registry)
         log.info("metrics on :%d/metrics", port)
     except OSError as exc:  # another worker on this host has it: embedding matters more than metrics
         log.warning("metrics port %d unavailable (%s); set BULKEMBED_METRICS_PORT per worker", port, exc)

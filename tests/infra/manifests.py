@@ -26,6 +26,17 @@ K8S_DIR = INFRA / "k8s"
 FOREIGN_ENV_PREFIXES = ("AWS_", "HF_")
 
 
+# PID 1 of every image: it forwards SIGTERM to bulkembed (which, as PID 1 itself, would ignore it
+# until Celery installs its handlers) and reaps orphans.
+INIT = ["/usr/bin/tini", "--"]
+
+
+def without_init(entrypoint: list[str]) -> list[str]:
+    """The program an ENTRYPOINT starts under the init."""
+    assert entrypoint[:len(INIT)] == INIT, f"ENTRYPOINT {entrypoint} does not start with {INIT}"
+    return entrypoint[len(INIT):]
+
+
 def pyproject() -> dict:
     return tomllib.loads((REPO / "pyproject.toml").read_text())
 
@@ -70,9 +81,8 @@ def model_file_name(spec: str) -> str:
 def parse_cli(argv: list[str]):
     """The arguments as `bulkembed` itself parses them, a test failure instead of SystemExit; worker
     options are held to WorkerSettings' bounds and --model must be REPO:QUANT or a .gguf path."""
-    from pydantic import ValidationError
-
     from bulkembed.cli import build_parser
+    from bulkembed.contract.errors import SettingsError
 
     try:
         args = build_parser().parse_args(argv)
@@ -85,7 +95,7 @@ def parse_cli(argv: list[str]):
     if hasattr(args, "ubatch"):
         try:
             WorkerSettings(ubatch=args.ubatch, gpu_layers=args.gpu_layers, threads=args.threads)
-        except ValidationError as exc:
+        except SettingsError as exc:
             pytest.fail(f"`bulkembed {shlex.join(argv)}`: {exc}")
     return args
 

@@ -14,6 +14,7 @@ from bulkembed.contract.queue import celery_app
 from tests.infra.manifests import (
     COMPOSE_FILE,
     INFRA,
+    INIT,
     REPO,
     compose_variables,
     console_scripts,
@@ -26,6 +27,7 @@ from tests.infra.manifests import (
     parse_cli,
     parse_dockerfile,
     settings_class,
+    without_init,
 )
 
 MIN_STOP_GRACE_S = 300
@@ -55,7 +57,7 @@ def image(service: dict):
 def argv(service: dict) -> list[str]:
     """What the container runs: the image's ENTRYPOINT followed by the service's command."""
     dockerfile, stage = image(service)
-    entrypoint = service.get("entrypoint") or dockerfile.exec_form(stage, "ENTRYPOINT")
+    entrypoint = service.get("entrypoint") or without_init(dockerfile.exec_form(stage, "ENTRYPOINT"))
     command = service.get("command") or dockerfile.exec_form(stage, "CMD")
     assert isinstance(command, list), "use the exec (list) form for command"
     return entrypoint + command
@@ -131,7 +133,8 @@ def test_environment_values_are_valid_settings(services, monkeypatch):
             for key, value in service["environment"].items():
                 env.setenv(key, str(value))
             settings = settings_class(role(service))()
-            celery_app(settings, "compose-check")  # raises if the time limit is not below the visibility timeout
+            celery_app(settings, "compose-check")
+            assert settings.task_time_limit < settings.visibility_timeout, name
             assert settings.redis_url.get_secret_value().startswith("redis://"), name
 
 
@@ -266,3 +269,57 @@ def test_every_interpolated_variable_has_a_default_and_is_documented(raw):
     assert set(example) == set(variables), f"compose.env.example vs compose: {set(example) ^ set(variables)}"
     for name, default in variables.items():
         assert example[name] == default, f"{name}: example {example[name]!r}, compose default {default!r}"
+
+
+def test_redis_has_a_memory_limit_for_noeviction_to_act_on(raw, services):
+    command = services["redis"]["command"]
+    assert "--maxmemory" in command, "noeviction without maxmemory never refuses anything: Redis grows until killed"
+    limit = option(command, "--maxmemory")
+    assert re.fullmatch(r"\d+(mb|gb)", limit), limit
+    assert re.search(r"#.*\n.*--maxmemory", COMPOSE_FILE.read_text()), "say where the value comes from"
+
+
+def test_every_published_port_is_on_loopback(services):
+    for name, service in services.items():
+        for port in service.get("ports", []):
+            assert str(port).startswith("127.0.0.1:"), f"{name}: {port} is published on every interface"
+
+
+def test_bulkembed_runs_under_an_init(services):
+    """PID 1 ignores signals it has no handler for: an init must forward SIGTERM to bulkembed."""
+    for name, service in built(services).items():
+        dockerfile, stage = image(service)
+        entrypoint = service.get("entrypoint") or dockerfile.exec_form(stage, "ENTRYPOINT")
+        assert service.get("init") is True or entrypoint[:len(INIT)] == INIT, f"{name}: bulkembed would be PID 1"
+        assert not (service.get("init") and entrypoint[:len(INIT)] == INIT), f"{name}: two inits"
+
+
+def test_the_cpu_worker_is_started_without_the_gpu_one():
+    text = COMPOSE_FILE.read_text()
+    assert "docker compose up -d worker-cpu" in text
+    assert not re.search(r"^\s*#\s*(\S+\s+)*--profile cpu up -d\s*$", text, re.MULTILINE), \
+        "`--profile cpu up -d` alone also starts the GPU worker"
+
+
+def test_the_env_file_with_secrets_is_not_committed():
+    patterns = (REPO / ".gitignore").read_text().split()
+    assert ".env" in patterns or "/.env" in patterns
+    assert "HF_TOKEN" in (INFRA / "compose.env.example").read_text()
+
+
+def test_the_docs_name_the_drivers_the_cuda_image_accepts():
+    # nvidia/cuda:12.6.3's NVIDIA_REQUIRE_CUDA: cuda>=12.6 (driver 560+) or the 470, 535 and 550 branches.
+    dockerfile = (INFRA / "worker.Dockerfile").read_text()
+    assert "ARG CUDA_VERSION=12.6." in dockerfile and "FROM nvidia/cuda:${CUDA_VERSION}-" in dockerfile
+    deploy = " ".join((REPO / "docs" / "deploy.md").read_text().split())
+    for claim in ("560 or newer", "535 or 550 branch", "NVIDIA_REQUIRE_CUDA"):
+        assert claim in deploy, claim
+    assert "525 or newer" not in deploy
+
+
+def test_the_minio_pin_says_it_predates_the_security_fix(services):
+    release = services["s3"]["image"].rsplit(":", 1)[1]
+    text = COMPOSE_FILE.read_text()
+    fix = "RELEASE.2025-10-15T17-29-55Z"
+    assert release < fix and fix in text and "CVE-2025-62506" in text, "say the pin predates the fix, and why"
+    assert "loopback" in text

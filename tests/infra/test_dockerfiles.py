@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import re
 import shlex
+from pathlib import Path
 
 import pytest
 
 from tests.infra.manifests import (
     INFRA,
+    INIT,
     REPO,
     console_scripts,
     dockerignore_patterns,
@@ -17,6 +19,8 @@ from tests.infra.manifests import (
     parse_cli,
     parse_dockerfile,
     project_packages,
+    pyproject,
+    without_init,
 )
 
 WORKER = INFRA / "worker.Dockerfile"
@@ -51,7 +55,7 @@ def test_the_build_stage_installs_the_project_from_files_that_are_copied(path):
             copied.add(source.rstrip("/"))
     needed = {"pyproject.toml", "README.md", *project_packages()}  # README.md: pyproject's readme
     assert needed <= copied, f"{path.name} does not copy {sorted(needed - copied)} before `pip install .`"
-    assert any(re.search(r"\bpip install \.(\s|$)", run) for run in build.values("RUN")), \
+    assert any(re.search(r"\bpip install (-c \S+ )?\.(\s|$)", run) for run in build.values("RUN")), \
         f"{path.name}: no `pip install .`"
 
 
@@ -67,7 +71,7 @@ def test_the_dockerignore_keeps_the_context_small(path):
 def test_the_entrypoint_is_the_console_script_in_exec_form(path, target, subcommand):
     dockerfile = parse_dockerfile(path)
     stage = dockerfile.stage(target)
-    entrypoint = dockerfile.exec_form(stage, "ENTRYPOINT")
+    entrypoint = without_init(dockerfile.exec_form(stage, "ENTRYPOINT"))
     assert entrypoint[0] in console_scripts(), f"{entrypoint[0]} is not in pyproject's [project.scripts]"
     assert entrypoint[1:2] == ([subcommand] if subcommand else [])
     # The default command is valid for bulkembed itself.
@@ -91,6 +95,52 @@ def test_runs_as_a_numeric_non_root_user_with_the_hf_cache_on_a_volume(path, tar
     assert any(c.startswith("--from=build") and "/opt/venv" in c for c in copies), "the virtualenv is not copied"
     if subcommand == "worker":
         assert "9100" in (dockerfile.last(stage, "EXPOSE") or "").split(), "the metrics port is not exposed"
+
+
+@pytest.mark.parametrize(("path", "target", "subcommand"), RUNNABLE)
+def test_the_init_is_installed_where_the_image_runs(path, target, subcommand):
+    dockerfile = parse_dockerfile(path)
+    stage = dockerfile.stage(target)
+    installs = [run for s in dockerfile.chain(stage) for run in s.values("RUN") if "apt-get install" in run]
+    package = Path(INIT[0]).name
+    assert any(package in shlex.split(run) for run in installs), f"{path.name} {target}: {package} not installed"
+
+
+CONSTRAINTS = "infra/constraints.txt"
+
+
+def pins() -> dict[str, str]:
+    lines = [line.strip() for line in (REPO / CONSTRAINTS).read_text().splitlines()]
+    entries = [line for line in lines if line and not line.startswith("#")]
+    assert all(re.fullmatch(r"[a-z0-9][a-z0-9._-]*==[\w.+!-]+", e) for e in entries), "name==version lines only"
+    return dict(e.split("==") for e in entries)
+
+
+def test_the_constraints_pin_every_dependency_within_pyproject_and_the_tested_llama_cpp():
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    pinned = pins()
+    assert pinned["llama-cpp-python"] == "0.3.36", "the version the tests and NOTES.md measured"
+    for text in pyproject()["project"]["dependencies"]:
+        requirement = Requirement(text)
+        version = pinned.get(canonicalize_name(requirement.name))
+        assert version is not None, f"{requirement.name} is not pinned in {CONSTRAINTS}"
+        assert requirement.specifier.contains(version), f"{CONSTRAINTS}: {requirement.name}=={version} breaks {text}"
+
+
+@pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.name)
+def test_every_pip_install_uses_the_constraints(path):
+    dockerfile = parse_dockerfile(path)
+    build = dockerfile.stages[0]
+    copied = [shlex.split(v) for v in build.values("COPY")]
+    target = next((words[-1] for words in copied if CONSTRAINTS in words[:-1]), None)
+    assert target is not None, f"{path.name} does not copy {CONSTRAINTS}"
+    inside = Path(CONSTRAINTS).name if target.endswith("/") else target
+    installs = [command for run in build.values("RUN") for command in run.split("&&") if "pip install" in command]
+    assert installs
+    for command in installs:
+        assert f"-c {inside}" in " ".join(command.split()), f"{path.name}: `{command.strip()}` ignores the constraints"
 
 
 def test_the_gpu_image_builds_llama_cpp_for_cuda_for_the_l4_by_default():

@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from bulkembed.contract.model import queue_name
+from bulkembed.contract.settings import WorkerSettings
 from tests.infra.manifests import (
     INFRA,
     K8S_DIR,
@@ -21,6 +22,7 @@ from tests.infra.manifests import (
     parse_cli,
     parse_dockerfile,
     settings_class,
+    without_init,
 )
 
 NAMESPACE = "bulkembed"
@@ -76,8 +78,8 @@ def image_argv(workload: dict, dockerfile: str, target: str | None) -> list[str]
     """The image's ENTRYPOINT (from its Dockerfile) followed by the pod's args."""
     parsed = parse_dockerfile(INFRA / dockerfile)
     c = container(workload)
-    assert "command" not in c, "keep the image's ENTRYPOINT (exec form, bulkembed as PID 1)"
-    return parsed.exec_form(parsed.stage(target), "ENTRYPOINT") + c["args"]
+    assert "command" not in c, "keep the image's ENTRYPOINT (exec form, tini as PID 1)"
+    return without_init(parsed.exec_form(parsed.stage(target), "ENTRYPOINT")) + c["args"]
 
 
 def worker_model(deployment) -> str:
@@ -88,7 +90,8 @@ def test_every_document_is_named_and_namespaced(documents):
     assert documents
     for path, doc in documents:
         assert doc.get("apiVersion") and doc.get("kind"), f"{path.name}: a document lacks apiVersion/kind"
-        assert doc.get("metadata", {}).get("name"), f"{path.name}: {doc['kind']} has no metadata.name"
+        metadata = doc.get("metadata", {})
+        assert metadata.get("name") or metadata.get("generateName"), f"{path.name}: {doc['kind']} has no name"
         if doc["kind"] not in CLUSTER_SCOPED:
             assert doc["metadata"].get("namespace") == NAMESPACE, f"{path.name}: {doc['kind']} namespace"
 
@@ -119,7 +122,10 @@ def test_the_worker_requests_one_gpu(deployment):
 def test_the_worker_drains_gracefully(deployment):
     pod = deployment["spec"]["template"]["spec"]
     assert pod["terminationGracePeriodSeconds"] >= MIN_GRACE_S, "the default 30 s can cut a shard short"
-    assert "replicas" not in deployment["spec"], "KEDA owns the replica count; `replicas` would fight it on apply"
+
+def test_the_first_apply_starts_no_gpu_pod(deployment):
+    # Without `replicas` a Deployment starts with 1; KEDA owns the count from then on.
+    assert deployment["spec"].get("replicas") == 0
 
 
 def test_the_worker_runs_bulkembed_worker_as_the_images_user(deployment):
@@ -197,9 +203,9 @@ def test_redis_url_password_and_keda_address_agree(documents, secret, scaled_obj
     url = urlparse(secret["redis-url"])
     assert url.scheme in ("redis", "rediss")
     assert url.password == secret["redis-password"], "redis-url must carry redis-password"
-    trigger = scaled_object["spec"]["triggers"][0]["metadata"]
-    assert trigger["address"] == f"{url.hostname}:{url.port}", "KEDA must read the Redis the workers use"
-    assert trigger.get("databaseIndex", "0") == (url.path.strip("/") or "0")
+    for trigger in (t["metadata"] for t in scaled_object["spec"]["triggers"]):
+        assert trigger["address"] == f"{url.hostname}:{url.port}", "KEDA must read the Redis the workers use"
+        assert trigger.get("databaseIndex", "0") == (url.path.strip("/") or "0")
     service, namespace = url.hostname.split(".")[:2]
     redis = one(documents, "Service", service)
     assert namespace == redis["metadata"]["namespace"]
@@ -216,13 +222,38 @@ def test_keda_scales_the_worker_to_zero_on_its_models_queue(documents, deploymen
     assert spec["pollingInterval"] > 0
     grace = deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
     assert spec["cooldownPeriod"] >= max(MIN_COOLDOWN_S, grace), "KEDA sees queued shards only, not running ones"
-    [trigger] = spec["triggers"]
-    assert trigger["type"] == "redis"
-    assert all(isinstance(v, str) for v in trigger["metadata"].values()), "KEDA trigger metadata is string → string"
-    assert trigger["metadata"]["listName"] == queue_name(model_file_name(worker_model(deployment)))
-    assert int(trigger["metadata"]["listLength"]) >= 1
-    auth = one(documents, "TriggerAuthentication", trigger["authenticationRef"]["name"])
-    assert {r["parameter"] for r in auth["spec"]["secretTargetRef"]} == {"password"}
+    queue = queue_name(model_file_name(worker_model(deployment)))
+    queued, open_jobs = spec["triggers"]
+    for trigger in (queued, open_jobs):
+        assert trigger["type"] == "redis"
+        assert all(isinstance(v, str) for v in trigger["metadata"].values()), "KEDA metadata is string → string"
+        assert trigger["metadata"]["activationListLength"] == "0"
+        auth = one(documents, "TriggerAuthentication", trigger["authenticationRef"]["name"])
+        assert {r["parameter"] for r in auth["spec"]["secretTargetRef"]} == {"password"}
+    assert queued["metadata"]["listName"] == queue
+    assert int(queued["metadata"]["listLength"]) >= 1
+
+
+def test_one_worker_stays_while_a_job_has_unfinished_shards(deployment, scaled_object):
+    """An orphaned shard waits in kombu's unacked hash for a running worker to restore it: the
+    second trigger counts the registry's open jobs on the model's queue and asks for one pod."""
+    from bulkembed.contract import keys
+
+    queue = queue_name(model_file_name(worker_model(deployment)))
+    [open_jobs] = [t for t in scaled_object["spec"]["triggers"] if t.get("name") == "open-jobs"]
+    assert open_jobs["metadata"]["listName"] == keys.REDIS_QUEUE_OPEN_JOBS.format(queue=queue)
+    assert int(open_jobs["metadata"]["listLength"]) >= 10_000, "any number of open jobs must ask for one pod only"
+
+
+def test_the_time_limit_fits_the_grace_period(documents, deployment, monkeypatch):
+    config = one(documents, "ConfigMap", "bulkembed")["data"]
+    for name, value in config.items():
+        if name.startswith("BULKEMBED_"):
+            monkeypatch.setenv(name, value)
+    settings = WorkerSettings()
+    grace = deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    assert settings.task_time_limit <= grace, "a warm shutdown may wait for one shard's whole time limit"
+    assert settings.visibility_timeout <= 3600, "an orphaned shard should not stall a job for hours"
 
 
 def test_the_queue_name_is_the_one_documented():
@@ -249,3 +280,25 @@ def test_redis_keeps_queued_shards(documents):
     env = {e["name"] for e in redis["env"]}
     assert "REDIS_PASSWORD" in env, "$(REDIS_PASSWORD) in args expands only from the container's env"
     assert "/data" in {m["mountPath"] for m in redis["volumeMounts"]}
+
+
+def memory_bytes(quantity: str) -> int:
+    """Kubernetes (Mi, Gi) and Redis (mb, gb: 1024-based) memory quantities."""
+    units = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "kb": 2**10, "mb": 2**20, "gb": 2**30}
+    number, unit = quantity[:-2], quantity[-2:]
+    assert unit in units and number.isdigit(), f"not a memory quantity: {quantity}"
+    return int(number) * units[unit]
+
+
+def test_redis_refuses_writes_below_its_memory_limit(documents):
+    redis = container(one(documents, "StatefulSet", "redis"))
+    maxmemory = memory_bytes(option(redis["args"], "--maxmemory"))
+    limit = memory_bytes(redis["resources"]["limits"]["memory"])
+    # Room for the AOF rewrite's fork: ~75% of the limit, not so low that the limit is wasted.
+    assert 0.6 * limit <= maxmemory <= 0.8 * limit, (maxmemory, limit)
+
+
+def test_each_submit_is_a_new_job_with_a_generated_name(job):
+    assert "name" not in job["metadata"], "a fixed name makes the second `kubectl create` fail"
+    assert job["metadata"]["generateName"].endswith("-")
+    assert "generateName" in (REPO / "docs" / "deploy.md").read_text()

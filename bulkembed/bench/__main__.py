@@ -1,0 +1,5 @@
+import sys
+
+from bulkembed.bench.cli import main
+
+sys.exit(main())

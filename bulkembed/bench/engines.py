@@ -1,0 +1,42 @@
+"""bulkembed in N engine processes side by side (worker.engines), on the same shards as the in-process mode."""
+
+from __future__ import annotations
+
+import time
+
+from bulkembed.bench.inprocess import Corpus, plan_shards
+from bulkembed.bench.meter import Meter, Result
+from bulkembed.worker.engine import EngineOptions, l2_normalize
+from bulkembed.worker.engines import EnginePool, EngineSetup, engine, line_up
+
+
+def _embed_shard(texts: list[str]) -> int:
+    """In an engine process: what worker.shard.embed_shard does with a shard's texts, without the Arrow I/O."""
+    this = engine()
+    docs = [this.vocab.tokenize(t) for t in texts]
+    l2_normalize(this.embed(docs))
+    return sum(len(d) for d in docs)
+
+
+def _warm_up(texts: list[str]) -> int:
+    line_up()  # one call per engine process
+    return _embed_shard(texts)
+
+
+def run_engines(model: str, corpus: Corpus, options: EngineOptions, engines: int, ubatch: int | str,
+                shard_tokens: int) -> tuple[Result, int]:
+    """(result, the ubatch the engines used). Wall time runs from the first shard handed out to the last done;
+    the meter's CPU and memory columns are this (parent) process's, the engines' own are not in them."""
+    shards = [[corpus.texts[d.id] for d in shard] for shard in plan_shards(corpus, shard_tokens)]
+    shards.sort(key=lambda s: -sum(len(t) for t in s))  # longest first: the last to finish is a short one
+    setup = EngineSetup(options, engines=engines, ubatch=ubatch)
+    with EnginePool(model, "bench", setup) as pool:
+        plan = pool.start(self_test=False)
+        list(pool.imap(_warm_up, [corpus.texts[:8]] * engines))  # first decodes page the weights in
+        started = time.perf_counter()
+        with Meter() as meter:
+            tokens = sum(pool.imap(_embed_shard, shards))
+        meter.seconds = time.perf_counter() - started
+    note = f"{engines} engine processes, {len(shards)} shards, ubatch {plan.options.ubatch}, " \
+           f"{plan.options.threads} thread(s) each"
+    return Result.of(f"bulkembed x{engines}", len(corpus.texts), tokens, meter, note), plan.options.ubatch

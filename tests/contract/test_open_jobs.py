@@ -1,0 +1,80 @@
+"""The registry's list of open jobs per queue, which KEDA's second trigger counts (infra/k8s/keda.yaml),
+against a real Redis: a job is listed from submit until its last shard is written or failed for good."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+import pytest
+import redis
+
+from bulkembed.contract import keys
+from bulkembed.contract.job import JobSpec, ModelRef, Role, Task
+from bulkembed.contract.registry import JobRegistry, JobTotals, ShardResult
+
+
+@pytest.fixture
+def registry(redis_server: str) -> JobRegistry:
+    return JobRegistry.from_url(redis_server)
+
+
+@pytest.fixture
+def queue() -> str:
+    return f"bulkembed.test-{uuid.uuid4().hex[:8]}"
+
+
+def job(tmp_path: Path, queue: str, name: str = "a") -> JobSpec:
+    return JobSpec(input=name, input_fingerprint="f", out=str(tmp_path / name), task=Task.RETRIEVAL,
+                   role=Role.PASSAGE, prefix="", shard_tokens=1000,
+                   model=ModelRef(spec="m.gguf", file_name="m.gguf", sha256="0" * 64, queue=queue))
+
+
+def result(shard: int) -> ShardResult:
+    return ShardResult(shard=shard, key=keys.shard_output(shard), rows=1, tokens=3)
+
+
+def listed(redis_url: str, queue: str) -> int:
+    """What KEDA's redis trigger reads: LLEN of the listName."""
+    return redis.Redis.from_url(redis_url).llen(keys.REDIS_QUEUE_OPEN_JOBS.format(queue=queue))
+
+
+def test_a_job_is_open_from_submit_until_its_last_shard_is_written(registry, redis_server, queue, tmp_path):
+    spec = job(tmp_path, queue)
+    registry.start(spec)
+    registry.start(spec)  # submitted again: still listed once
+    assert registry.open_jobs(queue) == [spec.job_id] and listed(redis_server, queue) == 1
+    assert not registry.planned(spec.job_id, JobTotals(shards=2))
+    assert not registry.shard_done(spec.job_id, result(0))
+    assert registry.open_jobs(queue) == [spec.job_id], "a shard is still unfinished (queued or orphaned)"
+    assert registry.shard_done(spec.job_id, result(1))
+    registry.finalize(spec.job_id)
+    assert listed(redis_server, queue) == 0
+
+
+def test_a_job_failed_for_good_is_closed_and_reopened_when_resubmitted(registry, queue, tmp_path):
+    spec, other = job(tmp_path, queue, "a"), job(tmp_path, queue, "b")
+    registry.start(spec)
+    registry.start(other)
+    registry.planned(spec.job_id, JobTotals(shards=2))
+    registry.shard_done(spec.job_id, result(0))
+    registry.shard_failed(spec.job_id, 1, "poison")
+    assert registry.open_jobs(queue) == [other.job_id]
+    registry.start(spec)
+    assert registry.open_jobs(queue) == [other.job_id, spec.job_id]
+
+
+def test_failures_before_the_job_is_fully_queued_close_it_when_it_is(registry, queue, tmp_path):
+    spec = job(tmp_path, queue)
+    registry.start(spec)
+    registry.shard_failed(spec.job_id, 0, "poison")
+    assert registry.open_jobs(queue) == [spec.job_id], "more shards may still be queued"
+    assert not registry.planned(spec.job_id, JobTotals(shards=1))
+    assert registry.open_jobs(queue) == []
+
+
+def test_a_forgotten_job_is_closed(registry, queue, tmp_path):
+    spec = job(tmp_path, queue)
+    registry.start(spec)
+    registry.forget(spec.job_id)
+    assert registry.open_jobs(queue) == []

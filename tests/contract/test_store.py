@@ -1,0 +1,89 @@
+"""S3 failures: transient ones (after boto3's own retries) become TransientError from every store
+call, permanent ones stay what they are."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from botocore.exceptions import (
+    ClientError,
+    ConnectionClosedError,
+    EndpointConnectionError,
+    NoCredentialsError,
+    ParamValidationError,
+    ReadTimeoutError,
+)
+
+from bulkembed.contract.errors import TransientError
+from bulkembed.contract.store import is_transient, open_store
+from tests.faults_support import FaultPlan, FaultyS3Proxy
+
+
+def client_error(status: int, code: str) -> ClientError:
+    return ClientError({"Error": {"Code": code}, "ResponseMetadata": {"HTTPStatusCode": status}}, "GetObject")
+
+
+@pytest.mark.parametrize("exc, transient", [
+    (client_error(500, "InternalError"), True),
+    (client_error(503, "SlowDown"), True),
+    (client_error(429, "TooManyRequests"), True),
+    (client_error(400, "RequestTimeout"), True),
+    (client_error(400, "ThrottlingException"), True),
+    (EndpointConnectionError(endpoint_url="http://x"), True),
+    (ConnectionClosedError(endpoint_url="http://x"), True),
+    (ReadTimeoutError(endpoint_url="http://x"), True),
+    (client_error(403, "AccessDenied"), False),
+    (client_error(404, "NoSuchBucket"), False),
+    (NoCredentialsError(), False),
+    (ParamValidationError(report="bad"), False),
+])
+def test_what_is_transient(exc, transient):
+    assert is_transient(exc) is transient
+
+
+def test_boto3_retry_variables_are_honoured(s3_server, bucket, monkeypatch):
+    assert open_store(f"s3://{bucket}/o").client.meta.config.retries["total_max_attempts"] == 9
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")
+    assert open_store(f"s3://{bucket}/o").client.meta.config.retries["total_max_attempts"] == 2
+
+
+def every_call(store) -> dict:
+    return {"exists": lambda: store.exists("k"), "get": lambda: store.get("k"), "put": lambda: store.put("k", b"1"),
+            "put_if_absent": lambda: store.put_if_absent("k", b"1"), "delete": lambda: store.delete("k"),
+            "list": lambda: store.list()}
+
+
+def test_every_call_is_transient_while_the_endpoint_is_dark(s3_server, bucket, monkeypatch):
+    """Through a proxy that resets every connection (what the issue saw: ConnectionClosedError from
+    head_object escaped as permanent), each store call fails with TransientError."""
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")
+    with FaultyS3Proxy(s3_server, FaultPlan(every=10**9)) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL_S3", proxy.endpoint)
+        store = open_store(f"s3://{bucket}/o")
+        store.put("k", b"0")  # a kept-alive connection, cut below
+        proxy.go_dark()
+        for name, call in every_call(store).items():
+            started = time.monotonic()
+            with pytest.raises(TransientError, match="S3 "):
+                call()
+            assert time.monotonic() - started < 30, name
+        assert proxy.refused >= 6
+        proxy.light()
+        assert store.get("k") == b"0", "back once the endpoint is"
+
+
+def test_nothing_listening_is_transient(monkeypatch):
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://127.0.0.1:9")  # discard port: refused
+    store = open_store("s3://nowhere/o")
+    for call in every_call(store).values():
+        with pytest.raises(TransientError, match="EndpointConnectionError"):
+            call()
+
+
+def test_permanent_errors_are_not_transient(s3_server, monkeypatch):
+    store = open_store("s3://no-such-bucket-here/o")
+    with pytest.raises(ClientError) as caught:
+        store.get("k")
+    assert not isinstance(caught.value, TransientError) and caught.value.response["Error"]["Code"] == "NoSuchBucket"

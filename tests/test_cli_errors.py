@@ -1,0 +1,137 @@
+"""Wrong settings and wrong options, through the real `bulkembed` command: exit 2, one line on
+stderr that names what is wrong, never a traceback."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bulkembed.contract.settings import ProducerSettings, Settings, WorkerSettings
+
+# Every command, with arguments that are otherwise fine, so only the wrong setting can stop it.
+COMMANDS = [
+    ["submit", "corpus.parquet", "--model", "model.gguf", "--out", "out"],
+    ["worker", "--model", "model.gguf"],
+    ["status", "0123456789abcdef"],
+    ["run", "corpus.parquet", "--model", "model.gguf", "--out", "out"],
+    ["eval", "dataset", "--model", "model.gguf"],
+    ["bench", "--synthetic-model", "tiny"],
+    ["--help"],
+]
+
+# One or more wrong values of every BULKEMBED_* setting.
+WRONG_SETTINGS = [
+    ("REDIS_URL", "http://user:hunter2@redis:6379/0"),
+    ("REDIS_URL", "localhost:6379"),
+    ("VISIBILITY_TIMEOUT", "ten"),
+    ("VISIBILITY_TIMEOUT", "1"),
+    ("TASK_TIME_LIMIT", "0"),
+    ("TASK_TIME_LIMIT", "9000"),  # above the default visibility timeout, 7200
+    ("SHARD_MAX_ATTEMPTS", "0"),
+    ("TRANSIENT_RETRIES", "-1"),
+    ("LOG_LEVEL", "LOUD"),
+    ("SHARD_TOKENS", "0"),
+    ("UBATCH", "16"),
+    ("UBATCH", "big"),
+    ("ENGINES", "0"),
+    ("ENGINES", "many"),
+    ("GPU_LAYERS", "all"),
+    ("THREADS", "-2"),
+    ("METRICS_PORT", "70000"),
+    ("FLASH_ATTN", "maybe"),
+    ("LOGICAL_BATCH", "-1"),
+]
+
+# Wrong option values of each command (the parser's and the command's own checks).
+WRONG_OPTIONS = [
+    (["submit", "corpus.parquet", "--model", "model.gguf", "--out", "out", "--shard-tokens", "0"], "--shard-tokens"),
+    (["submit", "corpus.parquet", "--model", "model.gguf", "--out", "out", "--role", "author"], "--role"),
+    (["worker", "--model", "model.gguf", "--ubatch", "16"], "--ubatch"),
+    (["run", "c.parquet", "--out", "o", "--engines", "0"], "--engines"),
+    (["worker", "--model", "model.gguf", "--threads", "-1"], "--threads"),
+    (["worker", "--model", "model.gguf", "--gpu-layers", "-5"], "--gpu-layers"),
+    (["worker", "--model", "no-such-model.gguf"], "no-such-model.gguf"),
+    (["worker"], "--model"),
+    (["status"], "job"),
+    (["run", "corpus.parquet", "--model", "model.gguf", "--out", "out", "--max-tokens", "0"], "--max-tokens"),
+    (["run", "corpus.parquet", "--model", "model.gguf", "--out", "out", "--dims", "0"], "--dims"),
+    (["run", "corpus.parquet", "--model", "model.gguf", "--out", "out", "--dtype", "int4"], "--dtype"),
+    (["run", "missing.parquet", "--model", "model.gguf", "--out", "out"], "missing.parquet"),
+    (["eval", "dataset", "--model", "model.gguf", "--k", "x"], "--k"),
+    (["eval", "no-such-dataset", "--model", "model.gguf"], "no-such-dataset"),
+    (["bench", "--synthetic-model", "huge"], "--synthetic-model"),
+    (["embed"], "embed"),
+]
+
+
+def every_setting() -> set[str]:
+    return set(Settings.model_fields) | set(ProducerSettings.model_fields) | set(WorkerSettings.model_fields)
+
+
+def test_every_setting_is_tried_with_a_wrong_value():
+    assert {name.lower() for name, _ in WRONG_SETTINGS} == every_setting()
+
+
+def test_every_command_is_tried_with_a_wrong_option():
+    from bulkembed.cli import build_parser
+
+    commands = build_parser()._subparsers._group_actions[0].choices
+    assert {argv[0] for argv, _ in WRONG_OPTIONS} >= set(commands)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Path:
+    """A folder with a corpus, a model and a dataset folder, outside the repository."""
+    from tests.conftest import write_corpus
+
+    folder = tmp_path_factory.mktemp("cli-errors")
+    write_corpus(folder / "corpus.parquet", ["a", "b"], ["hello world", "the sea"])
+    (folder / "model.gguf").symlink_to(tiny_model)
+    (folder / "dataset").mkdir()
+    return folder
+
+
+def bulkembed(argv: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("BULKEMBED_")}
+    return subprocess.run([sys.executable, "-m", "bulkembed.cli", *argv], env=clean | env, cwd=cwd,
+                          capture_output=True, text=True, timeout=120)
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, names: str) -> str:
+    lines = result.stderr.splitlines()
+    assert "Traceback" not in result.stderr + result.stdout, result.stderr
+    assert result.returncode == 2, (result.returncode, result.stderr)
+    assert len(lines) == 1, result.stderr
+    assert names in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.mark.parametrize(("setting", "argv"), list(zip(WRONG_SETTINGS, itertools.cycle(COMMANDS), strict=False)),
+                         ids=lambda v: "=".join(v) if isinstance(v, tuple) else v[0])
+def test_a_wrong_setting_is_one_line_and_exit_2(setting: tuple[str, str], argv: list[str], workdir: Path):
+    name, value = setting
+    variable = f"BULKEMBED_{name}"
+    line = assert_one_line_error(bulkembed(argv, {variable: value}, workdir), variable)
+    assert "hunter2" not in line  # a Redis URL's password never reaches the terminal
+
+
+@pytest.mark.parametrize("argv", COMMANDS, ids=lambda argv: argv[0])
+def test_every_command_refuses_a_wrong_setting(argv: list[str], workdir: Path):
+    assert_one_line_error(bulkembed(argv, {"BULKEMBED_UBATCH": "0"}, workdir), "BULKEMBED_UBATCH")
+
+
+@pytest.mark.parametrize(("argv", "names"), WRONG_OPTIONS, ids=lambda v: " ".join(v) if isinstance(v, list) else "")
+def test_a_wrong_option_is_one_line_and_exit_2(argv: list[str], names: str, workdir: Path):
+    assert_one_line_error(bulkembed(argv, {}, workdir), names)
+
+
+def test_the_issue_example_derives_the_time_limit_and_fails_only_on_the_missing_model(workdir: Path):
+    """`BULKEMBED_VISIBILITY_TIMEOUT=15 bulkembed worker --model m.gguf` used to end in a traceback."""
+    result = bulkembed(["worker", "--model", "m.gguf"], {"BULKEMBED_VISIBILITY_TIMEOUT": "15"}, workdir)
+    line = assert_one_line_error(result, "m.gguf")
+    assert "BULKEMBED" not in line

@@ -1,0 +1,142 @@
+"""Several engines per worker: N engine processes on one queue, the ubatch probe and its cache."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow.dataset as ds
+import pytest
+
+from bulkembed.contract.model import file_sha256
+from bulkembed.worker import probe
+from bulkembed.worker.engine import EngineOptions
+from bulkembed.worker.engines import EnginePool, EngineSetup
+from bulkembed.worker.selftest import MIN_COSINE
+from tests.conftest import REPO, cosines, free_port, mixed_texts, write_corpus
+from tests.faults_support import check_exactly_once, wait_until
+from tests.worker.test_metrics import scrape
+
+
+def engine_pids(log: str) -> list[int]:
+    return [int(p) for p in re.findall(r"pool process (\d+) ready", log)]
+
+
+def shards_by_process(log: str) -> dict[int, int]:
+    """Shards each process embedded, from the `[pid] ... job J shard S: N rows` lines."""
+    counts: dict[int, int] = {}
+    for pid in re.findall(r"\[(\d+)\] bulkembed\.worker\.shard: job \w+ shard \d+: \d+ rows", log):
+        counts[int(pid)] = counts.get(int(pid), 0) + 1
+    return counts
+
+
+def status(env: dict[str, str], job_id: str) -> dict:
+    done = subprocess.run([sys.executable, "-m", "bulkembed.cli", "status", job_id, "--json"], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
+    return json.loads(done.stdout) if done.returncode == 0 else {}
+
+
+def test_engines_share_a_queue_and_one_killed_loses_nothing(cli_env, workers, tmp_path, tiny_model,
+                                                            reference_embedder):
+    """Two engines take shards side by side; one is killed (-9) mid-job: Celery replaces it, its shard comes
+    back, the job completes with every row once and exact; one metrics endpoint counts every engine."""
+    port = free_port()
+    env = cli_env | {"BULKEMBED_METRICS_PORT": str(port), "BULKEMBED_PROBE_CACHE": str(tmp_path / "probe.json")}
+    workers.env = env
+    worker = workers.start(tiny_model, "--engines", "2", "--ubatch", "probe")
+    wait_until(lambda: len(engine_pids(worker.log.read_text())) >= 2, 60, "two engines")
+    ids = [f"d{i}" for i in range(1500)]
+    texts = mixed_texts(len(ids), seed=11)
+    corpus = write_corpus(tmp_path / "c.parquet", ids, texts)
+    out = tmp_path / "out"
+    submit = subprocess.Popen([sys.executable, "-m", "bulkembed.cli", "submit", str(corpus), "--model",
+                               str(tiny_model), "--out", str(out), "--shard-tokens", "1500", "--wait"], env=env,
+                              cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    job_id = submit.stdout.readline().strip()
+    progress = wait_until(lambda: (s := status(env, job_id)) and s["shards_done"] >= 2 and s, 120, "two shards done")
+    victim = engine_pids(worker.log.read_text())[0]
+    os.kill(victim, signal.SIGKILL)
+    assert progress["shards_done"] < progress["totals"]["shards"], "killed while shards were left"
+    assert submit.wait(300) == 0, submit.stderr.read()[-3000:]
+
+    manifest = check_exactly_once(str(out), ids)
+    table = ds.dataset(str(out), format="arrow").to_table().sort_by("id")
+    sample = np.random.default_rng(0).choice(table.num_rows, 150, replace=False)
+    got = np.stack(table.column("embedding").to_numpy(zero_copy_only=False)[sample])
+    by_id = dict(zip(ids, texts, strict=True))
+    want = reference_embedder(["Passage: " + by_id[table.column("id")[int(i)].as_py()] for i in sample])
+    assert cosines(got, want).min() >= 0.9999
+
+    log = worker.log.read_text()
+    assert len(engine_pids(log)) >= 3, "the killed engine was replaced"
+    assert len([p for p, n in shards_by_process(log).items() if n > 0]) >= 2, "both engines embedded shards"
+    samples = scrape(port)
+    label = f'model="{tiny_model.name}"'
+    assert samples[f"bulkembed_tokens_total{{{label}}}"] >= manifest["tokens"]  # + the killed shard's redo at most
+    assert samples[f"bulkembed_engines{{{label}}}"] == 2
+    cached = json.loads((tmp_path / "probe.json").read_text())
+    assert samples[f"bulkembed_ubatch{{{label}}}"] == next(iter(cached.values()))["ubatch"]
+
+
+def test_probe_picks_a_measured_ubatch_and_restarts_use_the_cache(tiny_model, tmp_path):
+    cache = tmp_path / "probe.json"
+    setup = EngineSetup(EngineOptions(threads=1), engines=2, ubatch="probe", probe_cache=str(cache))
+    sha = file_sha256(tiny_model)
+    with EnginePool(tiny_model, sha, setup) as pool:
+        first = pool.start()
+    assert first.engines == 2 and not first.probe.cached
+    assert set(first.probe.tok_per_s) == set(probe.CANDIDATES) and min(first.probe.tok_per_s.values()) > 0
+    assert first.options.ubatch == first.probe.ubatch == probe.pick(first.probe.tok_per_s)
+    assert first.self_test_cosine >= MIN_COSINE, "the self-test ran at the chosen ubatch"
+
+    with EnginePool(tiny_model, sha, setup) as pool:
+        again = pool.start()
+    assert again.probe.cached and again.options.ubatch == first.options.ubatch
+    assert again.probe.tok_per_s == first.probe.tok_per_s
+
+    one = EngineSetup(EngineOptions(threads=1), engines=1, ubatch="probe", probe_cache=str(cache))
+    with EnginePool(tiny_model, sha, one) as pool:
+        assert not pool.start(self_test=False).probe.cached, "the cache is per number of engines"
+    assert len(json.loads(cache.read_text())) == 2
+
+
+def test_auto_ubatch_on_cpu_is_fixed_and_pinned_ubatch_is_kept(tiny_model, tmp_path):
+    sha = file_sha256(tiny_model)
+    for requested, expected in (("auto", probe.CPU_UBATCH), (64, 64)):
+        setup = EngineSetup(EngineOptions(threads=1), engines=1, ubatch=requested, probe_cache=str(tmp_path / "p"))
+        with EnginePool(tiny_model, sha, setup) as pool:
+            plan = pool.start(self_test=False)
+        assert plan.options.ubatch == expected and plan.probe is None
+    assert not (tmp_path / "p").exists(), "nothing was measured on the CPU without --ubatch probe"
+
+
+@pytest.mark.parametrize(("free_mib", "expected"), [(None, 1), (2000, 1), (20000, 3), (11000, 2)])
+def test_engines_that_fit_the_gpu(free_mib, expected):
+    assert probe.engines_that_fit(3000, free_mib) == expected
+
+
+def test_pick_prefers_the_smaller_ubatch_when_speeds_are_close():
+    assert probe.pick({256: 90.0, 512: 99.0, 1024: 100.0}) == 512
+    assert probe.pick({256: 50.0, 512: 80.0, 1024: 100.0}) == 1024
+
+
+def test_run_with_two_engines_writes_what_one_engine_writes(run_cli, tiny_model, tmp_path):
+    ids = [f"d{i}" for i in range(600)]
+    corpus = write_corpus(tmp_path / "c.parquet", ids, mixed_texts(len(ids), seed=4))
+    tables = []
+    for engines in ("1", "2"):
+        out = tmp_path / f"out{engines}"
+        done = run_cli("run", corpus, "--model", tiny_model, "--out", out, "--engines", engines, "--threads", "1",
+                       "--shard-tokens", "2000")
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert f"on {engines} engine(s)" in done.stderr
+        check_exactly_once(str(out), ids)
+        tables.append(ds.dataset(str(out), format="arrow").to_table().sort_by("id"))
+    one, two = (np.stack(t.column("embedding").to_numpy(zero_copy_only=False)) for t in tables)
+    assert tables[0].column("id").equals(tables[1].column("id"))
+    assert cosines(one, two).min() >= 0.9999

@@ -1,0 +1,157 @@
+"""Choose the ubatch cap per device by measuring it, and the number of engines per GPU by memory.
+
+The seed's L4 was fastest at ub 512, an H100 at 1024 (NOTES.md 22): a fixed default is right for one GPU and
+wrong for another. The probe decodes a few full packed ubatches of each candidate on the resident model, in
+every engine at once (so it measures what the worker will run), and keeps the fastest. Its choice is cached
+per (device, model sha256, engines, flash attention), so a restart skips it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import time
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+
+from bulkembed.worker.engine import Engine
+
+log = logging.getLogger(__name__)
+
+CANDIDATES = (256, 512, 1024, 2048)
+CPU_UBATCH = 512  # `auto` on CPU: probing a real model there would take minutes
+PROBE_DOC_TOKENS = 192  # documents of a typical passage length, packed many to a ubatch
+PROBE_WARM_DECODES = 2  # untimed full ubatches first: a new context and its first decodes (CUDA graphs) cost more
+PROBE_DECODES = 6  # timed full ubatches per candidate, at least
+PROBE_MIN_S = 1.0  # and at least this long, so a fast device is not timed on a few milliseconds
+NEAR_BEST = 0.97  # a smaller ubatch within 3% of the fastest wins: less memory, same speed
+MAX_AUTO_ENGINES = 3  # on an H100, 3 engines gave 1.1x of 2 and more gave nothing (docs/benchmarks.md)
+CONTEXT_RESERVE_MIB = 1536  # per engine beside its weights: KV cache and compute buffers at ub 2048
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    ubatch: int
+    tok_per_s: dict[int, float]  # candidate -> tokens per second over all engines
+    seconds: float
+    device: str
+    measured_at: str = ""
+    cached: bool = False
+
+    def table(self) -> str:
+        return ", ".join(f"ub {ub}: {rate:,.0f} tok/s" for ub, rate in sorted(self.tok_per_s.items()))
+
+
+def device_name() -> str:
+    """The GPU as nvidia-smi names it (without starting CUDA in this process), else the CPU."""
+    if shutil.which("nvidia-smi"):
+        done = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                              text=True, timeout=30)
+        names = [line.strip() for line in done.stdout.splitlines() if line.strip()]
+        if done.returncode == 0 and names:
+            return names[0]
+    model = next((line.split(":", 1)[1].strip() for line in _cpuinfo() if line.startswith("model name")), "cpu")
+    return f"{model} ({os.cpu_count()} cpus)"
+
+
+def _cpuinfo() -> list[str]:
+    try:
+        return Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return []
+
+
+def gpu_free_mib() -> float | None:
+    if not shutil.which("nvidia-smi"):
+        return None
+    done = subprocess.run(["nvidia-smi", "--query-gpu=memory.free", "--format=csv,noheader,nounits"],
+                          capture_output=True, text=True, timeout=30)
+    values = done.stdout.split()
+    return float(values[0]) if done.returncode == 0 and values else None
+
+
+def engines_that_fit(model_mib: float, free_mib: float | None) -> int:
+    """`--engines auto` on a GPU: as many resident copies as its free memory holds with room for their contexts."""
+    if free_mib is None:
+        return 1
+    fits = int(free_mib * 0.9 // (model_mib + CONTEXT_RESERVE_MIB))
+    return max(1, min(MAX_AUTO_ENGINES, fits))
+
+
+def candidates_for(engine: Engine) -> list[int]:
+    return [ub for ub in CANDIDATES if ub <= max(CANDIDATES[0], engine.n_ctx_train)]
+
+
+def probe_documents(engine: Engine, ubatch: int, decodes: int) -> list[np.ndarray]:
+    """Same-length documents that fill `decodes` ubatches of `ubatch` tokens."""
+    text = " ".join(["The river carried the boat past the mill, and the miller counted sacks of grain."] * 40)
+    tokens = engine.vocab.tokenize(text)
+    while len(tokens) < PROBE_DOC_TOKENS:
+        tokens = np.concatenate([tokens, tokens])
+    return [tokens[:PROBE_DOC_TOKENS]] * -(-decodes * ubatch // PROBE_DOC_TOKENS)
+
+
+def time_candidate(engine: Engine, ubatch: int, wait: object = None) -> tuple[int, float]:
+    """(tokens, seconds) of full packed ubatches at this cap; `wait` lines the engines up before the clock."""
+    docs = probe_documents(engine, ubatch, PROBE_DECODES)
+    shape = engine.shape_for([len(d) for d in docs], ubatch_cap=ubatch)
+    engine.embed(probe_documents(engine, ubatch, PROBE_WARM_DECODES), shape)
+    if wait is not None:
+        wait()
+    tokens, started = 0, time.perf_counter()
+    while not tokens or time.perf_counter() - started < PROBE_MIN_S:
+        engine.embed(docs, shape)
+        tokens += sum(len(d) for d in docs)
+    return tokens, time.perf_counter() - started
+
+
+def pick(tok_per_s: dict[int, float]) -> int:
+    best = max(tok_per_s.values())
+    return min(ub for ub, rate in tok_per_s.items() if rate >= NEAR_BEST * best)
+
+
+class ProbeCache:
+    """Measured choices in one JSON file: {"device|sha256|engines|flash": ProbeResult}."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path).expanduser()
+
+    @staticmethod
+    def key(device: str, sha256: str, engines: int, flash_attn: bool | None) -> str:
+        return f"{device}|{sha256}|{engines}|flash={flash_attn}"
+
+    def _entries(self) -> dict:
+        try:
+            return json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def get(self, key: str) -> ProbeResult | None:
+        entry = self._entries().get(key)
+        if not entry:
+            return None
+        entry["tok_per_s"] = {int(k): v for k, v in entry["tok_per_s"].items()}
+        return ProbeResult(**entry | {"cached": True})
+
+    def put(self, key: str, result: ProbeResult) -> None:
+        entries = self._entries() | {key: asdict(result) | {"cached": False}}
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            temp = self.path.with_suffix(f".{os.getpid()}.tmp")
+            temp.write_text(json.dumps(entries, indent=1, sort_keys=True))
+            temp.replace(self.path)
+        except OSError as exc:  # a read-only home only costs the next start a probe
+            log.warning("cannot cache the ubatch probe in %s: %s", self.path, exc)
+
+
+def combine(device: str, runs: list[dict[int, tuple[int, float]]], seconds: float) -> ProbeResult:
+    """Per-engine (tokens, seconds) of each candidate → total tok/s (engines ran side by side) and the pick."""
+    tok_per_s = {ub: sum(run[ub][0] for run in runs) / max(run[ub][1] for run in runs) for ub in runs[0]}
+    return ProbeResult(ubatch=pick(tok_per_s), tok_per_s=tok_per_s, seconds=seconds, device=device,
+                       measured_at=datetime.now(UTC).isoformat(timespec="seconds"))

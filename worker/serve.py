@@ -1,0 +1,51 @@
+"""`bulkembed worker`: decide the engines, then run them as Celery's prefork pool, one engine per pool process.
+
+The self-test and the ubatch probe run in spawned engine processes (worker.engines) that are gone before
+Celery forks: the parent never starts llama.cpp or CUDA, so every forked engine can. Each pool process then
+loads the model once (worker.app) and takes one shard at a time, acknowledged late; Celery's pool is the
+supervisor: an engine killed mid-shard hands its shard back (reject on worker lost) and is replaced, and
+SIGTERM drains every engine. Their metrics meet in one directory and one endpoint (Prometheus multiprocess).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import tempfile
+from pathlib import Path
+
+from bulkembed.contract.job import ModelRef
+from bulkembed.contract.settings import WorkerSettings
+from bulkembed.worker.engines import EnginePool, EngineSetup
+from bulkembed.worker.selftest import SelfTestError
+
+log = logging.getLogger(__name__)
+
+
+def serve(ref: ModelRef, path: Path, setup: EngineSetup, settings: WorkerSettings) -> int:
+    with EnginePool(path, ref.sha256, setup) as pool:
+        try:
+            plan = pool.start(self_test=True)
+        except SelfTestError as exc:
+            log.critical("%s; refusing to start", exc)
+            return 3
+    engines = plan.engines if plan.gpu_offload or setup.engines != "auto" else 1
+    log.info("self-test passed: packed == alone (worst cosine %.7f)", plan.self_test_cosine)
+    log.info("worker for %s (sha256 %s…) on queue %s: %d engine(s), ubatch %d, %d thread(s) each", ref.file_name,
+             ref.sha256[:12], ref.queue, engines, plan.options.ubatch, plan.options.threads)
+
+    # Every engine writes its samples here; the parent serves their sum. Set before prometheus_client loads.
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="bulkembed-metrics-")
+    from bulkembed.worker import app as worker_app
+    from bulkembed.worker import metrics
+
+    metrics.serve_engines(settings.metrics_port)
+    metrics.worker_started(ref.file_name, engines, plan.options.ubatch)
+    worker_app.MODEL = worker_app.ResidentModel(path=path, sha256=ref.sha256, options=plan.options)
+    worker_app.app.worker_main([
+        "worker", "--queues", ref.queue, "--concurrency", str(engines), "--pool", "prefork",
+        "--hostname", f"bulkembed-{os.getpid()}@{socket.gethostname()}",
+        "--loglevel", settings.log_level, "--without-gossip", "--without-mingle",
+    ])
+    return 0
