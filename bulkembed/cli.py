@@ -56,7 +56,8 @@ def _job_arguments(parser: argparse.ArgumentParser, model_default: str | None) -
     parser.add_argument("--prefix", default=None,
                         help="text put before every document instead of v4's task/role prefix ('' for none)")
     parser.add_argument("--max-tokens", type=at_least(1), default=None,
-                        help="longest input in tokens (default: the model's trained context, 32768 for v4)")
+                        help="longest input in tokens (default: the model's trained context, 32768 for v4; "
+                        "non-causal models: what one ubatch may hold, BULKEMBED_MAX_UBATCH, within that context)")
     parser.add_argument("--overlength", choices=[o.value for o in Overlength], default=Overlength.TRUNCATE.value,
                         help="longer documents: keep the first max-tokens, one row per chunk, or quarantine")
     parser.add_argument("--dims", type=at_least(1), default=None,
@@ -65,8 +66,9 @@ def _job_arguments(parser: argparse.ArgumentParser, model_default: str | None) -
     parser.add_argument("--no-normalize", action="store_true", help="write raw means, not L2-normalized")
     parser.add_argument("--force", action="store_true",
                         help="start over: delete this job's earlier output instead of resuming it")
-    parser.add_argument("--pooling", choices=[p.value for p in Pooling], default=Pooling.MEAN.value,
-                        help="mean: one vector per row; none: every token's vector (late chunking)")
+    parser.add_argument("--pooling", choices=[p.value for p in Pooling], default=None,
+                        help="mean, cls (first token) or last (last token): one vector per row; none: every token's "
+                        "vector (late chunking). Default: what the model declares (mean where it declares nothing)")
 
 
 def _ubatch(value: str) -> int | str:
@@ -118,7 +120,8 @@ def _plan(args: argparse.Namespace):
     options = JobOptions(
         task=Task(args.task) if args.task else None, role=Role(args.role), prefix=args.prefix,
         id_column=args.id_column, text_column=args.text_column, shard_tokens=args.shard_tokens,
-        max_tokens=args.max_tokens, overlength=Overlength(args.overlength), pooling=Pooling(args.pooling),
+        max_tokens=args.max_tokens, max_ubatch=ProducerSettings().max_ubatch, overlength=Overlength(args.overlength),
+        pooling=Pooling(args.pooling) if args.pooling else None,
         dims=args.dims, dtype=Dtype(args.dtype), normalize=not args.no_normalize,
     )
     return plan_job(args.input, args.model, args.out, options)
@@ -209,10 +212,11 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from bulkembed.contract.model import model_ref
+    from bulkembed.contract.model import choose_pooling, model_info, model_ref
     from bulkembed.worker.serve import serve
 
     ref, path = model_ref(args.model)
+    choose_pooling(model_info(path), None, ref.file_name)  # a reranker is refused before anything loads
     return serve(ref, path, _engine_setup(args), WorkerSettings())
 
 

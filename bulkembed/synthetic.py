@@ -1,8 +1,13 @@
-"""Write random-weight `qwen2vl` GGUF files: the architecture of jina-embeddings-v4's text models.
+"""Write random-weight GGUF embedding models of each kind bulkembed must embed exactly.
+
+- `qwen2vl`: jina-embeddings-v4's text tower (causal, mean pooling declared by nobody);
+- `qwen3`: a causal decoder declaring last-token pooling, as Qwen3-Embedding's GGUFs do;
+- `bert`: a non-causal encoder (MiniLM, bge, e5) declaring mean or cls pooling.
 
 Tests use tiny ones (real llama.cpp, no download); benchmarks use v4-shaped ones, since speed does
-not depend on weight values. The vocabulary is byte-level BPE (GPT-2 byte alphabet, a few merges),
-padded with filler tokens to the requested size so the LM head costs what it would.
+not depend on weight values. The decoders' vocabulary is byte-level BPE (GPT-2 byte alphabet, a few
+merges), padded with filler tokens to the requested size so the LM head costs what it would; BERT's is
+a small WordPiece one, written the way llama.cpp's convert_hf_to_gguf.py writes BERT vocabularies.
 """
 
 from __future__ import annotations
@@ -65,6 +70,24 @@ def _vocab(n_vocab: int) -> tuple[list[str], list[int]]:
     return tokens, types
 
 
+def _write_bpe_vocab(writer, n_vocab: int, add_eos: bool) -> None:
+    """Qwen's tokenizer: byte-level BPE, no BOS; `add_eos` appends <|endoftext|> to every text, as
+    Qwen3-Embedding's tokenizer does so that its last token is the one it pools."""
+    tokens, types = _vocab(n_vocab)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("qwen2")
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(list(MERGES))
+    eot = tokens.index("<|endoftext|>")
+    writer.add_eos_token_id(eot)
+    writer.add_pad_token_id(eot)
+    writer.add_bos_token_id(eot)
+    writer.add_add_bos_token(False)
+    if add_eos:
+        writer.add_add_eos_token(True)
+
+
 def write_qwen2vl_gguf(path: str | Path, shape: ModelShape = TINY, seed: int = 0, dtype: str = "f32",
                        name: str = "synthetic-qwen2vl", matryoshka_dims: tuple[int, ...] | None = None) -> Path:
     """Write a random `qwen2vl` model to `path` and return it. dtype: f32 or f16. Matryoshka sizes,
@@ -91,17 +114,7 @@ def write_qwen2vl_gguf(path: str | Path, shape: ModelShape = TINY, seed: int = 0
         writer.add_array("qwen2vl.matryoshka_dims", list(matryoshka_dims))
     writer.add_file_type(gguf.LlamaFileType.ALL_F32 if dtype == "f32" else gguf.LlamaFileType.MOSTLY_F16)
 
-    tokens, types = _vocab(shape.n_vocab)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("qwen2")
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    writer.add_token_merges(list(MERGES))
-    eot = tokens.index("<|endoftext|>")
-    writer.add_eos_token_id(eot)
-    writer.add_pad_token_id(eot)
-    writer.add_bos_token_id(eot)
-    writer.add_add_bos_token(False)
+    _write_bpe_vocab(writer, shape.n_vocab, add_eos=False)
 
     def tensor(tensor_name: str, *dims: int, scale: float = 0.02) -> None:
         writer.add_tensor(tensor_name, (rng.standard_normal(dims) * scale).astype(np_dtype))
@@ -134,6 +147,141 @@ def write_qwen2vl_gguf(path: str | Path, shape: ModelShape = TINY, seed: int = 0
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+class _RandomTensors:
+    """Random weights in the layouts convert_hf_to_gguf writes: matrices in `dtype`, norms and biases f32."""
+
+    def __init__(self, writer, seed: int, dtype: str):
+        self.writer, self.rng = writer, np.random.default_rng(seed)
+        self.dtype = np.float32 if dtype == "f32" else np.float16
+
+    def matrix(self, name: str, *dims: int, scale: float | None = None) -> None:
+        # 1/sqrt(fan-in) by default: each layer mixes tokens as much as a trained one, so the pooled
+        # vectors of different texts differ well beyond the tests' cosine threshold (also cls and last).
+        scale = dims[-1] ** -0.5 if scale is None else scale
+        self.writer.add_tensor(name, (self.rng.standard_normal(dims) * scale).astype(self.dtype))
+
+    def norm(self, name: str, n: int) -> None:
+        self.writer.add_tensor(name, (1.0 + 0.1 * self.rng.standard_normal(n)).astype(np.float32))
+
+    def bias(self, name: str, n: int) -> None:
+        self.writer.add_tensor(name, (0.02 * self.rng.standard_normal(n)).astype(np.float32))
+
+
+def _write_header(writer, shape: ModelShape, name: str, dtype: str, pooling: str) -> None:
+    import gguf
+
+    writer.add_name(name)
+    writer.add_context_length(shape.n_ctx_train)
+    writer.add_embedding_length(shape.n_embd)
+    writer.add_block_count(shape.n_layer)
+    writer.add_feed_forward_length(shape.n_ff)
+    writer.add_head_count(shape.n_head)
+    writer.add_pooling_type(gguf.PoolingType[pooling.upper()])
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32 if dtype == "f32" else gguf.LlamaFileType.MOSTLY_F16)
+
+
+def _finish(writer, path: Path) -> Path:
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def write_qwen3_gguf(path: str | Path, shape: ModelShape = TINY, seed: int = 0, dtype: str = "f32",
+                     name: str = "synthetic-qwen3", pooling: str = "last") -> Path:
+    """A random causal `qwen3` model declaring `pooling` (Qwen3-Embedding: last, with <|endoftext|>
+    appended to every text)."""
+    import gguf
+
+    path = Path(path)
+    writer = gguf.GGUFWriter(str(path), "qwen3")
+    _write_header(writer, shape, name, dtype, pooling)
+    writer.add_head_count_kv(shape.n_head_kv)
+    writer.add_rope_freq_base(1_000_000.0)
+    writer.add_layer_norm_rms_eps(1e-6)
+    _write_bpe_vocab(writer, shape.n_vocab, add_eos=True)
+    t = _RandomTensors(writer, seed, dtype)
+    kv = shape.n_head_kv * shape.head_dim
+    t.matrix("token_embd.weight", shape.n_vocab, shape.n_embd, scale=1.0)
+    for i in range(shape.n_layer):
+        b = f"blk.{i}."
+        t.norm(b + "attn_norm.weight", shape.n_embd)
+        t.matrix(b + "attn_q.weight", shape.n_embd, shape.n_embd)
+        t.norm(b + "attn_q_norm.weight", shape.head_dim)
+        t.matrix(b + "attn_k.weight", kv, shape.n_embd)
+        t.norm(b + "attn_k_norm.weight", shape.head_dim)
+        t.matrix(b + "attn_v.weight", kv, shape.n_embd)
+        t.matrix(b + "attn_output.weight", shape.n_embd, shape.n_embd)
+        t.norm(b + "ffn_norm.weight", shape.n_embd)
+        t.matrix(b + "ffn_gate.weight", shape.n_ff, shape.n_embd)
+        t.matrix(b + "ffn_up.weight", shape.n_ff, shape.n_embd)
+        t.matrix(b + "ffn_down.weight", shape.n_embd, shape.n_ff)
+    t.norm("output_norm.weight", shape.n_embd)
+    t.matrix("output.weight", shape.n_vocab, shape.n_embd)
+    return _finish(writer, path)
+
+
+BERT_SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+BERT_WORDS = ("the", "and", "river", "model", "token", "embed", "over", "sea", "alpha", "beta", "gamma", "delta")
+# A small BERT: MiniLM's layout, a 512-token trained context (its position table), a tiny vocabulary.
+TINY_BERT = ModelShape(n_layer=2, n_embd=64, n_head=4, n_head_kv=4, n_ff=128, n_vocab=256, n_ctx_train=512)
+
+
+def _wordpiece_vocab(n_vocab: int) -> tuple[list[str], list[int]]:
+    """[PAD] [UNK] [CLS] [SEP] [MASK], then every printable ASCII character as a word start ("▁c", the
+    phantom space convert_hf_to_gguf puts on word starts) and as a continuation ("c", BERT's "##c"), a
+    few whole words, and [unused] fillers up to n_vocab. Every ASCII text tokenizes without [UNK]."""
+    chars = [chr(c) for c in range(ord("!"), ord("~") + 1) if not chr(c).isupper()]
+    tokens = list(BERT_SPECIAL_TOKENS) + ["\u2581" + c for c in chars] + chars + ["\u2581" + w for w in BERT_WORDS]
+    types = [TOKEN_TYPE_CONTROL] * len(BERT_SPECIAL_TOKENS) + [TOKEN_TYPE_NORMAL] * (len(tokens) - 5)
+    if n_vocab < len(tokens):
+        raise ValueError(f"n_vocab must be at least {len(tokens)}")
+    tokens += [f"[unused{i}]" for i in range(n_vocab - len(tokens))]
+    types += [TOKEN_TYPE_UNUSED] * (n_vocab - len(types))
+    return tokens, types
+
+
+def write_bert_gguf(path: str | Path, shape: ModelShape = TINY_BERT, seed: int = 0, dtype: str = "f32",
+                    name: str = "synthetic-bert", pooling: str = "mean") -> Path:
+    """A random non-causal `bert` encoder declaring `pooling` (mean: MiniLM, e5; cls: bge). Its tokenizer
+    puts [CLS] before and [SEP] after every text, as BERT's does."""
+    import gguf
+
+    path = Path(path)
+    writer = gguf.GGUFWriter(str(path), "bert")
+    _write_header(writer, shape, name, dtype, pooling)
+    writer.add_layer_norm_eps(1e-12)
+    writer.add_causal_attention(False)
+    tokens, types = _wordpiece_vocab(shape.n_vocab)
+    writer.add_token_type_count(2)
+    writer.add_tokenizer_model("bert")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    for key, token in (("pad", "[PAD]"), ("unk", "[UNK]"), ("bos", "[CLS]"), ("sep", "[SEP]"), ("mask", "[MASK]")):
+        getattr(writer, f"add_{key}_token_id")(tokens.index(token))
+    writer.add_add_bos_token(True)
+    writer.add_add_sep_token(True)
+    t = _RandomTensors(writer, seed, dtype)
+    t.matrix("token_embd.weight", shape.n_vocab, shape.n_embd, scale=1.0)
+    t.matrix("token_types.weight", 2, shape.n_embd)
+    t.matrix("position_embd.weight", shape.n_ctx_train, shape.n_embd, scale=0.5)
+    t.norm("token_embd_norm.weight", shape.n_embd)
+    t.bias("token_embd_norm.bias", shape.n_embd)
+    for i in range(shape.n_layer):
+        b = f"blk.{i}."
+        for part, rows, cols in (("attn_q", shape.n_embd, shape.n_embd), ("attn_k", shape.n_embd, shape.n_embd),
+                                 ("attn_v", shape.n_embd, shape.n_embd), ("attn_output", shape.n_embd, shape.n_embd),
+                                 ("ffn_up", shape.n_ff, shape.n_embd), ("ffn_down", shape.n_embd, shape.n_ff)):
+            t.matrix(b + part + ".weight", rows, cols)
+            t.bias(b + part + ".bias", rows)
+        for part in ("attn_output_norm", "layer_output_norm"):
+            t.norm(b + part + ".weight", shape.n_embd)
+            t.bias(b + part + ".bias", shape.n_embd)
+    return _finish(writer, path)
 
 
 # ---- Quantization (llama.cpp's own quantizer) -------------------------------------------------------------------

@@ -56,6 +56,8 @@ class Overlength(StrEnum):
 
 class Pooling(StrEnum):
     MEAN = "mean"
+    CLS = "cls"  # the first token's vector (BERT-family [CLS], e.g. bge)
+    LAST = "last"  # the last token's vector (Qwen3-Embedding: the <|endoftext|> its tokenizer appends)
     NONE = "none"  # one vector per token (late chunking, a user's own projector)
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from bulkembed.contract.errors import ModelError
-from bulkembed.contract.job import V4_MATRYOSHKA_DIMS, V4_MAX_TOKENS, ModelRef
+from bulkembed.contract.job import V4_MATRYOSHKA_DIMS, V4_MAX_TOKENS, ModelRef, Pooling
 
 log = logging.getLogger(__name__)
 
@@ -66,14 +66,36 @@ def model_ref(spec: str) -> tuple[ModelRef, Path]:
     return ModelRef(spec=spec, file_name=path.name, sha256=file_sha256(path), queue=queue_name(path.name)), path
 
 
+# `<arch>.pooling_type` as llama.cpp numbers it (LLAMA_POOLING_TYPE_*); 4 is RANK, a reranker's head.
+GGUF_POOLING = {0: Pooling.NONE, 1: Pooling.MEAN, 2: Pooling.CLS, 3: Pooling.LAST}
+GGUF_POOLING_RANK = 4
+# Architectures llama.cpp runs as bidirectional encoders without a KV cache, whatever the header says.
+ENCODER_ARCHS = frozenset({"bert", "nomic-bert", "nomic-bert-moe", "jina-bert-v2", "jina-bert-v3", "modern-bert",
+                           "neo-bert", "eurobert", "t5encoder"})
+
+
 class ModelInfo(BaseModel):
-    """What the producer needs to know of a model without loading its weights."""
+    """What a model is, read from its GGUF header (no weights): the one place the producer's planning, the
+    engine and the self-test learn it from."""
 
     arch: str
     n_embd: int
     n_ctx_train: int
     trained_dims: tuple[int, ...] | None  # Matryoshka sizes, where known
-    default_max_tokens: int
+    trained_tokens: int  # longest input it was trained for: v4's 32768 (its header says 128000), else n_ctx_train
+    causal: bool = True  # False: every token sees the whole document, which may then never be split
+    pooling_type: int = -1  # declared `<arch>.pooling_type` (GGUF_POOLING); -1: declares none (v4)
+    add_bos: bool = False  # the tokenizer puts BOS/[CLS] before every text
+    add_eos: bool = False  # ... and EOS/[SEP] after it
+
+    @property
+    def declared_pooling(self) -> Pooling | None:
+        return GGUF_POOLING.get(self.pooling_type)
+
+    def default_max_tokens(self, max_ubatch: int) -> int:
+        """v4: its trained 32768. A non-causal model embeds a document in one ubatch, so at most what one
+        ubatch may hold (`max_ubatch`, a setting) and never above its trained context; others: their context."""
+        return min(max_ubatch, self.trained_tokens) if not self.causal else self.trained_tokens
 
 
 def is_v4(file_name: str) -> bool:
@@ -90,18 +112,55 @@ def model_info(path: Path) -> ModelInfo:
     except Exception as exc:  # gguf raises plain ValueError/OSError on foreign files
         raise ModelError(f"{path} is not a readable GGUF file: {exc}") from exc
 
-    def value(key: str):
+    def value(key: str, default=None):
         field = reader.get_field(key)
-        return None if field is None else field.contents()
+        return default if field is None else field.contents()
 
     arch = value("general.architecture") or ""
-    n_embd = int(value(f"{arch}.embedding_length") or 0)
-    n_ctx_train = int(value(f"{arch}.context_length") or 0)
     declared = value(f"{arch}.matryoshka_dims")
     trained = tuple(int(d) for d in declared) if declared else (V4_MATRYOSHKA_DIMS if is_v4(path.name) else None)
-    max_tokens = V4_MAX_TOKENS if is_v4(path.name) else (n_ctx_train or V4_MAX_TOKENS)
-    return ModelInfo(arch=arch, n_embd=n_embd, n_ctx_train=n_ctx_train, trained_dims=trained,
-                     default_max_tokens=max_tokens)
+    n_ctx_train = int(value(f"{arch}.context_length", 0))
+    wordpiece = value("tokenizer.ggml.model") == "bert"  # llama.cpp's WPM defaults: [CLS] text [SEP]
+    return ModelInfo(
+        arch=arch, n_embd=int(value(f"{arch}.embedding_length", 0)), n_ctx_train=n_ctx_train, trained_dims=trained,
+        trained_tokens=V4_MAX_TOKENS if is_v4(path.name) else (n_ctx_train or V4_MAX_TOKENS),
+        causal=arch not in ENCODER_ARCHS and bool(value(f"{arch}.attention.causal", True)),
+        pooling_type=int(value(f"{arch}.pooling_type", -1)),
+        add_bos=bool(value("tokenizer.ggml.add_bos_token", wordpiece)),
+        add_eos=bool(value("tokenizer.ggml.add_eos_token", False) or value("tokenizer.ggml.add_sep_token", wordpiece)),
+    )
+
+
+def choose_pooling(info: ModelInfo, requested: Pooling | None, file_name: str) -> Pooling:
+    """The job's pooling: what the user asked for, else what the model declares (mean where it declares
+    nothing, as v4's GGUFs). A reranker (rank pooling: a classification head) or an unknown pooling is
+    refused whatever was asked: its vectors are not embeddings this tool can vouch for."""
+    if info.pooling_type == GGUF_POOLING_RANK:
+        raise ModelError(f"{file_name} declares rank pooling: it is a reranker (a classification head scores "
+                         f"query-document pairs), not an embedding model; bulkembed cannot embed with it")
+    if info.pooling_type != -1 and info.declared_pooling is None:
+        raise ModelError(f"{file_name} declares pooling type {info.pooling_type}, which bulkembed does not know; "
+                         f"it embeds with none, mean, cls or last")
+    pooling = requested or info.declared_pooling or Pooling.MEAN
+    if pooling is Pooling.CLS and not info.add_bos:
+        log.warning("%s: cls pooling takes each text's first token, and its tokenizer puts no BOS/[CLS] there",
+                    file_name)
+    if pooling is Pooling.LAST and not info.add_eos:
+        log.warning("%s: last pooling takes each text's last token, and its tokenizer appends no EOS/[SEP]",
+                    file_name)
+    return pooling
+
+
+def choose_max_tokens(requested: int | None, info: ModelInfo, max_ubatch: int, file_name: str) -> int:
+    """--max-tokens, or the model's default. A non-causal model embeds each document whole in one ubatch
+    with its own positions, so it can take no more than its trained context."""
+    if requested is None:
+        return info.default_max_tokens(max_ubatch)
+    if not info.causal and info.n_ctx_train and requested > info.n_ctx_train:
+        raise ModelError(f"--max-tokens {requested}: {file_name} is a non-causal model trained on {info.n_ctx_train} "
+                         f"tokens, and each document is embedded whole; use at most {info.n_ctx_train} "
+                         f"(--overlength chunk splits longer documents into rows that fit)")
+    return requested
 
 
 def check_dims(dims: int | None, info: ModelInfo, file_name: str) -> int:

@@ -87,6 +87,11 @@ class ProducerSettings(Settings):
     """The producer (submit) side."""
 
     shard_tokens: int = Field(65536, description="Token budget of one shard.", gt=0)
+    max_ubatch: int = Field(
+        8192, gt=0, description="Most tokens one ubatch may hold on the workers' devices: the default --max-tokens "
+        "of non-causal models (BERT family), which embed each document whole in one ubatch; never above the "
+        "model's trained context.",
+    )
 
 
 class WorkerSettings(Settings):

@@ -29,7 +29,7 @@ from bulkembed.contract.job import (
     prefix_for,
     task_from_model_name,
 )
-from bulkembed.contract.model import check_dims, model_info, model_ref
+from bulkembed.contract.model import check_dims, choose_max_tokens, choose_pooling, model_info, model_ref
 from bulkembed.contract.registry import JobTotals, ShardResult, stored_result
 from bulkembed.contract.schema import rejected_schema, shard_input_schema, to_ipc_bytes
 from bulkembed.contract.store import Store, open_store
@@ -61,9 +61,10 @@ class JobOptions:
     id_column: str = "id"
     text_column: str = "text"
     shard_tokens: int = 65536
-    max_tokens: int | None = None  # None: the model's trained context (32768 for v4)
+    max_tokens: int | None = None  # None: the model's trained context (32768 for v4), non-causal: max_ubatch
+    max_ubatch: int = 8192  # ProducerSettings.max_ubatch
     overlength: Overlength = Overlength.TRUNCATE
-    pooling: Pooling = Pooling.MEAN
+    pooling: Pooling | None = None  # None: what the model declares (mean where it declares nothing)
     dims: int | None = None
     dtype: Dtype = Dtype.FLOAT32
     normalize: bool = True
@@ -74,6 +75,7 @@ def plan_job(input_uri: str, model: str, out: str, options: JobOptions = JobOpti
     corpus = open_corpus(input_uri, options.id_column, options.text_column)
     ref, path = model_ref(model)
     info = model_info(path)
+    pooling = choose_pooling(info, options.pooling, ref.file_name)  # refuses rankers before any shard exists
     task = options.task or task_from_model_name(ref.file_name)
     if task is None and options.prefix is None:
         raise InputError(f"cannot tell the task from the model name {ref.file_name}; pass --task, "
@@ -84,10 +86,11 @@ def plan_job(input_uri: str, model: str, out: str, options: JobOptions = JobOpti
         task=task, role=options.role,
         prefix=prefix_for(task, options.role) if options.prefix is None else options.prefix,
         id_column=options.id_column, text_column=options.text_column, shard_tokens=options.shard_tokens,
-        max_tokens=options.max_tokens or info.default_max_tokens, overlength=options.overlength,
-        pooling=options.pooling, dims=check_dims(options.dims, info, ref.file_name), dtype=options.dtype,
+        max_tokens=choose_max_tokens(options.max_tokens, info, options.max_ubatch, ref.file_name),
+        overlength=options.overlength, pooling=pooling, dims=check_dims(options.dims, info, ref.file_name),
+        dtype=options.dtype,
         # Token vectors are raw hidden states for the user to pool; normalizing each would break that.
-        normalize=options.normalize and options.pooling is Pooling.MEAN,
+        normalize=options.normalize and pooling is not Pooling.NONE,
     )
     return PlannedJob(job=job, corpus=corpus, vocab=Vocab.load(path), store=store)
 

@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from bulkembed.synthetic import TINY, write_qwen2vl_gguf
+from bulkembed.synthetic import TINY, write_bert_gguf, write_qwen2vl_gguf, write_qwen3_gguf
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -43,6 +43,31 @@ def tiny_model(models_dir: Path) -> Path:
 def other_model(models_dir: Path) -> Path:
     """Same shape and vocabulary, other weights: a different sha256."""
     return write_qwen2vl_gguf(models_dir / "tiny-embeddings-text-retrieval-F32-b.gguf", TINY, seed=1)
+
+
+@pytest.fixture(scope="session")
+def kind_models(models_dir: Path) -> dict[str, Path]:
+    """One tiny model of each kind: non-causal BERTs declaring mean and cls pooling (512 positions, as MiniLM),
+    a causal qwen3 declaring last-token pooling (Qwen3-Embedding), and a reranker (rank pooling)."""
+    return {
+        "bert-mean": write_bert_gguf(models_dir / "tiny-bert-mean.gguf", pooling="mean", seed=2),
+        "bert-cls": write_bert_gguf(models_dir / "tiny-bert-cls.gguf", pooling="cls", seed=3),
+        "qwen3-last": write_qwen3_gguf(models_dir / "tiny-qwen3-last.gguf", pooling="last", seed=4),
+        "bert-rank": write_bert_gguf(models_dir / "tiny-bert-rank.gguf", pooling="rank", seed=5),
+    }
+
+
+def letter_texts(n: int, seed: int = 0, longest: int = 400) -> list[str]:
+    """Random lowercase words: about a token a letter in every synthetic vocabulary (BERT's too), so lengths
+    reach `longest` tokens; every fifth text is long (100 to `longest`), the rest short."""
+    rng = np.random.default_rng(seed)
+    texts = []
+    for i in range(n):
+        letters = int(rng.integers(100, longest)) if i % 5 == 0 else int(rng.integers(1, 40))
+        word_lengths = rng.integers(1, 9, size=letters)
+        words = ["".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz"), size=k)) for k in word_lengths]
+        texts.append(" ".join(words)[:letters].strip() or "a")
+    return texts
 
 
 @pytest.fixture(scope="session")

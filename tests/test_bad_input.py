@@ -122,10 +122,10 @@ class FailingOnPoisonEngine(Engine):
 
     poison_token: int = -1
 
-    def embed(self, documents, shape=None):
+    def embed(self, documents, shape=None, pooling=None):
         if any(self.poison_token in d for d in documents):
             raise EngineError("llama_decode returned -3")
-        return super().embed(documents, shape)
+        return super().embed(documents, shape, pooling)
 
 
 def test_a_document_llama_cpp_fails_on_is_quarantined_and_the_rest_written(tmp_path, tiny_model):

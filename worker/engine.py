@@ -1,6 +1,7 @@
-"""The only module that runs llama.cpp: one resident model, exact MEAN-pooled embeddings.
+"""The only module that runs llama.cpp: one resident model, exact pooled embeddings of any model kind.
 
-The model is loaded once; a llama_context is made per context shape and kept while shards keep
+The model is loaded once; what it is (causal or not, its pooling) comes from its GGUF header
+(contract.model.ModelInfo). A llama_context is made per context shape and kept while shards keep
 asking for the same one. Batches are filled from numpy arrays (no per-token Python).
 """
 
@@ -11,12 +12,14 @@ import logging
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
 from bulkembed.contract.errors import EngineError, ModelError
+from bulkembed.contract.job import Pooling
+from bulkembed.contract.model import ModelInfo, choose_pooling, model_info
 from bulkembed.contract.vocab import Vocab, init_llama
 from bulkembed.worker.packing import ContextShape, Piece, choose_shape, plan_decodes
 
@@ -46,7 +49,7 @@ class _Context:
         params.n_ubatch = shape.n_ubatch
         params.n_seq_max = shape.n_seq_max
         params.embeddings = True
-        params.pooling_type = llama.LLAMA_POOLING_TYPE_MEAN if shape.pooled else llama.LLAMA_POOLING_TYPE_NONE
+        params.pooling_type = getattr(llama, f"LLAMA_POOLING_TYPE_{shape.pooling.name}")
         params.kv_unified = True  # one cache shared by all sequences, sized by n_ctx
         threads = options.threads or os.cpu_count() or 1
         params.n_threads = params.n_threads_batch = threads
@@ -58,7 +61,7 @@ class _Context:
         self.ctx = llama.llama_init_from_model(model, params)
         if not self.ctx:
             raise EngineError(f"llama.cpp could not create a context {shape}")
-        self.memory = llama.llama_get_memory(self.ctx)
+        self.memory = llama.llama_get_memory(self.ctx)  # NULL for encoders (BERT): they keep no KV cache
 
         ub = shape.decode_tokens
         self.tokens = np.zeros(ub, np.int32)
@@ -79,6 +82,11 @@ class _Context:
         )
         self.batch.logits = self.outputs.ctypes.data_as(ctypes.POINTER(ctypes.c_int8))
 
+    def forget(self, seq: int = -1) -> None:
+        """Drop a sequence's KV cells (-1: every sequence's)."""
+        if self.memory:
+            self._llama.llama_memory_seq_rm(self.memory, seq, -1, -1)
+
     def free(self) -> None:
         if self.ctx:
             self._llama.llama_free(self.ctx)
@@ -86,7 +94,7 @@ class _Context:
 
 
 class Engine:
-    """One GGUF embedding model, resident; `embed` turns token arrays into exact mean vectors."""
+    """One GGUF embedding model, resident; `embed` turns token arrays into exact pooled vectors."""
 
     def __init__(self, model_path: str | Path, options: EngineOptions = EngineOptions()):
         import llama_cpp
@@ -95,6 +103,9 @@ class Engine:
         self._llama = llama_cpp
         self.options = options
         self.model_path = Path(model_path)
+        self.info: ModelInfo = model_info(self.model_path)
+        # What the model declares (mean where it declares nothing); rank and unknown poolings are refused here.
+        self.pooling = choose_pooling(self.info, None, self.model_path.name)
         params = llama_cpp.llama_model_default_params()
         offload = llama_cpp.llama_supports_gpu_offload()
         params.n_gpu_layers = (999 if options.gpu_layers < 0 else options.gpu_layers) if offload else 0
@@ -108,8 +119,9 @@ class Engine:
         self.n_ctx_train = llama_cpp.llama_model_n_ctx_train(self.model)
         self.gpu_offload = offload
         self._context: _Context | None = None
-        log.info("model %s loaded in %.1fs (n_embd %d, gpu offload %s)", self.model_path.name,
-                 self.load_seconds, self.n_embd, offload)
+        log.info("model %s loaded in %.1fs (n_embd %d, %s, %s pooling, gpu offload %s)", self.model_path.name,
+                 self.load_seconds, self.n_embd, "causal" if self.info.causal else "non-causal", self.pooling.value,
+                 offload)
 
     def close(self) -> None:
         if self._context:
@@ -119,15 +131,16 @@ class Engine:
             self._llama.llama_model_free(self.model)
             self.model = None
 
-    def shape_for(self, lengths: Sequence[int], pooled: bool = True, ubatch_cap: int | None = None) -> ContextShape:
-        return choose_shape(lengths, ubatch_cap or self.options.ubatch, pooled, self.options.logical_batch)
+    def shape_for(self, lengths: Sequence[int], pooling: Pooling | None = None,
+                  ubatch_cap: int | None = None) -> ContextShape:
+        return choose_shape(lengths, ubatch_cap or self.options.ubatch, pooling or self.pooling,
+                            self.options.logical_batch, self.info.causal)
 
     def _context_for(self, shape: ContextShape) -> _Context:
         current = self._context
-        if current and (current.shape.n_ubatch, current.shape.n_seq_max, current.shape.n_batch, current.shape.pooled) \
-                == (shape.n_ubatch, shape.n_seq_max, shape.n_batch, shape.pooled) \
+        if current and replace(current.shape, n_ctx=shape.n_ctx) == shape \
                 and shape.n_ctx <= current.shape.n_ctx <= 2 * shape.n_ctx:
-            self._llama.llama_memory_clear(current.memory, True)
+            current.forget()
             return current
         if current:
             current.free()
@@ -151,37 +164,64 @@ class Engine:
             context.batch.n_tokens = n_tokens
             status = llama.llama_decode(context.ctx, context.batch)
             if status != 0:
-                llama.llama_memory_clear(context.memory, True)
+                context.forget()
                 raise EngineError(f"llama_decode returned {status} for a {n_tokens}-token batch ({shape})")
             following = next(plan, None)
             n_next = _fill(context, documents, following) if following else 0
             read(context, pieces)
             for p in pieces:
                 if p.last:
-                    llama.llama_memory_seq_rm(context.memory, p.seq, -1, -1)
+                    context.forget(p.seq)
             pieces, n_tokens = following, n_next
 
-    def embed(self, documents: Sequence[np.ndarray], shape: ContextShape | None = None) -> np.ndarray:
-        """Mean of the last hidden states of each document, float32 (n_docs, n_embd), not normalized."""
-        shape = shape or self.shape_for([len(d) for d in documents])
-        sums = np.zeros((len(documents), self.n_embd), np.float64)
+    def _fit(self, shape: ContextShape, pooling: Pooling, lengths: Sequence[int]) -> ContextShape:
+        """A caller's shape (the self-test's, a benchmark's) made to pool as asked and to respect what the
+        model is: a non-causal model's documents whole in one ubatch, within its position table."""
+        if self.info.causal:
+            return replace(shape, pooling=pooling)
+        if self.info.arch == "bert" and max(lengths, default=0) > self.info.n_ctx_train:
+            raise EngineError(f"a {max(lengths)}-token document is longer than {self.model_path.name}'s "
+                              f"{self.info.n_ctx_train} positions")
+        if max(lengths, default=0) > shape.n_ubatch or shape.n_batch:
+            return choose_shape(lengths, shape.n_ubatch, pooling, 0, causal=False)
+        return replace(shape, pooling=pooling, causal=False)
+
+    def embed(self, documents: Sequence[np.ndarray], shape: ContextShape | None = None,
+              pooling: Pooling | None = None) -> np.ndarray:
+        """Each document's vector pooled as `pooling` says (default: the model's own), float32 (n_docs, n_embd),
+        not normalized; equal to the document decoded alone in one ubatch."""
+        pooling = pooling or self.pooling
+        if pooling is Pooling.NONE:
+            raise ValueError("pooling none gives a matrix per document: use embed_tokens")
+        lengths = [len(d) for d in documents]
+        shape = self._fit(shape or self.shape_for(lengths, pooling), pooling, lengths)
+        out = np.zeros((len(documents), self.n_embd), np.float64)
         llama = self._llama
+
+        def pooled(context: _Context, seq: int) -> np.ndarray:
+            pointer = llama.llama_get_embeddings_seq(context.ctx, seq)
+            if not pointer:
+                raise EngineError(f"llama.cpp returned no pooled embedding for sequence {seq}")
+            return np.ctypeslib.as_array(pointer, shape=(self.n_embd,))
 
         def read(context: _Context, pieces: list[Piece]) -> None:
             for p in pieces:
-                pointer = llama.llama_get_embeddings_seq(context.ctx, p.seq)
-                if not pointer:
-                    raise EngineError(f"llama.cpp returned no pooled embedding for sequence {p.seq}")
-                # Token-weighted mean of the pieces' means: the exact mean of the whole document.
-                sums[p.doc] += np.ctypeslib.as_array(pointer, shape=(self.n_embd,)) * (p.stop - p.start)
+                if pooling is Pooling.MEAN:
+                    # Token-weighted mean of the pieces' means: the exact mean of the whole document.
+                    out[p.doc] += pooled(context, p.seq) * (p.stop - p.start)
+                elif pooling is Pooling.CLS and p.start == 0 or pooling is Pooling.LAST and p.last:
+                    # The first token sees only what precedes it (causal) or is pooled whole (non-causal):
+                    # the first piece holds it; the last token has seen everything in the last piece.
+                    out[p.doc] = pooled(context, p.seq)
 
         self._decode(documents, shape, read)
-        lengths = np.fromiter((len(d) for d in documents), np.float64, len(documents))
-        return (sums / lengths[:, None]).astype(np.float32)
+        if pooling is Pooling.MEAN:
+            out /= np.asarray(lengths, np.float64)[:, None]
+        return out.astype(np.float32)
 
     def embed_tokens(self, documents: Sequence[np.ndarray]) -> list[np.ndarray]:
         """Every token's last hidden state: (n_tokens, n_embd) float32 per document."""
-        shape = self.shape_for([len(d) for d in documents], pooled=False)
+        shape = self.shape_for([len(d) for d in documents], Pooling.NONE)
         out = [np.empty((len(d), self.n_embd), np.float32) for d in documents]
         llama = self._llama
 

@@ -1,16 +1,20 @@
-"""Plan decodes that fill every ubatch yet keep every mean exact. Pure: token lengths in, steps out.
+"""Plan decodes that fill every ubatch yet keep every pooled vector exact. Pure: token lengths in, steps out.
 
-llama.cpp mean-pools per ubatch, so each decode carries at most n_ubatch tokens (n_batch = n_ubatch
-and one decode is one ubatch). A document longer than the room left is split into pieces that
-continue its positions in later decodes, its KV cache kept between them; the worker averages the
-pieces' means weighted by their token counts, which equals the whole document's mean because the
-model is causal (earlier tokens never see later ones).
+llama.cpp pools per ubatch, so each decode carries at most n_ubatch tokens (n_batch = n_ubatch
+and one decode is one ubatch). For a causal model a document longer than the room left is split into
+pieces that continue its positions in later decodes, its KV cache kept between them; earlier tokens
+never see later ones, so the worker can rebuild the whole document's vector from its pieces (the
+token-weighted mean of their means, the first piece's first token, the last piece's last token).
+A non-causal model's tokens see the whole document: it is never split, and the ubatch is made large
+enough to hold the shard's longest document.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+
+from bulkembed.contract.job import Pooling
 
 MAX_SEQUENCES = 256  # llama.cpp's LLAMA_MAX_SEQ
 CTX_ALIGN = 256  # llama.cpp pads n_ctx to this
@@ -33,7 +37,12 @@ class ContextShape:
     n_ubatch: int
     n_seq_max: int
     n_batch: int = 0  # tokens per decode; 0 = n_ubatch, the only exact choice for pooled output
-    pooled: bool = True  # MEAN pooling; False: every token's vector
+    pooling: Pooling = Pooling.MEAN  # NONE: every token's vector
+    causal: bool = True  # False: documents are never split across decodes
+
+    @property
+    def pooled(self) -> bool:
+        return self.pooling is not Pooling.NONE
 
     @property
     def decode_tokens(self) -> int:
@@ -52,23 +61,29 @@ def largest_divisor_at_most(n: int, limit: int) -> int:
     return max(d for d in range(1, min(n, limit) + 1) if n % d == 0)
 
 
-def choose_shape(lengths: Sequence[int], ubatch_cap: int, pooled: bool = True, n_batch: int = 0) -> ContextShape:
+def choose_shape(lengths: Sequence[int], ubatch_cap: int, pooling: Pooling = Pooling.MEAN, n_batch: int = 0,
+                 causal: bool = True) -> ContextShape:
     """Just enough context for the longest document, the biggest ubatch the shard can fill.
 
     n_seq_max must divide n_ubatch under mean pooling, or llama.cpp aborts the process
     (NOTES.md 4), so it is the largest divisor of n_ubatch up to llama.cpp's 256. An n_batch above
     n_ubatch lets llama.cpp split decodes itself, as upstream tools do: pooled means then come back
     wrong for documents split across ubatches, which is why only benchmarks and the self-test use it.
+    A non-causal model gets an ubatch that holds the longest document whole, above the cap if need be
+    (the producer's max tokens bounds it), and never a bigger n_batch.
     """
     if not lengths:
         raise ValueError("a shard has at least one document")
     total, longest = sum(lengths), max(lengths)
     n_ubatch = min(ubatch_cap, max(32, next_pow2(total)))
+    if not causal:
+        n_ubatch, n_batch = max(n_ubatch, next_pow2(longest)), 0
     n_seq_max = largest_divisor_at_most(n_ubatch, MAX_SEQUENCES)
     n_batch = n_batch if n_batch > n_ubatch else 0
-    # Room for the longest document plus one decode of others in flight beside it.
-    n_ctx = _round_up(longest + (n_batch or n_ubatch), CTX_ALIGN)
-    return ContextShape(n_ctx=n_ctx, n_ubatch=n_ubatch, n_seq_max=n_seq_max, n_batch=n_batch, pooled=pooled)
+    # Room for the longest document plus one decode of others in flight beside it (non-causal: one decode).
+    n_ctx = _round_up((longest if causal else 1) + (n_batch or n_ubatch), CTX_ALIGN)
+    return ContextShape(n_ctx=n_ctx, n_ubatch=n_ubatch, n_seq_max=n_seq_max, n_batch=n_batch, pooling=pooling,
+                        causal=causal)
 
 
 def single_document_shape(n_tokens: int) -> ContextShape:
@@ -85,6 +100,9 @@ def plan_decodes(lengths: Sequence[int], shape: ContextShape) -> Iterator[list[P
         raise ValueError("every document needs at least one token")
     if max(lengths, default=0) + 1 > shape.n_ctx:
         raise ValueError(f"a {max(lengths)}-token document does not fit n_ctx {shape.n_ctx}")
+    if not shape.causal and max(lengths, default=0) > shape.decode_tokens:
+        raise ValueError(f"a {max(lengths)}-token document does not fit one {shape.decode_tokens}-token decode, "
+                         f"and a non-causal model's documents may not be split")
     free_seqs = list(range(shape.n_seq_max - 1, -1, -1))
     in_flight: list[tuple[int, int, int]] = []  # (doc, seq, next token)
     reserved = 0  # KV cells the documents in flight will hold when complete
@@ -104,6 +122,8 @@ def plan_decodes(lengths: Sequence[int], shape: ContextShape) -> Iterator[list[P
             if stop < lengths[doc]:
                 still.append((doc, seq, stop))
         while room > 0 and next_doc < len(lengths) and free_seqs and reserved + lengths[next_doc] <= shape.n_ctx:
+            if not shape.causal and lengths[next_doc] > room:
+                break  # whole documents only: it starts the next decode
             doc, seq = next_doc, free_seqs.pop()
             take = min(lengths[doc], room)
             pieces.append(Piece(doc, seq, 0, take, take == lengths[doc]))

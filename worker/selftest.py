@@ -1,8 +1,8 @@
 """Before a worker takes work: packed embeddings must equal one-by-one embeddings.
 
 This catches a llama.cpp build (or a configuration) whose pooling or batching changed: the probes
-are embedded packed together the way shards are, and each alone in one ubatch; one probe is longer
-than the ubatch, so it is decoded in pieces.
+are embedded packed together the way shards are, and each alone in one ubatch, with every pooling a
+job may ask for; one probe is longer than the ubatch, so a causal model decodes it in pieces.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from bulkembed.contract.errors import BulkEmbedError
+from bulkembed.contract.job import Pooling
 from bulkembed.worker.engine import Engine, EngineOptions
 from bulkembed.worker.packing import single_document_shape
 
@@ -27,6 +28,7 @@ PROBES = (
     "Passage: def mean(xs):\n    return sum(xs) / len(xs)",
     "Query: What does mean pooling average over?",
 )
+POOLINGS = (Pooling.MEAN, Pooling.CLS, Pooling.LAST)  # every pooled kind a job may ask for
 LONG_SENTENCE = "Passage: The river carried the boat past the mill, and the miller counted sacks of grain. "
 
 
@@ -34,29 +36,44 @@ class SelfTestError(BulkEmbedError):
     """Packed and one-by-one embeddings differ: this build or configuration is not exact."""
 
 
-def embed_alone(engine: Engine, tokens: np.ndarray) -> np.ndarray:
-    """One document in one ubatch: the definition of its embedding."""
-    return engine.embed([tokens], single_document_shape(len(tokens)))[0]
+def embed_alone(engine: Engine, tokens: np.ndarray, pooling: Pooling | None = None) -> np.ndarray:
+    """One document in one ubatch, pooled by llama.cpp as asked (default: the model's own pooling): the
+    definition of its embedding."""
+    return engine.embed([tokens], single_document_shape(len(tokens)), pooling)[0]
+
+
+def probe_tokens(engine: Engine) -> list[np.ndarray]:
+    """The probes, and one longer than one and a half ubatches: decoded in pieces by a causal model, in a
+    grown ubatch by a non-causal one (which takes no more than its trained context)."""
+    tokens = [engine.vocab.tokenize(p) for p in PROBES]
+    n_long = engine.options.ubatch * 3 // 2 + 1
+    if not engine.info.causal and engine.info.n_ctx_train:
+        n_long = min(n_long, engine.info.n_ctx_train)
+    long = engine.vocab.tokenize(LONG_SENTENCE)
+    while len(long) < n_long:
+        long = np.concatenate([long, long])
+    return [*tokens, long[:n_long]]
 
 
 def self_test(engine: Engine) -> float:
-    """The worst cosine between packed and alone; raises SelfTestError under MIN_COSINE."""
-    tokens = [engine.vocab.tokenize(p) for p in PROBES]
-    long = engine.vocab.tokenize(LONG_SENTENCE)
-    while len(long) <= engine.options.ubatch * 3 // 2:  # one and a half ubatches: decoded in pieces
-        long = np.concatenate([long, long])
-    tokens.append(long[: engine.options.ubatch * 3 // 2 + 1])
-    packed = engine.embed(tokens)
-    alone = np.stack([embed_alone(engine, t) for t in tokens])
-    cos = np.sum(packed * alone, axis=1) / (np.linalg.norm(packed, axis=1) * np.linalg.norm(alone, axis=1))
-    worst = int(np.argmin(cos))
-    if cos[worst] < MIN_COSINE:
-        raise SelfTestError(
-            f"self-test failed: probe {worst} ({len(tokens[worst])} tokens) embedded packed differs from "
-            f"embedded alone (cosine {cos[worst]:.6f} < {MIN_COSINE}); this llama.cpp build or configuration "
-            f"(ubatch {engine.options.ubatch}, logical batch {engine.options.logical_batch}) is not exact"
-        )
-    return float(cos.min())
+    """The worst cosine between packed and alone over every pooling a job may ask for, the model's own
+    first; raises SelfTestError under MIN_COSINE."""
+    tokens = probe_tokens(engine)
+    worst_of_all = 1.0
+    for pooling in dict.fromkeys((engine.pooling, *POOLINGS)):
+        packed = engine.embed(tokens, pooling=pooling)
+        alone = np.stack([embed_alone(engine, t, pooling) for t in tokens])
+        cos = np.sum(packed * alone, axis=1) / (np.linalg.norm(packed, axis=1) * np.linalg.norm(alone, axis=1))
+        worst = int(np.argmin(cos))
+        if cos[worst] < MIN_COSINE:
+            raise SelfTestError(
+                f"self-test failed: probe {worst} ({len(tokens[worst])} tokens) embedded packed differs from "
+                f"embedded alone with {pooling.value} pooling (cosine {cos[worst]:.6f} < {MIN_COSINE}); this "
+                f"llama.cpp build or configuration (ubatch {engine.options.ubatch}, logical batch "
+                f"{engine.options.logical_batch}) is not exact"
+            )
+        worst_of_all = min(worst_of_all, float(cos.min()))
+    return worst_of_all
 
 
 def self_test_file(model_path: Path, options: EngineOptions) -> float:

@@ -82,7 +82,12 @@ def shard_tokens(table: pa.Table, engine: Engine, prefix: str,
 def _embed_isolating_failures(engine: Engine, job: JobSpec, tokens: list[np.ndarray], skip: dict[int, str]):
     """Embed the shard; if llama.cpp fails, embed row by row to set aside only the rows it fails on."""
     rows = [i for i in range(len(tokens)) if i not in skip]
-    embed = engine.embed_tokens if job.pooling is Pooling.NONE else engine.embed
+
+    def embed(documents: list[np.ndarray]):
+        if job.pooling is Pooling.NONE:
+            return engine.embed_tokens(documents)
+        return engine.embed(documents, pooling=job.pooling)
+
     try:
         result = embed([tokens[i] for i in rows])
         return (list(result) if job.pooling is Pooling.NONE else result), {}

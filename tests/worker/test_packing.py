@@ -66,3 +66,24 @@ def test_rejects_documents_that_do_not_fit():
         list(plan_decodes([600], ContextShape(n_ctx=512, n_ubatch=64, n_seq_max=64)))
     with pytest.raises(ValueError):
         list(plan_decodes([0, 4], ContextShape(n_ctx=512, n_ubatch=64, n_seq_max=64)))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_non_causal_documents_stay_whole(seed):
+    """A non-causal model's document is one piece in one decode, and the ubatch holds the longest one."""
+    rng = np.random.default_rng(seed)
+    lengths = [int(x) for x in np.where(rng.random(200) < 0.1, rng.integers(100, 500, 200),
+                                        rng.integers(1, 60, 200))]
+    shape = choose_shape(lengths, 64, causal=False)
+    assert not shape.causal and shape.n_ubatch >= max(lengths) and shape.n_ubatch % shape.n_seq_max == 0
+    assert shape.n_batch == 0
+    check_plan(lengths, shape)
+    for pieces in plan_decodes(lengths, shape):
+        assert all(p.start == 0 and p.last for p in pieces), "never split"
+
+
+def test_non_causal_shape_refuses_a_document_over_its_decode():
+    with pytest.raises(ValueError, match="may not be split"):
+        list(plan_decodes([100], ContextShape(n_ctx=512, n_ubatch=64, n_seq_max=64, causal=False)))
+    assert choose_shape([5, 6], 512, causal=False).n_ubatch == 32, "short shards still get a small ubatch"
+    assert choose_shape([5, 6], 512, n_batch=1024, causal=False).n_batch == 0, "never a decode over the ubatch"

@@ -1,0 +1,108 @@
+"""Each model kind through `bulkembed run` and through Celery workers: every row written equals its tokens
+embedded alone in one ubatch by llama.cpp with the job's pooling; rerankers are refused before any shard runs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pytest
+
+from bulkembed.contract.job import Overlength, Pooling, document_spans
+from bulkembed.contract.schema import read_metadata
+from bulkembed.worker.engine import Engine, EngineOptions
+from bulkembed.worker.selftest import embed_alone
+from tests.conftest import cosines, letter_texts, write_corpus
+
+EXACT = 0.9999
+
+
+@pytest.fixture(scope="module")
+def texts() -> list[str]:
+    # 50 texts up to ~480 tokens, and two past a BERT's 512 positions: those become chunks.
+    return letter_texts(50, seed=11, longest=480) + [" ".join(letter_texts(12, seed=s, longest=480)) for s in (1, 2)]
+
+
+@pytest.fixture
+def corpus(tmp_path, texts):
+    return write_corpus(tmp_path / "c.parquet", [f"d{i:03d}" for i in range(len(texts))], texts)
+
+
+def read_table(out) -> pa.Table:
+    return ds.dataset(out, format="arrow").to_table().sort_by([("id", "ascending"), ("chunk", "ascending")])
+
+
+def check_rows(table: pa.Table, texts: list[str], engine: Engine, pooling: Pooling) -> None:
+    """Every row against its own tokens (the text's, or its chunk's) embedded alone: `pooling` as llama.cpp
+    does it for one document in one ubatch."""
+    meta = read_metadata(table.schema)
+    assert meta["pooling"] == pooling.value
+    max_tokens = int(meta["max_tokens"])
+    vectors = np.asarray(table.column("embedding").combine_chunks().flatten()).reshape(table.num_rows, -1)
+    alone = []
+    for row in table.select(["id", "chunk", "n_tokens"]).to_pylist():
+        full = engine.vocab.tokenize(texts[int(row["id"][1:])])
+        span = document_spans(len(full), max_tokens, Overlength.CHUNK, 0)[row["chunk"]]
+        assert span.stop - span.start == row["n_tokens"]
+        alone.append(embed_alone(engine, full[span.start:span.stop], pooling))
+    sims = cosines(vectors, np.stack(alone))
+    assert sims.min() >= EXACT, f"row {int(sims.argmin())}: {sims.min()}"
+
+
+@pytest.mark.parametrize("model,flags,pooling", [
+    ("bert-mean", [], Pooling.MEAN),
+    ("bert-cls", [], Pooling.CLS),
+    ("bert-mean", ["--pooling", "cls"], Pooling.CLS),
+    ("qwen3-last", ["--max-tokens", "300"], Pooling.LAST),
+    ("qwen3-last", ["--max-tokens", "300", "--pooling", "mean"], Pooling.MEAN),
+])
+def test_run_writes_exact_vectors(run_cli, corpus, texts, tmp_path, kind_models, model, flags, pooling):
+    out = tmp_path / "out"
+    done = run_cli("run", corpus, "--model", kind_models[model], "--out", out, "--prefix", "", "--ubatch", "64",
+                   "--shard-tokens", "3000", "--overlength", "chunk", "--threads", "2", *flags)
+    assert done.returncode == 0, done.stderr[-2000:]
+    table = read_table(out)
+    assert table.column("chunk").to_numpy().max() >= 1, "some documents were longer than max tokens"
+    assert set(table.column("id").to_pylist()) == {f"d{i:03d}" for i in range(len(texts))}
+    if model.startswith("bert"):  # a non-causal model defaults to one ubatch's worth, within its 512 positions
+        assert read_metadata(table.schema)["max_tokens"] == "512"
+    engine = Engine(kind_models[model], EngineOptions(threads=2))
+    try:
+        check_rows(table, texts, engine, pooling)
+    finally:
+        engine.close()
+
+
+def test_a_reranker_is_refused_before_any_shard(run_cli, corpus, tmp_path, kind_models):
+    out = tmp_path / "out"
+    done = run_cli("run", corpus, "--model", kind_models["bert-rank"], "--out", out, "--prefix", "")
+    assert done.returncode == 2 and "declares rank pooling: it is a reranker" in done.stderr
+    assert not out.exists() or not any(out.iterdir()), "nothing was written"
+    asked = run_cli("run", corpus, "--model", kind_models["bert-rank"], "--out", out, "--prefix", "",
+                    "--pooling", "mean")
+    assert asked.returncode == 2 and "reranker" in asked.stderr, "no override makes a reranker an embedder"
+
+
+def test_max_tokens_past_a_non_causal_models_positions_is_refused(run_cli, corpus, tmp_path, kind_models):
+    done = run_cli("run", corpus, "--model", kind_models["bert-mean"], "--out", tmp_path / "o", "--prefix", "",
+                   "--max-tokens", "1000")
+    assert done.returncode == 2 and "non-causal model trained on 512 tokens" in done.stderr
+
+
+def test_worker_refuses_a_reranker_at_start(run_cli, kind_models):
+    done = run_cli("worker", "--model", kind_models["bert-rank"], "--threads", "1", timeout=120)
+    assert done.returncode == 2 and "declares rank pooling" in done.stderr
+
+
+def test_submit_to_workers_of_a_non_causal_model(corpus, texts, tmp_path, workers, run_cli, kind_models):
+    model = kind_models["bert-cls"]
+    workers.start(model, "--ubatch", "64")
+    out = tmp_path / "out"
+    done = run_cli("submit", corpus, "--model", model, "--out", out, "--prefix", "", "--shard-tokens", "3000",
+                   "--overlength", "chunk", "--wait")
+    assert done.returncode == 0, done.stderr[-3000:]
+    engine = Engine(model, EngineOptions(threads=2))
+    try:
+        check_rows(read_table(out), texts, engine, Pooling.CLS)
+    finally:
+        engine.close()
