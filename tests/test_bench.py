@@ -132,3 +132,19 @@ def test_anchor_batches_are_length_sorted_and_bounded() -> None:
     assert sorted(i for b in plan for i in b) == list(range(6))
     assert all(len(b) * lengths[b[0]] <= 600 or len(b) == 1 for b in plan)
     assert [lengths[b[0]] for b in plan] == sorted((lengths[b[0]] for b in plan), reverse=True)
+
+
+def test_non_causal_model_is_measured_against_llama_embed(tmp_path: Path) -> None:
+    """A MiniLM-shaped bert: bulkembed and Llama.embed (with the model's pooling) on the same texts; the seed
+    recipe, which splits documents, is left out with a note."""
+    done = subprocess.run([sys.executable, "-m", "bulkembed.bench", "--synthetic-model", "minilm", "--quant", "F32",
+                           "--synthetic", "30", "--max-doc-tokens", "200", "--threads", "1", "--work", str(tmp_path),
+                           "--modes", "bulkembed,llama-embed,seed", "--json"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(done.stdout)
+    rows = {r["mode"]: r for r in report["modes"]}
+    assert set(rows) == {"bulkembed", "llama-embed"} and report["model"]["file"].startswith("synthetic-minilm")
+    assert rows["bulkembed"]["tokens"] == rows["llama-embed"]["tokens"] == report["corpus"]["tokens"]
+    assert "mean pooling" in rows["llama-embed"]["note"]
+    assert any(n.startswith("seed: not run on a non-causal model") for n in report["notes"])

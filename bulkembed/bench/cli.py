@@ -55,7 +55,8 @@ def add_bench_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     bench = subparsers.add_parser("bench", help="measure bulkembed against the raw decode ceiling and peers")
     model = bench.add_mutually_exclusive_group(required=True)
     model.add_argument("--model", type=Path, help="a .gguf file")
-    model.add_argument("--synthetic-model", choices=sorted(SHAPES), help="a random-weight qwen2vl of this shape")
+    model.add_argument("--synthetic-model", choices=sorted(SHAPES),
+                       help="a random-weight model: qwen2vl (tiny, small, v4) or a non-causal bert (minilm)")
     bench.add_argument("--quant", default="Q8_0", help="synthetic model's type: F32, F16, Q8_0, Q4_K_M, IQ3_S, ...")
     bench.add_argument("--work", type=Path, help="folder for synthetic models, reused by name (default: a temp dir)")
     corpus = bench.add_mutually_exclusive_group()
@@ -121,6 +122,9 @@ def measure(model: Path, quant: str | None, modes: list[str], args: argparse.Nam
         engine.embed(corpus.tokens[:8])  # warm-up: the first decodes page the weights in
         runs = {"bulkembed": lambda: run_bulkembed(engine, corpus, args.shard_tokens),
                 "raw": lambda: run_raw(engine, corpus, args.shard_tokens), "seed": lambda: run_seed(engine, corpus)}
+        pooling = engine.pooling
+        if not engine.info.causal:  # the seed recipe splits documents across ubatches: wrong for such a model
+            runs.pop("seed")
         for attempt in range(args.repeat):  # round robin, so a burst of other load hits every mode alike
             for mode in (m for m in modes if m in runs):
                 drop_context(engine)
@@ -133,12 +137,14 @@ def measure(model: Path, quant: str | None, modes: list[str], args: argparse.Nam
         engine.close()  # before the other modes load their own copies: peak RSS must not count two models
     gpu = report["device"]["gpu_offload"]
     notes = []
+    if "seed" in modes and "seed" not in results:
+        notes.append("seed: not run on a non-causal model (its recipe splits documents across ubatches)")
     if args.engines:
         log.info("bench: bulkembed in %d engines", args.engines)
         results["engines"] = [run_engines(str(model), corpus, options, args.engines, ubatch, args.shard_tokens)[0]]
     if "llama-embed" in modes:
         log.info("bench: llama-embed")
-        results["llama-embed"] = [run_llama_embed(model, corpus, args, gpu)]
+        results["llama-embed"] = [run_llama_embed(model, corpus, args, gpu, pooling)]
     if "llama-embedding" in modes:
         binary = peers.find_binary(args.peer_binary)
         if binary:

@@ -13,6 +13,7 @@ import numpy as np
 
 from bulkembed import synthetic
 from bulkembed.bench.meter import Meter, Result
+from bulkembed.contract.job import Pooling
 from bulkembed.producer.planner import Document, ShardPlanner
 from bulkembed.worker.engine import Engine, l2_normalize
 from bulkembed.worker.packing import ContextShape, largest_divisor_at_most, next_pow2, plan_decodes
@@ -24,6 +25,9 @@ SHAPES = {
     "small": synthetic.ModelShape(n_layer=6, n_embd=384, n_head=6, n_head_kv=2, n_ff=1536, n_vocab=8192,
                                   n_ctx_train=32768),
     "v4": synthetic.V4,
+    # A MiniLM-shaped non-causal `bert` (mean pooling): documents are never split, so every ubatch holds whole ones.
+    "minilm": synthetic.ModelShape(n_layer=6, n_embd=384, n_head=12, n_head_kv=12, n_ff=1536, n_vocab=30522,
+                                   n_ctx_train=512),
 }
 LLAMA_EMBED_CHUNK = 64  # texts per Llama.embed call
 SEED_CHUNK = 1024  # documents per engine.embed call in the seed recipe
@@ -51,12 +55,13 @@ def synthetic_model(name: str, quant: str, work: Path, threads: int) -> Path:
     path = work / f"synthetic-{name}-{quant}.gguf"
     if path.exists():
         return path
+    write = synthetic.write_bert_gguf if name == "minilm" else synthetic.write_qwen2vl_gguf
     if quant in ("F32", "F16"):
-        return synthetic.write_qwen2vl_gguf(path, SHAPES[name], dtype=quant.lower(), name=f"synthetic-{name}")
+        return write(path, SHAPES[name], dtype=quant.lower(), name=f"synthetic-{name}")
     synthetic.quant_ftype(quant)  # unknown names fail before the slow write
     source = work / f"synthetic-{name}-F16.gguf"
     if not source.exists():
-        synthetic.write_qwen2vl_gguf(source, SHAPES[name], dtype="f16", name=f"synthetic-{name}")
+        write(source, SHAPES[name], dtype="f16", name=f"synthetic-{name}")
     # Random weights measure speed only, so an all-ones importance matrix is as good as any for IQ1/IQ2.
     return synthetic.quantize(source, path, quant, threads, uniform_imatrix=True)
 
@@ -133,7 +138,7 @@ def run_raw(engine: Engine, corpus: Corpus, shard_tokens: int) -> Result:
                     raise RuntimeError(f"llama_decode failed on a {n}-token batch ({shape})")
                 llama_cpp.llama_synchronize(context.ctx)  # GPU decodes are async: bill each its own compute
                 for seq in finished:
-                    llama_cpp.llama_memory_seq_rm(context.memory, seq, -1, -1)
+                    context.forget(seq)
                 decode_s += time.perf_counter() - started
                 cpu_s += time.process_time() - cpu_started
                 tokens += n
@@ -157,13 +162,15 @@ def run_seed(engine: Engine, corpus: Corpus) -> Result:
                      f"ctx = b = {ctx}; speed only (upstream pooling: long docs inexact)")
 
 
-def run_llama_embed(model: Path, corpus: Corpus, args: argparse.Namespace, gpu: bool) -> Result:
-    """llama-cpp-python's Llama.embed as its docs suggest: one context as large as the longest document."""
+def run_llama_embed(model: Path, corpus: Corpus, args: argparse.Namespace, gpu: bool, pooling: Pooling) -> Result:
+    """llama-cpp-python's Llama.embed as its docs suggest: one context as large as the longest document, with the
+    pooling bulkembed uses for this model."""
     import llama_cpp
 
     size = max(512, next_pow2(max(corpus.lengths)))
     flash = args.flash_attn != "off"  # Llama takes a bool; auto resolves to on where supported (CPU and CUDA)
-    llm = llama_cpp.Llama(str(model), embedding=True, pooling_type=llama_cpp.LLAMA_POOLING_TYPE_MEAN, n_ctx=size,
+    kind = getattr(llama_cpp, f"LLAMA_POOLING_TYPE_{pooling.name}")
+    llm = llama_cpp.Llama(str(model), embedding=True, pooling_type=kind, n_ctx=size,
                           n_batch=size, n_ubatch=size, n_threads=args.threads, n_threads_batch=args.threads,
                           n_gpu_layers=-1 if gpu else 0, flash_attn=flash, verbose=False)
     chunks = [corpus.texts[i:i + LLAMA_EMBED_CHUNK] for i in range(0, len(corpus.texts), LLAMA_EMBED_CHUNK)]
@@ -179,7 +186,7 @@ def run_llama_embed(model: Path, corpus: Corpus, args: argparse.Namespace, gpu: 
     finally:
         llm.close()
     return Result.of("llama-embed", len(corpus.texts), tokens, meter,
-                     f"Llama.embed, n_ctx = b = ub = {size}, flash_attn={flash}")
+                     f"Llama.embed, n_ctx = b = ub = {size}, {pooling.value} pooling, flash_attn={flash}")
 
 
 def run_sweep(engine: Engine, corpus: Corpus, ubs: list[int], ctxs: list[int], repeat: int = 1) -> list[dict]:
