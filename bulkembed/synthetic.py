@@ -98,12 +98,7 @@ def write_qwen2vl_gguf(path: str | Path, shape: ModelShape = TINY, seed: int = 0
     rng = np.random.default_rng(seed)
     np_dtype = np.float32 if dtype == "f32" else np.float16
     writer = gguf.GGUFWriter(str(path), "qwen2vl")
-    writer.add_name(name)
-    writer.add_context_length(shape.n_ctx_train)
-    writer.add_embedding_length(shape.n_embd)
-    writer.add_block_count(shape.n_layer)
-    writer.add_feed_forward_length(shape.n_ff)
-    writer.add_head_count(shape.n_head)
+    _write_header(writer, shape, name, dtype, pooling=None)  # v4's GGUFs declare no pooling
     writer.add_head_count_kv(shape.n_head_kv)
     writer.add_rope_freq_base(1_000_000.0)
     writer.add_layer_norm_rms_eps(1e-6)
@@ -112,7 +107,6 @@ def write_qwen2vl_gguf(path: str | Path, shape: ModelShape = TINY, seed: int = 0
     writer.add_rope_dimension_sections([first, (half - first) // 2, half - first - (half - first) // 2, 0])
     if matryoshka_dims:
         writer.add_array("qwen2vl.matryoshka_dims", list(matryoshka_dims))
-    writer.add_file_type(gguf.LlamaFileType.ALL_F32 if dtype == "f32" else gguf.LlamaFileType.MOSTLY_F16)
 
     _write_bpe_vocab(writer, shape.n_vocab, add_eos=False)
 
@@ -169,7 +163,7 @@ class _RandomTensors:
         self.writer.add_tensor(name, (0.02 * self.rng.standard_normal(n)).astype(np.float32))
 
 
-def _write_header(writer, shape: ModelShape, name: str, dtype: str, pooling: str) -> None:
+def _write_header(writer, shape: ModelShape, name: str, dtype: str, pooling: str | None) -> None:
     import gguf
 
     writer.add_name(name)
@@ -178,7 +172,8 @@ def _write_header(writer, shape: ModelShape, name: str, dtype: str, pooling: str
     writer.add_block_count(shape.n_layer)
     writer.add_feed_forward_length(shape.n_ff)
     writer.add_head_count(shape.n_head)
-    writer.add_pooling_type(gguf.PoolingType[pooling.upper()])
+    if pooling:
+        writer.add_pooling_type(gguf.PoolingType[pooling.upper()])
     writer.add_file_type(gguf.LlamaFileType.ALL_F32 if dtype == "f32" else gguf.LlamaFileType.MOSTLY_F16)
 
 
