@@ -69,6 +69,11 @@ def _job_arguments(parser: argparse.ArgumentParser, model_default: str | None) -
     parser.add_argument("--pooling", choices=[p.value for p in Pooling], default=None,
                         help="mean, cls (first token) or last (last token): one vector per row; none: every token's "
                         "vector (late chunking). Default: what the model declares (mean where it declares nothing)")
+    parser.add_argument("--reuse", metavar="PREV_OUT", default=None,
+                        help="an earlier output (folder or s3://) of the same model and options: rows whose id and "
+                             "content are unchanged are copied from it, the rest embedded")
+    parser.add_argument("--ignore-incompatible-reuse", action="store_true",
+                        help="embed every row instead of failing when PREV_OUT has another model or options")
 
 
 def _ubatch(value: str) -> int | str:
@@ -122,7 +127,8 @@ def _plan(args: argparse.Namespace):
         id_column=args.id_column, text_column=args.text_column, shard_tokens=args.shard_tokens,
         max_tokens=args.max_tokens, max_ubatch=ProducerSettings().max_ubatch, overlength=Overlength(args.overlength),
         pooling=Pooling(args.pooling) if args.pooling else None,
-        dims=args.dims, dtype=Dtype(args.dtype), normalize=not args.no_normalize,
+        dims=args.dims, dtype=Dtype(args.dtype), normalize=not args.no_normalize, reuse=args.reuse,
+        ignore_incompatible_reuse=args.ignore_incompatible_reuse,
     )
     return plan_job(args.input, args.model, args.out, options)
 
@@ -133,8 +139,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     planned = _plan(args)
     manifest = run_local(planned, str(resolve_path(args.model)), _engine_setup(args), force=args.force)
-    print(f"job {planned.job.job_id}: {manifest['rows']} rows, {manifest['tokens']} tokens, "
-          f"{manifest['rejected_rows']} rejected → {planned.store.uri}")
+    print(f"job {planned.job.job_id}: {manifest['rows']} rows ({manifest['reused_rows']} reused), "
+          f"{manifest['tokens']} tokens, {manifest['rejected_rows']} rejected → {planned.store.uri}")
     return 0
 
 
@@ -178,11 +184,14 @@ def wait_for(registry, job_id: str, poll_s: float = 1.0) -> int:
         while True:
             status = registry.status(job_id)
             bar.update(status.tokens_done - bar.n)
+            if status.totals and status.totals.reused:
+                bar.set_postfix(reused_rows=status.totals.reused_rows, refresh=False)
             if status.finished:
                 break
             time.sleep(poll_s)
     if status.state == "done":
-        print(f"job {job_id} done: {status.rows_done} rows, {status.tokens_done} tokens")
+        reused = status.totals.reused_rows if status.totals else 0
+        print(f"job {job_id} done: {status.rows_done} rows embedded ({status.tokens_done} tokens), {reused} reused")
         return 0
     for shard, error in sorted(status.failures.items()):
         print(f"shard {shard} failed: {error}", file=sys.stderr)
@@ -205,7 +214,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     shards = f"{status.shards_done}/{totals.shards}" if totals else f"{status.shards_done}/?"
     tokens = f"{status.tokens_done}/{totals.tokens}" if totals else f"{status.tokens_done}/?"
     print(f"job {status.job_id}: {status.state}; shards {shards}; tokens {tokens}; "
-          f"failed {len(status.failures)}; rejected rows {totals.rejected if totals else '?'}")
+          f"failed {len(status.failures)}; rejected rows {totals.rejected if totals else '?'}; "
+          f"reused rows {totals.reused_rows if totals else '?'}")
     for shard, error in sorted(status.failures.items()):
         print(f"  shard {shard}: {error}")
     return 0

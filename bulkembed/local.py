@@ -31,6 +31,8 @@ def run_local(planned: PlannedJob, model_path: str, setup: EngineSetup, progress
     messages: list[ShardMessage] = []
     results: list[ShardResult] = []
     totals = produce(planned, messages.append, results.append)
+    if not messages:  # every row was written before or reused: no engine to start
+        return write_manifest(planned.store, planned.job, totals, results)
     # Longest shards first: with several engines, the last one to finish is then a short one.
     messages.sort(key=lambda m: m.n_tokens, reverse=True)
     with EnginePool(model_path, planned.job.model.sha256, setup) as pool:
@@ -40,6 +42,8 @@ def run_local(planned: PlannedJob, model_path: str, setup: EngineSetup, progress
         started, embedded = time.perf_counter(), 0
         with tqdm(total=totals.tokens, initial=sum(r.tokens for r in results), unit="tok", unit_scale=True,
                   disable=not progress, desc=f"job {planned.job.job_id}") as bar:
+            if totals.reused:
+                bar.set_postfix(reused_rows=totals.reused_rows)  # copied from PREV_OUT, not embedded
             for result in pool.imap(_embed, messages):
                 results.append(result)
                 embedded += result.tokens if result.seconds else 0

@@ -115,13 +115,24 @@ class ModelRef(BaseModel):
     queue: str = Field(description="Celery queue of this model's workers.")
 
 
+class ReuseSource(BaseModel):
+    """An earlier output whose vectors a job copies for unchanged rows (--reuse PREV_OUT)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    uri: str
+    job_id: str = Field(description="The job that wrote it.")
+    manifest_sha256: str = Field(description="Of its _manifest.json: another PREV_OUT there is another job.")
+
+
 class JobSpec(BaseModel):
     """Everything that determines a job's output. Its hash is the job id."""
 
     model_config = ConfigDict(frozen=True)
 
     input: str
-    input_fingerprint: str = Field(description="Hash of the input files' names and sizes.")
+    input_fingerprint: str = Field(description="Hash of the input files' names, sizes and versions (S3 ETag, local "
+                                   "modification time), so a replaced file is a new job, not a resumed one.")
     out: str
     model: ModelRef
     task: Task | None = Field(description="v4 task; None for other model families (custom prefix).")
@@ -136,6 +147,15 @@ class JobSpec(BaseModel):
     dims: int | None = Field(None, description="Matryoshka truncation; None keeps the model's n_embd.")
     dtype: Dtype = Dtype.FLOAT32
     normalize: bool = True
+    reuse: ReuseSource | None = Field(None, description="Earlier output whose vectors unchanged rows copy.")
+
+    def vector_options(self) -> dict[str, str | int | bool | None]:
+        """What decides a row's vector besides its text. Two jobs that agree on these give the same vector
+        for the same prefixed text, so one's output can serve the other as PREV_OUT. Task and role count
+        through the prefix they pick: a task change that keeps the prefix keeps the vectors."""
+        return {"model sha256": self.model.sha256, "prefix": self.prefix, "pooling": self.pooling.value,
+                "dims": self.dims, "dtype": self.dtype.value, "normalize": self.normalize,
+                "max tokens": self.max_tokens, "over-length policy": self.overlength.value}
 
     @property
     def job_id(self) -> str:

@@ -8,12 +8,14 @@ import re
 
 SHARD_INPUT_KEY = "_shards/{shard:06d}.arrow"
 SHARD_OUTPUT_KEY = "{shard:06d}.arrow"
+REUSED_OUTPUT_KEY = "reused-{index:06d}.arrow"  # rows copied from the index-th embedding file of PREV_OUT
 REJECTED_KEY = "_rejected/{name}.arrow"
 MANIFEST_KEY = "_manifest.json"
 JOB_KEY = "_job.json"
 
 # Every key a job writes under OUT, for --force to delete exactly those (and nothing else there).
-JOB_OUTPUT_KEY = re.compile(r"^(\d{6}\.arrow|_manifest\.json|_job\.json|_shards/\d{6}\.arrow|_rejected/[\w-]+\.arrow)$")
+JOB_OUTPUT_KEY = re.compile(r"^((reused-)?\d{6}\.arrow|_manifest\.json|_job\.json|_shards/\d{6}\.arrow"
+                            r"|_rejected/[\w-]+\.arrow)$")
 
 REDIS_JOB = "bulkembed:job:{job_id}"  # hash: spec, totals, state
 REDIS_JOB_DONE = "bulkembed:job:{job_id}:done"  # hash: shard -> result json
@@ -31,6 +33,10 @@ def shard_input(shard: int) -> str:
 
 def shard_output(shard: int) -> str:
     return SHARD_OUTPUT_KEY.format(shard=shard)
+
+
+def reused_output(index: int) -> str:
+    return REUSED_OUTPUT_KEY.format(index=index)
 
 
 def shard_rejected(shard: int) -> str:

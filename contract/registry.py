@@ -10,7 +10,7 @@ from urllib.parse import urlparse
 import pyarrow as pa
 import pyarrow.compute as pc
 import redis
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
@@ -31,6 +31,17 @@ class ShardResult(BaseModel):
     seconds: float = 0.0
 
 
+class ReusedFile(BaseModel):
+    """Rows copied whole from one embedding file of PREV_OUT (--reuse)."""
+
+    key: str
+    source: str = Field(description="The PREV_OUT file they come from.")
+    rows: int
+    tokens: int
+    truncated: int = 0  # documents among them that were truncated
+    sha256: str
+
+
 class JobTotals(BaseModel):
     shards: int = 0
     docs: int = 0  # rows to embed (a chunked document counts once per chunk)
@@ -38,6 +49,11 @@ class JobTotals(BaseModel):
     truncated: int = 0
     rejected: int = 0
     rejected_files: list[str] = []
+    reused: list[ReusedFile] = []
+
+    @property
+    def reused_rows(self) -> int:
+        return sum(f.rows for f in self.reused)
 
 
 class JobStatus(BaseModel):
@@ -75,14 +91,19 @@ def stored_result(message: ShardMessage, store: Store) -> ShardResult:
 
 
 def build_manifest(job: JobSpec, totals: JobTotals, results: list[ShardResult]) -> dict:
+    """Rows and tokens count the whole output: embedded (the shards) plus reused (copied from PREV_OUT)."""
     results = sorted(results, key=lambda r: r.shard)
+    embedded_rows, reused_rows = sum(r.rows for r in results), totals.reused_rows
     return {
         "job_id": job.job_id,
         "job": job.model_dump(mode="json"),
         "shards": [r.model_dump(exclude={"seconds"}) for r in results],
-        "rows": sum(r.rows for r in results),
-        "tokens": sum(r.tokens for r in results),
-        "truncated_rows": totals.truncated,
+        "reused_files": [f.model_dump() for f in totals.reused],
+        "rows": embedded_rows + reused_rows,
+        "embedded_rows": embedded_rows,
+        "reused_rows": reused_rows,
+        "tokens": sum(r.tokens for r in results) + sum(f.tokens for f in totals.reused),
+        "truncated_rows": totals.truncated + sum(f.truncated for f in totals.reused),
         "rejected_rows": totals.rejected + sum(r.rejected for r in results),
         "rejected_files": totals.rejected_files,
     }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 
 import pyarrow as pa
@@ -9,6 +10,15 @@ import pyarrow as pa
 from bulkembed.contract.job import Dtype, JobSpec, Pooling
 
 METADATA_PREFIX = "bulkembed."
+CONTENT_HASH_TYPE = pa.binary(16)
+
+
+def content_hash(prefixed_text: str) -> bytes:
+    """Every output row's `content_hash`: BLAKE2b with a 16-byte digest (hashlib.blake2b(..., digest_size=16),
+    no key, no salt) of the UTF-8 bytes of the exact text embedded, prefix included, before truncation or
+    chunking (every chunk of a document carries its document's hash). Stable across versions: --reuse
+    matches rows by it."""
+    return hashlib.blake2b(prefixed_text.encode("utf-8"), digest_size=16).digest()
 
 
 def shard_input_schema(id_type: pa.DataType) -> pa.Schema:
@@ -17,6 +27,7 @@ def shard_input_schema(id_type: pa.DataType) -> pa.Schema:
     return pa.schema([
         ("id", id_type), ("text", pa.string()), ("n_tokens", pa.int32()), ("chunk", pa.int32()),
         ("start", pa.int32()), ("stop", pa.int32()), ("truncated", pa.bool_()),
+        ("content_hash", CONTENT_HASH_TYPE),
     ])
 
 
@@ -48,6 +59,7 @@ def embedding_schema(id_type: pa.DataType, dims: int, job: JobSpec) -> pa.Schema
             pa.field("n_tokens", pa.int32(), nullable=False),
             pa.field("truncated", pa.bool_(), nullable=False),
             pa.field("chunk", pa.int32(), nullable=False),
+            pa.field("content_hash", CONTENT_HASH_TYPE, nullable=False),
         ],
         metadata={METADATA_PREFIX + k: v for k, v in metadata.items()},
     )

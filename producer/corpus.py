@@ -22,32 +22,45 @@ BATCH_ROWS = 8192
 @dataclass(frozen=True)
 class Corpus:
     fs: pafs.FileSystem
-    files: list[tuple[str, int]]  # (path in fs, size)
+    files: list[tuple[str, int, str]]  # (path in fs, size, version: S3 ETag or local mtime in ns)
     id_type: pa.DataType
 
     @property
     def fingerprint(self) -> str:
+        """Changes when any file is added, removed, resized or replaced, so a replaced input is a new job."""
         return hashlib.sha256(repr(self.files).encode()).hexdigest()[:16]
 
 
-def _list_files(uri: str) -> tuple[pafs.FileSystem, list[tuple[str, int]]]:
+def _list_files(uri: str) -> tuple[pafs.FileSystem, list[tuple[str, int, str]]]:
     if uri.startswith("s3://"):
         fs, base = open_store(uri).arrow_fs()
     else:
         fs, base = pafs.LocalFileSystem(), str(__import__("pathlib").Path(uri).expanduser().resolve())
     info = fs.get_file_info(base)
     if info.type == pafs.FileType.File:
-        return fs, [(base, info.size)]
-    if info.type != pafs.FileType.Directory:
+        found = [info]
+    elif info.type != pafs.FileType.Directory:
         raise InputError(f"input {uri} does not exist")
-    found = [
-        (f.path, f.size)
-        for f in fs.get_file_info(pafs.FileSelector(base, recursive=True))
-        if f.type == pafs.FileType.File and f.base_name.endswith(".parquet") and f.base_name[0] not in "._"
-    ]
+    else:
+        found = [
+            f for f in fs.get_file_info(pafs.FileSelector(base, recursive=True))
+            if f.type == pafs.FileType.File and f.base_name.endswith(".parquet") and f.base_name[0] not in "._"
+        ]
     if not found:
         raise InputError(f"no .parquet files under {uri}")
-    return fs, sorted(found)
+    versions = _s3_etags(uri) if uri.startswith("s3://") else {f.path: str(f.mtime_ns) for f in found}
+    return fs, sorted((f.path, f.size, versions.get(f.path, "")) for f in found)
+
+
+def _s3_etags(uri: str) -> dict[str, str]:
+    """ETags by "bucket/key" (pyarrow's file info has no ETag): a replaced object has a new one, whatever
+    its size. Multipart ETags are not content MD5s, but they still change with every upload."""
+    store = open_store(uri)
+    etags = {}
+    for page in store.client.get_paginator("list_objects_v2").paginate(Bucket=store.bucket, Prefix=store.prefix):
+        for obj in page.get("Contents", []):
+            etags[f"{store.bucket}/{obj['Key']}"] = obj["ETag"].strip('"')
+    return etags
 
 
 def open_corpus(uri: str, id_column: str, text_column: str) -> Corpus:
@@ -55,7 +68,7 @@ def open_corpus(uri: str, id_column: str, text_column: str) -> Corpus:
     fs, files = _list_files(uri)
     id_type = None
     total_rows = 0
-    for path, _ in files:
+    for path, *_ in files:
         try:
             metadata = pq.read_metadata(fs.open_input_file(path))
         except (pa.ArrowException, OSError) as exc:
@@ -101,7 +114,7 @@ def decode_texts(column: pa.Array) -> tuple[list[str | None], dict[int, str]]:
 
 def read_batches(corpus: Corpus, id_column: str, text_column: str) -> Iterator[tuple[str, int, pa.RecordBatch]]:
     """(source path, first row number, batch with columns id and text), a bounded batch at a time."""
-    for path, _ in corpus.files:
+    for path, *_ in corpus.files:
         parquet = pq.ParquetFile(corpus.fs.open_input_file(path))
         row = 0
         for batch in parquet.iter_batches(batch_size=BATCH_ROWS, columns=[id_column, text_column]):

@@ -2,7 +2,8 @@
 
 A Python set costs ~70 bytes an id (600 MB for 10M documents); sorted runs cost 8. Runs merge
 when a newer one grows to half the size of the one before it (a log-structured merge), so
-insertion stays O(n log n) overall and a lookup is a binary search per run.
+insertion stays O(n log n) overall and a lookup is a binary search per run. Any fixed-size numpy
+key works: --reuse keeps 16-byte (id, content) keys the same way (producer/reuse.py).
 """
 
 from __future__ import annotations
@@ -33,11 +34,22 @@ class SeenIds:
         _, first = np.unique(hashes, return_index=True)
         duplicate[:] = True
         duplicate[first] = False  # the first occurrence in the batch is not a duplicate of the batch
-        for run in self._runs:
-            where = np.minimum(np.searchsorted(run, hashes), len(run) - 1)
-            duplicate |= run[where] == hashes
-        self._runs.append(np.sort(hashes[~duplicate]))
+        duplicate |= self.contains(hashes)
+        if not duplicate.all():  # an empty run would break the searches above
+            self._runs.append(np.sort(hashes[~duplicate]))
         while len(self._runs) > 1 and len(self._runs[-2]) <= 2 * len(self._runs[-1]):
             newest = self._runs.pop()
             self._runs[-1] = np.sort(np.concatenate([self._runs[-1], newest]), kind="mergesort")
         return duplicate
+
+    def contains(self, hashes: np.ndarray) -> np.ndarray:
+        """Which of `hashes` were added before (a lookup only: nothing is remembered)."""
+        found = np.zeros(len(hashes), bool)
+        for run in self._runs:
+            where = np.minimum(np.searchsorted(run, hashes), len(run) - 1)
+            found |= run[where] == hashes
+        return found
+
+    @property
+    def nbytes(self) -> int:
+        return sum(r.nbytes for r in self._runs)

@@ -21,6 +21,7 @@ class Document:
     text: str
     n_tokens: int
     span: Span = Span(0, 0, 0)  # which tokens of the text this row embeds
+    content_hash: bytes = b""  # of the prefixed text (bulkembed.contract.schema.content_hash)
 
 
 @dataclass

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 
 from bulkembed.contract import keys
@@ -31,12 +32,13 @@ from bulkembed.contract.job import (
 )
 from bulkembed.contract.model import check_dims, choose_max_tokens, choose_pooling, model_info, model_ref
 from bulkembed.contract.registry import JobTotals, ShardResult, stored_result
-from bulkembed.contract.schema import rejected_schema, shard_input_schema, to_ipc_bytes
+from bulkembed.contract.schema import content_hash, rejected_schema, shard_input_schema, to_ipc_bytes
 from bulkembed.contract.store import Store, open_store
 from bulkembed.contract.vocab import Vocab
 from bulkembed.producer.corpus import Corpus, decode_texts, open_corpus, read_batches
 from bulkembed.producer.dedup import SeenIds, id_hashes
 from bulkembed.producer.planner import Document, ShardPlanner
+from bulkembed.producer.reuse import ROW_KEY, IncompatibleReuse, PreviousOutput, copy_reused, open_previous, row_keys
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +51,7 @@ class PlannedJob:
     corpus: Corpus
     vocab: Vocab
     store: Store
+    previous: PreviousOutput | None = None  # --reuse: the earlier output whose vectors unchanged rows copy
 
 
 @dataclass(frozen=True)
@@ -68,6 +71,8 @@ class JobOptions:
     dims: int | None = None
     dtype: Dtype = Dtype.FLOAT32
     normalize: bool = True
+    reuse: str | None = None  # PREV_OUT: copy its vectors for rows whose id and content are unchanged
+    ignore_incompatible_reuse: bool = False  # embed every row when PREV_OUT was embedded differently
 
 
 def plan_job(input_uri: str, model: str, out: str, options: JobOptions = JobOptions()) -> PlannedJob:
@@ -92,7 +97,16 @@ def plan_job(input_uri: str, model: str, out: str, options: JobOptions = JobOpti
         # Token vectors are raw hidden states for the user to pool; normalizing each would break that.
         normalize=options.normalize and pooling is not Pooling.NONE,
     )
-    return PlannedJob(job=job, corpus=corpus, vocab=Vocab.load(path), store=store)
+    previous = None
+    if options.reuse is not None:
+        try:
+            previous = open_previous(options.reuse, job, corpus.id_type)
+            job = job.model_copy(update={"reuse": previous.source})
+        except IncompatibleReuse as exc:
+            if not options.ignore_incompatible_reuse:
+                raise
+            log.warning("%s; ignored as asked: every row is embedded", exc)
+    return PlannedJob(job=job, corpus=corpus, vocab=Vocab.load(path), store=store, previous=previous)
 
 
 @dataclass
@@ -131,9 +145,55 @@ def _reason_to_reject(doc_id: Any, text: str | None) -> str | None:
     return None
 
 
+@dataclass
+class _Accepted:
+    """A row that will be in the output: copied from PREV_OUT (spans None, key set) or embedded."""
+
+    row: int
+    id: Any
+    text: str
+    content_hash: bytes
+    key: bytes
+    spans: list[Span] | None
+
+
+def _accept(planned: PlannedJob, batch: pa.RecordBatch, source: str, first_row: int, rejects: _Rejects,
+            prefix_tokens: int) -> list[_Accepted]:
+    """The rows of a batch that can be embedded or reused, in order; the rest quarantined with their reason.
+    A row PREV_OUT has (same id, same content) is taken as is: its tokens were counted when it was embedded."""
+    job, vocab = planned.job, planned.vocab
+    texts, undecodable = decode_texts(batch.column(1))
+    candidates = []
+    for i, (doc_id, text) in enumerate(zip(batch.column(0).to_pylist(), texts, strict=True)):
+        reason = undecodable.get(i) or _reason_to_reject(doc_id, text)
+        if reason is None:
+            candidates.append((i, doc_id, job.prefix + text))
+        else:
+            rejects.add(doc_id, reason, source, first_row + i)
+    hashes = [content_hash(text) for _, _, text in candidates]
+    row_key = row_keys((doc_id for _, doc_id, _ in candidates), hashes)
+    index = planned.previous.index if planned.previous is not None else None
+    reusable = index.contains(row_key) if index is not None else np.zeros(len(candidates), bool)
+    accepted = []
+    for (i, doc_id, text), hashed, key, reuse in zip(candidates, hashes, row_key, reusable, strict=True):
+        if reuse:
+            accepted.append(_Accepted(i, doc_id, text, hashed, key, None))
+            continue
+        n_tokens = vocab.count(text)
+        spans = document_spans(n_tokens, job.max_tokens, job.overlength, prefix_tokens)
+        if n_tokens == 0:
+            rejects.add(doc_id, "no tokens: the model's vocabulary drops every character", source, first_row + i)
+        elif spans is None:
+            rejects.add(doc_id, f"over-length: {n_tokens} tokens > max {job.max_tokens}", source, first_row + i)
+        else:
+            accepted.append(_Accepted(i, doc_id, text, hashed, key, spans))
+    return accepted
+
+
 def produce(planned: PlannedJob, emit: Callable[[ShardMessage], None],
             written: Callable[[ShardResult], None] | None = None) -> JobTotals:
-    """Stream the corpus into shards; write each shard's input, then hand its message to `emit`.
+    """Stream the corpus into shards; write each shard's input, then hand its message to `emit`. With
+    --reuse, rows PREV_OUT has unchanged are not planned; once every shard is out, they are copied.
 
     A resubmitted job plans the same shards (same job id, same input, same order); a shard whose
     output is already there goes to `written` instead of being queued again."""
@@ -144,6 +204,9 @@ def produce(planned: PlannedJob, emit: Callable[[ShardMessage], None],
     rejects = _Rejects(store, planned.corpus.id_type)
     input_schema = shard_input_schema(planned.corpus.id_type)
     seen = SeenIds()  # duplicate ids across the corpus, 8 bytes an id
+    reused = SeenIds()  # keys of the rows to copy from PREV_OUT, 16 bytes a row
+    if planned.previous is not None:
+        planned.previous.load_index()
     totals = JobTotals()
 
     def emit_shard(documents: list[Document]) -> None:
@@ -151,7 +214,8 @@ def produce(planned: PlannedJob, emit: Callable[[ShardMessage], None],
             {"id": [d.id for d in documents], "text": [d.text for d in documents],
              "n_tokens": [d.n_tokens for d in documents], "chunk": [d.span.chunk for d in documents],
              "start": [d.span.start for d in documents], "stop": [d.span.stop for d in documents],
-             "truncated": [d.span.truncated for d in documents]},
+             "truncated": [d.span.truncated for d in documents],
+             "content_hash": [d.content_hash for d in documents]},
             schema=input_schema,
         )
         shard = totals.shards
@@ -168,38 +232,31 @@ def produce(planned: PlannedJob, emit: Callable[[ShardMessage], None],
         totals.tokens += sum(lengths)
 
     for source, first_row, batch in read_batches(planned.corpus, job.id_column, job.text_column):
-        texts, undecodable = decode_texts(batch.column(1))
-        accepted: list[tuple[int, Any, str, list[Span]]] = []
-        for i, (doc_id, text) in enumerate(zip(batch.column(0).to_pylist(), texts, strict=True)):
-            reason = undecodable.get(i) or _reason_to_reject(doc_id, text)
-            if reason is None:
-                text = job.prefix + text
-                n_tokens = vocab.count(text)
-                spans = document_spans(n_tokens, job.max_tokens, job.overlength, prefix_tokens)
-                if n_tokens == 0:
-                    reason = "no tokens: the model's vocabulary drops every character"
-                elif spans is None:
-                    reason = f"over-length: {n_tokens} tokens > max {job.max_tokens}"
-                else:
-                    accepted.append((i, doc_id, text, spans))
-            if reason is not None:
-                rejects.add(doc_id, reason, source, first_row + i)
-        duplicates = seen.add(id_hashes(doc_id for _, doc_id, _, _ in accepted))
-        for (i, doc_id, text, spans), duplicate in zip(accepted, duplicates, strict=True):
+        accepted = _accept(planned, batch, source, first_row, rejects, prefix_tokens)
+        duplicates = seen.add(id_hashes(row.id for row in accepted))
+        reusing = []
+        for row, duplicate in zip(accepted, duplicates, strict=True):
             if duplicate:
-                rejects.add(doc_id, "duplicate id", source, first_row + i)
-                continue
-            totals.truncated += spans[0].truncated
-            for span in spans:
-                ready = planner.add(Document(doc_id, text, span.n_tokens(prefix_tokens), span))
-                if ready:
-                    emit_shard(ready)
+                rejects.add(row.id, "duplicate id", source, first_row + row.row)
+            elif row.spans is None:
+                reusing.append(row.key)
+            else:
+                totals.truncated += row.spans[0].truncated
+                for span in row.spans:
+                    ready = planner.add(Document(row.id, row.text, span.n_tokens(prefix_tokens), span,
+                                                 row.content_hash))
+                    if ready:
+                        emit_shard(ready)
+        reused.add(np.array(reusing, ROW_KEY))
     for ready in planner.finish():
         emit_shard(ready)
     rejects.flush()
     totals.rejected, totals.rejected_files = rejects.count, rejects.files
-    log.info("job %s: %d shards, %d docs, %d tokens, %d rejected", job.job_id, totals.shards, totals.docs,
-             totals.tokens, totals.rejected)
+    if planned.previous is not None:
+        planned.previous.index = None  # matching is over: free it before copying
+        totals.reused = copy_reused(planned.previous, reused, store, job, planned.corpus.id_type)
+    log.info("job %s: %d shards, %d docs, %d tokens, %d rejected, %d reused", job.job_id, totals.shards, totals.docs,
+             totals.tokens, totals.rejected, totals.reused_rows)
     return totals
 
 

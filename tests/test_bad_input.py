@@ -11,7 +11,7 @@ from bulkembed.contract import keys
 from bulkembed.contract.errors import EngineError, ShardError
 from bulkembed.contract.job import JobSpec, ModelRef, Role, ShardMessage, Task
 from bulkembed.contract.model import file_sha256, queue_name
-from bulkembed.contract.schema import METADATA_PREFIX, from_ipc_bytes, shard_input_schema, to_ipc_bytes
+from bulkembed.contract.schema import METADATA_PREFIX, content_hash, from_ipc_bytes, shard_input_schema, to_ipc_bytes
 from bulkembed.contract.store import LocalStore
 from bulkembed.worker.engine import Engine, EngineOptions
 from bulkembed.worker.shard import embed_shard
@@ -98,7 +98,8 @@ def _shard(tmp_path, tiny_model, rows: list[tuple[str, str, int]]) -> tuple[Loca
                                  queue=queue_name(tiny_model.name)))
     table = pa.table({"id": [r[0] for r in rows], "text": [r[1] for r in rows], "n_tokens": [r[2] for r in rows],
                       "chunk": [0] * len(rows), "start": [0] * len(rows), "stop": [r[2] for r in rows],
-                      "truncated": [False] * len(rows)}, schema=shard_input_schema(pa.string()))
+                      "truncated": [False] * len(rows), "content_hash": [content_hash(r[1]) for r in rows]},
+                     schema=shard_input_schema(pa.string()))
     store.put(keys.shard_input(0), to_ipc_bytes(table))
     return store, ShardMessage(job_id="j", job=job, shard=0, n_docs=len(rows), n_tokens=0, longest=1)
 

@@ -119,7 +119,8 @@ def _output_table(table: pa.Table, vectors, job: JobSpec, n_embd: int) -> pa.Tab
             vectors = l2_normalize(vectors)
         embedding = pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1), value_type), dims)
     return pa.Table.from_arrays(
-        [table.column("id"), embedding, table.column("n_tokens"), table.column("truncated"), table.column("chunk")],
+        [table.column(name) if name != "embedding" else embedding
+         for name in ("id", "embedding", "n_tokens", "truncated", "chunk", "content_hash")],
         schema=embedding_schema(table.schema.field("id").type, dims, job),
     )
 

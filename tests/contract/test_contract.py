@@ -4,7 +4,7 @@ import pytest
 from bulkembed.contract.errors import ModelError
 from bulkembed.contract.job import JobSpec, ModelRef, Role, Task, prefix_for, task_from_model_name
 from bulkembed.contract.model import is_hub_spec, queue_name, resolve_path
-from bulkembed.contract.schema import embedding_schema, from_ipc_bytes, read_metadata, to_ipc_bytes
+from bulkembed.contract.schema import content_hash, embedding_schema, from_ipc_bytes, read_metadata, to_ipc_bytes
 from bulkembed.contract.store import LocalStore, open_store
 
 
@@ -60,7 +60,7 @@ def test_schema_roundtrip_keeps_metadata():
     schema = embedding_schema(pa.string(), 4, _job())
     table = pa.table({"id": ["a"], "embedding": pa.array([[1, 0, 0, 0]], pa.list_(pa.float32(), 4)),
                       "n_tokens": pa.array([3], pa.int32()), "truncated": [False],
-                      "chunk": pa.array([0], pa.int32())}, schema=schema)
+                      "chunk": pa.array([0], pa.int32()), "content_hash": [content_hash("Passage: a")]}, schema=schema)
     back = from_ipc_bytes(to_ipc_bytes(table))
     meta = read_metadata(back.schema)
     assert meta["model_sha256"] == "a" * 64 and meta["prefix"] == "Passage: " and meta["dims"] == "4"

@@ -1,0 +1,137 @@
+"""Re-index only what changed: copy PREV_OUT's vectors for rows whose id and content are unchanged.
+
+A row is matched by its key: 16 bytes of BLAKE2b over its id and its content hash (the prefixed text's,
+bulkembed.contract.schema.content_hash). Keys live in sorted numpy runs (SeenIds, 16 bytes a row), never
+in a Python dict. Matching reads only PREV_OUT's `id` and `content_hash` columns; copying reads each of
+its embedding files once more, whole, and keeps the matched rows with one Arrow filter (no per-row
+Python on vectors). Each copy is written once: its key is fixed by the PREV_OUT file it comes from, and
+it is committed with the same put-if-absent as a shard.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+
+from bulkembed.contract import keys
+from bulkembed.contract.errors import InputError, ShardError
+from bulkembed.contract.job import JobSpec, ReuseSource
+from bulkembed.contract.registry import ReusedFile
+from bulkembed.contract.schema import embedding_schema, from_ipc_bytes, read_metadata, to_ipc_bytes
+from bulkembed.contract.store import Store, open_store
+from bulkembed.producer.dedup import SeenIds
+
+log = logging.getLogger(__name__)
+
+ROW_KEY = np.dtype("S16")
+
+
+class IncompatibleReuse(InputError):
+    """PREV_OUT was embedded with another model or other vector options."""
+
+
+def row_keys(ids: Iterable[Any], content_hashes: Iterable[bytes]) -> np.ndarray:
+    """One 16-byte key per row. repr keeps 1 and "1" apart; the two sides' id types are checked equal."""
+    pairs = zip(ids, content_hashes, strict=True)
+    digests = (hashlib.blake2b(repr(i).encode() + h, digest_size=16).digest() for i, h in pairs)
+    return np.frombuffer(b"".join(digests), ROW_KEY)
+
+
+@dataclass
+class PreviousOutput:
+    """A finished job's output, checked to have been embedded as the new job would embed it."""
+
+    store: Store
+    source: ReuseSource
+    files: list[str]  # its embedding files, as its manifest lists them
+    index: SeenIds | None = None  # keys of its rows, once loaded
+
+    def load_index(self) -> SeenIds:
+        """Read the id and content_hash columns of every file (from a folder or S3) into sorted runs."""
+        if self.index is None:
+            self.index = SeenIds()
+            for batch in self._dataset().to_batches(columns=["id", "content_hash"]):
+                self.index.add(row_keys(batch.column(0).to_pylist(), batch.column(1).to_pylist()))
+            log.info("reuse: %d distinct rows in %s (%d bytes of keys)", len(self.index), self.source.uri,
+                     self.index.nbytes)
+        return self.index
+
+    def _dataset(self) -> ds.Dataset:
+        fs, base = self.store.arrow_fs()
+        return ds.dataset([f"{base}/{key}" for key in self.files], filesystem=fs, format="arrow")
+
+
+def open_previous(uri: str, job: JobSpec, id_type: pa.DataType) -> PreviousOutput:
+    """PREV_OUT as its manifest describes it; InputError when it is not a finished output embedded with the
+    new job's model and vector options, read from its manifest and its files' schema."""
+    store = open_store(uri)
+    if store.uri == open_store(job.out).uri:
+        raise InputError(f"--reuse {uri} is the job's own --out; write the new output elsewhere")
+    if not store.exists(keys.MANIFEST_KEY):
+        raise InputError(f"--reuse {uri}: no {keys.MANIFEST_KEY} there; reuse needs the output of a finished job")
+    raw = store.get(keys.MANIFEST_KEY)
+    manifest = json.loads(raw)
+    previous = JobSpec.model_validate(manifest["job"])
+    ours, theirs = job.vector_options(), previous.vector_options()
+    differences = [f"{name} {theirs[name]!r} there, {ours[name]!r} here" for name in ours if ours[name] != theirs[name]]
+    files = [s["key"] for s in manifest["shards"]] + [f["key"] for f in manifest.get("reused_files", [])]
+    if files and not differences:
+        differences = _schema_differences(store, files[0], job, id_type)
+    if differences:
+        raise IncompatibleReuse(f"--reuse {uri} was not embedded as this job embeds: {'; '.join(differences)}. "
+                                f"Its vectors cannot be reused; pass --ignore-incompatible-reuse to embed every "
+                                f"row instead")
+    source = ReuseSource(uri=store.uri, job_id=manifest["job_id"], manifest_sha256=hashlib.sha256(raw).hexdigest())
+    return PreviousOutput(store=store, source=source, files=files)
+
+
+def _schema_differences(store: Store, key: str, job: JobSpec, id_type: pa.DataType) -> list[str]:
+    fs, base = store.arrow_fs()
+    with fs.open_input_file(f"{base}/{key}") as f:
+        schema = pa.ipc.open_file(f).schema
+    found = []
+    if "content_hash" not in schema.names:
+        found.append(f"{key} has no content_hash column (written before bulkembed recorded one)")
+    if schema.field("id").type != id_type:
+        found.append(f"ids are {schema.field('id').type} there, {id_type} here")
+    if read_metadata(schema).get("model_sha256") != job.model.sha256:
+        found.append(f"{key} says model sha256 {read_metadata(schema).get('model_sha256')!r}")
+    return found
+
+
+def copy_reused(previous: PreviousOutput, reused: SeenIds, store: Store, job: JobSpec,
+                id_type: pa.DataType) -> list[ReusedFile]:
+    """Copy the rows whose keys are in `reused` into OUT, one file per PREV_OUT file that has some. A file
+    found already written (a resumed job) is checked and kept."""
+    copied = []
+    for index, source in enumerate(previous.files):
+        table = from_ipc_bytes(previous.store.get(source))
+        mask = reused.contains(row_keys(table.column("id").to_pylist(), table.column("content_hash").to_pylist()))
+        if not mask.any():
+            continue
+        taken = table.filter(pa.array(mask))
+        taken = pa.Table.from_arrays(taken.columns, schema=embedding_schema(id_type, job.dims, job))
+        key = keys.reused_output(index)
+        data = to_ipc_bytes(taken)
+        if not store.put_if_absent(key, data):
+            data = store.get(key)
+            if from_ipc_bytes(data).num_rows != taken.num_rows:
+                raise ShardError(f"job {job.job_id}: {key} exists with other rows than {source} gives; "
+                                 f"start over with --force")
+        copied.append(ReusedFile(key=key, source=source, rows=taken.num_rows,
+                                 tokens=int(pc.sum(taken.column("n_tokens")).as_py()),
+                                 truncated=int(pc.sum(pc.and_(taken.column("truncated"),
+                                                              pc.equal(taken.column("chunk"), 0))).as_py()),
+                                 sha256=hashlib.sha256(data).hexdigest()))
+    log.info("job %s: %d rows reused from %s in %d files", job.job_id, sum(f.rows for f in copied),
+             previous.source.uri, len(copied))
+    return copied
