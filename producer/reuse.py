@@ -59,7 +59,8 @@ class PreviousOutput:
         """Read the id and content_hash columns of every file (from a folder or S3) into sorted runs."""
         if self.index is None:
             self.index = SeenIds()
-            for batch in self._dataset().to_batches(columns=["id", "content_hash"]):
+            batches = self._dataset().to_batches(columns=["id", "content_hash"]) if self.files else []
+            for batch in batches:
                 self.index.add(row_keys(batch.column(0).to_pylist(), batch.column(1).to_pylist()))
             log.info("reuse: %d distinct rows in %s (%d bytes of keys)", len(self.index), self.source.uri,
                      self.index.nbytes)

@@ -171,9 +171,12 @@ def _accept(planned: PlannedJob, batch: pa.RecordBatch, source: str, first_row: 
         else:
             rejects.add(doc_id, reason, source, first_row + i)
     hashes = [content_hash(text) for _, _, text in candidates]
-    row_key = row_keys((doc_id for _, doc_id, _ in candidates), hashes)
     index = planned.previous.index if planned.previous is not None else None
-    reusable = index.contains(row_key) if index is not None else np.zeros(len(candidates), bool)
+    if index is not None:
+        row_key = row_keys((doc_id for _, doc_id, _ in candidates), hashes)
+        reusable = index.contains(row_key)
+    else:  # no --reuse: no keys to compute
+        row_key, reusable = np.zeros(len(candidates), ROW_KEY), np.zeros(len(candidates), bool)
     accepted = []
     for (i, doc_id, text), hashed, key, reuse in zip(candidates, hashes, row_key, reusable, strict=True):
         if reuse:
