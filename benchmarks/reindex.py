@@ -1,7 +1,7 @@
 """What a re-index costs next to a full run: `bulkembed run` in-process, then again with --reuse after 1% and
 after 0% of the rows changed.
 
-    python benchmarks/reindex.py --docs 1000 --threads 2
+    python benchmarks/reindex.py --docs 5000 --threads 2
 
 The corpus is synthetic (bulkembed.synthetic's mixed lengths: ~85% short, ~15% long documents) and the
 model is the TINY synthetic qwen2vl, so everything runs on the CPU here. Each run is timed from planning
@@ -32,6 +32,7 @@ from bulkembed.producer.reuse import PreviousOutput, copy_reused, open_previous
 from bulkembed.producer.submit import JobOptions, plan_job
 from bulkembed.synthetic import TINY, synthetic_texts, target_lengths, write_qwen2vl_gguf
 from bulkembed.worker.engine import EngineOptions
+from bulkembed.worker.engines import EngineSetup
 
 
 def write_version(path: Path, texts: list[str]) -> Path:
@@ -39,7 +40,7 @@ def write_version(path: Path, texts: list[str]) -> Path:
     return path
 
 
-def timed_run(corpus: Path, model: Path, out: Path, engine: EngineOptions, reuse: Path | None = None) -> tuple:
+def timed_run(corpus: Path, model: Path, out: Path, engine: EngineSetup, reuse: Path | None = None) -> tuple:
     started = time.perf_counter()
     planned = plan_job(str(corpus), str(model), str(out), JobOptions(reuse=str(reuse) if reuse else None))
     manifest = run_local(planned, str(model), engine, progress=False)
@@ -100,12 +101,12 @@ def time_copy_at_v4_width(corpus: Path, model: Path, work: Path, rows: int = 20_
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--docs", type=int, default=1000)
+    parser.add_argument("--docs", type=int, default=5000)
     parser.add_argument("--changed", type=float, default=0.01, help="share of rows changed in the second run")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--ubatch", type=int, default=512)
     args = parser.parse_args()
-    engine = EngineOptions(threads=args.threads, ubatch=args.ubatch)
+    engine = EngineSetup(EngineOptions(threads=args.threads, ubatch=args.ubatch), engines=1, ubatch=args.ubatch)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         model = write_qwen2vl_gguf(work / "tiny-embeddings-text-retrieval-F32.gguf", TINY)
