@@ -77,7 +77,10 @@ def test_engines_share_a_queue_and_one_killed_loses_nothing(cli_env, workers, tm
     assert len([p for p, n in shards_by_process(log).items() if n > 0]) >= 2, "both engines embedded shards"
     samples = scrape(port)
     label = f'model="{tiny_model.name}"'
-    assert samples[f"bulkembed_tokens_total{{{label}}}"] >= manifest["tokens"]  # + the killed shard's redo at most
+    # The killed engine may have written a shard without counting it (its redelivery then finds it written), or
+    # counted one it did not finish (and another engine redoes it): one shard's tokens either way, at most.
+    largest = max(s["tokens"] for s in manifest["shards"])
+    assert abs(samples[f"bulkembed_tokens_total{{{label}}}"] - manifest["tokens"]) <= largest
     assert samples[f"bulkembed_engines{{{label}}}"] == 2
     cached = json.loads((tmp_path / "probe.json").read_text())
     assert samples[f"bulkembed_ubatch{{{label}}}"] == next(iter(cached.values()))["ubatch"]
