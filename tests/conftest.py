@@ -240,3 +240,22 @@ def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     a = a / np.linalg.norm(a, axis=1, keepdims=True)
     b = b / np.linalg.norm(b, axis=1, keepdims=True)
     return np.sum(a * b, axis=1)
+
+
+@pytest.fixture
+def fresh_redis(tmp_path: Path) -> Iterator:
+    """A Redis of this test's own: nothing left over by another test's killed workers."""
+    from tests.faults_support import RedisProcess  # it imports this module
+
+    server = RedisProcess(free_port(), tmp_path / "redis", "--save", "", "--appendonly", "no")
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def fault_env(cli_env: dict[str, str], fresh_redis) -> dict[str, str]:
+    """Short redelivery and time limits, for the workers and submit alike."""
+    return cli_env | {"BULKEMBED_REDIS_URL": fresh_redis.url, "BULKEMBED_VISIBILITY_TIMEOUT": "10",
+                      "BULKEMBED_TASK_TIME_LIMIT": "8"}
+

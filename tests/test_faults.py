@@ -66,22 +66,6 @@ def corpus(folder: Path, n_short: int, n_long: int, long_chars: tuple[int, int] 
 
 
 @pytest.fixture
-def fresh_redis(tmp_path: Path):
-    """A Redis of this test's own: nothing left over by another test's killed workers."""
-    server = RedisProcess(free_port(), tmp_path / "redis", "--save", "", "--appendonly", "no")
-    server.start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def fault_env(cli_env: dict[str, str], fresh_redis: RedisProcess) -> dict[str, str]:
-    """Short redelivery and time limits, for the workers and submit alike."""
-    return cli_env | {"BULKEMBED_REDIS_URL": fresh_redis.url, "BULKEMBED_VISIBILITY_TIMEOUT": "10",
-                      "BULKEMBED_TASK_TIME_LIMIT": "8"}
-
-
-@pytest.fixture
 def pool(fault_env: dict[str, str], tmp_path: Path):
     workers = Workers(fault_env, tmp_path)
     yield workers

@@ -13,13 +13,12 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as ds
-import pytest
 
 from bulkembed.contract import keys
 from bulkembed.contract.schema import content_hash, from_ipc_bytes, to_ipc_bytes
 from bulkembed.contract.store import open_store
-from tests.conftest import Workers, cosines, free_port, mixed_texts, write_corpus
-from tests.faults_support import RedisProcess, attempts, kill_tree, wait_until
+from tests.conftest import Workers, cosines, mixed_texts, write_corpus
+from tests.faults_support import attempts, kill_tree, wait_until
 
 PREFIX = "Passage: "
 CHUNKED = ("--max-tokens", "120", "--overlength", "chunk")  # long documents become several rows
@@ -162,20 +161,6 @@ def test_an_interrupted_reuse_run_resumes_and_writes_each_row_once(tmp_path, run
 RECEIVED = re.compile(r"Task bulkembed\.embed_shard\[([0-9a-f-]+)\] received")
 
 
-@pytest.fixture
-def fresh_redis(tmp_path: Path):
-    server = RedisProcess(free_port(), tmp_path / "redis", "--save", "", "--appendonly", "no")
-    server.start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def fault_env(cli_env: dict[str, str], fresh_redis: RedisProcess) -> dict[str, str]:
-    return cli_env | {"BULKEMBED_REDIS_URL": fresh_redis.url, "BULKEMBED_VISIBILITY_TIMEOUT": "10",
-                      "BULKEMBED_TASK_TIME_LIMIT": "8"}
-
-
 def busy_with(worker) -> str | None:
     """The task a worker has received and not finished, if any."""
     text = worker.log.read_text()
@@ -209,7 +194,7 @@ def test_a_worker_killed_during_a_reuse_run_loses_nothing(tmp_path, fault_env, b
             time.sleep(0.5)  # inside the shard: one takes seconds
             kill_tree(victim, signal.SIGKILL)
             killed_at = time.monotonic()
-            job_id = submit.stdout.split()[0]
+            job_id = wait_until(lambda: (submit.stdout.split() or [None])[0], 120, "the job id")
             visibility = int(fault_env["BULKEMBED_VISIBILITY_TIMEOUT"])
             wait_until(lambda: time.monotonic() > killed_at + visibility + 1, visibility + 5, "the visibility timeout")
             workers.start(tiny_model)  # restores the orphaned shard when it starts
