@@ -14,7 +14,7 @@ from bulkembed.bench import add_bench_parser
 from bulkembed.contract.errors import BulkEmbedError
 from bulkembed.contract.job import Dtype, Overlength, Pooling, Role, Task
 from bulkembed.contract.model import DEFAULT_MODEL
-from bulkembed.contract.settings import ProducerSettings, WorkerSettings
+from bulkembed.contract.settings import ProducerSettings, WorkerSettings, engines_spec, ubatch_spec
 from bulkembed.evaluate import add_eval_parser
 
 log = logging.getLogger("bulkembed")
@@ -76,28 +76,12 @@ def _job_arguments(parser: argparse.ArgumentParser, model_default: str | None) -
                         help="embed every row instead of failing when PREV_OUT has another model or options")
 
 
-def _ubatch(value: str) -> int | str:
-    if value in ("auto", "probe"):
-        return value
-    if not value.isdigit() or int(value) < 32:
-        raise argparse.ArgumentTypeError(f"--ubatch takes auto, probe or a number >= 32, not {value!r}")
-    return int(value)
-
-
-def _engines(value: str) -> int | str:
-    if value == "auto":
-        return value
-    if not value.isdigit() or int(value) < 1:
-        raise argparse.ArgumentTypeError(f"--engines takes auto or a number >= 1, not {value!r}")
-    return int(value)
-
-
 def _worker_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = WorkerSettings()
-    parser.add_argument("--engines", type=_engines, default=defaults.engines,
+    parser.add_argument("--engines", type=engines_spec, default=defaults.engines,
                         help="engine processes, each with the model resident, taking shards side by side; auto = as "
                              "many as fit the GPU's free memory (at most 3), 1 on CPU")
-    parser.add_argument("--ubatch", type=_ubatch, default=defaults.ubatch,
+    parser.add_argument("--ubatch", type=ubatch_spec, default=defaults.ubatch,
                         help="largest physical batch (n_ubatch): a number pins it; auto = measured at start on a GPU "
                              "(cached per device, model and engines), 512 on CPU; probe = measured on CPU too")
     parser.add_argument("--gpu-layers", type=at_least(-1), default=defaults.gpu_layers,

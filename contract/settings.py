@@ -6,10 +6,12 @@ AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL), so they are not repeated here.
 
 from __future__ import annotations
 
+import argparse
+from collections.abc import Callable
 from typing import Annotated, Any, Literal, Self
 from urllib.parse import urlparse
 
-from pydantic import DirectoryPath, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import DirectoryPath, Field, SecretStr, TypeAdapter, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from bulkembed.contract.errors import SettingsError
@@ -19,6 +21,22 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 # A pinned ubatch (llama.cpp's n_ubatch) or how to choose one; a number of engines or "auto".
 UbatchSpec = Annotated[int, Field(ge=32)] | Literal["auto", "probe"]
 EngineSpec = Annotated[int, Field(ge=1, le=64)] | Literal["auto"]
+
+
+def _spec(kind: object, wanted: str) -> Callable[[str], int | str]:
+    """An argparse type for a command-line option that follows the same rule as its BULKEMBED_ setting."""
+
+    def parse(text: str) -> int | str:
+        try:
+            return TypeAdapter(kind).validate_python(text)
+        except ValidationError:
+            raise argparse.ArgumentTypeError(f"takes {wanted}, not {text!r}") from None
+
+    return parse
+
+
+ubatch_spec = _spec(UbatchSpec, "auto, probe or a number >= 32")
+engines_spec = _spec(EngineSpec, "auto or a number from 1 to 64")
 
 
 class Settings(BaseSettings):

@@ -33,8 +33,6 @@ BARRIER_TIMEOUT_S = 900  # a peer that died loading must not hang the others
 
 def _start_engine(model_path: str, options: EngineOptions, barrier: Any) -> None:
     global _ENGINE, _BARRIER
-    import llama_cpp  # noqa: F401  before numpy touches anything here (NOTES.md 25)
-
     _ENGINE, _BARRIER = Engine(model_path, options), barrier
 
 
@@ -52,26 +50,23 @@ def _inspect(measure: bool) -> dict:
     if measure == "always" or (measure and this.gpu_offload):
         for ub in probe.candidates_for(this):
             timings[ub] = probe.time_candidate(this, ub, line_up)
-    return {"pid": os.getpid(), "gpu_offload": this.gpu_offload, "timings": timings}
+    return {"gpu_offload": this.gpu_offload, "timings": timings}
 
 
 def line_up() -> None:
     _BARRIER.wait(BARRIER_TIMEOUT_S)
 
 
-def _self_test(ubatch: int) -> float:
+def _self_test() -> float:
     from bulkembed.worker.selftest import self_test
 
-    this = engine()
-    this.options = dataclasses.replace(this.options, ubatch=ubatch)
-    return self_test(this)
+    return self_test(engine())
 
 
-def _set_ubatch(ubatch: int) -> int:
+def _set_ubatch(ubatch: int) -> None:
     line_up()
     this = engine()
     this.options = dataclasses.replace(this.options, ubatch=ubatch)
-    return os.getpid()
 
 
 @dataclass(frozen=True)
@@ -111,7 +106,7 @@ def split_threads(options: EngineOptions, engines: int) -> EngineOptions:
 
 
 class EnginePool:
-    """N spawned engine processes for one model. A context manager; `plan` holds what start() decided."""
+    """N spawned engine processes for one model, as a context manager; start() decides and returns the plan."""
 
     def __init__(self, model_path: Path, sha256: str, setup: EngineSetup):
         self.model_path, self.sha256 = Path(model_path), sha256
@@ -136,30 +131,27 @@ class EnginePool:
     def start(self, self_test: bool = True) -> EnginePlan:
         """Load the engines, choose the ubatch (pinned, cached or probed), self-test at that ubatch."""
         measure: bool | str = {"auto": True, "probe": "always"}.get(str(self.ubatch), False)
-        key = None
+        result = None
         if measure:
             device = probe.device_name()
             key = probe.ProbeCache.key(device, self.sha256, self.engines, self.options.flash_attn)
-            cached = self.cache.get(key) if self.cache else None
-            if cached:
+            result = self.cache.get(key) if self.cache else None
+            if result:
                 measure = False
         started = time.perf_counter()
         facts = self._pool.map(_inspect, [measure] * self.engines, chunksize=1)
         gpu = facts[0]["gpu_offload"]
-        result = None
         if measure and facts[0]["timings"]:
             result = probe.combine(device, [f["timings"] for f in facts], time.perf_counter() - started)
             if self.cache:
                 self.cache.put(key, result)
-        elif key and self.cache:
-            result = self.cache.get(key)
         ubatch = result.ubatch if result and (gpu or self.ubatch == "probe") else \
             (self.ubatch if isinstance(self.ubatch, int) else probe.CPU_UBATCH)
         if result:
             log.info("ubatch %s on %s with %d engine(s): %s → %d (%.1fs)", "cached" if result.cached else "probe",
                      result.device, self.engines, result.table(), ubatch, result.seconds)
         self._pool.map(_set_ubatch, [ubatch] * self.engines, chunksize=1)
-        cosine = self._pool.apply(_self_test, (ubatch,)) if self_test else None
+        cosine = self._pool.apply(_self_test) if self_test else None
         self.options = dataclasses.replace(self.options, ubatch=ubatch)
         return EnginePlan(self.engines, self.options, gpu, result, cosine)
 

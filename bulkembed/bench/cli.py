@@ -11,6 +11,7 @@ emulation of that recipe, labelled as such, for machines without the binary.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -33,6 +34,7 @@ from bulkembed.bench.inprocess import (
 )
 from bulkembed.bench.meter import Meter, Result
 from bulkembed.bench.report import describe, format_report
+from bulkembed.contract.settings import ubatch_spec
 from bulkembed.worker.engine import Engine, EngineOptions
 
 log = logging.getLogger(__name__)
@@ -41,10 +43,6 @@ MODES = ("bulkembed", "raw", "llama-embed", "seed", "llama-embedding", "transfor
 DEFAULT_MODES = ("bulkembed", "raw", "llama-embed", "seed", "llama-embedding")
 SWEEP_UBS = (64, 128, 256, 512, 1024, 2048, 4096)  # the seed blog's grid
 SWEEP_CTXS = (64, 128, 256, 512, 2048, 4096, 8192, 16384)
-
-
-def _ubatch(text: str) -> int | str:
-    return text if text in ("auto", "probe") else int(text)
 
 
 def _ints(text: str) -> list[int]:
@@ -72,13 +70,14 @@ def add_bench_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     bench.add_argument("--engines", type=int, default=0,
                        help="also run bulkembed in N engine processes side by side (the worker's --engines N)")
     bench.add_argument("--peer-binary", help="the llama-embedding binary (default: the one on PATH)")
-    bench.add_argument("--peer-ubatch", type=int, default=512, help="the seed recipe's ubatch for llama-embedding")
+    bench.add_argument("--peer-ubatch", type=int, default=peers.SEED_UBATCH,
+                       help="the seed recipe's ubatch for llama-embedding")
     bench.add_argument("--sweep", action="store_true", help="also the ub x ctx grid of the seed blog")
     bench.add_argument("--ubs", type=_ints, default=list(SWEEP_UBS))
     bench.add_argument("--ctxs", type=_ints, default=list(SWEEP_CTXS))
     bench.add_argument("--shard-tokens", type=int, default=65536)
     bench.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    bench.add_argument("--ubatch", type=_ubatch, default=512,
+    bench.add_argument("--ubatch", type=ubatch_spec, default=512,
                        help="largest ubatch the engine may choose; auto or probe: measured first, as a worker does")
     bench.add_argument("--gpu-layers", type=int, default=-1)
     bench.add_argument("--flash-attn", choices=["auto", "on", "off"], default="auto")
@@ -113,7 +112,7 @@ def measure(model: Path, quant: str | None, modes: list[str], args: argparse.Nam
     ubatch = args.ubatch
     if not isinstance(ubatch, int):  # measured as a worker would, then used by every mode of this process
         ubatch = run_engines_probe(model, options, args)
-        options = EngineOptions(**{**options.__dict__, "ubatch": ubatch})
+        options = dataclasses.replace(options, ubatch=ubatch)
     engine = Engine(model, options)
     results: dict[str, list[Result]] = {}
     try:
