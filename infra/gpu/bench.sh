@@ -3,7 +3,8 @@
 # docs/benchmarks.md, in three calls that each fit the device tool's 10 minutes: `bench.sh check` (exactness on
 # CUDA, the import-order crash, the v4-shaped models), `bench.sh f16` (auto ubatch vs 512, 1 vs 3 engines, the
 # real llama-embedding and transformers), `bench.sh quants` (Q8_0, IQ3_S, `bulkembed run` with 1 and auto engines).
-# Results go to $OUT (or ./gpu-out). Every step has its own time limit, so one that hangs costs only itself.
+# The bench runs as `python3 -m bulkembed.bench`: the `bulkembed` command imports pyarrow, which crashed beside
+# llama.cpp on the H100 image (docs/benchmarks.md). Results go to $OUT (or ./gpu-out). Every step has its own time limit, so one that hangs costs only itself.
 set -uo pipefail
 . .gpu/env.sh
 REPO=$(pwd)
@@ -14,9 +15,9 @@ W=/tmp/bw
 THREADS=$(nproc)
 bench() { # name, limit, args...
   local name=$1 limit=$2; shift 2
-  echo "== $name: bulkembed bench $*" | tee -a "$OUT/steps.log"
+  echo "== $name: python3 -m bulkembed.bench $*" | tee -a "$OUT/steps.log"
   local t0=$(date +%s)
-  timeout "$limit" bulkembed bench --work "$W" --threads "$THREADS" --json "$@" > "$OUT/$name.json" 2> "$OUT/$name.err"
+  timeout "$limit" python3 -m bulkembed.bench --work "$W" --threads "$THREADS" --json "$@" > "$OUT/$name.json" 2> "$OUT/$name.err"
   echo "   rc $? in $(( $(date +%s) - t0 )) s" | tee -a "$OUT/steps.log"
   python3 -c "import json,sys; from bulkembed.bench import format_report; print(format_report(json.load(open(sys.argv[1]))))" \
     "$OUT/$name.json" > "$OUT/$name.txt" 2>/dev/null && cat "$OUT/$name.txt"
