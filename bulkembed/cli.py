@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 from typing import NoReturn
 
-from bulkembed.bench import add_bench_parser
+from bulkembed.bench.cli import add_bench_parser
 from bulkembed.contract.errors import BulkEmbedError
 from bulkembed.contract.job import Dtype, Overlength, Pooling, Role, Task
 from bulkembed.contract.model import DEFAULT_MODEL

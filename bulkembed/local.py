@@ -1,25 +1,43 @@
-"""Embedded mode: the same producer and worker code on one machine, no Redis: shards go to N engine processes."""
+"""Embedded mode: the same producer and worker code on one machine, no Redis: shards go to N engine processes.
+
+This process reads each shard's input and writes its output (worker.shard) while the engines embed: it opens
+the next shard as soon as an engine is free for it."""
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
 
 from tqdm import tqdm
 
 from bulkembed.contract.job import ShardMessage
 from bulkembed.contract.registry import ShardResult, write_manifest
-from bulkembed.contract.store import open_store
+from bulkembed.contract.store import Store
 from bulkembed.producer.submit import PlannedJob, forget_outputs, produce
-from bulkembed.worker.engines import EnginePool, EngineSetup, engine
-from bulkembed.worker.shard import embed_shard
+from bulkembed.worker.engines import EnginePool, EngineSetup
+from bulkembed.worker.shard import OpenShard, open_shard, write_shard
 
 log = logging.getLogger(__name__)
 
 
-def _embed(message: ShardMessage) -> ShardResult:
-    """In an engine process: one shard, read from and written to the job's store like a worker does."""
-    return embed_shard(message, engine(), message.job.model.sha256, open_store(message.job.out))
+def embed_shards(pool: EnginePool, messages: list[ShardMessage], store: Store) -> Iterator[ShardResult]:
+    """Every shard through the engines, read and written here; results as they finish."""
+    opened: dict[int, OpenShard] = {}
+    written_before: list[ShardResult] = []
+
+    def rows():
+        for number, message in enumerate(messages):
+            shard = open_shard(message, message.job.model.sha256, store)
+            if isinstance(shard, ShardResult):
+                written_before.append(shard)
+                continue
+            opened[number] = shard
+            yield number, shard.rows
+
+    for number, embedded in pool.embed(rows()):
+        yield write_shard(opened.pop(number), embedded, store)
+    yield from written_before
 
 
 def run_local(planned: PlannedJob, model_path: str, setup: EngineSetup, progress: bool = True,
@@ -44,7 +62,7 @@ def run_local(planned: PlannedJob, model_path: str, setup: EngineSetup, progress
                   disable=not progress, desc=f"job {planned.job.job_id}") as bar:
             if totals.reused:
                 bar.set_postfix(reused_rows=totals.reused_rows)  # copied from PREV_OUT, not embedded
-            for result in pool.imap(_embed, messages):
+            for result in embed_shards(pool, messages, planned.store):
                 results.append(result)
                 embedded += result.tokens if result.seconds else 0
                 bar.update(result.tokens)

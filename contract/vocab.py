@@ -1,4 +1,8 @@
-"""Exact token counts with the model's own vocabulary: a vocab-only load reads no weights."""
+"""Exact token counts with the model's own vocabulary: a vocab-only load reads no weights.
+
+`Vocab` is llama.cpp's tokenizer in this process (an engine's); the producer counts with `TokenCounter`, the
+same vocabulary in a llama process of its own (contract.llama_process), since the producer reads Arrow.
+"""
 
 from __future__ import annotations
 
@@ -71,6 +75,49 @@ class Vocab:
             self._buffer = (self._llama.llama_token * (-n + 1024))()
             n = self._llama.llama_tokenize(self._vocab, data, len(data), self._buffer, len(self._buffer), True, False)
         return np.ctypeslib.as_array(self._buffer)[:n].astype(np.int32)
+
+
+class TokenCounter:
+    """Exact token counts for the producer, from a vocab-only load in a llama process beside it."""
+
+    def __init__(self, path: str | Path):
+        from bulkembed.contract.llama_process import LlamaProcess
+
+        self._process = LlamaProcess()
+        try:
+            self.n_tokens = self._process.call(_load_vocab, str(path))
+        except BaseException:
+            self._process.close()
+            raise
+
+    def count_many(self, texts: list[str]) -> list[int]:
+        """One round trip for a whole batch: counting a row costs microseconds, a call across processes more."""
+        return self._process.call(_count_many, texts) if texts else []
+
+    def count(self, text: str) -> int:
+        return self.count_many([text])[0]
+
+    def close(self) -> None:
+        self._process.close()
+
+    def __enter__(self) -> TokenCounter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+_COUNTER_VOCAB: Vocab | None = None  # in a counter's llama process
+
+
+def _load_vocab(path: str) -> int:
+    global _COUNTER_VOCAB
+    _COUNTER_VOCAB = Vocab.load(path)
+    return _COUNTER_VOCAB.n_tokens
+
+
+def _count_many(texts: list[str]) -> list[int]:
+    return [_COUNTER_VOCAB.count(text) for text in texts]
 
 
 class _ModelHandle:

@@ -10,6 +10,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -34,7 +35,7 @@ from bulkembed.contract.model import check_dims, choose_max_tokens, choose_pooli
 from bulkembed.contract.registry import JobTotals, ShardResult, stored_result
 from bulkembed.contract.schema import content_hash, rejected_schema, shard_input_schema, to_ipc_bytes
 from bulkembed.contract.store import Store, open_store
-from bulkembed.contract.vocab import Vocab
+from bulkembed.contract.vocab import TokenCounter
 from bulkembed.producer.corpus import Corpus, decode_texts, open_corpus, read_batches
 from bulkembed.producer.dedup import SeenIds, id_hashes
 from bulkembed.producer.planner import Document, ShardPlanner
@@ -49,7 +50,7 @@ REJECTED_FLUSH_ROWS = 10_000
 class PlannedJob:
     job: JobSpec
     corpus: Corpus
-    vocab: Vocab
+    model_path: Path  # its vocabulary counts the tokens, in a llama process (contract.vocab.TokenCounter)
     store: Store
     previous: PreviousOutput | None = None  # --reuse: the earlier output whose vectors unchanged rows copy
 
@@ -106,7 +107,7 @@ def plan_job(input_uri: str, model: str, out: str, options: JobOptions = JobOpti
             if not options.ignore_incompatible_reuse:
                 raise
             log.warning("%s; ignored as asked: every row is embedded", exc)
-    return PlannedJob(job=job, corpus=corpus, vocab=Vocab.load(path), store=store, previous=previous)
+    return PlannedJob(job=job, corpus=corpus, model_path=Path(path), store=store, previous=previous)
 
 
 @dataclass
@@ -157,11 +158,11 @@ class _Accepted:
     spans: list[Span] | None
 
 
-def _accept(planned: PlannedJob, batch: pa.RecordBatch, source: str, first_row: int, rejects: _Rejects,
-            prefix_tokens: int) -> list[_Accepted]:
+def _accept(planned: PlannedJob, counter: TokenCounter, batch: pa.RecordBatch, source: str, first_row: int,
+            rejects: _Rejects, prefix_tokens: int) -> list[_Accepted]:
     """The rows of a batch that can be embedded or reused, in order; the rest quarantined with their reason.
     A row PREV_OUT has (same id, same content) is taken as is: its tokens were counted when it was embedded."""
-    job, vocab = planned.job, planned.vocab
+    job = planned.job
     texts, undecodable = decode_texts(batch.column(1))
     candidates = []
     for i, (doc_id, text) in enumerate(zip(batch.column(0).to_pylist(), texts, strict=True)):
@@ -177,12 +178,14 @@ def _accept(planned: PlannedJob, batch: pa.RecordBatch, source: str, first_row: 
         reusable = index.contains(row_key)
     else:  # no --reuse: no keys to compute
         row_key, reusable = np.zeros(len(candidates), ROW_KEY), np.zeros(len(candidates), bool)
+    counts = iter(counter.count_many([text for (_, _, text), reuse in zip(candidates, reusable, strict=True)
+                                      if not reuse]))
     accepted = []
     for (i, doc_id, text), hashed, key, reuse in zip(candidates, hashes, row_key, reusable, strict=True):
         if reuse:
             accepted.append(_Accepted(i, doc_id, text, hashed, key, None))
             continue
-        n_tokens = vocab.count(text)
+        n_tokens = next(counts)
         spans = document_spans(n_tokens, job.max_tokens, job.overlength, prefix_tokens)
         if n_tokens == 0:
             rejects.add(doc_id, "no tokens: the model's vocabulary drops every character", source, first_row + i)
@@ -200,9 +203,15 @@ def produce(planned: PlannedJob, emit: Callable[[ShardMessage], None],
 
     A resubmitted job plans the same shards (same job id, same input, same order); a shard whose
     output is already there goes to `written` instead of being queued again."""
-    job, store, vocab = planned.job, planned.store, planned.vocab
+    with TokenCounter(planned.model_path) as counter:
+        return _produce(planned, counter, emit, written)
+
+
+def _produce(planned: PlannedJob, counter: TokenCounter, emit: Callable[[ShardMessage], None],
+             written: Callable[[ShardResult], None] | None) -> JobTotals:
+    job, store = planned.job, planned.store
     store.put(keys.JOB_KEY, job.model_dump_json(indent=2).encode())
-    prefix_tokens = vocab.count(job.prefix) if job.prefix else 0
+    prefix_tokens = counter.count(job.prefix) if job.prefix else 0
     planner = ShardPlanner(job.shard_tokens)
     rejects = _Rejects(store, planned.corpus.id_type)
     input_schema = shard_input_schema(planned.corpus.id_type)
@@ -235,7 +244,7 @@ def produce(planned: PlannedJob, emit: Callable[[ShardMessage], None],
         totals.tokens += sum(lengths)
 
     for source, first_row, batch in read_batches(planned.corpus, job.id_column, job.text_column):
-        accepted = _accept(planned, batch, source, first_row, rejects, prefix_tokens)
+        accepted = _accept(planned, counter, batch, source, first_row, rejects, prefix_tokens)
         duplicates = seen.add(id_hashes(row.id for row in accepted))
         reusing = []
         for row, duplicate in zip(accepted, duplicates, strict=True):

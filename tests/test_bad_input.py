@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
@@ -14,6 +16,7 @@ from bulkembed.contract.model import file_sha256, queue_name
 from bulkembed.contract.schema import METADATA_PREFIX, content_hash, from_ipc_bytes, shard_input_schema, to_ipc_bytes
 from bulkembed.contract.store import LocalStore
 from bulkembed.worker.engine import Engine, EngineOptions
+from bulkembed.worker.rows import embed_rows
 from bulkembed.worker.shard import embed_shard
 from tests.conftest import write_corpus
 
@@ -108,7 +111,7 @@ def test_a_row_the_worker_tokenizes_differently_is_quarantined(tmp_path, tiny_mo
     engine = Engine(tiny_model, EngineOptions(threads=2))
     try:
         store, message = _shard(tmp_path, tiny_model, [("a", "abc", 3), ("b", "abcd", 99), ("c", "x", 1)])
-        result = embed_shard(message, engine, message.job.model.sha256, store)
+        result = embed_shard(message, partial(embed_rows, engine), message.job.model.sha256, store)
     finally:
         engine.close()
     assert result.rows == 2 and result.rejected == 1
@@ -134,7 +137,7 @@ def test_a_document_llama_cpp_fails_on_is_quarantined_and_the_rest_written(tmp_p
     try:
         engine.poison_token = int(engine.vocab.tokenize("~")[0])
         store, message = _shard(tmp_path, tiny_model, [("a", "abc", 3), ("p", "ab~", 3), ("c", "xy", 2)])
-        result = embed_shard(message, engine, message.job.model.sha256, store)
+        result = embed_shard(message, partial(embed_rows, engine), message.job.model.sha256, store)
     finally:
         engine.close()
     assert result.rows == 2 and result.rejected == 1
@@ -142,7 +145,7 @@ def test_a_document_llama_cpp_fails_on_is_quarantined_and_the_rest_written(tmp_p
     assert rejected == [{"id": "p", "reason": "llama.cpp failed: llama_decode returned -3",
                          "source": keys.shard_input(0), "row": 1}]
     # A second delivery finds the shard written and reports the same thing without embedding again.
-    again = embed_shard(message, engine, message.job.model.sha256, store)
+    again = embed_shard(message, partial(embed_rows, engine), message.job.model.sha256, store)
     assert (again.rows, again.rejected, again.sha256) == (2, 1, result.sha256)
 
 
@@ -170,13 +173,13 @@ def test_a_duplicate_delivery_refuses_a_stored_result_that_does_not_match(tmp_pa
     engine = Engine(tiny_model, EngineOptions(threads=2))
     try:
         store, message = _shard(tmp_path, tiny_model, [("a", "abc", 3), ("b", "xy", 2)])
-        embed_shard(message, engine, message.job.model.sha256, store)
+        embed_shard(message, partial(embed_rows, engine), message.job.model.sha256, store)
         written = store.get(message.output_key)
         bad = tamper(from_ipc_bytes(written), written)
         store.delete(message.output_key)
         store.put(message.output_key, bad)
         with pytest.raises(ShardError, match=error):
-            embed_shard(message, engine, message.job.model.sha256, store)
+            embed_shard(message, partial(embed_rows, engine), message.job.model.sha256, store)
     finally:
         engine.close()
     assert store.get(message.output_key) == bad, "not overwritten"

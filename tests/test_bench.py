@@ -11,7 +11,7 @@ import gguf
 import numpy as np
 import pytest
 
-from bulkembed import bench
+from bulkembed.bench.report import format_report
 from bulkembed.contract.vocab import Vocab
 from bulkembed.synthetic import TINY, ModelShape, quantize, synthetic_texts, target_lengths, write_qwen2vl_gguf
 from bulkembed.worker.engine import Engine, EngineOptions
@@ -59,7 +59,7 @@ def test_sweep_skips_what_cannot_run_and_measures_the_rest(report: dict) -> None
 
 
 def test_text_report_prints_the_ratio_and_grids(report: dict) -> None:
-    text = bench.format_report(report)
+    text = format_report(report)
     assert "bulkembed / raw = " in text
     assert "ctx_size=1024" in text and "N/A" in text
     assert text.count("llama-embed") >= 1

@@ -1,7 +1,9 @@
-"""The Celery side of the worker: the app, the model each pool process keeps, and the shard task.
+"""The Celery side of the worker: the app, the engine each pool process keeps, and the shard task.
 
-`bulkembed worker` (worker.serve) sets MODEL before Celery forks its pool; each pool process is one engine:
-it loads the model once, when it starts, and keeps it for every shard it takes.
+`bulkembed worker` (worker.serve) sets MODEL before Celery forks its pool; each pool process starts one engine
+(a llama process with the model resident, worker.engines.EngineProcess) when it starts, and keeps it for every
+shard it takes: the pool process reads and writes the shards, its engine embeds them. An engine that dies
+takes its pool process with it, so Celery hands the shard back and replaces both.
 """
 
 from __future__ import annotations
@@ -21,12 +23,14 @@ from celery.signals import worker_process_init, worker_process_shutdown
 from bulkembed.contract import keys
 from bulkembed.contract.errors import TransientError
 from bulkembed.contract.job import ShardMessage
+from bulkembed.contract.llama_process import LlamaProcessDied
 from bulkembed.contract.queue import TASK_EMBED_SHARD, celery_app
 from bulkembed.contract.registry import JobRegistry
 from bulkembed.contract.settings import WorkerSettings
 from bulkembed.contract.store import Store, has_conditional_writes, open_store
 from bulkembed.worker import metrics
-from bulkembed.worker.engine import Engine, EngineOptions
+from bulkembed.worker.engine import EngineOptions
+from bulkembed.worker.engines import EngineProcess
 from bulkembed.worker.hold import holding
 from bulkembed.worker.shard import Guard, embed_shard
 
@@ -41,7 +45,7 @@ class ResidentModel:
     path: Path
     sha256: str
     options: EngineOptions
-    engine: Engine | None = None
+    engine: EngineProcess | None = None
 
 
 MODEL: ResidentModel | None = None  # set by `bulkembed worker` before the pool starts
@@ -49,15 +53,18 @@ MODEL: ResidentModel | None = None  # set by `bulkembed worker` before the pool 
 
 @worker_process_init.connect
 def _load_model(**_: object) -> None:
-    """Each pool process is one engine: it loads the model once, when it starts."""
+    """Each pool process starts its engine once, when it starts."""
     if MODEL is not None and MODEL.engine is None:
-        MODEL.engine = Engine(MODEL.path, MODEL.options)
-        metrics.MODEL_LOAD_SECONDS.labels(MODEL.path.name).set(MODEL.engine.load_seconds)
-        log.info("pool process %d ready with %s", os.getpid(), MODEL.path.name)
+        MODEL.engine = EngineProcess(MODEL.path, MODEL.options)
+        metrics.MODEL_LOAD_SECONDS.labels(MODEL.path.name).set(MODEL.engine.facts.load_seconds)
+        log.info("pool process %d ready with %s in engine process %d", os.getpid(), MODEL.path.name,
+                 MODEL.engine.pid)
 
 
 @worker_process_shutdown.connect
 def _engine_stopped(pid: int | None = None, **_: object) -> None:
+    if MODEL is not None and MODEL.engine is not None:
+        MODEL.engine.close()
     metrics.engine_stopped(pid or os.getpid())
 
 
@@ -139,9 +146,15 @@ def embed_shard_task(self: ModelTask, message: dict, unreachable_since: float | 
         metrics.QUEUE_WAIT.labels(name).observe(max(0.0, time.time() - shard.queued_at))
     try:
         guard = holding(settings.test_hold_dir, shard, self.write_guard(store, registry, shard))
-        result = embed_shard(shard, model.engine, model.sha256, store, guard)
+        result = embed_shard(shard, model.engine.embed_rows, model.sha256, store, guard)
         if registry.shard_done(shard.job_id, result):
             registry.finalize(shard.job_id)  # writes the manifest: the store again, so inside the retry
+    except LlamaProcessDied as exc:
+        # As if this pool process had died (it is the engine's other half): Celery hands the shard back, counted
+        # as an attempt, and starts a new pool process with a new engine.
+        log.critical("job %s shard %d: %s; this pool process exits", shard.job_id, shard.shard, exc)
+        logging.shutdown()
+        os._exit(70)
     except TransientError as exc:
         self.retry_later(shard, exc, unreachable_since)
     except Exception as exc:

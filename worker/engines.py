@@ -1,19 +1,19 @@
-"""Several engines per device: N spawned processes, each with the model resident and its own context.
+"""Several engines per device: N llama processes, each with the model resident and its own context.
 
 One engine leaves an H100 partly idle: its GPU waits on one host thread between decodes (NOTES.md 23). N
 engine processes on the same device overlap one engine's host work with the others' decodes. Threads in one
-process gained only 1.2-1.3x, processes 1.5-1.7x, so engines are processes.
+process gained only 1.2-1.3x, processes 1.5-1.7x, so engines are processes: llama processes
+(contract.llama_process), which load llama.cpp and never Arrow; the process that reads and writes shards calls them.
 
-`EnginePool` starts the engines (spawned, so the parent never starts llama.cpp or CUDA before Celery forks),
-runs the ubatch probe in all of them at once and the self-test in one, and can then embed shards in them
-(`bulkembed run`). The Celery worker uses it only to decide; its prefork pool then runs the engines.
+`EnginePool` starts N engines, runs the ubatch probe in all of them at once and the self-test in one, and can
+then embed shards in them (`bulkembed run`, the bench). `EngineProcess` is one engine: a Celery pool process's.
+The functions with a leading underscore run in the engine processes.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import multiprocessing
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -21,19 +21,30 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bulkembed.contract.llama_process import LlamaProcess, call_all, imap_unordered
 from bulkembed.worker import probe
 from bulkembed.worker.engine import Engine, EngineOptions
+from bulkembed.worker.rows import EmbeddedRows, ShardRows, embed_rows
 
 log = logging.getLogger(__name__)
 
 _ENGINE: Engine | None = None  # this engine process's resident model
-_BARRIER: Any = None  # lines the engines up: one call each, and each probe candidate timed side by side
-BARRIER_TIMEOUT_S = 900  # a peer that died loading must not hang the others
 
 
-def _start_engine(model_path: str, options: EngineOptions, barrier: Any) -> None:
-    global _ENGINE, _BARRIER
-    _ENGINE, _BARRIER = Engine(model_path, options), barrier
+@dataclass(frozen=True)
+class EngineFacts:
+    """What an engine process found when it loaded the model."""
+
+    gpu_offload: bool
+    n_embd: int
+    load_seconds: float
+    candidates: list[int]  # the probe's ubatch candidates this model can take
+
+
+def _start_engine(model_path: str, options: EngineOptions) -> EngineFacts:
+    global _ENGINE
+    _ENGINE = Engine(model_path, options)
+    return EngineFacts(_ENGINE.gpu_offload, _ENGINE.n_embd, _ENGINE.load_seconds, probe.candidates_for(_ENGINE))
 
 
 def engine() -> Engine:
@@ -42,19 +53,21 @@ def engine() -> Engine:
     return _ENGINE
 
 
-def _inspect(measure: bool) -> dict:
-    """In every engine at once (the barrier makes the N calls land in N processes): facts and probe timings."""
-    line_up()
-    this = engine()
-    timings = {}
-    if measure == "always" or (measure and this.gpu_offload):
-        for ub in probe.candidates_for(this):
-            timings[ub] = probe.time_candidate(this, ub, line_up)
-    return {"gpu_offload": this.gpu_offload, "timings": timings}
+def _embed_rows(rows: ShardRows) -> EmbeddedRows:
+    return embed_rows(engine(), rows)
 
 
-def line_up() -> None:
-    _BARRIER.wait(BARRIER_TIMEOUT_S)
+def _embed_numbered(item: tuple[int, ShardRows]) -> tuple[int, EmbeddedRows]:
+    number, rows = item
+    return number, embed_rows(engine(), rows)
+
+
+def _warm_candidate(ubatch: int) -> None:
+    probe.warm_candidate(engine(), ubatch)
+
+
+def _time_candidate(ubatch: int) -> tuple[int, float]:
+    return probe.time_candidate(engine(), ubatch)
 
 
 def _self_test() -> float:
@@ -64,9 +77,30 @@ def _self_test() -> float:
 
 
 def _set_ubatch(ubatch: int) -> None:
-    line_up()
     this = engine()
     this.options = dataclasses.replace(this.options, ubatch=ubatch)
+
+
+class EngineProcess:
+    """One engine in a llama process of its own: what a Celery pool process embeds its shards with."""
+
+    def __init__(self, model_path: Path, options: EngineOptions):
+        self.process = LlamaProcess()
+        try:
+            self.facts: EngineFacts = self.process.call(_start_engine, str(model_path), options)
+        except BaseException:
+            self.process.close()
+            raise
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def embed_rows(self, rows: ShardRows) -> EmbeddedRows:
+        return self.process.call(_embed_rows, rows)
+
+    def close(self) -> None:
+        self.process.close()
 
 
 @dataclass(frozen=True)
@@ -106,7 +140,7 @@ def split_threads(options: EngineOptions, engines: int) -> EngineOptions:
 
 
 class EnginePool:
-    """N spawned engine processes for one model, as a context manager; start() decides and returns the plan."""
+    """N engine processes for one model, as a context manager; start() decides and returns the plan."""
 
     def __init__(self, model_path: Path, sha256: str, setup: EngineSetup):
         self.model_path, self.sha256 = Path(model_path), sha256
@@ -114,47 +148,57 @@ class EnginePool:
         self.options = split_threads(setup.options, self.engines)
         self.ubatch = setup.ubatch
         self.cache = probe.ProbeCache(setup.probe_cache) if setup.probe_cache else None
-        self._pool: Any = None
+        self.processes: list[LlamaProcess] = []
 
     def __enter__(self) -> EnginePool:
-        context = multiprocessing.get_context("spawn")
-        barrier = context.Barrier(self.engines)
         pinned = self.ubatch if isinstance(self.ubatch, int) else probe.CPU_UBATCH
         options = dataclasses.replace(self.options, ubatch=pinned)
-        self._pool = context.Pool(self.engines, _start_engine, (str(self.model_path), options, barrier))
+        try:
+            self.processes = [LlamaProcess() for _ in range(self.engines)]
+            self.facts: EngineFacts = self.call_all(_start_engine, str(self.model_path), options)[0]  # side by side
+        except BaseException:
+            self.__exit__()
+            raise
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._pool.terminate()
-        self._pool.join()
+        for process in self.processes:
+            process.close()
+
+    def call_all(self, function: Callable[..., Any], *args: Any) -> list[Any]:
+        """`function(*args)` in every engine at once; their results."""
+        return call_all(self.processes, function, *args)
 
     def start(self, self_test: bool = True) -> EnginePlan:
-        """Load the engines, choose the ubatch (pinned, cached or probed), self-test at that ubatch."""
-        measure: bool | str = {"auto": True, "probe": "always"}.get(str(self.ubatch), False)
+        """Choose the ubatch (pinned, cached or probed), self-test at that ubatch."""
+        measure = {"auto": self.facts.gpu_offload, "probe": True}.get(str(self.ubatch), False)
         result = None
         if measure:
             device = probe.device_name()
             key = probe.ProbeCache.key(device, self.sha256, self.engines, self.options.flash_attn)
             result = self.cache.get(key) if self.cache else None
-            if result:
-                measure = False
-        started = time.perf_counter()
-        facts = self._pool.map(_inspect, [measure] * self.engines, chunksize=1)
-        gpu = facts[0]["gpu_offload"]
-        if measure and facts[0]["timings"]:
-            result = probe.combine(device, [f["timings"] for f in facts], time.perf_counter() - started)
+        if measure and not result:
+            started, timings = time.perf_counter(), [{} for _ in self.processes]
+            for ub in self.facts.candidates:  # warmed in every engine, then timed in all side by side
+                self.call_all(_warm_candidate, ub)
+                for run, timed in zip(timings, self.call_all(_time_candidate, ub), strict=True):
+                    run[ub] = timed
+            result = probe.combine(device, timings, time.perf_counter() - started)
             if self.cache:
                 self.cache.put(key, result)
-        ubatch = result.ubatch if result and (gpu or self.ubatch == "probe") else \
-            (self.ubatch if isinstance(self.ubatch, int) else probe.CPU_UBATCH)
+        ubatch = result.ubatch if result else (self.ubatch if isinstance(self.ubatch, int) else probe.CPU_UBATCH)
         if result:
             log.info("ubatch %s on %s with %d engine(s): %s → %d (%.1fs)", "cached" if result.cached else "probe",
                      result.device, self.engines, result.table(), ubatch, result.seconds)
-        self._pool.map(_set_ubatch, [ubatch] * self.engines, chunksize=1)
-        cosine = self._pool.apply(_self_test) if self_test else None
+        self.call_all(_set_ubatch, ubatch)
+        cosine = self.processes[0].call(_self_test) if self_test else None
         self.options = dataclasses.replace(self.options, ubatch=ubatch)
-        return EnginePlan(self.engines, self.options, gpu, result, cosine)
+        return EnginePlan(self.engines, self.options, self.facts.gpu_offload, result, cosine)
 
     def imap(self, function: Callable[[Any], Any], items: Iterable[Any]) -> Iterator[Any]:
         """`function(item)` in the engine processes (it calls `engine()`), results as they finish."""
-        return self._pool.imap_unordered(function, items, chunksize=1)
+        return imap_unordered(self.processes, function, items)
+
+    def embed(self, rows: Iterable[tuple[int, ShardRows]]) -> Iterator[tuple[int, EmbeddedRows]]:
+        """Numbered shards' rows embedded on whichever engine is free; (number, vectors) as they finish."""
+        return self.imap(_embed_numbered, rows)

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from bulkembed.worker.engine import Engine
+from bulkembed.worker.packing import ContextShape
 
 log = logging.getLogger(__name__)
 
@@ -97,13 +98,20 @@ def probe_documents(engine: Engine, ubatch: int, decodes: int) -> list[np.ndarra
     return [tokens[:PROBE_DOC_TOKENS]] * -(-decodes * ubatch // PROBE_DOC_TOKENS)
 
 
-def time_candidate(engine: Engine, ubatch: int, wait: object = None) -> tuple[int, float]:
-    """(tokens, seconds) of full packed ubatches at this cap; `wait` lines the engines up before the clock."""
+def _probe_shape(engine: Engine, ubatch: int) -> tuple[list[np.ndarray], ContextShape]:
     docs = probe_documents(engine, ubatch, PROBE_DECODES)
-    shape = engine.shape_for([len(d) for d in docs], ubatch_cap=ubatch)
+    return docs, engine.shape_for([len(d) for d in docs], ubatch_cap=ubatch)
+
+
+def warm_candidate(engine: Engine, ubatch: int) -> None:
+    """Untimed full ubatches at this cap, in the context the timed ones use."""
+    _, shape = _probe_shape(engine, ubatch)
     engine.embed(probe_documents(engine, ubatch, PROBE_WARM_DECODES), shape)
-    if wait is not None:
-        wait()
+
+
+def time_candidate(engine: Engine, ubatch: int) -> tuple[int, float]:
+    """(tokens, seconds) of full packed ubatches at this cap, after warm_candidate (in every engine)."""
+    docs, shape = _probe_shape(engine, ubatch)
     tokens, started = 0, time.perf_counter()
     while not tokens or time.perf_counter() - started < PROBE_MIN_S:
         engine.embed(docs, shape)

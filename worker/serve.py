@@ -1,10 +1,10 @@
 """`bulkembed worker`: decide the engines, then run them as Celery's prefork pool, one engine per pool process.
 
-The self-test and the ubatch probe run in spawned engine processes (worker.engines) that are gone before
-Celery forks: the parent never starts llama.cpp or CUDA, so every forked engine can. Each pool process then
-loads the model once (worker.app) and takes one shard at a time, acknowledged late; Celery's pool is the
-supervisor: an engine killed mid-shard hands its shard back (reject on worker lost) and is replaced, and
-SIGTERM drains every engine. Their metrics meet in one directory and one endpoint (Prometheus multiprocess).
+The self-test and the ubatch probe run first, in engines (llama processes, worker.engines) that are gone before
+Celery forks: this process never starts llama.cpp or CUDA. Each pool process then starts its own engine
+(worker.app) and takes one shard at a time, acknowledged late; Celery's pool is the supervisor: an engine killed
+mid-shard (its pool process or its llama process) hands its shard back (reject on worker lost) and is replaced,
+and SIGTERM drains every engine. Their metrics meet in one directory and one endpoint (Prometheus multiprocess).
 """
 
 from __future__ import annotations

@@ -7,20 +7,15 @@ import time
 from bulkembed.bench.inprocess import Corpus, plan_shards
 from bulkembed.bench.meter import Meter, Result
 from bulkembed.worker.engine import EngineOptions, l2_normalize
-from bulkembed.worker.engines import EnginePool, EngineSetup, engine, line_up
+from bulkembed.worker.engines import EnginePool, EngineSetup, engine
 
 
 def _embed_shard(texts: list[str]) -> int:
-    """In an engine process: what worker.shard.embed_shard does with a shard's texts, without the Arrow I/O."""
+    """In an engine process: what worker.rows.embed_rows does with a shard's texts."""
     this = engine()
     docs = [this.vocab.tokenize(t) for t in texts]
     l2_normalize(this.embed(docs))
     return sum(len(d) for d in docs)
-
-
-def _warm_up(texts: list[str]) -> int:
-    line_up()  # one call per engine process
-    return _embed_shard(texts)
 
 
 def run_engines(model: str, corpus: Corpus, options: EngineOptions, engines: int, ubatch: int | str,
@@ -32,7 +27,7 @@ def run_engines(model: str, corpus: Corpus, options: EngineOptions, engines: int
     setup = EngineSetup(options, engines=engines, ubatch=ubatch)
     with EnginePool(model, "bench", setup) as pool:
         plan = pool.start(self_test=False)
-        list(pool.imap(_warm_up, [corpus.texts[:8]] * engines))  # first decodes page the weights in
+        pool.call_all(_embed_shard, corpus.texts[:8])  # first decodes page the weights in
         started = time.perf_counter()
         with Meter() as meter:
             tokens = sum(pool.imap(_embed_shard, shards))

@@ -3,8 +3,9 @@
 # docs/benchmarks.md, in three calls that each fit the device tool's 10 minutes: `bench.sh check` (exactness on
 # CUDA, the import-order crash, the v4-shaped models), `bench.sh f16` (auto ubatch vs 512, 1 vs 3 engines, the
 # real llama-embedding and transformers), `bench.sh quants` (Q8_0, IQ3_S, `bulkembed run` with 1 and auto engines).
-# The bench runs as `python3 -m bulkembed.bench`: the `bulkembed` command imports pyarrow, which crashed beside
-# llama.cpp on the H100 image (docs/benchmarks.md). Results go to $OUT (or ./gpu-out). Every step has its own time limit, so one that hangs costs only itself.
+# The bench runs as `python3 -m bulkembed.bench`: its in-process modes run llama.cpp in the bench's own process,
+# and the `bulkembed` command imports pyarrow, which crashed beside llama.cpp on the H100 image
+# (docs/benchmarks.md); `bulkembed run` keeps llama.cpp in llama processes of its own. Results go to $OUT (or ./gpu-out). Every step has its own time limit, so one that hangs costs only itself.
 set -uo pipefail
 . .gpu/env.sh
 REPO=$(pwd)
@@ -19,7 +20,7 @@ bench() { # name, limit, args...
   local t0=$(date +%s)
   timeout "$limit" python3 -m bulkembed.bench --work "$W" --threads "$THREADS" --json "$@" > "$OUT/$name.json" 2> "$OUT/$name.err"
   echo "   rc $? in $(( $(date +%s) - t0 )) s" | tee -a "$OUT/steps.log"
-  python3 -c "import json,sys; from bulkembed.bench import format_report; print(format_report(json.load(open(sys.argv[1]))))" \
+  python3 -c "import json,sys; from bulkembed.bench.report import format_report; print(format_report(json.load(open(sys.argv[1]))))" \
     "$OUT/$name.json" > "$OUT/$name.txt" 2>/dev/null && cat "$OUT/$name.txt"
 }
 
@@ -30,19 +31,21 @@ check)
   # copy (/tmp/site) must win over the source folders, hence append mode and no extra pythonpath.
   timeout 240 python3 -m pytest -q -x -p no:cacheprovider --import-mode=append -o pythonpath= \
     $REPO/tests/worker/test_engine.py $REPO/tests/worker/test_selftest.py 2>&1 | tail -4 | tee "$OUT/cuda-tests.txt"
-  # NOTES.md 25: numpy before llama_cpp, then a GPU model load; and the same through bulkembed (and a fork).
+  # NOTES.md 25 and the pyarrow crash: numpy before llama_cpp, then a GPU model load (crashed on the H100 image);
+  # then what bulkembed does: pyarrow in this process, the engine in a llama process (contract.llama_process).
   python3 -c "from bulkembed.synthetic import TINY, write_qwen2vl_gguf as w; w('$W/tiny.gguf', TINY)"
-  for order in "import numpy, llama_cpp" "import bulkembed, numpy"; do
-    timeout 60 python3 -c "
-$order
-import os
+  { timeout 60 python3 -c "
+import numpy, llama_cpp
 from bulkembed.worker.engine import Engine, EngineOptions
-if os.fork() == 0:  # as Celery forks its engines
-    e = Engine('$W/tiny.gguf', EngineOptions()); print('child load ok, gpu', e.gpu_offload); os._exit(0)
-print('parent: child exit status', os.wait()[1])
-e = Engine('$W/tiny.gguf', EngineOptions()); print('parent load ok, gpu', e.gpu_offload)" 2>&1 | tail -3
-    echo "[$order] rc $?"
-  done 2>&1 | tee "$OUT/import-order.txt"
+e = Engine('$W/tiny.gguf', EngineOptions()); print('numpy first: load ok, gpu', e.gpu_offload)" 2>&1 | tail -3
+  echo "[numpy first] rc $?"
+  timeout 60 python3 -c "
+import pyarrow, numpy
+from bulkembed.worker.engines import EngineProcess
+from bulkembed.worker.engine import EngineOptions
+e = EngineProcess('$W/tiny.gguf', EngineOptions()); print('pyarrow here, engine in a llama process: gpu', e.facts.gpu_offload)
+e.close()" 2>&1 | tail -3
+  echo "[pyarrow + llama process] rc $?"; } 2>&1 | tee "$OUT/import-order.txt"
   python3 - 2>&1 <<'EOF' | tee "$OUT/models.txt"
 import time
 from pathlib import Path
@@ -67,9 +70,9 @@ quants)
   python3 - <<'EOF'
 import pyarrow as pa, pyarrow.parquet as pq
 from bulkembed import synthetic
-from bulkembed.contract.vocab import Vocab
-vocab = Vocab.load("/tmp/bw/synthetic-v4-F16.gguf")
-texts = synthetic.synthetic_texts(synthetic.target_lengths(1500, "mixed", 0), vocab.count, 0)
+from bulkembed.contract.vocab import TokenCounter
+counter = TokenCounter("/tmp/bw/synthetic-v4-F16.gguf")  # llama.cpp in its own process: pyarrow is here
+texts = synthetic.synthetic_texts(synthetic.target_lengths(1500, "mixed", 0), counter.count, 0)
 pq.write_table(pa.table({"id": [f"d{i}" for i in range(len(texts))], "text": texts}), "/tmp/bw/corpus.parquet")
 EOF
   for engines in 1 auto; do

@@ -27,6 +27,10 @@ def engine_pids(log: str) -> list[int]:
     return [int(p) for p in re.findall(r"pool process (\d+) ready", log)]
 
 
+def engine_process_pids(log: str) -> list[int]:
+    return [int(p) for p in re.findall(r"in engine process (\d+)", log)]
+
+
 def shards_by_process(log: str) -> dict[int, int]:
     """Shards each process embedded, from the `[pid] ... job J shard S: N rows` lines."""
     counts: dict[int, int] = {}
@@ -84,6 +88,30 @@ def test_engines_share_a_queue_and_one_killed_loses_nothing(cli_env, workers, tm
     assert samples[f"bulkembed_engines{{{label}}}"] == 2
     cached = json.loads((tmp_path / "probe.json").read_text())
     assert samples[f"bulkembed_ubatch{{{label}}}"] == next(iter(cached.values()))["ubatch"]
+
+
+def test_an_engine_process_killed_takes_its_pool_process_and_loses_nothing(cli_env, workers, tmp_path, tiny_model):
+    """A pool process's engine (its llama process) is killed -9 mid-job, as the OOM killer would: the pool process
+    exits with it, Celery hands the shard back and starts both anew, and the job completes with every row once."""
+    worker = workers.start(tiny_model, "--engines", "1")
+    ids = [f"d{i}" for i in range(1500)]
+    corpus = write_corpus(tmp_path / "c.parquet", ids, mixed_texts(len(ids), seed=12))
+    out = tmp_path / "out"
+    submit = subprocess.Popen([sys.executable, "-m", "bulkembed.cli", "submit", str(corpus), "--model",
+                               str(tiny_model), "--out", str(out), "--shard-tokens", "1500", "--wait"], env=cli_env,
+                              cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    job_id = submit.stdout.readline().strip()
+    progress = wait_until(lambda: (s := status(cli_env, job_id)) and s["shards_done"] >= 2 and s, 120,
+                          "two shards done")
+    victim = engine_process_pids(worker.log.read_text())[0]
+    os.kill(victim, signal.SIGKILL)
+    assert progress["shards_done"] < progress["totals"]["shards"], "killed while shards were left"
+    assert submit.wait(300) == 0, submit.stderr.read()[-3000:]
+
+    check_exactly_once(str(out), ids)
+    log = worker.log.read_text()
+    assert f"llama.cpp process {victim} died (killed by signal 9); this pool process exits" in log
+    assert len(engine_process_pids(log)) >= 2, "a new pool process started a new engine"
 
 
 def test_probe_picks_a_measured_ubatch_and_restarts_use_the_cache(tiny_model, tmp_path):

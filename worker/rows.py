@@ -1,0 +1,91 @@
+"""A shard's rows as the engine sees them, and what it makes of them: no Arrow here (contract.llama_process).
+
+The worker's I/O side (worker.shard) reads a shard's input, sends its rows to the engine process as plain lists,
+and writes the vectors that come back; `embed_rows` runs in the engine: tokenize, check against the producer's
+counts, embed, and set aside the rows llama.cpp fails on.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+
+from bulkembed.contract.errors import EngineError
+from bulkembed.contract.job import Pooling
+from bulkembed.worker.engine import Engine
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ShardRows:
+    """What the engine needs of a shard: each row's text and the span of its tokens the producer planned."""
+
+    label: str  # "job J shard S", for logs
+    prefix: str
+    pooling: Pooling
+    texts: list[str]
+    starts: list[int]
+    stops: list[int]
+    chunks: list[int]
+    n_tokens: list[int]  # as the producer counted them, prefix included on a first chunk
+
+
+@dataclass(frozen=True)
+class EmbeddedRows:
+    """The vectors of the rows that embedded, in row order: (rows, n_embd) float32, not normalized; under pooling
+    none, one (tokens, n_embd) matrix per row. `rejected`: row -> why it has no vector."""
+
+    vectors: np.ndarray | list[np.ndarray]
+    rejected: dict[int, str]
+    n_embd: int
+
+
+def embed_rows(engine: Engine, rows: ShardRows) -> EmbeddedRows:
+    tokens, reasons = _tokens(engine, rows)
+    vectors, failed = _embed_isolating_failures(engine, rows, tokens, reasons)
+    return EmbeddedRows(vectors, reasons | failed, engine.n_embd)
+
+
+def _tokens(engine: Engine, rows: ShardRows) -> tuple[list[np.ndarray], dict[int, str]]:
+    """Tokenize each row once and cut its span. A row whose count differs from the producer's is
+    set aside with its reason (a model mismatch is caught earlier, by sha256)."""
+    prefix_ids = engine.vocab.tokenize(rows.prefix) if rows.prefix else np.zeros(0, np.int32)
+    tokens, reasons = [], {}
+    for row, (text, start, stop, chunk, expected) in enumerate(
+            zip(rows.texts, rows.starts, rows.stops, rows.chunks, rows.n_tokens, strict=True)):
+        full = engine.vocab.tokenize(text)
+        piece = full[start:stop] if chunk == 0 else np.concatenate([prefix_ids, full[start:stop]])
+        if len(full) < stop or len(piece) != expected:
+            reasons[row] = f"tokenizer mismatch: {len(piece)} tokens in the worker, {expected} when planned"
+            piece = np.zeros(0, np.int32)
+        tokens.append(piece)
+    return tokens, reasons
+
+
+def _embed_isolating_failures(engine: Engine, rows: ShardRows, tokens: list[np.ndarray], skip: dict[int, str]):
+    """Embed the shard; if llama.cpp fails, embed row by row to set aside only the rows it fails on."""
+    keep = [i for i in range(len(tokens)) if i not in skip]
+    pooling = rows.pooling
+
+    def embed(documents: list[np.ndarray]):
+        if pooling is Pooling.NONE:
+            return engine.embed_tokens(documents)
+        return engine.embed(documents, pooling=pooling)
+
+    try:
+        result = embed([tokens[i] for i in keep])
+        return (list(result) if pooling is Pooling.NONE else result), {}
+    except EngineError as exc:
+        log.warning("%s: %s; embedding its rows one by one", rows.label, exc)
+    kept, failed = [], {}
+    for i in keep:
+        try:
+            kept.append(embed([tokens[i]])[0])
+        except EngineError as exc:
+            failed[i] = f"llama.cpp failed: {exc}"
+    if pooling is Pooling.NONE:
+        return kept, failed
+    return (np.stack(kept) if kept else np.zeros((0, engine.n_embd), np.float32)), failed
