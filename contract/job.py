@@ -74,33 +74,40 @@ V4_MAX_TOKENS = 32768
 
 @dataclass(frozen=True)
 class Span:
-    """Which tokens of a document's prefixed tokenization one output row embeds."""
+    """Which tokens of a document's prefixed tokenization one output row embeds: `[start, stop)` of them, and
+    where a cut leaves the text's end out (truncation, chunks), its last `tail` tokens again: the tokenizer's
+    closing EOS/[SEP], which a model that pools the last token, or was trained with it, must still see."""
 
     chunk: int
     start: int
     stop: int
     truncated: bool = False
+    tail: int = 0  # closing special tokens appended after the cut (0 where the span reaches the text's end)
 
     def n_tokens(self, prefix_tokens: int) -> int:
-        # Chunks after the first get the prefix's own tokens in front, so each is a valid input.
-        return self.stop - self.start + (prefix_tokens if self.chunk > 0 else 0)
+        # Chunks after the first get the prefix's own tokens in front (its opening BOS/[CLS] included, its closing
+        # tokens not: they come after the chunk), so each is a valid input on its own.
+        return self.stop - self.start + self.tail + (prefix_tokens - self.tail if self.chunk > 0 else 0)
 
 
-def document_spans(n_tokens: int, max_tokens: int, policy: Overlength, prefix_tokens: int) -> list[Span] | None:
-    """The rows a document becomes; None when the policy rejects it. Shared by producer and worker."""
+def document_spans(n_tokens: int, max_tokens: int, policy: Overlength, prefix_tokens: int,
+                   tail: int = 0) -> list[Span] | None:
+    """The rows a document becomes; None when the policy rejects it. Shared by producer and worker.
+    `n_tokens` and `prefix_tokens` count the tokenizer's special tokens (as it frames every text); `tail` is how
+    many of them close a text (EOS, [SEP]): every row cut from a longer document still ends with them."""
     if n_tokens <= max_tokens:
         return [Span(0, 0, n_tokens)]
     if policy is Overlength.ERROR:
         return None
     if policy is Overlength.TRUNCATE:
-        return [Span(0, 0, max_tokens, truncated=True)]
-    body = max_tokens - prefix_tokens
+        return [Span(0, 0, max_tokens - tail, truncated=True, tail=tail)]
+    body, end = max_tokens - prefix_tokens, n_tokens - tail
     if body <= 0:
         raise ValueError(f"max_tokens {max_tokens} leaves no room after a {prefix_tokens}-token prefix")
-    spans = [Span(0, 0, max_tokens)]
-    while spans[-1].stop < n_tokens:
+    spans = [Span(0, 0, max_tokens - tail, tail=tail)]
+    while spans[-1].stop < end:
         start = spans[-1].stop
-        spans.append(Span(len(spans), start, min(n_tokens, start + body)))
+        spans.append(Span(len(spans), start, min(end, start + body), tail=tail))
     return spans
 
 

@@ -7,6 +7,7 @@ same vocabulary in a llama process of its own (contract.llama_process), since th
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import os
 from pathlib import Path
@@ -17,6 +18,7 @@ from bulkembed.contract.errors import ModelError
 
 log = logging.getLogger(__name__)
 _backend_ready = False
+TAIL_SAMPLE = "a b c"
 
 
 def init_llama() -> None:
@@ -62,19 +64,33 @@ class Vocab:
     def n_tokens(self) -> int:
         return self._llama.llama_vocab_n_tokens(self._vocab)
 
-    def count(self, text: str) -> int:
+    def count(self, text: str, special: bool = True) -> int:
         data = text.encode("utf-8")
-        n = self._llama.llama_tokenize(self._vocab, data, len(data), None, 0, True, False)
+        n = self._llama.llama_tokenize(self._vocab, data, len(data), None, 0, special, False)
         return -n if n < 0 else n
 
-    def tokenize(self, text: str) -> np.ndarray:
-        """Token ids as int32; special-token text in a document stays text (parse_special off)."""
+    def tokenize(self, text: str, special: bool = True) -> np.ndarray:
+        """Token ids as int32, framed by the special tokens the model's tokenizer adds to every text (BOS, EOS,
+        [CLS], [SEP]) unless `special` is off; special-token text in a document stays text (parse_special off)."""
         data = text.encode("utf-8")
-        n = self._llama.llama_tokenize(self._vocab, data, len(data), self._buffer, len(self._buffer), True, False)
+        args = (self._vocab, data, len(data), self._buffer, len(self._buffer), special, False)
+        n = self._llama.llama_tokenize(*args)
         if n < 0:
             self._buffer = (self._llama.llama_token * (-n + 1024))()
-            n = self._llama.llama_tokenize(self._vocab, data, len(data), self._buffer, len(self._buffer), True, False)
+            n = self._llama.llama_tokenize(self._vocab, data, len(data), self._buffer, len(self._buffer), special,
+                                           False)
         return np.ctypeslib.as_array(self._buffer)[:n].astype(np.int32)
+
+    @functools.cached_property
+    def tail(self) -> int:
+        """How many special tokens close every text (EOS, [SEP]): found by tokenizing a sample with and without
+        them, so it is what this llama.cpp does, not what the header says it should."""
+        framed, bare = self.tokenize(TAIL_SAMPLE).tolist(), self.tokenize(TAIL_SAMPLE, special=False).tolist()
+        for head in range(len(framed) - len(bare) + 1):
+            if framed[head:head + len(bare)] == bare:
+                return len(framed) - head - len(bare)
+        log.warning("cannot tell where this tokenizer's special tokens go; cut rows keep none after the cut")
+        return 0
 
 
 class TokenCounter:
@@ -85,7 +101,7 @@ class TokenCounter:
 
         self._process = LlamaProcess()
         try:
-            self.n_tokens = self._process.call(_load_vocab, str(path))
+            self.n_tokens, self.tail = self._process.call(_load_vocab, str(path))
         except BaseException:
             self._process.close()
             raise
@@ -110,10 +126,10 @@ class TokenCounter:
 _COUNTER_VOCAB: Vocab | None = None  # in a counter's llama process
 
 
-def _load_vocab(path: str) -> int:
+def _load_vocab(path: str) -> tuple[int, int]:
     global _COUNTER_VOCAB
     _COUNTER_VOCAB = Vocab.load(path)
-    return _COUNTER_VOCAB.n_tokens
+    return _COUNTER_VOCAB.n_tokens, _COUNTER_VOCAB.tail
 
 
 def _count_many(texts: list[str]) -> list[int]:
@@ -124,11 +140,11 @@ class _ModelHandle:
     """Frees a llama_model when the last Python reference goes."""
 
     def __init__(self, model: object):
-        self.model = model
-
-    def __del__(self) -> None:
         import llama_cpp
 
+        self.model, self._llama = model, llama_cpp  # kept: at interpreter exit imports fail
+
+    def __del__(self) -> None:
         if self.model:
-            llama_cpp.llama_model_free(self.model)
+            self._llama.llama_model_free(self.model)
             self.model = None

@@ -186,7 +186,7 @@ def _accept(planned: PlannedJob, counter: TokenCounter, batch: pa.RecordBatch, s
             accepted.append(_Accepted(i, doc_id, text, hashed, key, None))
             continue
         n_tokens = next(counts)
-        spans = document_spans(n_tokens, job.max_tokens, job.overlength, prefix_tokens)
+        spans = document_spans(n_tokens, job.max_tokens, job.overlength, prefix_tokens, counter.tail)
         if n_tokens == 0:
             rejects.add(doc_id, "no tokens: the model's vocabulary drops every character", source, first_row + i)
         elif spans is None:
@@ -211,7 +211,7 @@ def _produce(planned: PlannedJob, counter: TokenCounter, emit: Callable[[ShardMe
              written: Callable[[ShardResult], None] | None) -> JobTotals:
     job, store = planned.job, planned.store
     store.put(keys.JOB_KEY, job.model_dump_json(indent=2).encode())
-    prefix_tokens = counter.count(job.prefix) if job.prefix else 0
+    prefix_tokens = counter.count(job.prefix)  # with the tokenizer's framing, even for no prefix
     planner = ShardPlanner(job.shard_tokens)
     rejects = _Rejects(store, planned.corpus.id_type)
     input_schema = shard_input_schema(planned.corpus.id_type)

@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pytest
 
-from bulkembed.contract.job import Overlength, Pooling, document_spans
+from bulkembed.contract.job import Pooling
 from bulkembed.contract.schema import read_metadata
 from bulkembed.worker.engine import Engine, EngineOptions
 from bulkembed.worker.selftest import embed_alone
@@ -33,18 +33,29 @@ def read_table(out) -> pa.Table:
 
 
 def check_rows(table: pa.Table, texts: list[str], engine: Engine, pooling: Pooling) -> None:
-    """Every row against its own tokens (the text's, or its chunk's) embedded alone: `pooling` as llama.cpp
-    does it for one document in one ubatch."""
+    """Every row against its own tokens embedded alone: `pooling` as llama.cpp does it for one document in one
+    ubatch. A row's tokens are the tokenizer's opening special tokens, its own stretch of the text's tokens (rows
+    of one document follow each other and, chunked, cover it all), and the closing special tokens: EOS for qwen3,
+    [CLS] ... [SEP] for BERT, whether the row is a whole text, a truncated one or a chunk (no prefix here)."""
     meta = read_metadata(table.schema)
     assert meta["pooling"] == pooling.value
-    max_tokens = int(meta["max_tokens"])
+    framing = engine.vocab.tokenize("").tolist()
+    opening = framing[:1] if engine.info.arch == "bert" else []
+    closing = framing[len(opening):]
+    assert closing, "these models close every text with a special token"
     vectors = np.asarray(table.column("embedding").combine_chunks().flatten()).reshape(table.num_rows, -1)
+    rows_of: dict[str, list[dict]] = {}
+    for row in table.select(["id", "chunk", "n_tokens", "truncated"]).to_pylist():  # sorted by id, chunk
+        rows_of.setdefault(row["id"], []).append(row)
     alone = []
-    for row in table.select(["id", "chunk", "n_tokens"]).to_pylist():
-        full = engine.vocab.tokenize(texts[int(row["id"][1:])])
-        span = document_spans(len(full), max_tokens, Overlength.CHUNK, 0)[row["chunk"]]
-        assert span.stop - span.start == row["n_tokens"]
-        alone.append(embed_alone(engine, full[span.start:span.stop], pooling))
+    for doc_id, rows in rows_of.items():
+        content, offset = engine.vocab.tokenize(texts[int(doc_id[1:])], special=False).tolist(), 0
+        for row in rows:
+            take = row["n_tokens"] - len(opening) - len(closing)
+            alone.append(embed_alone(engine, np.array(opening + content[offset:offset + take] + closing, np.int32),
+                                     pooling))
+            offset += take
+        assert rows[0]["truncated"] or offset == len(content), f"{doc_id}: its rows cover all of its tokens"
     sims = cosines(vectors, np.stack(alone))
     assert sims.min() >= EXACT, f"row {int(sims.argmin())}: {sims.min()}"
 
@@ -55,6 +66,8 @@ def check_rows(table: pa.Table, texts: list[str], engine: Engine, pooling: Pooli
     ("bert-mean", ["--pooling", "cls"], Pooling.CLS),
     ("qwen3-last", ["--max-tokens", "300"], Pooling.LAST),
     ("qwen3-last", ["--max-tokens", "300", "--pooling", "mean"], Pooling.MEAN),
+    ("qwen3-last", ["--max-tokens", "300", "--overlength", "truncate"], Pooling.LAST),
+    ("bert-mean", ["--max-tokens", "100", "--overlength", "truncate"], Pooling.MEAN),
 ])
 def test_run_writes_exact_vectors(run_cli, corpus, texts, tmp_path, kind_models, model, flags, pooling):
     out = tmp_path / "out"
@@ -62,9 +75,13 @@ def test_run_writes_exact_vectors(run_cli, corpus, texts, tmp_path, kind_models,
                    "--shard-tokens", "3000", "--overlength", "chunk", "--threads", "2", *flags)
     assert done.returncode == 0, done.stderr[-2000:]
     table = read_table(out)
-    assert table.column("chunk").to_numpy().max() >= 1, "some documents were longer than max tokens"
+    if "truncate" in flags:
+        assert any(table.column("truncated").to_pylist()), "some documents were longer than max tokens"
+    else:
+        assert table.column("chunk").to_numpy().max() >= 1, "some documents were longer than max tokens"
     assert set(table.column("id").to_pylist()) == {f"d{i:03d}" for i in range(len(texts))}
-    if model.startswith("bert"):  # a non-causal model defaults to one ubatch's worth, within its 512 positions
+    if model.startswith("bert") and "--max-tokens" not in flags:
+        # a non-causal model defaults to one ubatch's worth, within its 512 positions
         assert read_metadata(table.schema)["max_tokens"] == "512"
     engine = Engine(kind_models[model], EngineOptions(threads=2))
     try:

@@ -52,12 +52,17 @@ def embed_rows(engine: Engine, rows: ShardRows) -> EmbeddedRows:
 def _tokens(engine: Engine, rows: ShardRows) -> tuple[list[np.ndarray], dict[int, str]]:
     """Tokenize each row once and cut its span. A row whose count differs from the producer's is
     set aside with its reason (a model mismatch is caught earlier, by sha256)."""
-    prefix_ids = engine.vocab.tokenize(rows.prefix) if rows.prefix else np.zeros(0, np.int32)
+    vocab = engine.vocab
+    tail = vocab.tail
+    lead = vocab.tokenize(rows.prefix)  # a later chunk's start: the opening tokens and the prefix, without the close
+    lead = lead[:len(lead) - tail]
     tokens, reasons = [], {}
     for row, (text, start, stop, chunk, expected) in enumerate(
             zip(rows.texts, rows.starts, rows.stops, rows.chunks, rows.n_tokens, strict=True)):
-        full = engine.vocab.tokenize(text)
-        piece = full[start:stop] if chunk == 0 else np.concatenate([prefix_ids, full[start:stop]])
+        full = vocab.tokenize(text)
+        cut = chunk > 0 or stop < len(full)  # as contract.job.document_spans cuts: the close goes after the cut
+        piece = np.concatenate([lead if chunk > 0 else full[:0], full[start:stop],
+                                full[len(full) - tail:] if cut and tail else full[:0]])
         if len(full) < stop or len(piece) != expected:
             reasons[row] = f"tokenizer mismatch: {len(piece)} tokens in the worker, {expected} when planned"
             piece = np.zeros(0, np.int32)

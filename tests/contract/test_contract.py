@@ -2,7 +2,17 @@ import pyarrow as pa
 import pytest
 
 from bulkembed.contract.errors import ModelError
-from bulkembed.contract.job import JobSpec, ModelRef, Role, Task, prefix_for, task_from_model_name
+from bulkembed.contract.job import (
+    JobSpec,
+    ModelRef,
+    Overlength,
+    Role,
+    Span,
+    Task,
+    document_spans,
+    prefix_for,
+    task_from_model_name,
+)
 from bulkembed.contract.model import is_hub_spec, queue_name, resolve_path
 from bulkembed.contract.schema import content_hash, embedding_schema, from_ipc_bytes, read_metadata, to_ipc_bytes
 from bulkembed.contract.store import LocalStore, open_store
@@ -75,3 +85,20 @@ def test_store_writes_once(kind, tmp_path, bucket):
     assert store.exists("a/x.bin") and not store.exists("a/y.bin")
     store.put("m.json", b"{}")
     assert [k for k, _ in store.list()] == ["a/x.bin", "m.json"]
+
+
+@pytest.mark.parametrize("tail", [0, 1, 2])
+def test_spans_cut_from_a_long_document_keep_its_closing_tokens(tail):
+    """A 1000-token text (its closing special tokens counted) cut at 100 tokens a row with a 7-token prefix:
+    every row is at most 100 tokens with the close appended, and the chunks cover the text once, in order."""
+    n, prefix = 1000, 7
+    (truncated,) = document_spans(n, 100, Overlength.TRUNCATE, prefix, tail)
+    assert (truncated.start, truncated.stop, truncated.tail, truncated.truncated) == (0, 100 - tail, tail, True)
+    assert truncated.n_tokens(prefix) == 100
+    chunks = document_spans(n, 100, Overlength.CHUNK, prefix, tail)
+    assert all(c.n_tokens(prefix) <= 100 and c.tail == tail for c in chunks)
+    assert [c.chunk for c in chunks] == list(range(len(chunks)))
+    assert all(b.start == a.stop for a, b in zip(chunks, chunks[1:], strict=False)), "each chunk goes on from the last"
+    assert chunks[0].start == 0 and chunks[-1].stop == n - tail, "every token but the close, which each row gets"
+    assert document_spans(n, 1000, Overlength.CHUNK, prefix, tail) == [Span(0, 0, n)], "a text that fits is whole"
+    assert document_spans(n, 100, Overlength.ERROR, prefix, tail) is None
