@@ -58,7 +58,7 @@ class JobTotals(BaseModel):
 
 class JobStatus(BaseModel):
     job_id: str
-    state: str  # planning | running | done | failed
+    state: str  # planning | running | finishing (every shard written, the manifest not yet) | done | failed
     totals: JobTotals | None
     shards_done: int
     tokens_done: int
@@ -234,7 +234,8 @@ class JobRegistry:
         state = job.get("state", "planning")
         if totals is not None and state == "running":
             if len(results) >= totals.shards:
-                state = "done"
+                # Done once the manifest is written (finalize); until then a waiter reading it would not find it.
+                state = "finishing"
             elif len(results) + len(failures) >= totals.shards:
                 state = "failed"
         return JobStatus(job_id=job_id, state=state, totals=totals, shards_done=len(results),

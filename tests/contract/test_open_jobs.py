@@ -78,3 +78,19 @@ def test_a_forgotten_job_is_closed(registry, queue, tmp_path):
     registry.start(spec)
     registry.forget(spec.job_id)
     assert registry.open_jobs(queue) == []
+
+
+def test_a_job_is_done_only_once_its_manifest_is_written(registry, queue, tmp_path):
+    """`submit --wait` and `status` say done when a reader can open _manifest.json, not when the last shard is
+    recorded: between the two the job is finishing, not finished."""
+    spec = job(tmp_path, queue)
+    registry.start(spec)
+    registry.planned(spec.job_id, JobTotals(shards=1))
+    assert registry.status(spec.job_id).state == "running"
+    assert registry.shard_done(spec.job_id, result(0))
+    status = registry.status(spec.job_id)
+    assert status.state == "finishing" and not status.finished and status.shards_done == 1
+    assert not (tmp_path / spec.input / keys.MANIFEST_KEY).exists()
+    registry.finalize(spec.job_id)
+    assert registry.status(spec.job_id).state == "done" and registry.status(spec.job_id).finished
+    assert (tmp_path / spec.input / keys.MANIFEST_KEY).exists()
