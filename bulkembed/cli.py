@@ -207,11 +207,14 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_worker(args: argparse.Namespace) -> int:
     from bulkembed.contract.model import choose_pooling, model_info, model_ref
+    from bulkembed.contract.registry import wait_for_redis
     from bulkembed.worker.serve import serve
 
     ref, path = model_ref(args.model)
     choose_pooling(model_info(path), None, ref.file_name)  # a reranker is refused before anything loads
-    return serve(ref, path, _engine_setup(args), WorkerSettings())
+    settings = WorkerSettings()
+    wait_for_redis(settings.redis_url.get_secret_value(), settings.redis_wait_s)  # before the model loads
+    return serve(ref, path, _engine_setup(args), settings)
 
 
 def build_parser() -> argparse.ArgumentParser:

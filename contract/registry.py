@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import time
 from urllib.parse import urlparse
 
@@ -19,6 +20,8 @@ from bulkembed.contract.errors import BulkEmbedError, ShardError
 from bulkembed.contract.job import JobSpec, ShardMessage
 from bulkembed.contract.schema import from_ipc_bytes, read_metadata
 from bulkembed.contract.store import Store, open_store
+
+log = logging.getLogger(__name__)
 
 
 class ShardResult(BaseModel):
@@ -241,6 +244,20 @@ class JobRegistry:
         return JobStatus(job_id=job_id, state=state, totals=totals, shards_done=len(results),
                          tokens_done=sum(r.tokens for r in results), rows_done=sum(r.rows for r in results),
                          failures=failures)
+
+
+def wait_for_redis(url: str, wait_s: float, every_s: float = 2.0) -> None:
+    """Until Redis answers or `wait_s` passes (it may start after this process); wrong credentials fail at once."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return _check_redis(url)
+        except BulkEmbedError as exc:
+            left = deadline - time.monotonic()
+            if isinstance(exc.__cause__, redis.AuthenticationError) or left <= 0:
+                raise BulkEmbedError(f"{exc} (waited {wait_s:.0f}s: BULKEMBED_REDIS_WAIT_S)") from exc.__cause__
+            log.warning("%s; trying again for %.0fs more", exc, left)
+            time.sleep(min(every_s, left))
 
 
 def _check_redis(url: str) -> None:

@@ -141,6 +141,10 @@ class WorkerSettings(Settings):
         120, gt=0, description="Longest wait between two retries of a shard while the store is unreachable "
         "(doubling from 1 s, jittered, and at most half the visibility timeout).",
     )
+    redis_wait_s: float = Field(
+        120, ge=0, description="Seconds `bulkembed worker` waits at start for Redis to answer before it exits with "
+        "an error (exit 2), so a wrong address shows as a failed start; once running, it rides out Redis restarts.",
+    )
     test_hold_dir: DirectoryPath | None = Field(
         None, description="Test only, never in production: before committing a shard the worker creates "
         "<dir>/<job_id>-<shard>-<pid>.held and waits until that file is removed, so fault tests can kill or stop it "

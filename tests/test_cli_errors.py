@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import itertools
 import os
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -50,6 +52,7 @@ WRONG_SETTINGS = [
     ("METRICS_PORT", "70000"),
     ("FLASH_ATTN", "maybe"),
     ("LOGICAL_BATCH", "-1"),
+    ("REDIS_WAIT_S", "-5"),
 ]
 
 # Wrong option values of each command (the parser's and the command's own checks).
@@ -141,3 +144,22 @@ def test_the_issue_example_derives_the_time_limit_and_fails_only_on_the_missing_
     result = bulkembed(["worker", "--model", "m.gguf"], {"BULKEMBED_VISIBILITY_TIMEOUT": "15"}, workdir)
     line = assert_one_line_error(result, "m.gguf")
     assert "BULKEMBED" not in line
+
+
+def test_a_worker_that_cannot_reach_redis_says_so_and_exits(tmp_path, tiny_model):
+    """Not a silent retry loop: it waits BULKEMBED_REDIS_WAIT_S for Redis (which may start after it), then exits 2
+    with one line naming the host, before loading the model."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens here once closed
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BULKEMBED_")}
+    env |= {"BULKEMBED_REDIS_URL": f"redis://127.0.0.1:{port}/0", "BULKEMBED_REDIS_WAIT_S": "3",
+            "BULKEMBED_METRICS_PORT": "0"}
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "bulkembed.cli", "worker", "--model", str(tiny_model)], env=env,
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert time.monotonic() - started >= 3, "it waited for Redis first"
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"bulkembed: cannot reach Redis at 127.0.0.1:{port}") and "BULKEMBED_REDIS_WAIT_S" in last
+    assert "model" not in done.stderr.lower().replace("--model", ""), "it stopped before loading the model"
