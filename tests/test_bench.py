@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -36,6 +37,8 @@ def test_every_mode_measures_the_same_corpus(report: dict) -> None:
     assert list(rows) == ["bulkembed", "bulkembed x2", "raw", "llama-embed", "seed emulated"]
     assert any(n.startswith("llama-embedding: no binary") for n in report["notes"])
     assert "2 engine processes" in rows["bulkembed x2"]["note"]
+    made = re.search(r"(\d+) contexts made in [\d.]+s", rows["bulkembed"]["note"])
+    assert made and int(made.group(1)) >= 1, rows["bulkembed"]["note"]
     corpus = report["corpus"]
     assert corpus["docs"] == 60 and corpus["max"] <= 600
     for row in rows.values():

@@ -119,6 +119,7 @@ class Engine:
         self.n_ctx_train = llama_cpp.llama_model_n_ctx_train(self.model)
         self.gpu_offload = offload
         self._context: _Context | None = None
+        self.contexts_made, self.context_seconds = 0, 0.0  # what shape changes cost (the bench reports it)
         log.info("model %s loaded in %.1fs (n_embd %d, %s, %s pooling, gpu offload %s)", self.model_path.name,
                  self.load_seconds, self.n_embd, "causal" if self.info.causal else "non-causal", self.pooling.value,
                  offload)
@@ -145,7 +146,10 @@ class Engine:
         if current:
             current.free()
         self._context = None
+        started = time.perf_counter()
         self._context = _Context(self._llama, self.model, shape, self.options)
+        self.contexts_made += 1
+        self.context_seconds += time.perf_counter() - started
         log.debug("new context %s", shape)
         return self._context
 

@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Run ON the GPU machine from the project root after `bash .gpu/device.sh`: the GPU numbers of
-# docs/benchmarks.md, in three calls that each fit the device tool's 10 minutes: `bench.sh check` (exactness on
+# docs/benchmarks.md, in calls that each fit the device tool's 10 minutes: `bench.sh check` (exactness on
 # CUDA, the import-order crash, the v4-shaped models), `bench.sh f16` (auto ubatch vs 512, 1 vs 3 engines, the
-# real llama-embedding and transformers), `bench.sh quants` (Q8_0, IQ3_S, `bulkembed run` with 1 and auto engines).
+# real llama-embedding and transformers), `bench.sh f16-ubs` (3 engines at ub 1024 and 2048), `bench.sh quants`
+# (Q8_0, IQ3_S, `bulkembed run` with 1 and auto engines).
 # The bench runs as `python3 -m bulkembed.bench`: its in-process modes run llama.cpp in the bench's own process,
 # and the `bulkembed` command imports pyarrow, which crashed beside llama.cpp on the H100 image
-# (docs/benchmarks.md); `bulkembed run` keeps llama.cpp in llama processes of its own. Results go to $OUT (or ./gpu-out). Every step has its own time limit, so one that hangs costs only itself.
+# (docs/benchmarks.md); `bulkembed run` keeps llama.cpp in llama processes of its own. Results go to $OUT
+# (or ./gpu-out). Every step has its own time limit, so one that hangs costs only itself.
 set -uo pipefail
 . .gpu/env.sh
 REPO=$(pwd)
@@ -60,6 +62,11 @@ f16)
   bench f16-auto 330 --synthetic-model v4 --quant F16 --synthetic 3000 --ubatch probe --engines 3 \
     --modes bulkembed,raw,llama-embedding,transformers --peer-ubatch 512
   bench f16-ub512 200 --synthetic-model v4 --quant F16 --synthetic 3000 --ubatch 512 --engines 3 --modes bulkembed,raw
+  ;;
+f16-ubs)
+  # The 30k target of issue 9: 3 engines at the ubatches one engine liked best on the H100 (NOTES.md 22).
+  bench f16-ub1024 270 --synthetic-model v4 --quant F16 --synthetic 3000 --ubatch 1024 --engines 3 --modes bulkembed,raw
+  bench f16-ub2048 270 --synthetic-model v4 --quant F16 --synthetic 3000 --ubatch 2048 --engines 3 --modes bulkembed,raw
   ;;
 quants)
   bench q8-auto 170 --synthetic-model v4 --quant Q8_0 --synthetic 1500 --ubatch probe --engines 3 \
