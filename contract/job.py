@@ -155,6 +155,11 @@ class JobSpec(BaseModel):
     dtype: Dtype = Dtype.FLOAT32
     normalize: bool = True
     reuse: ReuseSource | None = Field(None, description="Earlier output whose vectors unchanged rows copy.")
+    close_cut_rows: bool = Field(
+        False, description="Rows cut from a longer text (truncated, chunked) end with the tokenizer's closing "
+        "special tokens (document_spans' tail). The producer sets it where the model's tokenizer closes texts; "
+        "False is also what a job planned before this rule says, so a worker can refuse such a job's shards.",
+    )
 
     def vector_options(self) -> dict[str, str | int | bool | None]:
         """What decides a row's vector besides its text. Two jobs that agree on these give the same vector
@@ -162,11 +167,14 @@ class JobSpec(BaseModel):
         through the prefix they pick: a task change that keeps the prefix keeps the vectors."""
         return {"model sha256": self.model.sha256, "prefix": self.prefix, "pooling": self.pooling.value,
                 "dims": self.dims, "dtype": self.dtype.value, "normalize": self.normalize,
-                "max tokens": self.max_tokens, "over-length policy": self.overlength.value}
+                "max tokens": self.max_tokens, "over-length policy": self.overlength.value,
+                "cut rows closed": self.close_cut_rows}
 
     @property
     def job_id(self) -> str:
-        identity = self.model_dump(mode="json", exclude={"model"}) | {"model_sha256": self.model.sha256}
+        # close_cut_rows enters only when set: jobs of models whose tokenizer closes no text keep their ids.
+        exclude = {"model"} if self.close_cut_rows else {"model", "close_cut_rows"}
+        identity = self.model_dump(mode="json", exclude=exclude) | {"model_sha256": self.model.sha256}
         digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
         return digest[:16]
 

@@ -25,6 +25,7 @@ import sys
 import traceback
 from collections.abc import Callable, Iterable, Iterator
 from multiprocessing.connection import Connection, wait
+from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
 from bulkembed.contract.errors import BulkEmbedError
@@ -49,7 +50,10 @@ class LlamaProcess:
         env = os.environ | {_LOG_LEVEL_ENV: str(logging.getLogger().getEffectiveLevel())}
         with theirs:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "bulkembed.contract.llama_process", str(theirs.fileno()), str(os.getpid())],
+                # -P: the working directory is not on its path (a checkout there must not shadow the installed
+                # package); PYTHONPATH still counts.
+                [sys.executable, "-P", "-m", "bulkembed.contract.llama_process", str(theirs.fileno()),
+                 str(os.getpid())],
                 pass_fds=(theirs.fileno(),), env=env, stdin=subprocess.DEVNULL)
         self.connection = Connection(ours.detach())
         self.busy = False
@@ -58,14 +62,22 @@ class LlamaProcess:
     def pid(self) -> int:
         return self.process.pid
 
+    @property
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
     def submit(self, function: Callable[..., Any], *args: Any) -> None:
         """Start a call; `result()` waits for it. One call at a time per process."""
         if self.busy:
             raise RuntimeError("a llama process runs one call at a time")
+        data = ForkingPickler.dumps((function.__module__, function.__qualname__, args))  # fails before writing
         try:
-            self.connection.send((function.__module__, function.__qualname__, args))
+            self.connection.send_bytes(data)
         except OSError as exc:
             raise self._died() from exc
+        except BaseException:  # interrupted mid-message: the child would read half a call
+            self.process.kill()
+            raise
         self.busy = True
 
     def result(self) -> Any:
@@ -158,10 +170,12 @@ def _die_with_parent(parent: int) -> None:
 def _serve(connection: Connection) -> None:
     while True:
         try:
-            module, name, args = connection.recv()
+            data = connection.recv_bytes()
         except (EOFError, OSError):
             return  # the parent closed the socket or died
+        module, name = "?", "?"
         try:
+            module, name, args = pickle.loads(data)  # inside the try: a call it cannot read is an error reply
             if not module.startswith("bulkembed."):
                 raise ValueError(f"a llama process runs bulkembed functions only, not {module}")
             function = importlib.import_module(module)
@@ -172,7 +186,12 @@ def _serve(connection: Connection) -> None:
             log.debug("%s.%s failed:\n%s", module, name, traceback.format_exc())
             reply = ("error", _portable(exc))
         try:
-            connection.send(reply)
+            data = ForkingPickler.dumps(reply)
+        except Exception as exc:  # a result that does not pickle: an error reply, not a dead engine
+            data = ForkingPickler.dumps(("error", BulkEmbedError(f"{module}.{name} returned what cannot be sent back: "
+                                                                 f"{type(exc).__name__}: {exc}")))
+        try:
+            connection.send_bytes(data)
         except OSError:
             return
 

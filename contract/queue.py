@@ -9,6 +9,7 @@ from celery import Celery
 from bulkembed.contract.settings import Settings
 
 TASK_EMBED_SHARD = "bulkembed.embed_shard"
+WORKER_PROC_ALIVE_TIMEOUT_S = 900
 
 
 def celery_app(settings: Settings, name: str) -> Celery:
@@ -38,6 +39,9 @@ def celery_app(settings: Settings, name: str) -> Celery:
             "unacked_restore_throttle": 1,
         },
         broker_connection_retry_on_startup=True,
+        # A pool process is ready once its engine has loaded the model (seconds to minutes for a big GGUF); Celery's
+        # default 4 s would kill every replacement of a dead engine mid-load, again and again.
+        worker_proc_alive_timeout=WORKER_PROC_ALIVE_TIMEOUT_S,
         worker_hijack_root_logger=False,
         worker_redirect_stdouts=False,
     )

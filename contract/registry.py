@@ -236,11 +236,11 @@ class JobRegistry:
         failures = {int(k): v for k, v in self.redis.hgetall(keys.REDIS_JOB_FAILED.format(job_id=job_id)).items()}
         state = job.get("state", "planning")
         if totals is not None and state == "running":
-            if len(results) >= totals.shards:
+            if failures and len(set(failures) | {r.shard for r in results}) >= totals.shards:
+                state = "failed"  # settled, some for good: also a last shard written whose manifest could not be
+            elif len(results) >= totals.shards:
                 # Done once the manifest is written (finalize); until then a waiter reading it would not find it.
                 state = "finishing"
-            elif len(results) + len(failures) >= totals.shards:
-                state = "failed"
         return JobStatus(job_id=job_id, state=state, totals=totals, shards_done=len(results),
                          tokens_done=sum(r.tokens for r in results), rows_done=sum(r.rows for r in results),
                          failures=failures)

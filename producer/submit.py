@@ -10,7 +10,6 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -50,7 +49,7 @@ REJECTED_FLUSH_ROWS = 10_000
 class PlannedJob:
     job: JobSpec
     corpus: Corpus
-    model_path: Path  # its vocabulary counts the tokens, in a llama process (contract.vocab.TokenCounter)
+    counter: TokenCounter  # the model's vocabulary, in a llama process; produce() closes it when counting is over
     store: Store
     previous: PreviousOutput | None = None  # --reuse: the earlier output whose vectors unchanged rows copy
 
@@ -87,6 +86,7 @@ def plan_job(input_uri: str, model: str, out: str, options: JobOptions = JobOpti
         raise InputError(f"cannot tell the task from the model name {ref.file_name}; pass --task, "
                          f"or --prefix for models outside jina-embeddings-v4")
     store = open_store(out)
+    counter = TokenCounter(path)
     job = JobSpec(
         input=input_uri, input_fingerprint=corpus.fingerprint, out=store.uri, model=ref,
         task=task, role=options.role,
@@ -97,6 +97,7 @@ def plan_job(input_uri: str, model: str, out: str, options: JobOptions = JobOpti
         dtype=options.dtype,
         # Token vectors are raw hidden states for the user to pool; normalizing each would break that.
         normalize=options.normalize and pooling is not Pooling.NONE,
+        close_cut_rows=counter.tail > 0,
     )
     previous = None
     if options.reuse is not None:
@@ -105,9 +106,10 @@ def plan_job(input_uri: str, model: str, out: str, options: JobOptions = JobOpti
             job = job.model_copy(update={"reuse": previous.source})
         except IncompatibleReuse as exc:
             if not options.ignore_incompatible_reuse:
+                counter.close()
                 raise
             log.warning("%s; ignored as asked: every row is embedded", exc)
-    return PlannedJob(job=job, corpus=corpus, model_path=Path(path), store=store, previous=previous)
+    return PlannedJob(job=job, corpus=corpus, counter=counter, store=store, previous=previous)
 
 
 @dataclass
@@ -203,7 +205,7 @@ def produce(planned: PlannedJob, emit: Callable[[ShardMessage], None],
 
     A resubmitted job plans the same shards (same job id, same input, same order); a shard whose
     output is already there goes to `written` instead of being queued again."""
-    with TokenCounter(planned.model_path) as counter:
+    with planned.counter as counter:
         return _produce(planned, counter, emit, written)
 
 

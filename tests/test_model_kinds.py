@@ -3,14 +3,18 @@ embedded alone in one ubatch by llama.cpp with the job's pooling; rerankers are 
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as ds
 import pytest
 
+from bulkembed.contract.errors import ShardError
 from bulkembed.contract.job import Pooling
 from bulkembed.contract.schema import read_metadata
 from bulkembed.worker.engine import Engine, EngineOptions
+from bulkembed.worker.rows import ShardRows, embed_rows
 from bulkembed.worker.selftest import embed_alone
 from tests.conftest import cosines, letter_texts, write_corpus
 
@@ -121,5 +125,22 @@ def test_submit_to_workers_of_a_non_causal_model(corpus, texts, tmp_path, worker
     engine = Engine(model, EngineOptions(threads=2))
     try:
         check_rows(read_table(out), texts, engine, Pooling.CLS)
+    finally:
+        engine.close()
+
+
+def test_a_job_planned_without_closed_cut_rows_is_refused_by_a_worker_whose_tokenizer_closes_texts(kind_models):
+    """A shard planned by a bulkembed from before cut rows kept their EOS/[SEP] (its job says close_cut_rows
+    False) must not be embedded by the new rules: its planned counts would not match, row by row. The engine
+    refuses the whole shard with the reason instead."""
+    engine = Engine(kind_models["qwen3-last"], EngineOptions(threads=2))
+    try:
+        assert engine.vocab.tail == 1
+        rows = ShardRows(label="job j shard 0", prefix="", pooling=Pooling.LAST, close_cut_rows=False,
+                         texts=["abc"], starts=[0], stops=[4], chunks=[0], n_tokens=[4])
+        with pytest.raises(ShardError, match="planned by another bulkembed version; resubmit it"):
+            embed_rows(engine, rows)
+        closed = embed_rows(engine, dataclasses.replace(rows, close_cut_rows=True))
+        assert closed.rejected == {} and closed.vectors.shape == (1, engine.n_embd)
     finally:
         engine.close()

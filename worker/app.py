@@ -31,7 +31,7 @@ from bulkembed.contract.store import Store, has_conditional_writes, open_store
 from bulkembed.worker import metrics
 from bulkembed.worker.engine import EngineOptions
 from bulkembed.worker.engines import EngineProcess
-from bulkembed.worker.hold import holding
+from bulkembed.worker.hold import hold_engine_start, holding
 from bulkembed.worker.shard import Guard, embed_shard
 
 log = logging.getLogger(__name__)
@@ -55,6 +55,7 @@ MODEL: ResidentModel | None = None  # set by `bulkembed worker` before the pool 
 def _load_model(**_: object) -> None:
     """Each pool process starts its engine once, when it starts."""
     if MODEL is not None and MODEL.engine is None:
+        hold_engine_start(settings.test_hold_dir)
         MODEL.engine = EngineProcess(MODEL.path, MODEL.options)
         metrics.MODEL_LOAD_SECONDS.labels(MODEL.path.name).set(MODEL.engine.facts.load_seconds)
         log.info("pool process %d ready with %s in engine process %d", os.getpid(), MODEL.path.name,
@@ -120,6 +121,14 @@ class ModelTask(Task):
         raise self.retry(exc=exc, countdown=delay, kwargs={"unreachable_since": since}) from exc
 
 
+def _engine_lost(shard: ShardMessage, why: str) -> NoReturn:
+    """As if this pool process had died (it is the engine's other half): Celery hands the shard back (reject on
+    worker lost) and starts a new pool process with a new engine."""
+    log.critical("job %s shard %d: %s; this pool process exits", shard.job_id, shard.shard, why)
+    logging.shutdown()
+    os._exit(70)
+
+
 def backoff_s(retries: int, cap_s: float) -> float:
     """Doubling from 1 s up to `cap_s`, jittered so shards that failed together do not return together."""
     return min(cap_s, 2.0 ** retries) * random.uniform(0.5, 1.0)
@@ -130,6 +139,9 @@ def embed_shard_task(self: ModelTask, message: dict, unreachable_since: float | 
     """Validate → give up if this shard keeps killing workers → embed (skipped if written) → report.
     `unreachable_since`: when the store first failed this shard, on a retry."""
     shard = ShardMessage.model_validate(message)
+    if MODEL is not None and MODEL.engine is not None and not MODEL.engine.alive:
+        # It died between shards (the OOM killer): this shard is not to blame, so no attempt is counted for it.
+        _engine_lost(shard, f"llama.cpp process {MODEL.engine.pid} died before this shard")
     registry = self.registry
     attempt = registry.attempt(shard.job_id, shard.shard)
     if attempt > settings.shard_max_attempts:
@@ -150,11 +162,7 @@ def embed_shard_task(self: ModelTask, message: dict, unreachable_since: float | 
         if registry.shard_done(shard.job_id, result):
             registry.finalize(shard.job_id)  # writes the manifest: the store again, so inside the retry
     except LlamaProcessDied as exc:
-        # As if this pool process had died (it is the engine's other half): Celery hands the shard back, counted
-        # as an attempt, and starts a new pool process with a new engine.
-        log.critical("job %s shard %d: %s; this pool process exits", shard.job_id, shard.shard, exc)
-        logging.shutdown()
-        os._exit(70)
+        _engine_lost(shard, str(exc))  # counted as an attempt: this shard may be what killed it
     except TransientError as exc:
         self.retry_later(shard, exc, unreachable_since)
     except Exception as exc:

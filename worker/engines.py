@@ -96,6 +96,10 @@ class EngineProcess:
     def pid(self) -> int:
         return self.process.pid
 
+    @property
+    def alive(self) -> bool:
+        return self.process.alive
+
     def embed_rows(self, rows: ShardRows) -> EmbeddedRows:
         return self.process.call(_embed_rows, rows)
 

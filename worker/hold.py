@@ -1,5 +1,6 @@
-"""Test only (WorkerSettings.test_hold_dir): hold a shard just before its commit, so a fault test can
-kill or stop a worker at a known point instead of guessing how long a shard takes."""
+"""Test only (WorkerSettings.test_hold_dir): hold a shard just before its commit, or a pool process before it
+starts its engine (as a slow model load would), so a fault test can kill or stop a worker at a known point instead
+of guessing how long a shard or a load takes."""
 
 from __future__ import annotations
 
@@ -41,3 +42,14 @@ def holding(folder: Path | None, message: ShardMessage, guard: Guard) -> Guard:
             yield
 
     return held
+
+
+def hold_engine_start(folder: Path | None) -> None:
+    """Wait, before this pool process starts its engine, until engine-start-<pid>.held is removed."""
+    if folder is None:
+        return
+    marker = folder / f"engine-start-{os.getpid()}.held"
+    marker.touch()
+    log.warning("engine start held until %s is removed (test only)", marker)
+    while marker.exists():
+        time.sleep(POLL_S)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from bulkembed.contract.errors import EngineError
+from bulkembed.contract.errors import EngineError, ShardError
 from bulkembed.contract.job import Pooling
 from bulkembed.worker.engine import Engine
 
@@ -26,6 +26,7 @@ class ShardRows:
     label: str  # "job J shard S", for logs
     prefix: str
     pooling: Pooling
+    close_cut_rows: bool  # the job's: rows cut from a longer text end with the closing special tokens
     texts: list[str]
     starts: list[int]
     stops: list[int]
@@ -54,6 +55,10 @@ def _tokens(engine: Engine, rows: ShardRows) -> tuple[list[np.ndarray], dict[int
     set aside with its reason (a model mismatch is caught earlier, by sha256)."""
     vocab = engine.vocab
     tail = vocab.tail
+    if rows.close_cut_rows != (tail > 0):
+        raise ShardError(f"{rows.label}: planned {'with' if rows.close_cut_rows else 'without'} closing special "
+                         f"tokens after a cut, but this model's tokenizer closes every text with {tail}: the job was "
+                         f"planned by another bulkembed version; resubmit it with this one")
     lead = vocab.tokenize(rows.prefix)  # a later chunk's start: the opening tokens and the prefix, without the close
     lead = lead[:len(lead) - tail]
     tokens, reasons = [], {}

@@ -66,6 +66,7 @@ def open_shard(message: ShardMessage, model_sha256: str, store: Store) -> OpenSh
     table = from_ipc_bytes(store.get(message.input_key))
     column = {name: table.column(name).to_pylist() for name in ("text", "start", "stop", "chunk", "n_tokens")}
     rows = ShardRows(label=f"job {message.job_id} shard {message.shard}", prefix=job.prefix, pooling=job.pooling,
+                     close_cut_rows=job.close_cut_rows,
                      texts=column["text"], starts=column["start"], stops=column["stop"], chunks=column["chunk"],
                      n_tokens=column["n_tokens"])
     return OpenShard(message, table, rows, started)

@@ -102,3 +102,12 @@ def test_spans_cut_from_a_long_document_keep_its_closing_tokens(tail):
     assert chunks[0].start == 0 and chunks[-1].stop == n - tail, "every token but the close, which each row gets"
     assert document_spans(n, 1000, Overlength.CHUNK, prefix, tail) == [Span(0, 0, n)], "a text that fits is whole"
     assert document_spans(n, 100, Overlength.ERROR, prefix, tail) is None
+
+
+def test_closed_cut_rows_are_part_of_the_job_and_of_what_reuse_compares():
+    spec = JobSpec(input="in", input_fingerprint="f", out="out", task=Task.RETRIEVAL, role=Role.PASSAGE, prefix="",
+                   shard_tokens=100, model=ModelRef(spec="m.gguf", file_name="m.gguf", sha256="0" * 64, queue="q"))
+    closed = spec.model_copy(update={"close_cut_rows": True})
+    assert closed.job_id != spec.job_id, "a job planned by the old rules is not resumed by the new ones"
+    assert closed.vector_options() != spec.vector_options(), "nor are its vectors reused"
+    assert spec.vector_options()["cut rows closed"] is False

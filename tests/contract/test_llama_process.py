@@ -16,16 +16,7 @@ from bulkembed.contract.errors import ModelError
 from bulkembed.contract.llama_process import LlamaProcess, LlamaProcessDied
 from bulkembed.contract.vocab import TokenCounter, Vocab
 from tests.conftest import REPO, write_corpus
-from tests.faults_support import wait_until
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    with open(f"/proc/{pid}/stat") as stat:  # a zombie is dead too
-        return stat.read().split(")")[-1].split()[0] != "Z"
+from tests.faults_support import alive, wait_until
 
 
 def test_the_counter_counts_what_the_vocabulary_counts(tiny_model):
@@ -92,3 +83,16 @@ def test_run_keeps_llama_cpp_out_of_its_own_process(tmp_path, tiny_model):
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.split()[-4:] == ["exit", "0", "False", "True"], done.stdout
     assert "40 rows" in done.stdout, done.stdout
+
+
+def test_a_call_a_llama_process_cannot_read_is_an_error_and_it_lives_on(tiny_model):
+    """An argument that would pull pyarrow into the llama process (a pyarrow table) is refused as an error reply;
+    the process is not lost."""
+    import pyarrow as pa
+
+    from bulkembed.contract.vocab import _count_many
+
+    with TokenCounter(tiny_model) as counter:
+        with pytest.raises(ImportError, match="must not be imported in a llama.cpp process"):
+            counter._process.call(_count_many, pa.table({"text": ["a"]}))
+        assert counter.count("hello world") == Vocab.load(tiny_model).count("hello world")

@@ -94,3 +94,16 @@ def test_a_job_is_done_only_once_its_manifest_is_written(registry, queue, tmp_pa
     registry.finalize(spec.job_id)
     assert registry.status(spec.job_id).state == "done" and registry.status(spec.job_id).finished
     assert (tmp_path / spec.input / keys.MANIFEST_KEY).exists()
+
+
+def test_a_job_whose_manifest_cannot_be_written_is_failed_not_finishing_forever(registry, queue, tmp_path):
+    """The last shard written, then finalize failing for good (the store gone for longer than the outage budget):
+    the worker reports the shard failed, and a waiter sees the job failed instead of waiting forever."""
+    spec = job(tmp_path, queue)
+    registry.start(spec)
+    registry.planned(spec.job_id, JobTotals(shards=2))
+    registry.shard_done(spec.job_id, result(0))
+    assert registry.shard_done(spec.job_id, result(1))
+    registry.shard_failed(spec.job_id, 1, "the store kept failing for 1800s and 8 retries: ...")
+    status = registry.status(spec.job_id)
+    assert status.state == "failed" and status.finished and status.failures == {1: status.failures[1]}

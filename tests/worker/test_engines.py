@@ -8,6 +8,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pyarrow.dataset as ds
@@ -19,7 +20,7 @@ from bulkembed.worker.engine import EngineOptions
 from bulkembed.worker.engines import EnginePool, EngineSetup
 from bulkembed.worker.selftest import MIN_COSINE
 from tests.conftest import REPO, cosines, free_port, mixed_texts, write_corpus
-from tests.faults_support import check_exactly_once, wait_until
+from tests.faults_support import Holds, alive, check_exactly_once, wait_until
 from tests.worker.test_metrics import scrape
 
 
@@ -112,6 +113,36 @@ def test_an_engine_process_killed_takes_its_pool_process_and_loses_nothing(cli_e
     log = worker.log.read_text()
     assert f"llama.cpp process {victim} died (killed by signal 9); this pool process exits" in log
     assert len(engine_process_pids(log)) >= 2, "a new pool process started a new engine"
+
+
+def test_a_replacement_engine_may_load_for_longer_than_celerys_default(cli_env, workers, tmp_path, tiny_model,
+                                                                         run_cli):
+    """Celery kills a new pool process that is not up within worker_proc_alive_timeout (4 s by default), and a real
+    model loads for longer. The pool process that replaces a killed one is held before its engine starts for 8 s,
+    as a slow load would: it is left to finish, and the worker embeds again."""
+    holds = Holds(tmp_path / "held")
+    workers.env = cli_env | holds.env
+    holds.auto_release()  # shards go on; engine starts stay held until released here
+    try:
+        worker = workers.start(tiny_model, "--engines", "1", wait=False)
+        starts = holds.folder.glob
+        for marker in wait_until(lambda: list(starts("engine-start-*.held")), 60, "the first engine start"):
+            marker.unlink()
+        (first,) = wait_until(lambda: engine_pids(worker.log.read_text()), 60, "the first engine ready")
+        os.kill(first, signal.SIGKILL)
+        (marker,) = wait_until(lambda: list(starts("engine-start-*.held")), 60, "the replacement's engine start")
+        replacement = int(marker.stem.rsplit("-", 1)[1])
+        time.sleep(8)  # twice Celery's default: the replacement must outlive it
+        assert alive(replacement) and list(starts("engine-start-*.held")) == [marker], "it was left to load"
+        marker.unlink()
+        wait_until(lambda: replacement in engine_pids(worker.log.read_text()), 60, "the replacement ready")
+        ids = [f"d{i}" for i in range(50)]
+        corpus = write_corpus(tmp_path / "c.parquet", ids, mixed_texts(len(ids), seed=3))
+        done = run_cli("submit", corpus, "--model", tiny_model, "--out", tmp_path / "out", "--wait")
+        assert done.returncode == 0, done.stderr[-3000:]
+        check_exactly_once(str(tmp_path / "out"), ids)
+    finally:
+        holds.stop()
 
 
 def test_probe_picks_a_measured_ubatch_and_restarts_use_the_cache(tiny_model, tmp_path):
