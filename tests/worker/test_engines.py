@@ -18,6 +18,7 @@ from bulkembed.contract.model import file_sha256
 from bulkembed.worker import probe
 from bulkembed.worker.engine import EngineOptions
 from bulkembed.worker.engines import EnginePool, EngineSetup
+from bulkembed.worker.hold import ENGINE_STARTS
 from bulkembed.worker.selftest import MIN_COSINE
 from tests.conftest import REPO, cosines, free_port, mixed_texts, write_corpus
 from tests.faults_support import Holds, alive, check_exactly_once, wait_until
@@ -121,6 +122,7 @@ def test_a_replacement_engine_may_load_for_longer_than_celerys_default(cli_env, 
     model loads for longer. The pool process that replaces a killed one is held before its engine starts for 8 s,
     as a slow load would: it is left to finish, and the worker embeds again."""
     holds = Holds(tmp_path / "held")
+    (holds.folder / ENGINE_STARTS).touch()
     workers.env = cli_env | holds.env
     holds.auto_release()  # shards go on; engine starts stay held until released here
     try:
