@@ -112,7 +112,8 @@ def test_an_engine_process_killed_takes_its_pool_process_and_loses_nothing(cli_e
 
     check_exactly_once(str(out), ids)
     log = worker.log.read_text()
-    assert f"llama.cpp process {victim} died (killed by signal 9); this pool process exits" in log
+    # Found dead mid-shard ("died (killed by signal 9)") or at the next shard's start ("died before this shard").
+    assert re.search(rf"llama\.cpp process {victim} died .*; this pool process exits", log), log[-3000:]
     assert len(engine_process_pids(log)) >= 2, "a new pool process started a new engine"
 
 
