@@ -28,7 +28,7 @@ from tests.faults_support import (
 )
 
 BOTO3_ATTEMPTS = 3  # boto3's standard default; its retries then take at most ~3 s
-FAILING_FOR = re.compile(r"store failing for (\d+)s")
+FAILING_FOR = re.compile(r"store failing for ([\d.]+)s")
 
 
 class Healthy:
@@ -107,7 +107,7 @@ def test_job_rides_out_a_store_blackout(tmp_path, s3_server, bucket, outage_env,
             workers.stop_all()
             submit.stop()
     assert proxy.refused > 0, "connections were refused while dark"
-    failing_for = [int(s) for s in FAILING_FOR.findall(logs)]
+    failing_for = [float(s) for s in FAILING_FOR.findall(logs)]
     assert failing_for and max(failing_for) >= blackout_s / 2, "shards kept retrying past boto3's own retries"
     wait_until(lambda: open_store(out).exists(keys.MANIFEST_KEY), 30, "the manifest")
     check_exactly_once(out, ids)  # read straight from moto, not through the proxy
@@ -160,7 +160,7 @@ def test_a_store_failing_past_the_outage_limit_fails_the_shard(tmp_path, s3_serv
     assert submit.process.returncode == 1, submit.stderr[-3000:]
     assert re.search(r"shard 1 failed: the store kept failing for [3-9]s and \d+ retries: S3 GET", submit.stderr), \
         submit.stderr[-3000:]
-    failing_for = [int(s) for s in FAILING_FOR.findall(log)]
+    failing_for = [float(s) for s in FAILING_FOR.findall(log)]
     assert failing_for[-1] < 3, "it kept retrying until the limit"
     status = json.loads(cli(env, "status", job_id, "--json").stdout)
     assert status["state"] == "failed" and list(status["failures"]) == ["1"]

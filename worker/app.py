@@ -116,7 +116,7 @@ class ModelTask(Task):
         self.registry.release_attempt(shard.job_id, shard.shard)
         # Under half the visibility timeout: a message held longer than that would be delivered twice.
         delay = backoff_s(retries, min(settings.store_backoff_max_s, settings.visibility_timeout / 2))
-        log.warning("job %s shard %d: %s; retry %d in %.1fs (store failing for %.0fs)", shard.job_id, shard.shard,
+        log.warning("job %s shard %d: %s; retry %d in %.1fs (store failing for %.1fs)", shard.job_id, shard.shard,
                     exc, retries + 1, delay, failing_s)
         raise self.retry(exc=exc, countdown=delay, kwargs={"unreachable_since": since}) from exc
 
