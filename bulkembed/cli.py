@@ -13,6 +13,7 @@ from typing import NoReturn
 from bulkembed.bench.cli import add_bench_parser
 from bulkembed.contract.errors import BulkEmbedError
 from bulkembed.contract.job import Dtype, Overlength, Pooling, Role, Task
+from bulkembed.contract.llama_process import LOG_FORMAT
 from bulkembed.contract.model import DEFAULT_MODEL
 from bulkembed.contract.settings import ProducerSettings, WorkerSettings, engines_spec, ubatch_spec
 from bulkembed.evaluate import add_eval_parser
@@ -249,8 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     try:  # settings are read while the parser is built (defaults) and by every command
         args = build_parser().parse_args(argv)
-        logging.basicConfig(level=ProducerSettings().log_level,  # [pid]: which engine of a worker said it
-                            format="%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s")
+        logging.basicConfig(level=ProducerSettings().log_level, format=LOG_FORMAT)  # as llama processes log
         return args.func(args)
     except BulkEmbedError as exc:
         print(f"bulkembed: {exc}", file=sys.stderr)

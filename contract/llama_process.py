@@ -120,6 +120,17 @@ class LlamaProcess:
             self.process.wait()
 
 
+def start(function: Callable[..., Any], *args: Any) -> tuple[LlamaProcess, Any]:
+    """A new llama process and the result of its first call (the one that loads what it serves); the process is
+    ended if that call fails."""
+    process = LlamaProcess()
+    try:
+        return process, process.call(function, *args)
+    except BaseException:
+        process.close()
+        raise
+
+
 def call_all(processes: list[LlamaProcess], function: Callable[..., Any], *args: Any) -> list[Any]:
     """The same call in every process at once (they run side by side); the results in process order."""
     for process in processes:

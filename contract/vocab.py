@@ -73,12 +73,15 @@ class Vocab:
         """Token ids as int32, framed by the special tokens the model's tokenizer adds to every text (BOS, EOS,
         [CLS], [SEP]) unless `special` is off; special-token text in a document stays text (parse_special off)."""
         data = text.encode("utf-8")
-        args = (self._vocab, data, len(data), self._buffer, len(self._buffer), special, False)
-        n = self._llama.llama_tokenize(*args)
+
+        def fill() -> int:  # the number of tokens, negated when the buffer is too small for them
+            return self._llama.llama_tokenize(self._vocab, data, len(data), self._buffer, len(self._buffer), special,
+                                              False)
+
+        n = fill()
         if n < 0:
             self._buffer = (self._llama.llama_token * (-n + 1024))()
-            n = self._llama.llama_tokenize(self._vocab, data, len(data), self._buffer, len(self._buffer), special,
-                                           False)
+            n = fill()
         return np.ctypeslib.as_array(self._buffer)[:n].astype(np.int32)
 
     @functools.cached_property
@@ -97,14 +100,9 @@ class TokenCounter:
     """Exact token counts for the producer, from a vocab-only load in a llama process beside it."""
 
     def __init__(self, path: str | Path):
-        from bulkembed.contract.llama_process import LlamaProcess
+        from bulkembed.contract.llama_process import start
 
-        self._process = LlamaProcess()
-        try:
-            self.n_tokens, self.tail = self._process.call(_load_vocab, str(path))
-        except BaseException:
-            self._process.close()
-            raise
+        self._process, self.tail = start(_load_vocab, str(path))
 
     def count_many(self, texts: list[str]) -> list[int]:
         """One round trip for a whole batch: counting a row costs microseconds, a call across processes more."""
@@ -126,10 +124,11 @@ class TokenCounter:
 _COUNTER_VOCAB: Vocab | None = None  # in a counter's llama process
 
 
-def _load_vocab(path: str) -> tuple[int, int]:
+def _load_vocab(path: str) -> int:
+    """The vocabulary's `tail`, which the producer's spans need."""
     global _COUNTER_VOCAB
     _COUNTER_VOCAB = Vocab.load(path)
-    return _COUNTER_VOCAB.n_tokens, _COUNTER_VOCAB.tail
+    return _COUNTER_VOCAB.tail
 
 
 def _count_many(texts: list[str]) -> list[int]:

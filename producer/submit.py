@@ -87,28 +87,31 @@ def plan_job(input_uri: str, model: str, out: str, options: JobOptions = JobOpti
                          f"or --prefix for models outside jina-embeddings-v4")
     store = open_store(out)
     counter = TokenCounter(path)
-    job = JobSpec(
-        input=input_uri, input_fingerprint=corpus.fingerprint, out=store.uri, model=ref,
-        task=task, role=options.role,
-        prefix=prefix_for(task, options.role) if options.prefix is None else options.prefix,
-        id_column=options.id_column, text_column=options.text_column, shard_tokens=options.shard_tokens,
-        max_tokens=choose_max_tokens(options.max_tokens, info, options.max_ubatch, ref.file_name),
-        overlength=options.overlength, pooling=pooling, dims=check_dims(options.dims, info, ref.file_name),
-        dtype=options.dtype,
-        # Token vectors are raw hidden states for the user to pool; normalizing each would break that.
-        normalize=options.normalize and pooling is not Pooling.NONE,
-        close_cut_rows=counter.tail > 0,
-    )
-    previous = None
-    if options.reuse is not None:
-        try:
-            previous = open_previous(options.reuse, job, corpus.id_type)
-            job = job.model_copy(update={"reuse": previous.source})
-        except IncompatibleReuse as exc:
-            if not options.ignore_incompatible_reuse:
-                counter.close()
-                raise
-            log.warning("%s; ignored as asked: every row is embedded", exc)
+    try:
+        job = JobSpec(
+            input=input_uri, input_fingerprint=corpus.fingerprint, out=store.uri, model=ref,
+            task=task, role=options.role,
+            prefix=prefix_for(task, options.role) if options.prefix is None else options.prefix,
+            id_column=options.id_column, text_column=options.text_column, shard_tokens=options.shard_tokens,
+            max_tokens=choose_max_tokens(options.max_tokens, info, options.max_ubatch, ref.file_name),
+            overlength=options.overlength, pooling=pooling, dims=check_dims(options.dims, info, ref.file_name),
+            dtype=options.dtype,
+            # Token vectors are raw hidden states for the user to pool; normalizing each would break that.
+            normalize=options.normalize and pooling is not Pooling.NONE,
+            close_cut_rows=counter.tail > 0,
+        )
+        previous = None
+        if options.reuse is not None:
+            try:
+                previous = open_previous(options.reuse, job, corpus.id_type)
+                job = job.model_copy(update={"reuse": previous.source})
+            except IncompatibleReuse as exc:
+                if not options.ignore_incompatible_reuse:
+                    raise
+                log.warning("%s; ignored as asked: every row is embedded", exc)
+    except BaseException:  # no job to count tokens for
+        counter.close()
+        raise
     return PlannedJob(job=job, corpus=corpus, counter=counter, store=store, previous=previous)
 
 
@@ -160,11 +163,11 @@ class _Accepted:
     spans: list[Span] | None
 
 
-def _accept(planned: PlannedJob, counter: TokenCounter, batch: pa.RecordBatch, source: str, first_row: int,
-            rejects: _Rejects, prefix_tokens: int) -> list[_Accepted]:
+def _accept(planned: PlannedJob, batch: pa.RecordBatch, source: str, first_row: int, rejects: _Rejects,
+            prefix_tokens: int) -> list[_Accepted]:
     """The rows of a batch that can be embedded or reused, in order; the rest quarantined with their reason.
     A row PREV_OUT has (same id, same content) is taken as is: its tokens were counted when it was embedded."""
-    job = planned.job
+    job, counter = planned.job, planned.counter
     texts, undecodable = decode_texts(batch.column(1))
     candidates = []
     for i, (doc_id, text) in enumerate(zip(batch.column(0).to_pylist(), texts, strict=True)):
@@ -205,13 +208,13 @@ def produce(planned: PlannedJob, emit: Callable[[ShardMessage], None],
 
     A resubmitted job plans the same shards (same job id, same input, same order); a shard whose
     output is already there goes to `written` instead of being queued again."""
-    with planned.counter as counter:
-        return _produce(planned, counter, emit, written)
+    with planned.counter:  # counting is over when produce is
+        return _produce(planned, emit, written)
 
 
-def _produce(planned: PlannedJob, counter: TokenCounter, emit: Callable[[ShardMessage], None],
+def _produce(planned: PlannedJob, emit: Callable[[ShardMessage], None],
              written: Callable[[ShardResult], None] | None) -> JobTotals:
-    job, store = planned.job, planned.store
+    job, store, counter = planned.job, planned.store, planned.counter
     store.put(keys.JOB_KEY, job.model_dump_json(indent=2).encode())
     prefix_tokens = counter.count(job.prefix)  # with the tokenizer's framing, even for no prefix
     planner = ShardPlanner(job.shard_tokens)
@@ -246,7 +249,7 @@ def _produce(planned: PlannedJob, counter: TokenCounter, emit: Callable[[ShardMe
         totals.tokens += sum(lengths)
 
     for source, first_row, batch in read_batches(planned.corpus, job.id_column, job.text_column):
-        accepted = _accept(planned, counter, batch, source, first_row, rejects, prefix_tokens)
+        accepted = _accept(planned, batch, source, first_row, rejects, prefix_tokens)
         duplicates = seen.add(id_hashes(row.id for row in accepted))
         reusing = []
         for row, duplicate in zip(accepted, duplicates, strict=True):

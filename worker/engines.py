@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bulkembed.contract.llama_process import LlamaProcess, call_all, imap_unordered
+from bulkembed.contract.llama_process import LlamaProcess, call_all, imap_unordered, start
 from bulkembed.worker import probe
 from bulkembed.worker.engine import Engine, EngineOptions
 from bulkembed.worker.rows import EmbeddedRows, ShardRows, embed_rows
@@ -36,7 +36,6 @@ class EngineFacts:
     """What an engine process found when it loaded the model."""
 
     gpu_offload: bool
-    n_embd: int
     load_seconds: float
     candidates: list[int]  # the probe's ubatch candidates this model can take
 
@@ -44,7 +43,7 @@ class EngineFacts:
 def _start_engine(model_path: str, options: EngineOptions) -> EngineFacts:
     global _ENGINE
     _ENGINE = Engine(model_path, options)
-    return EngineFacts(_ENGINE.gpu_offload, _ENGINE.n_embd, _ENGINE.load_seconds, probe.candidates_for(_ENGINE))
+    return EngineFacts(_ENGINE.gpu_offload, _ENGINE.load_seconds, probe.candidates_for(_ENGINE))
 
 
 def engine() -> Engine:
@@ -59,7 +58,7 @@ def _embed_rows(rows: ShardRows) -> EmbeddedRows:
 
 def _embed_numbered(item: tuple[int, ShardRows]) -> tuple[int, EmbeddedRows]:
     number, rows = item
-    return number, embed_rows(engine(), rows)
+    return number, _embed_rows(rows)
 
 
 def _warm_candidate(ubatch: int) -> None:
@@ -85,12 +84,7 @@ class EngineProcess:
     """One engine in a llama process of its own: what a Celery pool process embeds its shards with."""
 
     def __init__(self, model_path: Path, options: EngineOptions):
-        self.process = LlamaProcess()
-        try:
-            self.facts: EngineFacts = self.process.call(_start_engine, str(model_path), options)
-        except BaseException:
-            self.process.close()
-            raise
+        self.process, self.facts = start(_start_engine, str(model_path), options)
 
     @property
     def pid(self) -> int:

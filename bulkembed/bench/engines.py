@@ -4,18 +4,15 @@ from __future__ import annotations
 
 import time
 
-from bulkembed.bench.inprocess import Corpus, plan_shards
+from bulkembed.bench.inprocess import Corpus, embed_texts, plan_shards
 from bulkembed.bench.meter import Meter, Result
-from bulkembed.worker.engine import EngineOptions, l2_normalize
+from bulkembed.worker.engine import EngineOptions
 from bulkembed.worker.engines import EnginePool, EngineSetup, engine
 
 
 def _embed_shard(texts: list[str]) -> int:
-    """In an engine process: what worker.rows.embed_rows does with a shard's texts."""
-    this = engine()
-    docs = [this.vocab.tokenize(t) for t in texts]
-    l2_normalize(this.embed(docs))
-    return sum(len(d) for d in docs)
+    """In an engine process: the in-process mode's work on one shard."""
+    return embed_texts(engine(), texts)
 
 
 def run_engines(model: str, corpus: Corpus, options: EngineOptions, engines: int, ubatch: int | str,

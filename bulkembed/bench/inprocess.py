@@ -99,14 +99,19 @@ def drop_context(engine: Engine) -> None:
         engine._context = None
 
 
+def embed_texts(engine: Engine, texts: list[str]) -> int:
+    """What the worker does with a shard's texts (worker.rows.embed_rows, without its checks); tokens embedded."""
+    docs = [engine.vocab.tokenize(t) for t in texts]
+    l2_normalize(engine.embed(docs))
+    return sum(len(d) for d in docs)
+
+
 def run_bulkembed(engine: Engine, corpus: Corpus, shard_tokens: int) -> Result:
     tokens, made, seconds = 0, engine.contexts_made, engine.context_seconds
     with Meter() as meter:
         shards = plan_shards(corpus, shard_tokens)
-        for shard in shards:  # what worker.shard.embed_shard does, without the Arrow I/O
-            docs = [engine.vocab.tokenize(d.text) for d in shard]
-            l2_normalize(engine.embed(docs))
-            tokens += sum(len(d) for d in docs)
+        for shard in shards:
+            tokens += embed_texts(engine, [d.text for d in shard])
     # Making a context (a new shard shape) is part of the per-shard path; on a GPU it is not free.
     contexts = f"{engine.contexts_made - made} contexts made in {engine.context_seconds - seconds:.2f}s"
     return Result.of("bulkembed", len(corpus.texts), tokens, meter,
