@@ -105,8 +105,7 @@ class LlamaProcess:
             code = self.process.wait(CLOSE_WAIT_S)
         except subprocess.TimeoutExpired:
             code = None
-        how = f"killed by signal {-code}" if code and code < 0 else f"exit code {code}"
-        return LlamaProcessDied(f"llama.cpp process {self.pid} died ({how})")
+        return LlamaProcessDied(f"llama.cpp process {self.pid} {death_cause(code)}")
 
     def close(self) -> None:
         """End the child: it exits when its socket closes; one busy in a call is killed (its result is abandoned)."""
@@ -118,6 +117,35 @@ class LlamaProcess:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
+
+
+REBUILD_HINT = "rebuild llama.cpp with `bash infra/install.sh` (infra/llama-cpp/build.sh: native flags, no AMX)"
+# What each signal usually means when llama.cpp dies of it, and what to do: one line a user can act on.
+SIGNAL_CAUSES = {
+    signal.SIGILL: "an illegal instruction: this llama.cpp build runs CPU instructions this machine cannot "
+                   f"(llama.cpp's AMX path on Sapphire Rapids-class CPUs, or a build for another CPU); {REBUILD_HINT}",
+    signal.SIGSEGV: "a segmentation fault inside llama.cpp: a corrupt or truncated model file, or a llama.cpp bug; "
+                    f"check the file's sha256, then {REBUILD_HINT}",
+    signal.SIGBUS: "a bus error: the model file changed or shrank while mapped, or the disk under it failed",
+    signal.SIGABRT: "an abort: llama.cpp stopped on a failed check (its GGML_ASSERT message is in the log above)",
+    signal.SIGFPE: f"an arithmetic fault inside llama.cpp; {REBUILD_HINT}",
+    signal.SIGKILL: "a kill: most often the kernel's out-of-memory killer (fewer engines, a smaller ubatch), or a "
+                    "person or supervisor",
+}
+
+
+def death_cause(code: int | None) -> str:
+    """How a llama process ended, from its exit code (negative: the signal), with what it usually means."""
+    if code is None:
+        return "stopped answering and did not exit"
+    if code >= 0:
+        return f"died (exit code {code})"
+    try:
+        name = signal.Signals(-code).name
+    except ValueError:
+        name = f"signal {-code}"
+    cause = SIGNAL_CAUSES.get(-code)
+    return f"died of {name}" + (f", {cause}" if cause else "")
 
 
 def start(function: Callable[..., Any], *args: Any) -> tuple[LlamaProcess, Any]:

@@ -133,6 +133,11 @@ class WorkerSettings(Settings):
                          "engines.", ge=0)
     metrics_port: int = Field(9100, ge=0, le=65535, description="Port of the Prometheus /metrics endpoint; 0 = off.")
     flash_attn: Literal["auto", "on", "off"] = Field("auto", description="Flash attention (auto: where supported).")
+    skip_lm_head: bool = Field(
+        True, description="Leave the LM head and its logits copy out of every decode (embeddings never read them), "
+        "where the llama.cpp build can: infra/install.sh builds one that can. False only to measure what the head "
+        "costs; vectors are the same either way.",
+    )
     logical_batch: int = Field(
         0, ge=0, description="Tokens per decode above the ubatch, as upstream tools do. Makes pooled means of "
         "long documents wrong; exists so benchmarks can compare and the start-up self-test can prove it refuses it.",

@@ -4,26 +4,29 @@
 #   docker build -f infra/producer.Dockerfile -t bulkembed/producer:0.1.0 .                        # producer (last stage)
 #   docker build -f infra/producer.Dockerfile --target worker-cpu -t bulkembed/worker:0.1.0-cpu .  # CPU worker, laptops
 #
-# GGML_NATIVE=OFF keeps the image portable across x86-64 CPUs (AVX2 still on); for a CPU worker
-# built and run on the same machine, --build-arg CMAKE_ARGS="-DLLAVA_BUILD=OFF -DGGML_NATIVE=ON"
-# is faster.
+# LLAMA_TARGET=--portable keeps the image portable across x86-64 CPUs (AVX2 on, AMX never); for a CPU
+# worker built and run on the same machine, --build-arg LLAMA_TARGET=--native is faster (AVX-512 where the
+# CPU has it). llama.cpp is built by the project's one recipe, infra/llama-cpp/build.sh.
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
 FROM ${PYTHON_IMAGE} AS build
-ARG CMAKE_ARGS="-DLLAVA_BUILD=OFF -DGGML_NATIVE=OFF"
+ARG LLAMA_TARGET=--portable
 ENV DEBIAN_FRONTEND=noninteractive \
     PIP_NO_CACHE_DIR=1 \
-    PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    CMAKE_ARGS="${CMAKE_ARGS}"
+    PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN apt-get update \
  && apt-get install -y --no-install-recommends build-essential cmake ninja-build \
  && rm -rf /var/lib/apt/lists/*
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
-# Dependencies first (see infra/worker.Dockerfile): the llama-cpp-python build gets its own layer.
+# llama.cpp first, then the other dependencies, each in its own layer (see infra/worker.Dockerfile).
 # constraints.txt pins the tested versions (llama-cpp-python among them), the same in every image.
+COPY infra/constraints.txt infra/constraints.txt
+COPY infra/llama-cpp infra/llama-cpp
+RUN wheel=$(bash infra/llama-cpp/build.sh "${LLAMA_TARGET}" --out /tmp/wheels) \
+ && pip install -c infra/constraints.txt --no-deps "$wheel"
 COPY pyproject.toml README.md infra/constraints.txt ./
 RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
         > /tmp/requirements.txt \

@@ -23,12 +23,16 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/*
 RUN python3 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
-# GGML_NATIVE=OFF: the CPU code must not assume the build machine's instruction set.
-ENV CMAKE_ARGS="-DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=${CUDA_ARCHS} -DLLAVA_BUILD=OFF -DGGML_NATIVE=OFF"
 WORKDIR /src
-# Dependencies first, read from pyproject.toml: the long llama-cpp-python build stays in its own
-# layer and is redone only when the dependencies or CUDA_ARCHS change, not on every code change.
-# constraints.txt pins the tested versions (llama-cpp-python among them), the same in every image.
+# llama.cpp first, in its own layer, by the project's one recipe (infra/llama-cpp/build.sh): llama-cpp-python at
+# the pinned version with the patch that leaves the LM head out of embedding decodes, for CUDA_ARCHS, portable CPU
+# code (GGML_NATIVE=OFF, no AMX). Redone only when the recipe, its patches or CUDA_ARCHS change.
+COPY infra/constraints.txt infra/constraints.txt
+COPY infra/llama-cpp infra/llama-cpp
+RUN wheel=$(bash infra/llama-cpp/build.sh --cuda "${CUDA_ARCHS}" --out /tmp/wheels) \
+ && pip install -c infra/constraints.txt --no-deps "$wheel"
+# Then the other dependencies, read from pyproject.toml, so a code change does not redo them.
+# constraints.txt pins the tested versions (llama-cpp-python==0.3.36 is met by the local build 0.3.36+bulkembed.*).
 COPY pyproject.toml README.md infra/constraints.txt ./
 RUN python3 -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
         > /tmp/requirements.txt \

@@ -52,6 +52,7 @@ WRONG_SETTINGS = [
     ("METRICS_PORT", "70000"),
     ("FLASH_ATTN", "maybe"),
     ("LOGICAL_BATCH", "-1"),
+    ("SKIP_LM_HEAD", "sometimes"),
     ("REDIS_WAIT_S", "-5"),
 ]
 

@@ -116,8 +116,9 @@ class ModelTask(Task):
         self.registry.release_attempt(shard.job_id, shard.shard)
         # Under half the visibility timeout: a message held longer than that would be delivered twice.
         delay = backoff_s(retries, min(settings.store_backoff_max_s, settings.visibility_timeout / 2))
+        # Cut, not rounded, to a tenth: a retry at 2.96 s of a 3 s limit must not read as 3.0 s.
         log.warning("job %s shard %d: %s; retry %d in %.1fs (store failing for %.1fs)", shard.job_id, shard.shard,
-                    exc, retries + 1, delay, failing_s)
+                    exc, retries + 1, delay, int(failing_s * 10) / 10)
         raise self.retry(exc=exc, countdown=delay, kwargs={"unreachable_since": since}) from exc
 
 

@@ -35,12 +35,28 @@ class EngineOptions:
     # Tokens per decode above the ubatch: how upstream tools run, wrong for long documents. Only
     # for benchmarks and to prove the self-test refuses it; 0 keeps every decode one ubatch.
     logical_batch: int = 0
+    # Leave the LM head (and its logits copy) out of every decode where the llama.cpp build can
+    # (infra/llama-cpp: patches/0001); off only to measure what it costs.
+    skip_lm_head: bool = True
+
+
+# The switch of infra/llama-cpp/patches/0001, read by llama.cpp when a context is created.
+NO_LOGITS_ENV = "LLAMA_EMBEDDINGS_NO_LOGITS"
+
+
+def lm_head_skipper(llama: object) -> Callable[[object], bool] | None:
+    """`llama_get_embeddings_no_logits` of a patched llama.cpp build; None for a stock one."""
+    function = getattr(llama.llama_cpp._lib, "llama_get_embeddings_no_logits", None)
+    if function is not None:
+        function.argtypes, function.restype = [ctypes.c_void_p], ctypes.c_bool
+    return function
 
 
 class _Context:
     """A llama_context and the numpy-backed batch that feeds it."""
 
-    def __init__(self, llama: object, model: object, shape: ContextShape, options: EngineOptions):
+    def __init__(self, llama: object, model: object, shape: ContextShape, options: EngineOptions,
+                 skip_lm_head: bool):
         self._llama = llama
         self.shape = shape
         params = llama.llama_context_default_params()
@@ -58,7 +74,16 @@ class _Context:
             params.flash_attn_type = (
                 llama.LLAMA_FLASH_ATTN_TYPE_ENABLED if options.flash_attn else llama.LLAMA_FLASH_ATTN_TYPE_DISABLED
             )
-        self.ctx = llama.llama_init_from_model(model, params)
+        # Set only while this context is made: a Llama.embed peer in the same process (the bench) stays stock.
+        previous = os.environ.pop(NO_LOGITS_ENV, None)
+        try:
+            if skip_lm_head:
+                os.environ[NO_LOGITS_ENV] = "1"
+            self.ctx = llama.llama_init_from_model(model, params)
+        finally:
+            os.environ.pop(NO_LOGITS_ENV, None)
+            if previous is not None:
+                os.environ[NO_LOGITS_ENV] = previous
         if not self.ctx:
             raise EngineError(f"llama.cpp could not create a context {shape}")
         self.memory = llama.llama_get_memory(self.ctx)  # NULL for encoders (BERT): they keep no KV cache
@@ -118,11 +143,23 @@ class Engine:
         self.n_embd = llama_cpp.llama_model_n_embd(self.model)
         self.n_ctx_train = llama_cpp.llama_model_n_ctx_train(self.model)
         self.gpu_offload = offload
+        self._head_skipped_by = lm_head_skipper(llama_cpp)
+        # What the build allows and the options ask: checked again on every context made.
+        self.lm_head_skipped = options.skip_lm_head and self._head_skipped_by is not None
         self._context: _Context | None = None
         self.contexts_made, self.context_seconds = 0, 0.0  # what shape changes cost (the bench reports it)
-        log.info("model %s loaded in %.1fs (n_embd %d, %s, %s pooling, gpu offload %s)", self.model_path.name,
-                 self.load_seconds, self.n_embd, "causal" if self.info.causal else "non-causal", self.pooling.value,
-                 offload)
+        log.info("model %s loaded in %.1fs (n_embd %d, %s, %s pooling, gpu offload %s); LM head: %s",
+                 self.model_path.name, self.load_seconds, self.n_embd, "causal" if self.info.causal else "non-causal",
+                 self.pooling.value, offload, self.lm_head_state)
+
+    @property
+    def lm_head_state(self) -> str:
+        """What the engine does with the LM head, in words for logs and reports."""
+        if self.lm_head_skipped:
+            return "skipped"
+        if self._head_skipped_by is None:
+            return "computed (a stock llama.cpp build: infra/install.sh builds one that skips it)"
+        return "computed (skip_lm_head is off)"
 
     def close(self) -> None:
         if self._context:
@@ -147,7 +184,10 @@ class Engine:
             current.free()
         self._context = None
         started = time.perf_counter()
-        self._context = _Context(self._llama, self.model, shape, self.options)
+        self._context = _Context(self._llama, self.model, shape, self.options, self.lm_head_skipped)
+        if self._head_skipped_by is not None and self._head_skipped_by(self._context.ctx) != self.lm_head_skipped:
+            raise EngineError(f"llama.cpp made a context that {'computes' if self.lm_head_skipped else 'skips'} the "
+                              f"LM head, against the engine's choice ({self.lm_head_state})")
         self.contexts_made += 1
         self.context_seconds += time.perf_counter() - started
         log.debug("new context %s", shape)

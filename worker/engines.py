@@ -38,12 +38,15 @@ class EngineFacts:
     gpu_offload: bool
     load_seconds: float
     candidates: list[int]  # the probe's ubatch candidates this model can take
+    lm_head_skipped: bool  # the build leaves the LM head out (infra/llama-cpp/patches/0001) and the options let it
+    lm_head: str  # the same in words, for logs and reports
 
 
 def _start_engine(model_path: str, options: EngineOptions) -> EngineFacts:
     global _ENGINE
     _ENGINE = Engine(model_path, options)
-    return EngineFacts(_ENGINE.gpu_offload, _ENGINE.load_seconds, probe.candidates_for(_ENGINE))
+    return EngineFacts(_ENGINE.gpu_offload, _ENGINE.load_seconds, probe.candidates_for(_ENGINE),
+                       _ENGINE.lm_head_skipped, _ENGINE.lm_head_state)
 
 
 def engine() -> Engine:
@@ -118,6 +121,8 @@ class EnginePlan:
     engines: int
     options: EngineOptions
     gpu_offload: bool
+    lm_head_skipped: bool
+    lm_head: str  # EngineFacts.lm_head
     probe: probe.ProbeResult | None = None
     self_test_cosine: float | None = None
 
@@ -191,7 +196,9 @@ class EnginePool:
         self.call_all(_set_ubatch, ubatch)
         cosine = self.processes[0].call(_self_test) if self_test else None
         self.options = dataclasses.replace(self.options, ubatch=ubatch)
-        return EnginePlan(self.engines, self.options, self.facts.gpu_offload, result, cosine)
+        log.info("LM head: %s", self.facts.lm_head)
+        return EnginePlan(self.engines, self.options, self.facts.gpu_offload, self.facts.lm_head_skipped,
+                          self.facts.lm_head, result, cosine)
 
     def imap(self, function: Callable[[Any], Any], items: Iterable[Any]) -> Iterator[Any]:
         """`function(item)` in the engine processes (it calls `engine()`), results as they finish."""

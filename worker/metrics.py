@@ -25,6 +25,8 @@ MODEL_LOAD_SECONDS = Gauge("bulkembed_model_load_seconds", "Seconds the resident
 ENGINES = Gauge("bulkembed_engines", "Engine processes of this worker.", ["model"], multiprocess_mode="max")
 UBATCH = Gauge("bulkembed_ubatch", "The ubatch cap the engines use (pinned, cached or measured at start).",
                ["model"], multiprocess_mode="max")
+LM_HEAD_SKIPPED = Gauge("bulkembed_lm_head_skipped", "1 where the engines leave the LM head out of every decode "
+                        "(patched llama.cpp), 0 where they compute it.", ["model"], multiprocess_mode="max")
 QUEUE_WAIT = Histogram("bulkembed_queue_wait_seconds", "From a shard's enqueue to its start.", ["model"],
                        buckets=(1, 5, 15, 60, 300, 900, 3600, 4 * 3600, 24 * 3600))
 
@@ -43,9 +45,10 @@ def shard_failed(model: str) -> None:
     SHARDS.labels(model, "failed").inc()
 
 
-def worker_started(model: str, engines: int, ubatch: int) -> None:
+def worker_started(model: str, engines: int, ubatch: int, lm_head_skipped: bool) -> None:
     ENGINES.labels(model).set(engines)
     UBATCH.labels(model).set(ubatch)
+    LM_HEAD_SKIPPED.labels(model).set(int(lm_head_skipped))
 
 
 def engine_stopped(pid: int) -> None:

@@ -16,6 +16,7 @@ import tempfile
 from pathlib import Path
 
 from bulkembed.contract.job import ModelRef
+from bulkembed.contract.llama_process import LlamaProcessDied
 from bulkembed.contract.settings import WorkerSettings
 from bulkembed.worker.engines import EnginePool, EngineSetup
 from bulkembed.worker.selftest import SelfTestError
@@ -27,7 +28,7 @@ def serve(ref: ModelRef, path: Path, setup: EngineSetup, settings: WorkerSetting
     with EnginePool(path, ref.sha256, setup) as pool:
         try:
             plan = pool.start(self_test=True)
-        except SelfTestError as exc:
+        except (SelfTestError, LlamaProcessDied) as exc:  # a build that cannot embed here: say why, once
             log.critical("%s; refusing to start", exc)
             return 3
     engines = plan.engines if plan.gpu_offload or setup.engines != "auto" else 1
@@ -41,7 +42,7 @@ def serve(ref: ModelRef, path: Path, setup: EngineSetup, settings: WorkerSetting
     from bulkembed.worker import metrics
 
     metrics.serve_engines(settings.metrics_port)
-    metrics.worker_started(ref.file_name, engines, plan.options.ubatch)
+    metrics.worker_started(ref.file_name, engines, plan.options.ubatch, plan.lm_head_skipped)
     worker_app.MODEL = worker_app.ResidentModel(path=path, sha256=ref.sha256, options=plan.options)
     worker_app.app.worker_main([
         "worker", "--queues", ref.queue, "--concurrency", str(engines), "--pool", "prefork",

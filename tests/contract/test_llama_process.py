@@ -4,6 +4,7 @@ errors cross back as themselves, and a llama process never outlives its parent."
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -48,7 +49,7 @@ def test_an_error_in_a_llama_process_is_raised_as_itself(tmp_path):
 def test_a_killed_llama_process_is_reported_with_how_it_died(tiny_model):
     counter = TokenCounter(tiny_model)
     os.kill(counter._process.pid, signal.SIGKILL)
-    with pytest.raises(LlamaProcessDied, match=r"died \(killed by signal 9\)"):
+    with pytest.raises(LlamaProcessDied, match=r"died of SIGKILL, a kill"):
         counter.count("hello")
     counter.close()
 
@@ -96,3 +97,16 @@ def test_a_call_a_llama_process_cannot_read_is_an_error_and_it_lives_on(tiny_mod
         with pytest.raises(ImportError, match="must not be imported in a llama.cpp process"):
             counter._process.call(_count_many, pa.table({"text": ["a"]}))
         assert counter.count("hello world") == Vocab.load(tiny_model).count("hello world")
+
+
+def test_a_llama_process_dead_of_an_illegal_instruction_says_how_to_rebuild(tiny_model):
+    """What a build with instructions the CPU lacks (llama.cpp's AMX path, NOTES.md 28) looks like to a user: one
+    line naming the signal, what it means and the command that rebuilds."""
+    counter = TokenCounter(tiny_model)
+    os.kill(counter._process.pid, signal.SIGILL)
+    with pytest.raises(LlamaProcessDied) as died:
+        counter.count("hello")
+    counter.close()
+    message = str(died.value)
+    assert "\n" not in message
+    assert re.search(r"died of SIGILL, an illegal instruction: .*AMX.*bash infra/install\.sh", message), message
