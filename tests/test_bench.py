@@ -151,3 +151,20 @@ def test_non_causal_model_is_measured_against_llama_embed(tmp_path: Path) -> Non
     assert rows["bulkembed"]["tokens"] == rows["llama-embed"]["tokens"] == report["corpus"]["tokens"]
     assert "mean pooling" in rows["llama-embed"]["note"]
     assert any(n.startswith("seed: not run on a non-causal model") for n in report["notes"])
+
+
+def test_the_head_mode_measures_the_lm_head_computed_beside_it_skipped(tmp_path: Path) -> None:
+    """`bulkembed-head` is the bulkembed path as a stock llama.cpp runs it: the report says which the engine runs
+    and what the head costs."""
+    done = subprocess.run([sys.executable, "-m", "bulkembed.bench", "--synthetic-model", "tiny", "--quant", "F32",
+                           "--synthetic", "30", "--threads", "1", "--modes", "bulkembed,bulkembed-head", "--work",
+                           str(tmp_path), "--json"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    rows = {r["mode"]: r for r in report["modes"]}
+    assert list(rows) == ["bulkembed", "bulkembed-head"]
+    assert report["lm_head"] == "skipped"
+    assert rows["bulkembed"]["note"].endswith("LM head skipped")
+    assert rows["bulkembed-head"]["note"].endswith("LM head computed (skip_lm_head is off)")
+    assert rows["bulkembed-head"]["tokens"] == rows["bulkembed"]["tokens"]
+    assert re.search(r"==> bulkembed without / with the LM head = [\d.]+ \(the head's share", format_report(report))

@@ -39,7 +39,8 @@ from bulkembed.worker.engine import Engine, EngineOptions
 
 log = logging.getLogger(__name__)
 
-MODES = ("bulkembed", "raw", "llama-embed", "seed", "llama-embedding", "transformers")
+# bulkembed-head: the bulkembed path with the LM head computed, as on a stock llama.cpp build (what skipping it saves).
+MODES = ("bulkembed", "bulkembed-head", "raw", "llama-embed", "seed", "llama-embedding", "transformers")
 DEFAULT_MODES = ("bulkembed", "raw", "llama-embed", "seed", "llama-embedding")
 SWEEP_UBS = (64, 128, 256, 512, 1024, 2048, 4096)  # the seed blog's grid
 SWEEP_CTXS = (64, 128, 256, 512, 2048, 4096, 8192, 16384)
@@ -114,19 +115,26 @@ def measure(model: Path, quant: str | None, modes: list[str], args: argparse.Nam
         ubatch = run_engines_probe(model, options, args)
         options = dataclasses.replace(options, ubatch=ubatch)
     engine = Engine(model, options)
+    with_head = Engine(model, dataclasses.replace(options, skip_lm_head=False)) if "bulkembed-head" in modes else None
     results: dict[str, list[Result]] = {}
     try:
         report = describe(engine, model, quant)
         corpus = load_corpus(args, engine)
-        engine.embed(corpus.tokens[:8])  # warm-up: the first decodes page the weights in
+        for warm in (engine, with_head):  # the first decodes page the weights in
+            if warm:
+                warm.embed(corpus.tokens[:8])
         runs = {"bulkembed": lambda: run_bulkembed(engine, corpus, args.shard_tokens),
                 "raw": lambda: run_raw(engine, corpus, args.shard_tokens), "seed": lambda: run_seed(engine, corpus)}
+        if with_head:
+            runs["bulkembed-head"] = lambda: run_bulkembed(with_head, corpus, args.shard_tokens, "bulkembed-head")
         pooling = engine.pooling
         if not engine.info.causal:  # the seed recipe splits documents across ubatches: wrong for such a model
             runs.pop("seed")
         for attempt in range(args.repeat):  # round robin, so a burst of other load hits every mode alike
             for mode in (m for m in modes if m in runs):
-                drop_context(engine)
+                for each in (engine, with_head):
+                    if each:
+                        drop_context(each)
                 result = runs[mode]()
                 log.info("bench: %s run %d: %.0f tok/s", mode, attempt + 1, result.tokens / result.seconds)
                 if mode not in results or result.seconds < results[mode][0].seconds:
@@ -134,6 +142,8 @@ def measure(model: Path, quant: str | None, modes: list[str], args: argparse.Nam
         sweep = run_sweep(engine, corpus, args.ubs, args.ctxs, args.repeat) if args.sweep else None
     finally:
         engine.close()  # before the other modes load their own copies: peak RSS must not count two models
+        if with_head:
+            with_head.close()
     gpu = report["device"]["gpu_offload"]
     notes = []
     if "seed" in modes and "seed" not in results:

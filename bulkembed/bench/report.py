@@ -28,6 +28,7 @@ def describe(engine: Engine, model: Path, quant: str | None) -> dict:
                   "n_vocab": engine.vocab.n_tokens, "n_ctx_train": engine.n_ctx_train},
         "device": {"gpu_offload": gpu, "summary": ("GPU offload; " if gpu else "CPU only; ") + summary,
                    "system_info": flags.strip(), "cpus": os.cpu_count()},
+        "lm_head": engine.lm_head_state,
     }
 
 
@@ -41,6 +42,7 @@ def format_report(report: dict) -> str:
         f"run     threads {report['threads']}, ubatch cap {report['ubatch']}, flash-attn {report['flash_attn']}, "
         f"shard tokens {report['shard_tokens']}, best of {report['repeat']}",
         f"device  {report['device']['summary']}",
+        f"LM head {report.get('lm_head', '?')} (the bulkembed row's engine)",
         f"memory  {report['rss_note']}; peak RSS includes the resident model", "",
     ]
     header = ("mode", "docs", "tokens", "seconds", "tok/s", "docs/s", "peak RSS MiB", "peak VRAM MiB", "ratio to raw",
@@ -57,7 +59,10 @@ def format_report(report: dict) -> str:
         verdict = "meets" if ratio >= 0.95 else "BELOW"
         lines += ["", f"==> bulkembed / raw = {ratio:.3f} ({verdict} the >= 0.95 target)"]
     rate = {r["mode"]: r["tok_per_s"] for r in report["modes"]}
-    best = max((m for m in rate if m.startswith("bulkembed")), key=rate.get, default=None)
+    best = max((m for m in rate if m.startswith("bulkembed") and m != "bulkembed-head"), key=rate.get, default=None)
+    if "bulkembed-head" in rate and "bulkembed" in rate:
+        lines.append(f"==> bulkembed without / with the LM head = {rate['bulkembed'] / rate['bulkembed-head']:.2f} "
+                     f"(the head's share of the time: {1 - rate['bulkembed-head'] / rate['bulkembed']:.0%})")
     for peer in ("llama-embedding", "llama-embed", "transformers"):
         if best and peer in rate:
             lines.append(f"==> {best} / {peer} = {rate[best] / rate[peer]:.2f}")

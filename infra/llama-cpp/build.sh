@@ -6,6 +6,7 @@
 #
 #   infra/llama-cpp/build.sh [--native | --portable | --cuda ARCHS] [--out DIR]   # builds (or reuses) the wheel, prints its path
 #   infra/llama-cpp/build.sh --source DIR                                        # only the patched source tree, into DIR
+#   infra/llama-cpp/build.sh [--native | ...] --version                          # the version it would build, nothing else
 #
 #   --native    this machine's instruction set, AVX-512 included where it has it, AMX never (the default)
 #   --portable  any x86-64 with AVX2 (images: GGML_NATIVE=OFF)
@@ -20,7 +21,7 @@ VERSION=${LLAMA_CPP_PYTHON_VERSION:-$(sed -n 's/^llama-cpp-python==//p' "$HERE/.
 CACHE=${BULKEMBED_WHEEL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/bulkembed/wheels}
 NO_AMX="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
 
-target=native cuda_archs="" out="" source_only=""
+target=native cuda_archs="" out="" source_only="" version_only=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --native) target=native ;;
@@ -28,6 +29,7 @@ while [ $# -gt 0 ]; do
     --cuda) target=cuda; cuda_archs=$2; shift ;;
     --out) out=$2; shift ;;
     --source) source_only=$2; shift ;;
+    --version) version_only=1 ;;
     *) echo "build.sh: unknown argument $1" >&2; exit 2 ;;
   esac
   shift
@@ -62,6 +64,10 @@ cpu=""
 [ "$target" = native ] && cpu=$(grep -m1 '^flags' /proc/cpuinfo 2>/dev/null || uname -m)
 key=$( { cat "$HERE"/patches/*.patch; echo "$VERSION|$args|$cpu"; } | sha256sum | cut -c1-12)
 local_version="$VERSION+bulkembed.$key"
+if [ -n "$version_only" ]; then
+  echo "$local_version"
+  exit 0
+fi
 out=${out:-$CACHE}
 mkdir -p "$out"
 wheel=$(ls "$out"/llama_cpp_python-"$local_version"-*.whl 2>/dev/null | head -1 || true)
