@@ -1,4 +1,4 @@
-"""The `bulkembed` command: submit, worker, status, run."""
+"""The `bulkembed` command: submit, worker, status, run, embed."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from bulkembed.contract.llama_process import LOG_FORMAT
 from bulkembed.contract.model import DEFAULT_MODEL
 from bulkembed.contract.settings import ProducerSettings, WorkerSettings, engines_spec, ubatch_spec
 from bulkembed.evaluate import add_eval_parser
+from bulkembed.query import add_embed_parser
 
 log = logging.getLogger("bulkembed")
 
@@ -100,7 +101,8 @@ def _engine_setup(args: argparse.Namespace):
     settings = WorkerSettings()
     options = EngineOptions(ubatch=args.ubatch if isinstance(args.ubatch, int) else 512, gpu_layers=args.gpu_layers,
                             threads=args.threads, flash_attn={"auto": None, "on": True, "off": False}[args.flash_attn],
-                            logical_batch=settings.logical_batch, skip_lm_head=settings.skip_lm_head)
+                            logical_batch=settings.logical_batch, skip_lm_head=settings.skip_lm_head,
+                            min_decode=settings.min_decode)
     return EngineSetup(options, engines=args.engines, ubatch=args.ubatch, probe_cache=settings.probe_cache)
 
 
@@ -242,6 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     _worker_arguments(run)
     run.set_defaults(func=cmd_run)
 
+    add_embed_parser(commands)
     add_eval_parser(commands)
     add_bench_parser(commands)
     return parser

@@ -88,10 +88,18 @@ def _write_bpe_vocab(writer, n_vocab: int, add_eos: bool) -> None:
         writer.add_add_eos_token(True)
 
 
+OUTLIER_FEATURES = 4  # hidden features an outlier model makes huge
+
+
 def write_qwen2vl_gguf(path: str | Path, shape: ModelShape = TINY, seed: int = 0, dtype: str = "f32",
-                       name: str = "synthetic-qwen2vl", matryoshka_dims: tuple[int, ...] | None = None) -> Path:
+                       name: str = "synthetic-qwen2vl", matryoshka_dims: tuple[int, ...] | None = None,
+                       outlier_gain: float = 0.0) -> Path:
     """Write a random `qwen2vl` model to `path` and return it. dtype: f32 or f16. Matryoshka sizes,
-    when given, are declared as `qwen2vl.matryoshka_dims`."""
+    when given, are declared as `qwen2vl.matryoshka_dims`.
+
+    `outlier_gain` > 0 gives it what trained decoders have and random weights lack: a few hidden features (4) with
+    activations `outlier_gain` times the rest, in the token embeddings and fed again by every FFN. Real quantized
+    models show llama.cpp's kernel regimes through them (NOTES.md 30); plain random weights do not."""
     import gguf  # only the generator needs it
 
     path = Path(path)
@@ -118,6 +126,16 @@ def write_qwen2vl_gguf(path: str | Path, shape: ModelShape = TINY, seed: int = 0
         writer.add_tensor(tensor_name, (1.0 + 0.1 * rng.standard_normal(n)).astype(np.float32))
 
     kv = shape.n_head_kv * shape.head_dim
+    outliers = rng.choice(shape.n_embd, OUTLIER_FEATURES, replace=False) if outlier_gain > 0 else []
+    if outlier_gain > 0:
+        # Weights at 1/sqrt(fan-in), as trained layers are: the outlier features then carry through every layer.
+        def tensor(tensor_name: str, *dims: int, scale: float | None = None) -> None:  # noqa: F811
+            weights = rng.standard_normal(dims) * (dims[-1] ** -0.5 if scale is None else scale)
+            if tensor_name == "token_embd.weight":
+                weights[:, outliers] *= outlier_gain
+            elif tensor_name.endswith("ffn_down.weight"):
+                weights[outliers, :] *= outlier_gain / 4
+            writer.add_tensor(tensor_name, weights.astype(np_dtype))
     tensor("token_embd.weight", shape.n_vocab, shape.n_embd, scale=1.0)
     for i in range(shape.n_layer):
         b = f"blk.{i}."
@@ -343,6 +361,26 @@ def _uniform_imatrix(src: Path) -> tuple[object, list[object]]:
         entry.data = ones.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
     entries[len(matrices)].name = None
     return ctypes.cast(entries, ctypes.POINTER(llama_cpp.llama_model_imatrix_data)), buffers
+
+
+def dequantized_copy(src: Path, dst: Path) -> Path:
+    """`src` with every tensor dequantized to F32 (gguf's reference dequantizers), its metadata unchanged: the same
+    weights computed without quantized kernels, the exact answer a quantized model's vectors approximate."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(src))
+    arch = reader.fields["general.architecture"].contents()
+    writer = gguf.GGUFWriter(str(dst), arch)
+    for field in reader.fields.values():
+        if field.name.startswith("GGUF.") or field.name in ("general.architecture", "general.file_type"):
+            continue
+        sub_type = field.types[1] if field.types[0] is gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(field.name, field.contents(), field.types[0], sub_type)
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    for tensor in reader.tensors:
+        weights = gguf.quants.dequantize(tensor.data, tensor.tensor_type).astype(np.float32)
+        writer.add_tensor(tensor.name, weights.reshape([int(n) for n in reversed(tensor.shape)]))
+    return _finish(writer, Path(dst))
 
 
 # ---- Synthetic corpora ------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from enum import StrEnum
 from pydantic import BaseModel, ConfigDict, Field
 
 from bulkembed.contract import keys
+from bulkembed.contract.errors import InputError
 
 
 class Task(StrEnum):
@@ -37,6 +38,18 @@ PREFIXES: dict[tuple[Task, Role], str] = {
 
 def prefix_for(task: Task, role: Role) -> str:
     return PREFIXES[(Task(task), Role(role))]
+
+
+def choose_prefix(task: Task | None, role: Role, prefix: str | None, file_name: str) -> str:
+    """The prefix a text gets, the same for a bulk job and a query: the caller's own, else v4's table for the task
+    (given, or read from the model file's name); no guess for other models."""
+    if prefix is not None:
+        return prefix
+    task = task or task_from_model_name(file_name)
+    if task is None:
+        raise InputError(f"cannot tell the task from the model name {file_name}; pass --task, "
+                         f"or --prefix for models outside jina-embeddings-v4")
+    return prefix_for(task, role)
 
 
 def task_from_model_name(name: str) -> Task | None:

@@ -138,6 +138,11 @@ class WorkerSettings(Settings):
         "where the llama.cpp build can: infra/install.sh builds one that can. False only to measure what the head "
         "costs; vectors are the same either way.",
     )
+    min_decode: int = Field(
+        64, ge=0, le=8192, description="Fewest tokens a decode carries: one the documents do not fill is topped up "
+        "with padding no one reads, so every decode runs in one kernel regime and a text's vector does not depend on "
+        "its neighbours or shard (README, Exact embeddings). 0 turns it off, only to measure what it fixes.",
+    )
     logical_batch: int = Field(
         0, ge=0, description="Tokens per decode above the ubatch, as upstream tools do. Makes pooled means of "
         "long documents wrong; exists so benchmarks can compare and the start-up self-test can prove it refuses it.",

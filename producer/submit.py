@@ -16,7 +16,6 @@ import numpy as np
 import pyarrow as pa
 
 from bulkembed.contract import keys
-from bulkembed.contract.errors import InputError
 from bulkembed.contract.job import (
     Dtype,
     JobSpec,
@@ -26,8 +25,8 @@ from bulkembed.contract.job import (
     ShardMessage,
     Span,
     Task,
+    choose_prefix,
     document_spans,
-    prefix_for,
     task_from_model_name,
 )
 from bulkembed.contract.model import check_dims, choose_max_tokens, choose_pooling, model_info, model_ref
@@ -82,16 +81,14 @@ def plan_job(input_uri: str, model: str, out: str, options: JobOptions = JobOpti
     info = model_info(path)
     pooling = choose_pooling(info, options.pooling, ref.file_name)  # refuses rankers before any shard exists
     task = options.task or task_from_model_name(ref.file_name)
-    if task is None and options.prefix is None:
-        raise InputError(f"cannot tell the task from the model name {ref.file_name}; pass --task, "
-                         f"or --prefix for models outside jina-embeddings-v4")
+    prefix = choose_prefix(task, options.role, options.prefix, ref.file_name)
     store = open_store(out)
     counter = TokenCounter(path)
     try:
         job = JobSpec(
             input=input_uri, input_fingerprint=corpus.fingerprint, out=store.uri, model=ref,
             task=task, role=options.role,
-            prefix=prefix_for(task, options.role) if options.prefix is None else options.prefix,
+            prefix=prefix,
             id_column=options.id_column, text_column=options.text_column, shard_tokens=options.shard_tokens,
             max_tokens=choose_max_tokens(options.max_tokens, info, options.max_ubatch, ref.file_name),
             overlength=options.overlength, pooling=pooling, dims=check_dims(options.dims, info, ref.file_name),

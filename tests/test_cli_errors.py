@@ -53,6 +53,7 @@ WRONG_SETTINGS = [
     ("FLASH_ATTN", "maybe"),
     ("LOGICAL_BATCH", "-1"),
     ("SKIP_LM_HEAD", "sometimes"),
+    ("MIN_DECODE", "-1"),
     ("REDIS_WAIT_S", "-5"),
 ]
 
@@ -67,6 +68,7 @@ WRONG_OPTIONS = [
     (["worker", "--model", "no-such-model.gguf"], "no-such-model.gguf"),
     (["worker"], "--model"),
     (["status"], "job"),
+    (["embed", "a text", "--model", "model.gguf", "--out", "vectors.csv"], "--out"),
     (["run", "corpus.parquet", "--model", "model.gguf", "--out", "out", "--max-tokens", "0"], "--max-tokens"),
     (["run", "corpus.parquet", "--model", "model.gguf", "--out", "out", "--dims", "0"], "--dims"),
     (["run", "corpus.parquet", "--model", "model.gguf", "--out", "out", "--dtype", "int4"], "--dtype"),

@@ -21,7 +21,15 @@ from bulkembed.contract.errors import EngineError, ModelError
 from bulkembed.contract.job import Pooling
 from bulkembed.contract.model import ModelInfo, choose_pooling, model_info
 from bulkembed.contract.vocab import Vocab, init_llama
-from bulkembed.worker.packing import ContextShape, Piece, choose_shape, plan_decodes
+from bulkembed.worker.packing import (
+    MIN_DECODE_TOKENS,
+    PAD_TOKEN,
+    ContextShape,
+    Piece,
+    choose_shape,
+    plan_decodes,
+    with_min_decode,
+)
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +46,9 @@ class EngineOptions:
     # Leave the LM head (and its logits copy) out of every decode where the llama.cpp build can
     # (infra/llama-cpp: patches/0001); off only to measure what it costs.
     skip_lm_head: bool = True
+    # Every decode carries at least this many tokens (padding tops it up), so a text's vector does not depend on
+    # how full its decode was (packing.MIN_DECODE_TOKENS); 0 turns it off, only to measure what it fixes.
+    min_decode: int = MIN_DECODE_TOKENS
 
 
 # The switch of infra/llama-cpp/patches/0001, read by llama.cpp when a context is created.
@@ -172,7 +183,7 @@ class Engine:
     def shape_for(self, lengths: Sequence[int], pooling: Pooling | None = None,
                   ubatch_cap: int | None = None) -> ContextShape:
         return choose_shape(lengths, ubatch_cap or self.options.ubatch, pooling or self.pooling,
-                            self.options.logical_batch, self.info.causal)
+                            self.options.logical_batch, self.info.causal, self.options.min_decode)
 
     def _context_for(self, shape: ContextShape) -> _Context:
         current = self._context
@@ -199,6 +210,7 @@ class Engine:
 
         The next decode's batch is filled while the device still computes this one: llama_decode has copied
         the batch when it returns, and its results are waited for only when `read` asks for them."""
+        shape = with_min_decode(shape, self.options.min_decode)  # a caller's shape too: every decode in one regime
         context = self._context_for(shape)
         llama = self._llama
         plan = plan_decodes([len(d) for d in documents], shape)
@@ -216,6 +228,8 @@ class Engine:
             for p in pieces:
                 if p.last:
                     context.forget(p.seq)
+            if shape.min_decode:
+                context.forget(shape.padding_seq)
             pieces, n_tokens = following, n_next
 
     def _fit(self, shape: ContextShape, pooling: Pooling, lengths: Sequence[int]) -> ContextShape:
@@ -282,13 +296,20 @@ class Engine:
 
 
 def _fill(context: _Context, documents: Sequence[np.ndarray], pieces: list[Piece]) -> int:
-    """Put one decode's pieces into the context's batch arrays; the number of tokens."""
+    """Put one decode's pieces into the context's batch arrays, then the padding the shape asks for after them (a
+    sequence of its own: its outputs come last and are never read); the number of tokens."""
     offset = 0
     for p in pieces:
         end = offset + p.stop - p.start
         context.tokens[offset:end] = documents[p.doc][p.start:p.stop]
         context.positions[offset:end] = np.arange(p.start, p.stop, dtype=np.int32)
         context.seq_pointers[offset:end] = context.seq_pointer_of[p.seq]
+        offset = end
+    if padding := context.shape.padding(offset):
+        end = offset + padding
+        context.tokens[offset:end] = PAD_TOKEN
+        context.positions[offset:end] = np.arange(padding, dtype=np.int32)
+        context.seq_pointers[offset:end] = context.seq_pointer_of[context.shape.padding_seq]
         offset = end
     return offset
 

@@ -21,10 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bulkembed.contract.job import Pooling
 from bulkembed.contract.llama_process import LlamaProcess, call_all, imap_unordered, start
 from bulkembed.worker import probe
 from bulkembed.worker.engine import Engine, EngineOptions
-from bulkembed.worker.rows import EmbeddedRows, ShardRows, embed_rows
+from bulkembed.worker.rows import EmbeddedRows, ShardRows, embed_rows, query_rows
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,10 @@ def engine() -> Engine:
 
 def _embed_rows(rows: ShardRows) -> EmbeddedRows:
     return embed_rows(engine(), rows)
+
+
+def _embed_queries(texts: list[str], prefix: str, pooling: Pooling, max_tokens: int) -> EmbeddedRows:
+    return embed_rows(engine(), query_rows(engine(), texts, prefix, pooling, max_tokens))
 
 
 def _embed_numbered(item: tuple[int, ShardRows]) -> tuple[int, EmbeddedRows]:
@@ -99,6 +104,10 @@ class EngineProcess:
 
     def embed_rows(self, rows: ShardRows) -> EmbeddedRows:
         return self.process.call(_embed_rows, rows)
+
+    def embed_queries(self, texts: list[str], prefix: str, pooling: Pooling, max_tokens: int) -> EmbeddedRows:
+        """Texts planned and embedded as a bulk job's rows (worker.rows.query_rows)."""
+        return self.process.call(_embed_queries, texts, prefix, pooling, max_tokens)
 
     def close(self) -> None:
         self.process.close()

@@ -7,17 +7,27 @@ never see later ones, so the worker can rebuild the whole document's vector from
 token-weighted mean of their means, the first piece's first token, the last piece's last token).
 A non-causal model's tokens see the whole document: it is never split, and the ubatch is made large
 enough to hold the shard's longest document.
+
+llama.cpp's kernels choose their path by the decode's token count (NOTES.md 30), so a text's vector would depend on
+how full its decode was. Every decode therefore carries at least `min_decode` tokens: one that the documents do not
+fill is topped up with padding, a sequence of its own that no one reads, so every decode runs in the same regime.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from bulkembed.contract.job import Pooling
 
 MAX_SEQUENCES = 256  # llama.cpp's LLAMA_MAX_SEQ
 CTX_ALIGN = 256  # llama.cpp pads n_ctx to this
+# The fewest tokens a decode may carry. llama.cpp's CPU kernels switch paths by a decode's row count: the tiled
+# K-quant matmul from 8 rows (its narrow path up to 16), llamafile's sgemm from 2-4, the tiled flash attention
+# from 64 (GGML_FA_TILE_Q), and no switch above that: from 64 tokens up a row's result does not depend on the rest
+# of the decode (measured: tests/worker/test_batch_invariance.py).
+MIN_DECODE_TOKENS = 64
+PAD_TOKEN = 0  # what padding holds: any valid id does, its outputs are never read
 
 
 @dataclass(frozen=True)
@@ -39,6 +49,7 @@ class ContextShape:
     n_batch: int = 0  # tokens per decode; 0 = n_ubatch, the only exact choice for pooled output
     pooling: Pooling = Pooling.MEAN  # NONE: every token's vector
     causal: bool = True  # False: documents are never split across decodes
+    min_decode: int = 0  # decodes are padded to at least this many tokens; the last sequence slot is the padding's
 
     @property
     def pooled(self) -> bool:
@@ -47,6 +58,14 @@ class ContextShape:
     @property
     def decode_tokens(self) -> int:
         return self.n_batch or self.n_ubatch
+
+    @property
+    def padding_seq(self) -> int:
+        return self.n_seq_max - 1
+
+    def padding(self, n_tokens: int) -> int:
+        """How many padding tokens a decode of `n_tokens` document tokens gets."""
+        return max(0, self.min_decode - n_tokens)
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -62,7 +81,7 @@ def largest_divisor_at_most(n: int, limit: int) -> int:
 
 
 def choose_shape(lengths: Sequence[int], ubatch_cap: int, pooling: Pooling = Pooling.MEAN, n_batch: int = 0,
-                 causal: bool = True) -> ContextShape:
+                 causal: bool = True, min_decode: int = 0) -> ContextShape:
     """Just enough context for the longest document, the biggest ubatch the shard can fill.
 
     n_seq_max must divide n_ubatch under mean pooling, or llama.cpp aborts the process
@@ -82,13 +101,28 @@ def choose_shape(lengths: Sequence[int], ubatch_cap: int, pooling: Pooling = Poo
     n_batch = n_batch if n_batch > n_ubatch else 0
     # Room for the longest document plus one decode of others in flight beside it (non-causal: one decode).
     n_ctx = _round_up((longest if causal else 1) + (n_batch or n_ubatch), CTX_ALIGN)
-    return ContextShape(n_ctx=n_ctx, n_ubatch=n_ubatch, n_seq_max=n_seq_max, n_batch=n_batch, pooling=pooling,
-                        causal=causal)
+    shape = ContextShape(n_ctx=n_ctx, n_ubatch=n_ubatch, n_seq_max=n_seq_max, n_batch=n_batch, pooling=pooling,
+                         causal=causal)
+    return with_min_decode(shape, min_decode)
 
 
-def single_document_shape(n_tokens: int) -> ContextShape:
+def single_document_shape(n_tokens: int, min_decode: int = 0) -> ContextShape:
     """One document in one ubatch: the definition of its embedding, which packing must reproduce."""
-    return ContextShape(n_ctx=_round_up(n_tokens + 1, CTX_ALIGN), n_ubatch=max(32, next_pow2(n_tokens)), n_seq_max=1)
+    shape = ContextShape(n_ctx=_round_up(n_tokens + 1, CTX_ALIGN), n_ubatch=max(32, next_pow2(n_tokens)), n_seq_max=1)
+    return with_min_decode(shape, min_decode)
+
+
+def with_min_decode(shape: ContextShape, min_decode: int) -> ContextShape:
+    """`shape` with every decode padded to `min_decode` tokens: an ubatch that holds them, a sequence slot and
+    KV cells for the padding. Unchanged where `min_decode` is 0 or the shape pads already."""
+    if min_decode <= 0 or shape.min_decode == min_decode:
+        return shape
+    if shape.min_decode:
+        raise ValueError(f"a shape padded to {shape.min_decode} tokens cannot be padded to {min_decode}")
+    n_ubatch = max(shape.n_ubatch, next_pow2(min_decode))
+    n_seq_max = largest_divisor_at_most(n_ubatch, max(2, shape.n_seq_max))  # a document's slot beside the padding's
+    return replace(shape, n_ctx=_round_up(shape.n_ctx + min_decode, CTX_ALIGN), n_ubatch=n_ubatch,
+                   n_seq_max=n_seq_max, min_decode=min_decode)
 
 
 def plan_decodes(lengths: Sequence[int], shape: ContextShape) -> Iterator[list[Piece]]:
@@ -98,12 +132,13 @@ def plan_decodes(lengths: Sequence[int], shape: ContextShape) -> Iterator[list[P
     """
     if any(n <= 0 for n in lengths):
         raise ValueError("every document needs at least one token")
-    if max(lengths, default=0) + 1 > shape.n_ctx:
+    n_ctx = shape.n_ctx - shape.min_decode  # the padding's cells while it is in a decode
+    if max(lengths, default=0) + 1 > n_ctx:
         raise ValueError(f"a {max(lengths)}-token document does not fit n_ctx {shape.n_ctx}")
     if not shape.causal and max(lengths, default=0) > shape.decode_tokens:
         raise ValueError(f"a {max(lengths)}-token document does not fit one {shape.decode_tokens}-token decode, "
                          f"and a non-causal model's documents may not be split")
-    free_seqs = list(range(shape.n_seq_max - 1, -1, -1))
+    free_seqs = list(range(shape.n_seq_max - (2 if shape.min_decode else 1), -1, -1))  # the last is the padding's
     in_flight: list[tuple[int, int, int]] = []  # (doc, seq, next token)
     reserved = 0  # KV cells the documents in flight will hold when complete
     next_doc = 0
@@ -121,7 +156,7 @@ def plan_decodes(lengths: Sequence[int], shape: ContextShape) -> Iterator[list[P
             room -= take
             if stop < lengths[doc]:
                 still.append((doc, seq, stop))
-        while room > 0 and next_doc < len(lengths) and free_seqs and reserved + lengths[next_doc] <= shape.n_ctx:
+        while room > 0 and next_doc < len(lengths) and free_seqs and reserved + lengths[next_doc] <= n_ctx:
             if not shape.causal and lengths[next_doc] > room:
                 break  # whole documents only: it starts the next decode
             doc, seq = next_doc, free_seqs.pop()

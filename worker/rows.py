@@ -12,9 +12,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from bulkembed.contract.errors import EngineError, ShardError
-from bulkembed.contract.job import Pooling
-from bulkembed.worker.engine import Engine
+from bulkembed.contract.errors import EngineError, InputError, ShardError
+from bulkembed.contract.job import Overlength, Pooling, document_spans
+from bulkembed.worker.engine import Engine, l2_normalize
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +42,29 @@ class EmbeddedRows:
     vectors: np.ndarray | list[np.ndarray]
     rejected: dict[int, str]
     n_embd: int
+
+
+def query_rows(engine: Engine, texts: list[str], prefix: str, pooling: Pooling, max_tokens: int) -> ShardRows:
+    """Texts embedded at query time as rows of a shard, planned as the producer plans a bulk job's rows (prefix,
+    the tokenizer's framing, truncation at max_tokens), so they embed to what the bulk job gives the same text."""
+    vocab = engine.vocab
+    prefix_tokens, tail = len(vocab.tokenize(prefix)), vocab.tail
+    prefixed = [prefix + text for text in texts]
+    spans = []
+    for i, text in enumerate(prefixed):
+        if not texts[i].strip():
+            raise InputError(f"text {i} is empty")
+        n_tokens = len(vocab.tokenize(text))
+        spans.append(document_spans(n_tokens, max_tokens, Overlength.TRUNCATE, prefix_tokens, tail)[0])
+    return ShardRows(label="query", prefix=prefix, pooling=pooling, close_cut_rows=tail > 0, texts=prefixed,
+                     starts=[s.start for s in spans], stops=[s.stop for s in spans], chunks=[s.chunk for s in spans],
+                     n_tokens=[s.n_tokens(prefix_tokens) for s in spans])
+
+
+def finish_vectors(vectors: np.ndarray, dims: int, normalize: bool) -> np.ndarray:
+    """Pooled vectors as a job writes them: the first `dims` (Matryoshka), then L2-normalized if asked."""
+    vectors = vectors[:, :dims]
+    return l2_normalize(vectors) if normalize else vectors
 
 
 def embed_rows(engine: Engine, rows: ShardRows) -> EmbeddedRows:

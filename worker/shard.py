@@ -23,8 +23,7 @@ from bulkembed.contract.job import Dtype, JobSpec, Pooling, ShardMessage
 from bulkembed.contract.registry import ShardResult, stored_result
 from bulkembed.contract.schema import embedding_schema, from_ipc_bytes, rejected_schema, to_ipc_bytes
 from bulkembed.contract.store import Store
-from bulkembed.worker.engine import l2_normalize
-from bulkembed.worker.rows import EmbeddedRows, ShardRows
+from bulkembed.worker.rows import EmbeddedRows, ShardRows, finish_vectors
 
 log = logging.getLogger(__name__)
 
@@ -102,9 +101,7 @@ def _output_table(table: pa.Table, vectors, job: JobSpec, n_embd: int) -> pa.Tab
         embedding = pa.ListArray.from_arrays(offsets, pa.FixedSizeListArray.from_arrays(pa.array(flat, value_type),
                                                                                         dims))
     else:
-        vectors = vectors[:, :dims]  # Matryoshka: the first dims, re-normalized below
-        if job.normalize:
-            vectors = l2_normalize(vectors)
+        vectors = finish_vectors(vectors, dims, job.normalize)  # as `bulkembed embed` finishes a query's
         embedding = pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1), value_type), dims)
     return pa.Table.from_arrays(
         [table.column(name) if name != "embedding" else embedding

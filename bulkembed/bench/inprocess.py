@@ -16,7 +16,7 @@ from bulkembed.bench.meter import Meter, Result
 from bulkembed.contract.job import Pooling
 from bulkembed.producer.planner import Document, ShardPlanner
 from bulkembed.worker.engine import Engine, l2_normalize
-from bulkembed.worker.packing import ContextShape, largest_divisor_at_most, next_pow2, plan_decodes
+from bulkembed.worker.packing import PAD_TOKEN, ContextShape, largest_divisor_at_most, next_pow2, plan_decodes
 
 log = logging.getLogger(__name__)
 
@@ -129,17 +129,20 @@ def run_raw(engine: Engine, corpus: Corpus, shard_tokens: int) -> Result:
     for shard in plan_shards(corpus, shard_tokens):
         docs = [corpus.tokens[d.id] for d in shard]
         shape = engine.shape_for([len(d) for d in docs])
-        steps = [(np.concatenate([docs[p.doc][p.start:p.stop] for p in pieces]),
-                  np.concatenate([np.arange(p.start, p.stop, dtype=np.int32) for p in pieces]),
-                  np.concatenate([np.full(p.stop - p.start, p.seq, np.intp) for p in pieces]),
-                  [p.seq for p in pieces if p.last])
-                 for pieces in plan_decodes([len(d) for d in docs], shape)]
+        steps = []
+        for pieces in plan_decodes([len(d) for d in docs], shape):
+            padding = shape.padding(sum(p.stop - p.start for p in pieces))  # as the engine pads: the same work
+            steps.append((np.concatenate([docs[p.doc][p.start:p.stop] for p in pieces] + [np.full(padding, PAD_TOKEN)]),
+                          np.concatenate([np.arange(p.start, p.stop) for p in pieces] + [np.arange(padding)]),
+                          np.concatenate([np.full(p.stop - p.start, p.seq, np.intp) for p in pieces]
+                                         + [np.full(padding, shape.padding_seq, np.intp)]),
+                          [p.seq for p in pieces if p.last] + ([shape.padding_seq] if padding else []), padding))
         plans.append((shape, steps))
     decode_s, cpu_s, tokens = 0.0, 0.0, 0
     with Meter() as meter:
         for shape, steps in plans:
             context = engine._context_for(shape)  # untimed, like the copies into its batch below
-            for ids, positions, seqs, finished in steps:
+            for ids, positions, seqs, finished, padding in steps:
                 n = len(ids)
                 context.tokens[:n], context.positions[:n] = ids, positions
                 context.seq_pointers[:n] = context.seq_pointer_of[seqs]
@@ -152,7 +155,7 @@ def run_raw(engine: Engine, corpus: Corpus, shard_tokens: int) -> Result:
                     context.forget(seq)
                 decode_s += time.perf_counter() - started
                 cpu_s += time.process_time() - cpu_started
-                tokens += n
+                tokens += n - padding  # document tokens, as every mode counts them
     meter.seconds, meter.cpu = decode_s, cpu_s
     decodes = sum(len(steps) for _, steps in plans)
     return Result.of("raw", len(corpus.texts), tokens, meter, f"llama_decode only, {decodes} decodes")

@@ -1,0 +1,135 @@
+"""Query vectors that match the index: texts embedded one call at a time as a bulk job would embed them.
+
+`Embedder` loads the model once, in an engine process (worker.engines.EngineProcess: the same engine, padding and
+pooling the bulk job runs), and embeds each call's texts as rows of a shard: the same prefix table
+(contract.job.choose_prefix), the same framing and truncation (worker.rows.query_rows), the same Matryoshka cut and
+normalization (worker.rows.finish_vectors). Every decode is padded to one kernel regime (worker.packing), so a query
+embedded alone gets the vector the bulk job gave the same text among thousands. No Arrow and no Redis here.
+
+    from bulkembed import Embedder
+    with Embedder("model.gguf") as embedder:
+        vectors = embedder.embed(["what is mean pooling?"], role="query")
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from bulkembed.contract.errors import InputError
+from bulkembed.contract.job import Pooling, Role, Task, choose_prefix
+from bulkembed.contract.model import check_dims, choose_max_tokens, choose_pooling, model_info, resolve_path
+from bulkembed.contract.settings import ProducerSettings
+from bulkembed.worker.engine import EngineOptions
+from bulkembed.worker.engines import EngineProcess
+from bulkembed.worker.rows import finish_vectors
+
+
+class Embedder:
+    """One model, resident in an engine process, for many small calls. Options mean what `bulkembed run`'s do."""
+
+    def __init__(self, model: str | Path, *, task: Task | str | None = None, prefix: str | None = None,
+                 pooling: Pooling | str | None = None, dims: int | None = None, normalize: bool = True,
+                 max_tokens: int | None = None, options: EngineOptions | None = None):
+        self.path = resolve_path(str(model))
+        info = model_info(self.path)
+        self.pooling = choose_pooling(info, Pooling(pooling) if pooling else None, self.path.name)
+        if self.pooling is Pooling.NONE:
+            raise InputError("pooling none gives a matrix per text: embed queries with a pooled model or pooling")
+        self.task = Task(task) if task else None
+        self.prefix = prefix
+        choose_prefix(self.task, Role.QUERY, prefix, self.path.name)  # no task and no prefix: refused now
+        self.dims = check_dims(dims, info, self.path.name)
+        self.normalize = normalize
+        self.max_tokens = choose_max_tokens(max_tokens, info, ProducerSettings().max_ubatch, self.path.name)
+        self.engine = EngineProcess(self.path, options or EngineOptions())
+
+    def embed(self, texts: Sequence[str], role: Role | str = Role.QUERY) -> np.ndarray:
+        """(len(texts), dims) float32: each text's vector as a bulk job with this role would write it."""
+        if isinstance(texts, str):
+            raise TypeError("embed takes a list of texts, not one string")
+        prefix = choose_prefix(self.task, Role(role), self.prefix, self.path.name)
+        if not texts:
+            return np.zeros((0, self.dims), np.float32)
+        embedded = self.engine.embed_queries(list(texts), prefix, self.pooling, self.max_tokens)
+        if embedded.rejected:
+            row, reason = next(iter(embedded.rejected.items()))
+            raise InputError(f"text {row} could not be embedded: {reason}")
+        return finish_vectors(embedded.vectors, self.dims, self.normalize).astype(np.float32)
+
+    def close(self) -> None:
+        self.engine.close()
+
+    def __enter__(self) -> Embedder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def embed(texts: Sequence[str], model: str | Path, role: Role | str = Role.QUERY, **options) -> np.ndarray:
+    """Load `model`, embed `texts`, unload: for one call. Keep an `Embedder` for many."""
+    with Embedder(model, **options) as embedder:
+        return embedder.embed(texts, role)
+
+
+# ---- `bulkembed embed` ------------------------------------------------------------------------------------------
+
+def add_embed_parser(commands) -> None:
+    from bulkembed.contract.model import DEFAULT_MODEL
+
+    parser = commands.add_parser("embed", help="embed texts as a bulk job would (queries): arguments or stdin lines "
+                                 "→ JSON lines or .npy")
+    parser.add_argument("texts", nargs="*", help="texts to embed; none: one text per line of standard input")
+    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"a local .gguf path or REPO:QUANT (default "
+                        f"{DEFAULT_MODEL})")
+    parser.add_argument("--role", choices=[r.value for r in Role], default=Role.QUERY.value,
+                        help="query (default) or passage; picks the prefix from v4's table")
+    parser.add_argument("--task", choices=[t.value for t in Task], default=None,
+                        help="v4 task; read from the model file name when it says it")
+    parser.add_argument("--prefix", default=None, help="your own prefix instead of v4's table ('' for none)")
+    parser.add_argument("--pooling", choices=[p.value for p in Pooling if p is not Pooling.NONE], default=None,
+                        help="default: what the model declares (mean where it declares nothing)")
+    parser.add_argument("--dims", type=int, default=None, help="Matryoshka dimensions, re-normalized")
+    parser.add_argument("--no-normalize", action="store_true", help="raw pooled vectors, not L2-normalized")
+    parser.add_argument("--max-tokens", type=int, default=None, help="longer texts are truncated, as in the job")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="a .npy file (float32, one row per text) or a .jsonl file; default: JSON lines on stdout")
+    parser.add_argument("--batch", type=int, default=256, help="texts per engine call")
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads for llama.cpp; 0 = every core")
+    parser.add_argument("--gpu-layers", type=int, default=-1, help="layers on the GPU; -1 = all")
+    parser.add_argument("--flash-attn", choices=["auto", "on", "off"], default="auto",
+                        help="as the bulk job ran (it changes the last digits of a vector)")
+    parser.set_defaults(func=cmd_embed)
+
+
+def cmd_embed(args) -> int:
+    import json
+    import sys
+
+    from bulkembed.contract.settings import WorkerSettings
+
+    texts = args.texts or [line.rstrip("\n") for line in sys.stdin]
+    if args.out is not None and args.out.suffix not in (".npy", ".jsonl"):
+        raise InputError(f"--out {args.out}: a .npy or .jsonl file")
+    if args.batch < 1:
+        raise InputError(f"--batch {args.batch}: at least 1")
+    options = EngineOptions(threads=args.threads, gpu_layers=args.gpu_layers,
+                            flash_attn={"auto": None, "on": True, "off": False}[args.flash_attn],
+                            min_decode=WorkerSettings().min_decode)
+    with Embedder(args.model, task=args.task, prefix=args.prefix, pooling=args.pooling, dims=args.dims,
+                  normalize=not args.no_normalize, max_tokens=args.max_tokens, options=options) as embedder:
+        parts = [embedder.embed(texts[i:i + args.batch], args.role) for i in range(0, len(texts), args.batch)]
+    vectors = np.concatenate(parts) if parts else np.zeros((0, embedder.dims), np.float32)
+    if args.out is not None and args.out.suffix == ".npy":
+        np.save(args.out, vectors)
+        return 0
+    lines = (json.dumps({"text": text, "embedding": vector.tolist()}) + "\n" for text, vector in zip(texts, vectors,
+                                                                                                    strict=True))
+    if args.out is None:
+        sys.stdout.writelines(lines)
+    else:
+        args.out.write_text("".join(lines))
+    return 0

@@ -1,0 +1,101 @@
+"""A text's vector does not depend on its neighbours: batch invariance, on a model with the outlier activations of
+trained weights (tests/conftest.py: outlier_models), where llama.cpp's kernel regimes show.
+
+llama.cpp's CPU kernels choose their path by a decode's token count (NOTES.md 30): without padding the same text
+gets one vector alone and another in a decode of 64 tokens or more. The engine pads every decode to
+MIN_DECODE_TOKENS, and then a text's vector is the same, to the sixth digit of its cosine, whatever shard, plan,
+ubatch cap or neighbours it gets."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from bulkembed.worker.engine import Engine, EngineOptions
+from bulkembed.worker.packing import MIN_DECODE_TOKENS, single_document_shape
+from tests.conftest import letter_texts
+
+# What remains with every decode in one regime: where a text's KV cells sit in the cache shared by its neighbours
+# (flash attention merges its softmax by tiles of 64 cells). Worst measured: 1 - cos = 1.1e-6 (Q4_K_M, flash
+# attention on), against 2.7e-5 without padding on this model and 1.3e-2 on a real one (NOTES.md 30).
+SAME = 0.999998
+QUANTS = ["Q8_0", "Q4_K_M"]
+
+
+def cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a, b = np.atleast_2d(a).astype(np.float64), np.atleast_2d(b).astype(np.float64)
+    return np.sum(a * b, axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+def engine(path, ubatch: int = 512, min_decode: int = MIN_DECODE_TOKENS, flash_attn: bool | None = None) -> Engine:
+    return Engine(path, EngineOptions(ubatch=ubatch, threads=2, min_decode=min_decode, flash_attn=flash_attn))
+
+
+@pytest.fixture(scope="module")
+def texts() -> list[str]:
+    return letter_texts(60, seed=5, longest=700)
+
+
+@pytest.mark.parametrize("quant", QUANTS)
+def test_without_padding_a_short_text_changes_with_the_size_of_its_decode(outlier_models, quant):
+    """What the padding is for, and proof that the tests below can fail: today's engine (no padding) gives a 7-token
+    text one vector alone and another beside 60 more tokens, where flash attention takes its tiled path."""
+    unpadded = engine(outlier_models[quant], min_decode=0)
+    try:
+        text = unpadded.vocab.tokenize("the sea and")[:7]
+        neighbour = unpadded.vocab.tokenize(" ".join(["river"] * 80))[:60]
+        alone = unpadded.embed([text], single_document_shape(len(text)))[0]
+        packed = unpadded.embed([text, neighbour])[0]
+    finally:
+        unpadded.close()
+    assert 1 - cos(alone, packed)[0] > 1e-6, "no kernel regime shows: the model lacks outliers"
+
+
+@pytest.mark.parametrize("quant", QUANTS)
+def test_a_text_gets_one_vector_whatever_its_decode(outlier_models, quant, texts):
+    """Alone, beside 1 to 400 other tokens, in shards cut 1, 7 or 60 texts at a time, under ubatch caps 64 to 512:
+    every way of embedding a text gives the vector it gets alone."""
+    padded = engine(outlier_models[quant])
+    try:
+        tokens = [padded.vocab.tokenize(t) for t in texts]
+        alone = np.stack([padded.embed([t], single_document_shape(len(t)))[0] for t in tokens])
+        filler = padded.vocab.tokenize(" ".join(["grain"] * 500))
+        for extra in (1, 8, 57, 64, 400):
+            for i in (1, 2, 3):  # short texts: where the regimes differed
+                got = padded.embed([tokens[i], filler[:extra]])[0]
+                assert cos(got, alone[i])[0] >= SAME, f"text {i} beside {extra} tokens"
+        for cap in (64, 256, 512):
+            for shard_size in (1, 7, 60):
+                got = np.concatenate([padded.embed(tokens[s:s + shard_size], padded.shape_for(
+                    [len(t) for t in tokens[s:s + shard_size]], ubatch_cap=cap)) for s in range(0, len(tokens),
+                                                                                                  shard_size)])
+                worst = cos(got, alone)
+                assert worst.min() >= SAME, f"cap {cap}, shards of {shard_size}: text {worst.argmin()}"
+        assert max(map(len, tokens)) > 512, "some texts are decoded in pieces"
+    finally:
+        padded.close()
+
+
+@pytest.mark.parametrize("flash_attn", [True, False], ids=["flash-attn", "no-flash-attn"])
+def test_invariance_holds_with_flash_attention_on_and_off(outlier_models, texts, flash_attn):
+    padded = engine(outlier_models["Q4_K_M"], flash_attn=flash_attn)
+    try:
+        tokens = [padded.vocab.tokenize(t) for t in texts[:20]]
+        alone = np.stack([padded.embed([t], single_document_shape(len(t)))[0] for t in tokens])
+        assert cos(padded.embed(tokens), alone).min() >= SAME
+    finally:
+        padded.close()
+
+
+def test_every_decode_carries_at_least_the_minimum(outlier_models):
+    """Padding tops a short decode up; a full one gets none."""
+    shape = single_document_shape(7, MIN_DECODE_TOKENS)
+    assert shape.padding(7) == MIN_DECODE_TOKENS - 7 and shape.padding(MIN_DECODE_TOKENS) == 0
+    assert shape.n_ubatch >= MIN_DECODE_TOKENS and shape.n_ubatch % shape.n_seq_max == 0
+    assert shape.n_ctx >= 7 + 1 + MIN_DECODE_TOKENS
+
+
+def test_workers_pad_to_the_minimum_by_default():
+    from bulkembed.contract.settings import WorkerSettings
+
+    assert WorkerSettings().min_decode == MIN_DECODE_TOKENS == EngineOptions().min_decode
