@@ -1,0 +1,113 @@
+"""Query vectors match the index, and an index does not depend on how its job was cut.
+
+On the outlier model (tests/conftest.py), where llama.cpp's kernel regimes show: `bulkembed run` with other shard
+sizes, ubatch caps and engine counts writes the same vectors; `bulkembed embed` (and bulkembed.Embedder) of a text
+alone gives the vector the bulk job wrote for it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.dataset as ds
+import pytest
+
+from tests.conftest import REPO, mixed_texts, write_corpus
+
+SAME = 0.999998  # tests/worker/test_batch_invariance.py: what KV placement leaves, padding having fixed the regime
+TEXTS = mixed_texts(90, seed=9, long_every=9, long_tokens=(300, 700))
+IDS = [f"d{i}" for i in range(len(TEXTS))]
+
+
+def bulkembed(*args: str, stdin: str | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BULKEMBED_")} | {"HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-m", "bulkembed.cli", *args], cwd=REPO, env=env, input=stdin,
+                            capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def vectors_by_id(out: Path) -> dict[str, np.ndarray]:
+    table = ds.dataset(out, format="arrow").to_table()
+    return dict(zip(table["id"].to_pylist(), np.stack(table["embedding"].to_numpy(zero_copy_only=False)),
+                    strict=True))
+
+
+def cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a, b = np.atleast_2d(a).astype(np.float64), np.atleast_2d(b).astype(np.float64)
+    return np.sum(a * b, axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_corpus(tmp_path_factory.mktemp("query") / "corpus.parquet", IDS, TEXTS)
+
+
+@pytest.fixture(scope="module")
+def indexed(outlier_models, corpus, tmp_path_factory) -> dict[str, np.ndarray]:
+    """The corpus indexed as passages with the defaults (shards of 65536 tokens, ubatch 512, one engine)."""
+    out = tmp_path_factory.mktemp("index") / "out"
+    bulkembed("run", str(corpus), "--model", str(outlier_models["Q4_K_M"]), "--out", str(out), "--threads", "2",
+              "--ubatch", "512")
+    return vectors_by_id(out)
+
+
+# --shard-tokens 40: every shard, so every decode, smaller than 64 tokens, the regime a job's last decodes and
+# queries ran in before padding (this case then failed: 68 of 90 rows below cos 0.999999, the worst 0.99984).
+@pytest.mark.parametrize("options", [["--shard-tokens", "2000"], ["--shard-tokens", "40"], ["--ubatch", "256"],
+                                     ["--engines", "2"]], ids=" ".join)
+def test_the_index_does_not_depend_on_how_the_job_is_cut(outlier_models, corpus, indexed, tmp_path, options):
+    threads = "1" if "--engines" in options else "2"
+    bulkembed("run", str(corpus), "--model", str(outlier_models["Q4_K_M"]), "--out", str(tmp_path / "out"),
+              "--threads", threads, *(["--ubatch", "512"] if "--ubatch" not in options else []), *options)
+    again = vectors_by_id(tmp_path / "out")
+    assert again.keys() == indexed.keys()
+    sims = cos(np.stack([again[i] for i in IDS]), np.stack([indexed[i] for i in IDS]))
+    assert sims.min() >= SAME, f"{IDS[int(sims.argmin())]}: {sims.min()}"
+
+
+def test_embed_of_a_text_alone_is_its_row_in_the_index(outlier_models, indexed, tmp_path):
+    """The CLI, one text per stdin line, as passages (the role the index was built with); JSON lines out."""
+    picked = [0, 1, 2, 5, 9, 40]  # short ones and long ones
+    result = bulkembed("embed", "--model", str(outlier_models["Q4_K_M"]), "--role", "passage", "--threads", "2",
+                       stdin="".join(TEXTS[i] + "\n" for i in picked))
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [line["text"] for line in lines] == [TEXTS[i] for i in picked]
+    got = np.array([line["embedding"] for line in lines], np.float32)
+    sims = cos(got, np.stack([indexed[IDS[i]] for i in picked]))
+    assert sims.min() >= SAME, sims
+    assert np.allclose(np.linalg.norm(got, axis=1), 1, atol=1e-5)
+
+
+def test_the_python_api_embeds_queries_as_a_query_job_would(outlier_models, corpus, tmp_path):
+    from bulkembed import Embedder
+
+    out = tmp_path / "queries"
+    bulkembed("run", str(corpus), "--model", str(outlier_models["Q4_K_M"]), "--out", str(out), "--threads", "2",
+              "--role", "query", "--dims", "128")
+    index = vectors_by_id(out)
+    with Embedder(outlier_models["Q4_K_M"], dims=128) as embedder:
+        pid = embedder.engine.pid
+        one_at_a_time = np.concatenate([embedder.embed([TEXTS[i]]) for i in range(12)])  # role: query by default
+        assert embedder.engine.pid == pid and embedder.engine.alive, "one engine for every call"
+        passages = embedder.embed(TEXTS[:3], role="passage")
+    assert one_at_a_time.shape == (12, 128)
+    assert cos(one_at_a_time, np.stack([index[i] for i in IDS[:12]])).min() >= SAME
+    assert cos(passages, one_at_a_time[:3]).max() < 0.9999, "the role changes the prefix, so the vector"
+
+
+def test_embed_writes_npy_and_refuses_what_a_job_would(outlier_models, tmp_path):
+    from bulkembed import embed
+    from bulkembed.contract.errors import InputError
+
+    bulkembed("embed", "the sea", "a river", "--model", str(outlier_models["Q4_K_M"]), "--out",
+              str(tmp_path / "v.npy"), "--threads", "2")
+    vectors = np.load(tmp_path / "v.npy")
+    assert vectors.shape == (2, 256) and vectors.dtype == np.float32
+    assert cos(vectors[:1], embed(["the sea"], outlier_models["Q4_K_M"]))[0] >= SAME
+    with pytest.raises(InputError, match="empty"):
+        embed(["the sea", "  "], outlier_models["Q4_K_M"])
