@@ -36,6 +36,7 @@ from bulkembed.bench.meter import Meter, Result
 from bulkembed.bench.report import describe, format_report
 from bulkembed.contract.settings import ubatch_spec
 from bulkembed.worker.engine import Engine, EngineOptions
+from bulkembed.worker.packing import MIN_DECODE_TOKENS
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +81,9 @@ def add_bench_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     bench.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     bench.add_argument("--ubatch", type=ubatch_spec, default=512,
                        help="largest ubatch the engine may choose; auto or probe: measured first, as a worker does")
+    bench.add_argument("--min-decode", type=int, default=MIN_DECODE_TOKENS,
+                       help=f"fewest tokens a decode carries (padding tops it up; default {MIN_DECODE_TOKENS}); 0 = "
+                            "no padding, to measure what batch invariance costs")
     bench.add_argument("--gpu-layers", type=int, default=-1)
     bench.add_argument("--flash-attn", choices=["auto", "on", "off"], default="auto")
     bench.add_argument("--repeat", type=int, default=1, help="run each measurement N times, report the fastest")
@@ -109,7 +113,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def measure(model: Path, quant: str | None, modes: list[str], args: argparse.Namespace) -> dict:
     flash = {"auto": None, "on": True, "off": False}[args.flash_attn]
     options = EngineOptions(ubatch=args.ubatch if isinstance(args.ubatch, int) else 512, gpu_layers=args.gpu_layers,
-                            threads=args.threads, flash_attn=flash)
+                            threads=args.threads, flash_attn=flash, min_decode=args.min_decode)
     ubatch = args.ubatch
     if not isinstance(ubatch, int):  # measured as a worker would, then used by every mode of this process
         ubatch = run_engines_probe(model, options, args)
@@ -173,6 +177,7 @@ def measure(model: Path, quant: str | None, modes: list[str], args: argparse.Nam
     ratio = next((r["ratio_to_raw"] for r in rows if r["mode"] == "bulkembed"), None)
     return report | {"corpus": corpus.summary(), "threads": args.threads, "ubatch": ubatch,
                      "flash_attn": args.flash_attn, "shard_tokens": args.shard_tokens, "repeat": args.repeat,
+                     "min_decode": args.min_decode,
                      "rss_note": Meter.rss_note, "modes": rows, "ratio_bulkembed_raw": ratio, "sweep": sweep,
                      "notes": notes}
 

