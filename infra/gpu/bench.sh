@@ -27,6 +27,34 @@ bench() { # name, limit, args...
 }
 
 case "${1:-check}" in
+window)
+  # The whole GPU check of the no-wasted-work and batch-invariance issues in one device call of about 8 minutes
+  # (the libraries prebuilt by infra/gpu/build-cuda.sh): each step's limit keeps a hang to itself.
+  nvidia-smi --query-gpu=name,memory.total,driver_version,compute_cap --format=csv,noheader | tee "$OUT/gpu.txt"
+  python3 -c "import llama_cpp as l; print('LM head patch:', hasattr(l.llama_cpp._lib, 'llama_get_embeddings_no_logits'))" \
+    | tee "$OUT/build.txt"
+  # 1. Batch invariance on CUDA (F16, Q8_0, IQ3_S of the outlier model): the engine tests, offloaded.
+  timeout 150 python3 -m pytest -q -x -p no:cacheprovider --import-mode=append -o pythonpath= \
+    $REPO/tests/worker/test_batch_invariance.py $REPO/tests/worker/test_lm_head.py 2>&1 | tail -6 | tee "$OUT/cuda-tests.txt"
+  timeout 90 python3 $REPO/benchmarks/batch_invariance.py --quants F16,Q8_0,IQ3_S 2>/dev/null | tee "$OUT/invariance.txt"
+  # 2. v4-shaped F16, 3000 mixed documents: head skipped and computed, raw, the real llama-embedding, auto engines
+  #    and ubatch; one process each, then the engines.
+  bench f16-window 270 --synthetic-model v4 --quant F16 --synthetic 3000 --ubatch probe --engines 3 \
+    --modes bulkembed,bulkembed-head,raw,llama-embedding --peer-ubatch 512
+  # 3. `bulkembed run` end to end on the GPU (Parquet in, Arrow out; pyarrow here, engines in llama processes).
+  python3 - <<'EOF2'
+import pyarrow as pa, pyarrow.parquet as pq
+from bulkembed import synthetic
+from bulkembed.contract.vocab import TokenCounter
+counter = TokenCounter("/tmp/bw/synthetic-v4-F16.gguf")
+texts = synthetic.synthetic_texts(synthetic.target_lengths(1500, "mixed", 0), counter.count, 0)
+pq.write_table(pa.table({"id": [f"d{i}" for i in range(len(texts))], "text": texts}), "/tmp/bw/corpus.parquet")
+EOF2
+  t0=$(date +%s.%N)
+  timeout 100 bulkembed run /tmp/bw/corpus.parquet --model /tmp/bw/synthetic-v4-F16.gguf --out /tmp/bw/out-auto \
+    --prefix '' --engines auto --ubatch auto 2>&1 | grep -v "tok/s]" | tail -4 | tee -a "$OUT/run.txt"
+  echo "run --engines auto: $(python3 -c "print(round($(date +%s.%N) - $t0, 1))") s wall" | tee -a "$OUT/run.txt"
+  ;;
 check)
   nvidia-smi --query-gpu=name,memory.total,driver_version,compute_cap --format=csv,noheader | tee "$OUT/gpu.txt"
   # Exactness on CUDA: packed == alone, pieces across decodes (tiny models, offloaded to the GPU). The installed

@@ -8,6 +8,13 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,compute_cap --format=csv
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$G"/whl/*.whl || exit 1
 rm -rf /tmp/site/llama_cpp && cp -r "$G/lcpp/llama_cpp" /tmp/site/llama_cpp
 arch=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -1 | tr -d .)
+prebuilt=$(ls "$G"/llama-cuda-sm*.tar.xz 2>/dev/null | head -1)
+if [ ! -f /tmp/llama-build/bin/libllama.so ] && [ -n "$prebuilt" ]; then
+  # Built here ahead of time by infra/gpu/build-cuda.sh (patched, sm_$arch): no device time spent building.
+  mkdir -p /tmp/llama-build && python3 -c "import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2])" \
+    "$prebuilt" /tmp/llama-build
+  echo "llama.cpp CUDA libraries from $(basename "$prebuilt")"
+fi
 if [ ! -f /tmp/llama-build/bin/libllama.so ]; then
   t0=$(date +%s)
   cmake -S "$G/lcpp/vendor/llama.cpp" -B /tmp/llama-build -G Ninja -DCMAKE_BUILD_TYPE=Release -DGGML_CUDA=ON \
