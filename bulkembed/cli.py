@@ -256,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.basicConfig(level=ProducerSettings().log_level, format=LOG_FORMAT)  # as llama processes log
         return args.func(args)
     except BulkEmbedError as exc:
-        print(f"bulkembed: {exc}", file=sys.stderr)
+        print(f"bulkembed: {' '.join(str(exc).split())}", file=sys.stderr)  # one line, whatever a library said
         return 2
 
 

@@ -111,7 +111,9 @@ def cmd_embed(args) -> int:
 
     from bulkembed.contract.settings import WorkerSettings
 
-    texts = args.texts or [line.rstrip("\n") for line in sys.stdin]
+    texts = args.texts or ([] if sys.stdin is None or sys.stdin.isatty() else [line.rstrip("\n") for line in sys.stdin])
+    if not texts:
+        raise InputError("no texts: pass them as arguments or one a line on standard input")
     if args.out is not None and args.out.suffix not in (".npy", ".jsonl"):
         raise InputError(f"--out {args.out}: a .npy or .jsonl file")
     if args.batch < 1:

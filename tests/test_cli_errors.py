@@ -77,7 +77,7 @@ WRONG_OPTIONS = [
     (["eval", "dataset", "--model", "model.gguf", "--k", "x"], "--k"),
     (["eval", "no-such-dataset", "--model", "model.gguf"], "no-such-dataset"),
     (["bench", "--synthetic-model", "huge"], "--synthetic-model"),
-    (["embed"], "embed"),
+    (["embed", "--model", "model.gguf"], "no texts"),
 ]
 
 
