@@ -141,7 +141,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     settings = ProducerSettings()
     planned = _plan(args)
     job = planned.job
-    registry = JobRegistry.from_url(settings.redis_url.get_secret_value())
+    registry = JobRegistry.from_url(settings.redis_url.get_secret_value(), retention_s=settings.job_retention_s)
     if args.force:
         registry.forget(job.job_id)
         forget_outputs(planned.store)
@@ -182,7 +182,10 @@ def wait_for(registry, job_id: str, poll_s: float = 1.0) -> int:
         return 0
     for shard, error in sorted(status.failures.items()):
         print(f"shard {shard} failed: {error}", file=sys.stderr)
-    print(f"job {job_id} failed: {len(status.failures)} of {status.totals.shards} shards", file=sys.stderr)
+    if status.failed > len(status.failures):
+        print(f"… and {status.failed - len(status.failures)} more: bulkembed status {job_id} --failures",
+              file=sys.stderr)
+    print(f"job {job_id} failed: {status.failed} of {status.totals.shards} shards", file=sys.stderr)
     return 1
 
 
@@ -192,8 +195,13 @@ def cmd_status(args: argparse.Namespace) -> int:
     registry = JobRegistry.from_url(ProducerSettings().redis_url.get_secret_value())
     status = registry.status(args.job)
     if status is None:
-        print(f"no job {args.job} in this Redis", file=sys.stderr)
+        print(f"no job {args.job} in this Redis (a finished job's keys expire after BULKEMBED_JOB_RETENTION_S; its "
+              f"_manifest.json stays)", file=sys.stderr)
         return 2
+    if args.failures:  # every one, a page of Redis at a time
+        for shard, error in registry.failures(args.job):
+            print(f"shard {shard}: {error}")
+        return 0
     if args.json:
         print(json.dumps(status.model_dump(mode="json") | {"finished": status.finished}))
         return 0
@@ -201,10 +209,12 @@ def cmd_status(args: argparse.Namespace) -> int:
     shards = f"{status.shards_done}/{totals.shards}" if totals else f"{status.shards_done}/?"
     tokens = f"{status.tokens_done}/{totals.tokens}" if totals else f"{status.tokens_done}/?"
     print(f"job {status.job_id}: {status.state}; shards {shards}; tokens {tokens}; "
-          f"failed {len(status.failures)}; rejected rows {totals.rejected if totals else '?'}; "
+          f"failed {status.failed}; rejected rows {totals.rejected if totals else '?'}; "
           f"reused rows {totals.reused_rows if totals else '?'}")
     for shard, error in sorted(status.failures.items()):
         print(f"  shard {shard}: {error}")
+    if status.failed > len(status.failures):
+        print(f"  … and {status.failed - len(status.failures)} more (--failures lists them all)")
     return 0
 
 
@@ -237,6 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     status = commands.add_parser("status", help="progress of a job")
     status.add_argument("job")
     status.add_argument("--json", action="store_true")
+    status.add_argument("--failures", action="store_true", help="list every failed shard and its error")
     status.set_defaults(func=cmd_status)
 
     run = commands.add_parser("run", help="embed in this process: no Redis, no workers")

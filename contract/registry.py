@@ -6,6 +6,7 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import Iterator
 from urllib.parse import urlparse
 
 import pyarrow as pa
@@ -59,6 +60,9 @@ class JobTotals(BaseModel):
         return sum(f.rows for f in self.reused)
 
 
+FAILURES_PAGE = 20  # failed shards a status carries; JobRegistry.failures pages through the rest
+
+
 class JobStatus(BaseModel):
     job_id: str
     state: str  # planning | running | finishing (every shard written, the manifest not yet) | done | failed
@@ -66,7 +70,8 @@ class JobStatus(BaseModel):
     shards_done: int
     tokens_done: int
     rows_done: int
-    failures: dict[int, str]
+    failed: int = 0  # shards failed for good
+    failures: dict[int, str]  # the first FAILURES_PAGE of them
 
     @property
     def finished(self) -> bool:
@@ -118,26 +123,63 @@ def write_manifest(store: Store, job: JobSpec, totals: JobTotals, results: list[
     return manifest
 
 
-class JobRegistry:
-    """What a job planned and what its shards did, kept in Redis for status, --wait and the manifest."""
+# A written shard, counted once however often it is reported (duplicate deliveries): its result is kept and the
+# job's counters grow in one step, so `status` reads a few numbers instead of every shard's result. `failed_only`
+# counts the failed shards that are not written, so written + failed_only is how many shards are settled.
+# KEYS: job hash, done hash, failed hash; ARGV: shard, result json, rows, tokens.
+_SHARD_DONE = """
+local new = redis.call('HSETNX', KEYS[2], ARGV[1], ARGV[2])
+if new == 1 then
+  redis.call('HINCRBY', KEYS[1], 'shards_done', 1)
+  redis.call('HINCRBY', KEYS[1], 'rows_done', ARGV[3])
+  redis.call('HINCRBY', KEYS[1], 'tokens_done', ARGV[4])
+end
+if redis.call('HDEL', KEYS[3], ARGV[1]) == 1 and new == 1 then
+  redis.call('HINCRBY', KEYS[1], 'failed_only', -1)
+end
+"""
+# A shard failed for good (a written one too: its job's manifest could not be written). KEYS: job hash, done hash,
+# failed hash; ARGV: shard, error.
+_SHARD_FAILED = """
+if redis.call('HSET', KEYS[3], ARGV[1], ARGV[2]) == 1 and redis.call('HEXISTS', KEYS[2], ARGV[1]) == 0 then
+  redis.call('HINCRBY', KEYS[1], 'failed_only', 1)
+end
+"""
 
-    def __init__(self, client: redis.Redis):
+
+class JobRegistry:
+    """What a job planned and what its shards did, kept in Redis for status, --wait and the manifest.
+
+    Reading a job's state costs the same at 10 shards and 10 million: counters kept as shards complete, failures a
+    page at a time. A finished job's keys expire after `retention_s`."""
+
+    def __init__(self, client: redis.Redis, retention_s: float = 7 * 24 * 3600):
         self.redis = client
+        self.retention_s = retention_s
+        self._shard_done = client.register_script(_SHARD_DONE)
+        self._shard_failed = client.register_script(_SHARD_FAILED)
 
     @classmethod
-    def from_url(cls, url: str, check: bool = True) -> JobRegistry:
+    def from_url(cls, url: str, check: bool = True, retention_s: float = 7 * 24 * 3600) -> JobRegistry:
         if check:
             _check_redis(url)
         # A restarted Redis (AOF keeps the data) must not turn a written shard into a failed task.
         retry = Retry(ExponentialBackoff(cap=10, base=0.2), retries=30)
         client = redis.Redis.from_url(url, decode_responses=True, retry=retry,
                                       retry_on_error=[redis.ConnectionError, redis.TimeoutError])
-        return cls(client)
+        return cls(client, retention_s)
+
+    def _keys(self, job_id: str) -> list[str]:
+        return [k.format(job_id=job_id) for k in (keys.REDIS_JOB, keys.REDIS_JOB_DONE, keys.REDIS_JOB_FAILED,
+                                                   keys.REDIS_JOB_ATTEMPTS)]
 
     def start(self, job: JobSpec) -> None:
         """Register a job; a resubmitted one keeps what its shards already did."""
         key = keys.REDIS_JOB.format(job_id=job.job_id)
-        self.redis.hset(key, mapping={"spec": job.model_dump_json(), "state": "planning", "started": time.time()})
+        self.redis.persist(key)  # a resubmitted job that had finished: its keys expire no more
+        self.redis.persist(keys.REDIS_JOB_DONE.format(job_id=job.job_id))
+        self.redis.hset(key, mapping={"spec": job.model_dump_json(), "state": "planning", "started": time.time(),
+                                      "failed_only": 0})
         self.redis.hdel(key, "totals")
         # Failed shards get a fresh set of attempts.
         self.redis.delete(keys.REDIS_JOB_FAILED.format(job_id=job.job_id),
@@ -147,8 +189,7 @@ class JobRegistry:
     def forget(self, job_id: str) -> None:
         """Drop everything Redis knows of a job (--force)."""
         self._close(job_id)
-        self.redis.delete(*(k.format(job_id=job_id) for k in (keys.REDIS_JOB, keys.REDIS_JOB_DONE,
-                                                                keys.REDIS_JOB_FAILED, keys.REDIS_JOB_ATTEMPTS)))
+        self.redis.delete(*self._keys(job_id))
 
     def attempt(self, job_id: str, shard: int) -> int:
         """Count a delivery of a shard; the count survives the process that took it."""
@@ -161,29 +202,38 @@ class JobRegistry:
     def planned(self, job_id: str, totals: JobTotals) -> bool:
         """Record the totals once every shard is queued; True when the job is already complete."""
         self.redis.hset(keys.REDIS_JOB.format(job_id=job_id), mapping={"totals": totals.model_dump_json(),
-                                                                      "state": "running"})
+                                                                      "shards": totals.shards, "state": "running"})
         complete = self._complete(job_id)
         if not complete and self._settled(job_id):  # its last shards failed while it was being queued
             self._close(job_id)
+            self._expire(job_id)
         return complete
 
     def shard_done(self, job_id: str, result: ShardResult) -> bool:
-        """Record a written shard (idempotent); True when this made the job complete."""
-        self.redis.hset(keys.REDIS_JOB_DONE.format(job_id=job_id), str(result.shard), result.model_dump_json())
-        self.redis.hdel(keys.REDIS_JOB_FAILED.format(job_id=job_id), str(result.shard))
+        """Record a written shard (idempotent: counted once); True when the job is complete."""
+        job, done, failed = (k.format(job_id=job_id) for k in (keys.REDIS_JOB, keys.REDIS_JOB_DONE,
+                                                                keys.REDIS_JOB_FAILED))
+        self._shard_done(keys=[job, done, failed], args=[result.shard, result.model_dump_json(), result.rows,
+                                                         result.tokens])
         return self._complete(job_id)
 
     def shard_failed(self, job_id: str, shard: int, error: str) -> None:
-        self.redis.hset(keys.REDIS_JOB_FAILED.format(job_id=job_id), str(shard), error[:2000])
+        job, done, failed = (k.format(job_id=job_id) for k in (keys.REDIS_JOB, keys.REDIS_JOB_DONE,
+                                                                keys.REDIS_JOB_FAILED))
+        self._shard_failed(keys=[job, done, failed], args=[shard, error[:2000]])
         if self._settled(job_id):  # failed for good: no worker needs to stay up for it
             self._close(job_id)
+            self._expire(job_id)
 
     def _complete(self, job_id: str) -> bool:
-        totals = self.redis.hget(keys.REDIS_JOB.format(job_id=job_id), "totals")
-        if totals is None:
-            return False
-        done = self.redis.hlen(keys.REDIS_JOB_DONE.format(job_id=job_id))
-        return done >= JobTotals.model_validate_json(totals).shards
+        shards = self._planned_shards(job_id)
+        return shards is not None and self.redis.hlen(keys.REDIS_JOB_DONE.format(job_id=job_id)) >= shards
+
+    def _planned_shards(self, job_id: str) -> int | None:
+        """How many shards the job queued; None while it is being planned. Kept beside the totals so a shard's
+        completion never parses them (with --reuse they list every PREV_OUT file)."""
+        shards = self.redis.hget(keys.REDIS_JOB.format(job_id=job_id), "shards")
+        return int(shards) if shards is not None else None
 
     def spec(self, job_id: str) -> JobSpec | None:
         raw = self.redis.hget(keys.REDIS_JOB.format(job_id=job_id), "spec")
@@ -202,7 +252,16 @@ class JobRegistry:
         manifest = write_manifest(open_store(spec.out), spec, JobTotals.model_validate_json(raw), self.results(job_id))
         self.redis.hset(keys.REDIS_JOB.format(job_id=job_id), "state", "done")
         self._close(job_id)
+        self._expire(job_id)
         return manifest
+
+    def _expire(self, job_id: str) -> None:
+        """A finished job's keys go after the retention: status answers until then, and a job resubmitted in the
+        meantime keeps them (start() persists them)."""
+        with self.redis.pipeline() as pipe:
+            for key in self._keys(job_id):
+                pipe.expire(key, int(self.retention_s))
+            pipe.execute()
 
     def open_jobs(self, queue: str) -> list[str]:
         """Jobs on this queue with unfinished shards (what KEDA counts to keep a worker up)."""
@@ -220,30 +279,39 @@ class JobRegistry:
 
     def _settled(self, job_id: str) -> bool:
         """Every shard of a fully queued job is written or failed for good."""
-        totals = self.redis.hget(keys.REDIS_JOB.format(job_id=job_id), "totals")
-        if totals is None:
+        shards = self._planned_shards(job_id)
+        if shards is None:
             return False
-        settled = (self.redis.hlen(keys.REDIS_JOB_DONE.format(job_id=job_id))
-                   + self.redis.hlen(keys.REDIS_JOB_FAILED.format(job_id=job_id)))
-        return settled >= JobTotals.model_validate_json(totals).shards
+        done, failed_only = self.redis.hmget(keys.REDIS_JOB.format(job_id=job_id), ["shards_done", "failed_only"])
+        return int(done or 0) + int(failed_only or 0) >= shards
 
     def status(self, job_id: str) -> JobStatus | None:
-        job = self.redis.hgetall(keys.REDIS_JOB.format(job_id=job_id))
-        if not job:
+        """Three Redis commands in one round trip whatever the job's size: the job's state, totals and counters,
+        the number of failed shards, the first page of them."""
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hmget(keys.REDIS_JOB.format(job_id=job_id), ["state", "totals", "shards_done", "rows_done",
+                                                               "tokens_done", "failed_only"])
+            pipe.hlen(keys.REDIS_JOB_FAILED.format(job_id=job_id))
+            pipe.hscan(keys.REDIS_JOB_FAILED.format(job_id=job_id), 0, count=FAILURES_PAGE)
+            (state, raw_totals, *counters), failed, (_, page) = pipe.execute()
+        if state is None:
             return None
-        totals = JobTotals.model_validate_json(job["totals"]) if "totals" in job else None
-        results = self.results(job_id)
-        failures = {int(k): v for k, v in self.redis.hgetall(keys.REDIS_JOB_FAILED.format(job_id=job_id)).items()}
-        state = job.get("state", "planning")
+        shards_done, rows_done, tokens_done, failed_only = (int(c or 0) for c in counters)
+        totals = JobTotals.model_validate_json(raw_totals) if raw_totals else None
         if totals is not None and state == "running":
-            if failures and len(set(failures) | {r.shard for r in results}) >= totals.shards:
+            if failed and shards_done + failed_only >= totals.shards:
                 state = "failed"  # settled, some for good: also a last shard written whose manifest could not be
-            elif len(results) >= totals.shards:
+            elif shards_done >= totals.shards:
                 # Done once the manifest is written (finalize); until then a waiter reading it would not find it.
                 state = "finishing"
-        return JobStatus(job_id=job_id, state=state, totals=totals, shards_done=len(results),
-                         tokens_done=sum(r.tokens for r in results), rows_done=sum(r.rows for r in results),
-                         failures=failures)
+        failures = dict(sorted((int(k), v) for k, v in page.items())[:FAILURES_PAGE])
+        return JobStatus(job_id=job_id, state=state, totals=totals, shards_done=shards_done, tokens_done=tokens_done,
+                         rows_done=rows_done, failed=failed, failures=failures)
+
+    def failures(self, job_id: str) -> Iterator[tuple[int, str]]:
+        """Every failed shard and its error, a page at a time (HSCAN): for `status --failures`."""
+        for shard, error in self.redis.hscan_iter(keys.REDIS_JOB_FAILED.format(job_id=job_id), count=1000):
+            yield int(shard), error
 
 
 def wait_for_redis(url: str, wait_s: float, every_s: float = 2.0) -> None:

@@ -81,10 +81,12 @@ def read_metadata(schema: pa.Schema) -> dict[str, str]:
     }
 
 
-def to_ipc_bytes(table: pa.Table) -> bytes:
-    """A complete Arrow IPC file in memory: objects are only ever written whole."""
+def to_ipc_bytes(table: pa.Table, compression: str | None = None) -> bytes:
+    """A complete Arrow IPC file in memory: objects are only ever written whole. `compression` ("zstd", "lz4")
+    compresses its buffers; readers need nothing to know it."""
     sink = io.BytesIO()
-    with pa.ipc.new_file(sink, table.schema) as writer:
+    options = pa.ipc.IpcWriteOptions(compression=compression)
+    with pa.ipc.new_file(sink, table.schema, options=options) as writer:
         writer.write_table(table)
     return sink.getvalue()
 

@@ -94,6 +94,11 @@ class Settings(BaseSettings):
     )
     transient_retries: int = Field(8, ge=0, description="Retries, with backoff, of S3/Redis hiccups in one shard.")
     log_level: str = Field("INFO", description="Python logging level.")
+    job_retention_s: float = Field(
+        7 * 24 * 3600, gt=0, description="How long a finished job's Redis keys (its state, shard results and "
+        "failures) stay after its manifest is written or its last shard fails for good; status answers until then. "
+        "Redis then holds nothing of it: the manifest in the store is the record.",
+    )
     store_outage_s: float = Field(
         1800, ge=0, description="Seconds a shard keeps retrying, with backoff, while the object store is unreachable "
         "or failing (after its BULKEMBED_TRANSIENT_RETRIES); past both it is reported failed. Such retries do not "

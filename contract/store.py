@@ -104,18 +104,19 @@ class LocalStore:
         return pafs.LocalFileSystem(), str(self.root)
 
 
-class S3Store:
-    """s3://bucket/prefix through boto3; endpoint and credentials from the standard AWS variables."""
+_S3_CLIENTS: dict[tuple, tuple] = {}  # (process id, AWS_* settings) -> (boto3 session, its client)
 
-    def __init__(self, uri: str):
+
+def s3_client() -> tuple:
+    """This process's boto3 session and S3 client, made once (~60 ms; the connection pool is kept across shards).
+    Keyed by the process, so a forked child (Celery's pool) makes its own rather than share its parent's sockets,
+    and by the AWS_* variables it was made from (endpoint, credentials), so a change of them is never ignored."""
+    key = (os.getpid(), tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("AWS_"))))
+    if key not in _S3_CLIENTS:
         import boto3
         import botocore.session
         from botocore.config import Config
 
-        parsed = urlparse(uri)
-        self.uri = uri.rstrip("/")
-        self.bucket = parsed.netloc
-        self.prefix = parsed.path.strip("/")
         # boto3's own AWS_MAX_ATTEMPTS / AWS_RETRY_MODE (or ~/.aws/config) win; else 9 attempts in standard
         # mode. Past those, a failing call is a TransientError and the worker backs off for minutes.
         core = botocore.session.get_session()
@@ -127,8 +128,22 @@ class S3Store:
             response_checksum_validation="when_required",
             retries=retries,
         )
-        self._session = boto3.session.Session(botocore_session=core)
-        self.client = self._session.client("s3", config=config)
+        if any(pid != key[0] for pid, _ in _S3_CLIENTS):
+            _S3_CLIENTS.clear()  # a parent's, inherited by fork: never used here
+        session = boto3.session.Session(botocore_session=core)
+        _S3_CLIENTS[key] = session, session.client("s3", config=config)
+    return _S3_CLIENTS[key]
+
+
+class S3Store:
+    """s3://bucket/prefix through boto3; endpoint and credentials from the standard AWS variables."""
+
+    def __init__(self, uri: str):
+        parsed = urlparse(uri)
+        self.uri = uri.rstrip("/")
+        self.bucket = parsed.netloc
+        self.prefix = parsed.path.strip("/")
+        self._session, self.client = s3_client()
 
     def _key(self, key: str) -> str:
         return f"{self.prefix}/{key}" if self.prefix else key

@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pytest
 
-from bulkembed.contract.schema import read_metadata
+from bulkembed.contract.schema import from_ipc_bytes, read_metadata, to_ipc_bytes
 from bulkembed.contract.store import open_store
 from tests.conftest import cosines, mixed_texts, write_corpus
 
@@ -92,6 +92,8 @@ def test_run_embedded_mode_local_and_s3(corpus, bucket, tmp_path, run_cli, tiny_
     assert done.returncode == 0, done.stderr[-3000:]
     check_output(ds.dataset(local_out, format="arrow").to_table(), expected, reference_embedder)
     assert json.loads((local_out / "_manifest.json").read_text())["rows"] == N_ROWS
+    stored = (local_out / "_shards" / "000000.arrow").read_bytes()  # shard inputs are kept zstd-compressed
+    assert len(stored) < 0.7 * len(to_ipc_bytes(from_ipc_bytes(stored))), "compressed"
 
     s3_out = f"s3://{bucket}/run-out"
     done = run_cli("run", folder / "part-0.parquet", "--model", tiny_model, "--out", s3_out)

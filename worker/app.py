@@ -79,7 +79,8 @@ class ModelTask(Task):
     def registry(self) -> JobRegistry:
         """One Redis connection pool per pool process, made after the fork."""
         if ModelTask._registry is None:
-            ModelTask._registry = JobRegistry.from_url(settings.redis_url.get_secret_value(), check=False)
+            ModelTask._registry = JobRegistry.from_url(settings.redis_url.get_secret_value(), check=False,
+                                                          retention_s=settings.job_retention_s)
         return ModelTask._registry
 
     @property

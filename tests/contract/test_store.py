@@ -17,6 +17,7 @@ from botocore.exceptions import (
 
 from bulkembed.contract.errors import TransientError
 from bulkembed.contract.store import is_transient, open_store
+from tests.conftest import s3_env
 from tests.faults_support import FaultPlan, FaultyS3Proxy
 
 
@@ -87,3 +88,16 @@ def test_permanent_errors_are_not_transient(s3_server, monkeypatch):
     with pytest.raises(ClientError) as caught:
         store.get("k")
     assert not isinstance(caught.value, TransientError) and caught.value.response["Error"]["Code"] == "NoSuchBucket"
+
+
+def test_stores_in_one_process_share_one_s3_client_until_its_settings_change(s3_server, bucket, monkeypatch):
+    from bulkembed.contract.store import S3Store
+
+    for key, value in s3_env(s3_server).items():
+        monkeypatch.setenv(key, value)
+    first, second = S3Store(f"s3://{bucket}/a"), S3Store(f"s3://{bucket}/b")
+    assert first.client is second.client, "one client (and connection pool) per worker process"
+    second.put("k", b"v")
+    assert first.client is S3Store(f"s3://{bucket}/a").client and second.get("k") == b"v"
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", s3_server + "/")  # another endpoint setting: another client
+    assert S3Store(f"s3://{bucket}/a").client is not first.client

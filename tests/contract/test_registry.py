@@ -1,0 +1,118 @@
+"""The job registry against a real Redis: status costs the same at 10 shards and 100,000, counts each shard once,
+pages its failures, and a finished job's keys expire after the retention."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import redis
+
+from bulkembed.contract import keys
+from bulkembed.contract.registry import FAILURES_PAGE, JobRegistry, JobTotals
+from tests.contract.test_open_jobs import job, result
+
+BIG = 100_000
+
+
+@pytest.fixture
+def registry(fresh_redis) -> JobRegistry:
+    return JobRegistry.from_url(fresh_redis.url, retention_s=3600)
+
+
+def planned_job(registry: JobRegistry, tmp_path: Path, shards: int, done: int) -> str:
+    """A job with `shards` queued and `done` of them written: results written straight into Redis (a synthetic
+    registry, as a real job of that size would leave it), then one more through shard_done for the counters."""
+    spec = job(tmp_path, f"bulkembed.test-{uuid.uuid4().hex[:8]}", name=uuid.uuid4().hex[:6])
+    registry.start(spec)
+    registry.planned(spec.job_id, JobTotals(shards=shards, docs=shards, tokens=3 * shards))
+    done_key, job_key = (k.format(job_id=spec.job_id) for k in (keys.REDIS_JOB_DONE, keys.REDIS_JOB))
+    with registry.redis.pipeline(transaction=False) as pipe:
+        for shard in range(done - 1):
+            pipe.hset(done_key, str(shard), result(shard).model_dump_json())
+            if shard % 10_000 == 9_999:
+                pipe.execute()
+        pipe.hset(job_key, mapping={"shards_done": done - 1, "rows_done": done - 1, "tokens_done": 3 * (done - 1)})
+        pipe.execute()
+    registry.shard_done(spec.job_id, result(done - 1))
+    return spec.job_id
+
+
+def cost_of_status(registry: JobRegistry, job_id: str) -> tuple[int, int, object]:
+    """Redis commands processed and bytes sent back for one status poll (this Redis serves this test alone)."""
+    def stats() -> tuple[int, int]:
+        info = registry.redis.info("stats")
+        return info["total_commands_processed"], info["total_net_output_bytes"]
+
+    commands, sent = stats()
+    status = registry.status(job_id)
+    after_commands, after_sent = stats()
+    return after_commands - commands - 1, after_sent - sent, status  # less the INFO that read them
+
+
+def test_status_costs_the_same_at_ten_shards_and_a_hundred_thousand(registry, tmp_path):
+    small = planned_job(registry, tmp_path, shards=20, done=10)
+    big = planned_job(registry, tmp_path, shards=2 * BIG, done=BIG)
+    small_commands, small_bytes, small_status = cost_of_status(registry, small)
+    big_commands, big_bytes, big_status = cost_of_status(registry, big)
+    assert small_status.shards_done == 10 and big_status.shards_done == BIG
+    assert big_status.rows_done == BIG and big_status.tokens_done == 3 * BIG and big_status.state == "running"
+    assert big_commands == small_commands <= 5
+    assert abs(big_bytes - small_bytes) < 64, (small_bytes, big_bytes)  # a few more digits in the counters
+
+
+def test_a_shard_reported_twice_counts_once_and_a_written_one_that_fails_is_not_counted_twice(registry, tmp_path):
+    job_id = planned_job(registry, tmp_path, shards=3, done=1)
+    for _ in range(2):
+        registry.shard_done(job_id, result(1))
+    registry.shard_failed(job_id, 1, "written, then its job's manifest could not be")
+    status = registry.status(job_id)
+    assert (status.shards_done, status.rows_done, status.tokens_done, status.failed) == (2, 2, 6, 1)
+    assert status.state == "running", "shard 2 is neither written nor failed: not settled"
+    registry.shard_failed(job_id, 2, "for good")
+    assert registry.status(job_id).state == "failed"
+
+
+def test_failures_come_a_page_at_a_time_and_all_on_request(registry, tmp_path):
+    job_id = planned_job(registry, tmp_path, shards=500, done=1)
+    for shard in range(1, 300):
+        registry.shard_failed(job_id, shard, f"error {shard}")
+    status = registry.status(job_id)
+    assert status.failed == 299 and len(status.failures) <= FAILURES_PAGE
+    assert dict(registry.failures(job_id)) == {shard: f"error {shard}" for shard in range(1, 300)}
+    registry.shard_done(job_id, result(7))  # written after all: no longer a failure
+    assert registry.status(job_id).failed == 298
+
+
+def test_a_finished_jobs_keys_expire_after_the_retention_and_a_resubmission_keeps_them(registry, tmp_path):
+    spec = job(tmp_path, f"bulkembed.test-{uuid.uuid4().hex[:8]}")
+    registry.start(spec)
+    registry.planned(spec.job_id, JobTotals(shards=1, docs=1, tokens=3))
+    registry.attempt(spec.job_id, 0)
+    assert registry.shard_done(spec.job_id, result(0))
+    (tmp_path / "a").mkdir()
+    registry.finalize(spec.job_id)
+    names = [k.format(job_id=spec.job_id) for k in (keys.REDIS_JOB, keys.REDIS_JOB_DONE, keys.REDIS_JOB_ATTEMPTS)]
+    ttls = [registry.redis.ttl(name) for name in names]
+    assert all(0 < ttl <= 3600 for ttl in ttls), ttls
+    assert registry.status(spec.job_id).state == "done"
+    registry.start(spec)  # resubmitted before they expired: kept, and no longer expiring
+    assert registry.redis.ttl(names[0]) == -1 and registry.redis.ttl(names[1]) == -1
+    assert registry.status(spec.job_id).shards_done == 1
+
+
+def test_once_expired_nothing_of_the_job_is_left(fresh_redis, tmp_path):
+    registry = JobRegistry.from_url(fresh_redis.url, retention_s=1)
+    spec = job(tmp_path, f"bulkembed.test-{uuid.uuid4().hex[:8]}")
+    registry.start(spec)
+    registry.planned(spec.job_id, JobTotals(shards=1, docs=1, tokens=3))
+    registry.shard_done(spec.job_id, result(0))
+    (tmp_path / "a").mkdir()
+    registry.finalize(spec.job_id)
+    client = redis.Redis.from_url(fresh_redis.url)
+    deadline = time.monotonic() + 10  # Redis expires keys when read or by its active cycle (10 times a second)
+    while client.keys(f"*{spec.job_id}*") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert client.keys(f"*{spec.job_id}*") == []
