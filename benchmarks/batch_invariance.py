@@ -24,12 +24,11 @@ from pathlib import Path
 
 import numpy as np
 
-from bulkembed.synthetic import ModelShape, dequantized_copy, quantize, synthetic_texts, target_lengths
+from bulkembed.synthetic import OUTLIER as SHAPE
+from bulkembed.synthetic import dequantized_copy, quantize, synthetic_texts, target_lengths
 from bulkembed.synthetic import write_qwen2vl_gguf as write_model
 from bulkembed.worker.engine import Engine, EngineOptions
 from bulkembed.worker.packing import MIN_DECODE_TOKENS, single_document_shape
-
-SHAPE = ModelShape(n_layer=4, n_embd=256, n_head=4, n_head_kv=2, n_ff=512, n_vocab=512)
 
 
 def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:

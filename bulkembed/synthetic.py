@@ -89,6 +89,8 @@ def _write_bpe_vocab(writer, n_vocab: int, add_eos: bool) -> None:
 
 
 OUTLIER_FEATURES = 4  # hidden features an outlier model makes huge
+# The model of the batch-invariance tests and benchmarks (with outlier_gain=60): K-quant rows are 256 wide.
+OUTLIER = ModelShape(n_layer=4, n_embd=256, n_head=4, n_head_kv=2, n_ff=512, n_vocab=512)
 
 
 def write_qwen2vl_gguf(path: str | Path, shape: ModelShape = TINY, seed: int = 0, dtype: str = "f32",

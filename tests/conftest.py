@@ -18,8 +18,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from bulkembed.synthetic import (
+    OUTLIER,
     TINY,
-    ModelShape,
     dequantized_copy,
     quantize,
     write_bert_gguf,
@@ -65,16 +65,13 @@ def kind_models(models_dir: Path) -> dict[str, Path]:
     }
 
 
-# A qwen2vl with the outlier activations of trained weights (synthetic.write_qwen2vl_gguf(outlier_gain=...)): K-quant
-# rows are 256 wide, so it is 256 wide.
-OUTLIER_SHAPE = ModelShape(n_layer=4, n_embd=256, n_head=4, n_head_kv=2, n_ff=512, n_vocab=512)
 
 
 @pytest.fixture(scope="session")
 def outlier_models(models_dir: Path) -> dict[str, Path]:
     """The outlier model as F32, quantized by llama.cpp (Q8_0, Q4_K_M), and its Q4_K_M dequantized back to F32
     ("exact": the quantized weights computed without quantized kernels). Named like v4 retrieval files."""
-    f32 = write_qwen2vl_gguf(models_dir / "outlier-text-retrieval-F32.gguf", OUTLIER_SHAPE, seed=0, outlier_gain=60)
+    f32 = write_qwen2vl_gguf(models_dir / "outlier-text-retrieval-F32.gguf", OUTLIER, seed=0, outlier_gain=60)
     models = {"F32": f32}
     for quant in ("Q8_0", "Q4_K_M"):
         models[quant] = quantize(f32, models_dir / f"outlier-text-retrieval-{quant}.gguf", quant, threads=2)
