@@ -24,8 +24,8 @@ MAX_SEQUENCES = 256  # llama.cpp's LLAMA_MAX_SEQ
 CTX_ALIGN = 256  # llama.cpp pads n_ctx to this
 # The fewest tokens a decode may carry. llama.cpp's CPU kernels switch paths by a decode's row count: the tiled
 # K-quant matmul from 8 rows (its narrow path up to 16), llamafile's sgemm from 2-4, the tiled flash attention
-# from 64 (GGML_FA_TILE_Q), and no switch above that: from 64 tokens up a row's result does not depend on the rest
-# of the decode (measured: tests/worker/test_batch_invariance.py).
+# from 64 (GGML_FA_TILE_Q), and none above that. From 64 tokens up a row's result depends only on where its KV cells
+# sit in the cache, within cos 0.99999 (README, Batch invariance; tests/worker/test_batch_invariance.py).
 MIN_DECODE_TOKENS = 64
 PAD_TOKEN = 0  # what padding holds: any valid id does, its outputs are never read
 
