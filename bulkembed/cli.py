@@ -150,8 +150,9 @@ def cmd_submit(args: argparse.Namespace) -> int:
     with app.producer_or_acquire() as producer:
         totals = produce(
             planned,
-            lambda m: app.send_task(TASK_EMBED_SHARD, args=[m.model_dump(mode="json")], queue=job.model.queue,
-                                    producer=producer),
+            # argsrepr: Celery would otherwise store the arguments a second time, as their repr, in the headers.
+            lambda m: app.send_task(TASK_EMBED_SHARD, args=[m.wire()], queue=job.model.queue, producer=producer,
+                                    argsrepr=f"shard {m.shard}"),
             lambda result: registry.shard_done(job.job_id, result),  # resumed: written before
         )
     if registry.planned(job.job_id, totals):

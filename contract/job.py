@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -192,8 +193,12 @@ class JobSpec(BaseModel):
         return digest[:16]
 
 
+WIRE_FIELDS = ("job_id", "shard", "n_docs", "n_tokens", "longest", "queued_at")  # ShardMessage.wire's order
+
+
 class ShardMessage(BaseModel):
-    """One Celery task: ids and URIs, never the data itself."""
+    """One Celery task: ids and URIs, never the data itself. On the wire (`wire`) it leaves out the job spec, which
+    travels once, in the job's registry entry: a queued shard costs Redis a few hundred bytes, not the spec again."""
 
     model_config = ConfigDict(frozen=True)
 
@@ -204,6 +209,20 @@ class ShardMessage(BaseModel):
     n_tokens: int
     longest: int = Field(description="Token count of the shard's longest document.")
     queued_at: float = Field(0.0, description="Unix time it was queued, for the queue-wait metric.")
+
+    def wire(self) -> list:
+        """The task's argument: its fields but the job spec, as a list in WIRE_FIELDS order (Redis keeps each queued
+        shard: its message should not spell out its keys). `from_wire` makes it whole again."""
+        return [self.job_id, self.shard, self.n_docs, self.n_tokens, self.longest, round(self.queued_at, 3)]
+
+    @classmethod
+    def from_wire(cls, data: list | dict, spec: Callable[[str], JobSpec]) -> ShardMessage:
+        """A message off the queue, its job spec looked up by `spec(job_id)`. A dict is a message an older
+        producer queued: it carries its spec, and keeps it."""
+        if isinstance(data, dict):
+            return cls.model_validate(data)
+        fields = dict(zip(WIRE_FIELDS, data, strict=True))
+        return cls.model_validate(fields | {"job": spec(fields["job_id"])})
 
     @property
     def input_key(self) -> str:

@@ -21,8 +21,8 @@ from celery import Task
 from celery.signals import worker_process_init, worker_process_shutdown
 
 from bulkembed.contract import keys
-from bulkembed.contract.errors import TransientError
-from bulkembed.contract.job import ShardMessage
+from bulkembed.contract.errors import ShardError, TransientError
+from bulkembed.contract.job import JobSpec, ShardMessage
 from bulkembed.contract.llama_process import LlamaProcessDied
 from bulkembed.contract.queue import TASK_EMBED_SHARD, celery_app
 from bulkembed.contract.registry import JobRegistry
@@ -74,6 +74,20 @@ class ModelTask(Task):
 
     _conditional_writes: dict[str, bool] = {}
     _registry: JobRegistry | None = None
+
+    _specs: dict[str, JobSpec] = {}
+
+    def job_spec(self, job_id: str) -> JobSpec:
+        """A job's spec, read from its registry entry once per pool process (messages do not carry it)."""
+        if job_id not in self._specs:
+            spec = self.registry.spec(job_id)
+            if spec is None:
+                raise ShardError(f"job {job_id} is not in Redis (forgotten by --force, or expired after "
+                                 f"BULKEMBED_JOB_RETENTION_S): its shard cannot be embedded; resubmit the job")
+            if len(self._specs) >= 64:  # a long-lived worker sees many jobs: keep the recent ones
+                self._specs.pop(next(iter(self._specs)))
+            self._specs[job_id] = spec
+        return self._specs[job_id]
 
     @property
     def registry(self) -> JobRegistry:
@@ -137,10 +151,10 @@ def backoff_s(retries: int, cap_s: float) -> float:
 
 
 @app.task(name=TASK_EMBED_SHARD, base=ModelTask, bind=True, max_retries=None)
-def embed_shard_task(self: ModelTask, message: dict, unreachable_since: float | None = None) -> dict | None:
+def embed_shard_task(self: ModelTask, message: list | dict, unreachable_since: float | None = None) -> dict | None:
     """Validate → give up if this shard keeps killing workers → embed (skipped if written) → report.
     `unreachable_since`: when the store first failed this shard, on a retry."""
-    shard = ShardMessage.model_validate(message)
+    shard = ShardMessage.from_wire(message, self.job_spec)
     if MODEL is not None and MODEL.engine is not None and not MODEL.engine.alive:
         # It died between shards (the OOM killer): this shard is not to blame, so no attempt is counted for it.
         _engine_lost(shard, f"llama.cpp process {MODEL.engine.pid} died before this shard")
