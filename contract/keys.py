@@ -14,7 +14,8 @@ MANIFEST_KEY = "_manifest.json"
 JOB_KEY = "_job.json"
 
 # Every key a job writes under OUT, for --force to delete exactly those (and nothing else there).
-JOB_OUTPUT_KEY = re.compile(r"^((reused-)?\d{6}\.arrow|_manifest\.json|_job\.json|_shards/\d{6}\.arrow"
+# Shard numbers are padded to 6 digits and simply grow past 999999, so the pattern takes 6 or more.
+JOB_OUTPUT_KEY = re.compile(r"^((reused-)?\d{6,}\.arrow|_manifest\.json|_job\.json|_shards/\d{6,}\.arrow"
                             r"|_rejected/[\w-]+\.arrow)$")
 
 REDIS_JOB = "bulkembed:job:{job_id}"  # hash: spec, totals, state

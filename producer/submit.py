@@ -278,6 +278,5 @@ def _produce(planned: PlannedJob, emit: Callable[[ShardMessage], None],
 def forget_outputs(store: Store) -> int:
     """--force: delete what a job wrote under OUT (and nothing else that lives there)."""
     doomed = [key for key, _ in store.list() if keys.JOB_OUTPUT_KEY.match(key)]
-    for key in doomed:
-        store.delete(key)
+    store.delete_many(doomed)
     return len(doomed)

@@ -101,3 +101,31 @@ def test_stores_in_one_process_share_one_s3_client_until_its_settings_change(s3_
     assert first.client is S3Store(f"s3://{bucket}/a").client and second.get("k") == b"v"
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", s3_server + "/")  # another endpoint setting: another client
     assert S3Store(f"s3://{bucket}/a").client is not first.client
+
+
+def test_delete_many_takes_a_thousand_keys_a_request(s3_server, bucket, monkeypatch):
+    from bulkembed.contract.store import S3Store
+
+    for key, value in s3_env(s3_server).items():
+        monkeypatch.setenv(key, value)
+    store = S3Store(f"s3://{bucket}/many")
+    names = [f"{n:06d}.arrow" for n in range(2500)]
+    for name in names:
+        store.put(name, b"x")
+    requests = []
+    store.client.meta.events.register("before-call.s3.DeleteObjects", lambda **_: requests.append(1))
+    store.delete_many(names + ["absent.arrow"])
+    assert store.list() == [] and len(requests) == 3
+
+
+def test_force_forgets_shards_past_a_million(tmp_path):
+    """Shard numbers grow past six digits; --force must still find their files (and only the job's)."""
+    from bulkembed.contract.store import LocalStore
+    from bulkembed.producer.submit import forget_outputs
+
+    store = LocalStore(tmp_path)
+    job_files = ["000007.arrow", "1000000.arrow", "_shards/1234567.arrow", "reused-1000001.arrow", "_manifest.json"]
+    for key in [*job_files, "notes.txt", "12345.arrow"]:
+        store.put(key, b"x")
+    assert forget_outputs(store) == len(job_files)
+    assert [key for key, _ in store.list()] == ["12345.arrow", "notes.txt"]
