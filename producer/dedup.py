@@ -15,8 +15,13 @@ import numpy as np
 
 
 def id_hashes(ids: Iterable[Any]) -> np.ndarray:
-    # Python's hash is SipHash (64-bit) for str/bytes and exact for ints: equal ids, equal hashes.
-    return np.fromiter((hash(i) for i in ids), np.int64)
+    """64-bit keys, equal for equal ids. Integer ids (Arrow's int64 and uint64, as Python ints) are their own key,
+    so two of them never collide: Python's hash() maps -1 and -2 alike, and ints 2**61 - 1 apart. Other ids (str,
+    bytes) get Python's SipHash, 64 bits: at 10**9 of them a ~2.7% chance that some pair collides."""
+    values = list(ids)
+    if values and all(type(v) is int for v in values):  # one Arrow column: all ints or none
+        return np.array([v - (1 << 64) if v >= 1 << 63 else v for v in values], np.int64)  # uint64: wrap, still 1:1
+    return np.fromiter((hash(i) for i in values), np.int64, count=len(values))
 
 
 class SeenIds:

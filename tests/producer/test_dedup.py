@@ -24,3 +24,11 @@ def test_memory_is_eight_bytes_an_id():
     assert len(seen) == 1_000_000
     assert sum(r.nbytes for r in seen._runs) == 8 * 1_000_000
     assert len(seen._runs) <= 20, "runs merge: lookups stay a few binary searches"
+
+
+def test_integer_ids_that_python_hashes_alike_are_not_duplicates():
+    """hash(-1) == hash(-2) and hash(2**61 - 1) == hash(0) in CPython: as keys they would quarantine a row."""
+    int64 = [-1, -2, 0, 2**61 - 1, 2**63 - 1, -(2**63)]
+    uint64 = [0, 1, 2**61 - 1, 2**61, 2**63, 2**64 - 1]  # an Arrow column is one of the two, never both
+    assert not SeenIds().add(id_hashes(int64)).any() and not SeenIds().add(id_hashes(uint64)).any()
+    assert SeenIds().add(id_hashes([5, -2, 5, 2**64 - 1, 2**64 - 1])).tolist() == [False, False, True, False, True]
