@@ -34,8 +34,9 @@ t0=$(date +%s)
 cmake -S "$work/src/vendor/llama.cpp" -B "$work/build" -DCMAKE_BUILD_TYPE=Release -DGGML_CUDA=ON \
   -DCMAKE_CUDA_ARCHITECTURES="$ARCHS" -DCUDAToolkit_ROOT="$work/cuda" -DCMAKE_CUDA_COMPILER="$work/cuda/bin/nvcc" \
   -DBUILD_SHARED_LIBS=ON -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_CUDA_NO_VMM=ON \
-  -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_CURL=OFF \
+  -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=ON -DLLAMA_BUILD_SERVER=OFF -DLLAMA_CURL=OFF \
   "-DCMAKE_C_FLAGS=-mno-amx-tile -mno-amx-int8 -mno-amx-bf16" "-DCMAKE_CXX_FLAGS=-mno-amx-tile -mno-amx-int8 -mno-amx-bf16" \
+  "-DCMAKE_EXE_LINKER_FLAGS=-Wl,-rpath-link,$work/cuda/lib64" \
   > "$work/cmake.log" 2>&1 || { tail -30 "$work/cmake.log"; exit 1; }
 cmake --build "$work/build" -j "$(nproc)" --target llama llama-embedding > "$work/make.log" 2>&1 \
   || { tail -30 "$work/make.log"; exit 1; }
