@@ -124,13 +124,13 @@ def write_manifest(store: Store, job: JobSpec, totals: JobTotals, results: list[
 
 
 # A written shard, counted once however often it is reported (duplicate deliveries): its result is kept and the
-# job's counters grow in one step, so `status` reads a few numbers instead of every shard's result. `failed_only`
-# counts the failed shards that are not written, so written + failed_only is how many shards are settled.
+# job's counters grow in one step, so `status` reads a few numbers instead of every shard's result (how many are
+# written is the done hash's size). `failed_only` counts the failed shards that are not written, so written +
+# failed_only is how many shards are settled.
 # KEYS: job hash, done hash, failed hash; ARGV: shard, result json, rows, tokens.
 _SHARD_DONE = """
 local new = redis.call('HSETNX', KEYS[2], ARGV[1], ARGV[2])
 if new == 1 then
-  redis.call('HINCRBY', KEYS[1], 'shards_done', 1)
   redis.call('HINCRBY', KEYS[1], 'rows_done', ARGV[3])
   redis.call('HINCRBY', KEYS[1], 'tokens_done', ARGV[4])
 end
@@ -282,21 +282,22 @@ class JobRegistry:
         shards = self._planned_shards(job_id)
         if shards is None:
             return False
-        done, failed_only = self.redis.hmget(keys.REDIS_JOB.format(job_id=job_id), ["shards_done", "failed_only"])
-        return int(done or 0) + int(failed_only or 0) >= shards
+        failed_only = self.redis.hget(keys.REDIS_JOB.format(job_id=job_id), "failed_only")
+        return self.redis.hlen(keys.REDIS_JOB_DONE.format(job_id=job_id)) + int(failed_only or 0) >= shards
 
     def status(self, job_id: str) -> JobStatus | None:
-        """Three Redis commands in one round trip whatever the job's size: the job's state, totals and counters,
-        the number of failed shards, the first page of them."""
+        """Four Redis commands in one round trip whatever the job's size: the job's state, totals and counters,
+        the number of written and of failed shards, the first page of the failures."""
         with self.redis.pipeline(transaction=False) as pipe:
-            pipe.hmget(keys.REDIS_JOB.format(job_id=job_id), ["state", "totals", "shards_done", "rows_done",
-                                                               "tokens_done", "failed_only"])
+            pipe.hmget(keys.REDIS_JOB.format(job_id=job_id), ["state", "totals", "rows_done", "tokens_done",
+                                                               "failed_only"])
+            pipe.hlen(keys.REDIS_JOB_DONE.format(job_id=job_id))
             pipe.hlen(keys.REDIS_JOB_FAILED.format(job_id=job_id))
             pipe.hscan(keys.REDIS_JOB_FAILED.format(job_id=job_id), 0, count=FAILURES_PAGE)
-            (state, raw_totals, *counters), failed, (_, page) = pipe.execute()
+            (state, raw_totals, *counters), shards_done, failed, (_, page) = pipe.execute()
         if state is None:
             return None
-        shards_done, rows_done, tokens_done, failed_only = (int(c or 0) for c in counters)
+        rows_done, tokens_done, failed_only = (int(c or 0) for c in counters)
         totals = JobTotals.model_validate_json(raw_totals) if raw_totals else None
         if totals is not None and state == "running":
             if failed and shards_done + failed_only >= totals.shards:

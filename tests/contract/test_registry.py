@@ -34,7 +34,7 @@ def planned_job(registry: JobRegistry, tmp_path: Path, shards: int, done: int) -
             pipe.hset(done_key, str(shard), result(shard).model_dump_json())
             if shard % 10_000 == 9_999:
                 pipe.execute()
-        pipe.hset(job_key, mapping={"shards_done": done - 1, "rows_done": done - 1, "tokens_done": 3 * (done - 1)})
+        pipe.hset(job_key, mapping={"rows_done": done - 1, "tokens_done": 3 * (done - 1)})
         pipe.execute()
     registry.shard_done(spec.job_id, result(done - 1))
     return spec.job_id
