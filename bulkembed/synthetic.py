@@ -120,24 +120,25 @@ def write_qwen2vl_gguf(path: str | Path, shape: ModelShape = TINY, seed: int = 0
 
     _write_bpe_vocab(writer, shape.n_vocab, add_eos=False)
 
-    def tensor(tensor_name: str, *dims: int, scale: float = 0.02) -> None:
-        writer.add_tensor(tensor_name, (rng.standard_normal(dims) * scale).astype(np_dtype))
-
     def norm(tensor_name: str, n: int) -> None:
         # Norm weights stay f32, as convert_hf_to_gguf writes them.
         writer.add_tensor(tensor_name, (1.0 + 0.1 * rng.standard_normal(n)).astype(np.float32))
 
     kv = shape.n_head_kv * shape.head_dim
     outliers = rng.choice(shape.n_embd, OUTLIER_FEATURES, replace=False) if outlier_gain > 0 else []
-    if outlier_gain > 0:
-        # Weights at 1/sqrt(fan-in), as trained layers are: the outlier features then carry through every layer.
-        def tensor(tensor_name: str, *dims: int, scale: float | None = None) -> None:  # noqa: F811
-            weights = rng.standard_normal(dims) * (dims[-1] ** -0.5 if scale is None else scale)
-            if tensor_name == "token_embd.weight":
-                weights[:, outliers] *= outlier_gain
-            elif tensor_name.endswith("ffn_down.weight"):
-                weights[outliers, :] *= outlier_gain / 4
-            writer.add_tensor(tensor_name, weights.astype(np_dtype))
+
+    def tensor(tensor_name: str, *dims: int, scale: float | None = None) -> None:
+        if scale is None:
+            # With outliers, weights at 1/sqrt(fan-in) as trained layers are: the outlier features then carry
+            # through every layer.
+            scale = dims[-1] ** -0.5 if outlier_gain > 0 else 0.02
+        weights = rng.standard_normal(dims) * scale
+        if outlier_gain > 0 and tensor_name == "token_embd.weight":
+            weights[:, outliers] *= outlier_gain
+        elif outlier_gain > 0 and tensor_name.endswith("ffn_down.weight"):
+            weights[outliers, :] *= outlier_gain / 4
+        writer.add_tensor(tensor_name, weights.astype(np_dtype))
+
     tensor("token_embd.weight", shape.n_vocab, shape.n_embd, scale=1.0)
     for i in range(shape.n_layer):
         b = f"blk.{i}."
