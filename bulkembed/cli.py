@@ -99,10 +99,8 @@ def _engine_setup(args: argparse.Namespace):
     from bulkembed.worker.engines import EngineSetup
 
     settings = WorkerSettings()
-    options = EngineOptions(ubatch=args.ubatch if isinstance(args.ubatch, int) else 512, gpu_layers=args.gpu_layers,
-                            threads=args.threads, flash_attn={"auto": None, "on": True, "off": False}[args.flash_attn],
-                            logical_batch=settings.logical_batch, skip_lm_head=settings.skip_lm_head,
-                            min_decode=settings.min_decode)
+    options = EngineOptions.from_settings(settings, ubatch=args.ubatch, gpu_layers=args.gpu_layers,
+                                          threads=args.threads, flash_attn=args.flash_attn)
     return EngineSetup(options, engines=args.engines, ubatch=args.ubatch, probe_cache=settings.probe_cache)
 
 

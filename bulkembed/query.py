@@ -118,13 +118,12 @@ def cmd_embed(args) -> int:
         raise InputError(f"--out {args.out}: a .npy or .jsonl file")
     if args.batch < 1:
         raise InputError(f"--batch {args.batch}: at least 1")
-    options = EngineOptions(threads=args.threads, gpu_layers=args.gpu_layers,
-                            flash_attn={"auto": None, "on": True, "off": False}[args.flash_attn],
-                            min_decode=WorkerSettings().min_decode)
+    options = EngineOptions.from_settings(WorkerSettings(), ubatch="auto", gpu_layers=args.gpu_layers,
+                                          threads=args.threads, flash_attn=args.flash_attn)
     with Embedder(args.model, task=args.task, prefix=args.prefix, pooling=args.pooling, dims=args.dims,
                   normalize=not args.no_normalize, max_tokens=args.max_tokens, options=options) as embedder:
-        parts = [embedder.embed(texts[i:i + args.batch], args.role) for i in range(0, len(texts), args.batch)]
-    vectors = np.concatenate(parts) if parts else np.zeros((0, embedder.dims), np.float32)
+        vectors = np.concatenate([embedder.embed(texts[i:i + args.batch], args.role)
+                                  for i in range(0, len(texts), args.batch)])
     if args.out is not None and args.out.suffix == ".npy":
         np.save(args.out, vectors)
         return 0

@@ -20,6 +20,7 @@ import numpy as np
 from bulkembed.contract.errors import EngineError, ModelError
 from bulkembed.contract.job import Pooling
 from bulkembed.contract.model import ModelInfo, choose_pooling, model_info
+from bulkembed.contract.settings import WorkerSettings
 from bulkembed.contract.vocab import Vocab, init_llama
 from bulkembed.worker.packing import (
     MIN_DECODE_TOKENS,
@@ -49,6 +50,21 @@ class EngineOptions:
     # Every decode carries at least this many tokens (padding tops it up), so a text's vector does not depend on
     # how full its decode was (packing.MIN_DECODE_TOKENS); 0 turns it off, only to measure what it fixes.
     min_decode: int = MIN_DECODE_TOKENS
+
+
+    @classmethod
+    def from_settings(cls, settings: WorkerSettings, *, ubatch: int | str, gpu_layers: int, threads: int,
+                      flash_attn: str) -> EngineOptions:
+        """What the worker, `run` and `embed` embed with: the command's own options, the rest from BULKEMBED_*, so a
+        query runs as its index did."""
+        return cls(ubatch=ubatch if isinstance(ubatch, int) else 512, gpu_layers=gpu_layers, threads=threads,
+                   flash_attn=flash_attn_choice(flash_attn), logical_batch=settings.logical_batch,
+                   skip_lm_head=settings.skip_lm_head, min_decode=settings.min_decode)
+
+
+def flash_attn_choice(value: str) -> bool | None:
+    """--flash-attn auto|on|off as EngineOptions takes it (None: llama.cpp decides)."""
+    return {"auto": None, "on": True, "off": False}[value]
 
 
 # The switch of infra/llama-cpp/patches/0001, read by llama.cpp when a context is created.

@@ -35,7 +35,7 @@ from bulkembed.bench.inprocess import (
 from bulkembed.bench.meter import Meter, Result
 from bulkembed.bench.report import describe, format_report
 from bulkembed.contract.settings import ubatch_spec
-from bulkembed.worker.engine import Engine, EngineOptions
+from bulkembed.worker.engine import Engine, EngineOptions, flash_attn_choice
 from bulkembed.worker.packing import MIN_DECODE_TOKENS
 
 log = logging.getLogger(__name__)
@@ -111,9 +111,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def measure(model: Path, quant: str | None, modes: list[str], args: argparse.Namespace) -> dict:
-    flash = {"auto": None, "on": True, "off": False}[args.flash_attn]
     options = EngineOptions(ubatch=args.ubatch if isinstance(args.ubatch, int) else 512, gpu_layers=args.gpu_layers,
-                            threads=args.threads, flash_attn=flash, min_decode=args.min_decode)
+                            threads=args.threads, flash_attn=flash_attn_choice(args.flash_attn),
+                            min_decode=args.min_decode)
     ubatch = args.ubatch
     if not isinstance(ubatch, int):  # measured as a worker would, then used by every mode of this process
         ubatch = run_engines_probe(model, options, args)
