@@ -60,7 +60,7 @@ def main() -> None:
         def emit(message) -> None:
             samples.append((message.shard, time.perf_counter() - started, rss_mib()))
 
-        totals = produce(planned, emit)
+        totals, _ = produce(planned, emit, lambda result: None)
         seconds = time.perf_counter() - started
     print(f"producer: {totals.docs} docs, {totals.tokens} tokens, {totals.shards} shards in {seconds:.1f}s "
           f"= {totals.docs / seconds * 60:,.0f} docs/min ({totals.tokens / seconds:,.0f} tokens/s counted)")

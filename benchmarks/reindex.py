@@ -61,7 +61,7 @@ def time_reuse_steps(corpus: Path, model: Path, prev: Path, work: Path) -> str:
     index = previous.load_index()
     matched = time.perf_counter() - started
     started = time.perf_counter()
-    files = copy_reused(previous, index, LocalStore(work / "steps"), planned.job, planned.corpus.id_type)
+    files = copy_reused(previous, index, LocalStore(work / "steps"), planned.job)
     copied = time.perf_counter() - started
     rows = sum(f.rows for f in files)
     size = sum((work / "steps" / f.key).stat().st_size for f in files)
@@ -91,7 +91,7 @@ def time_copy_at_v4_width(corpus: Path, model: Path, work: Path, rows: int = 20_
     index = previous.load_index()
     matched = time.perf_counter() - started
     started = time.perf_counter()
-    copy_reused(previous, index, LocalStore(work / "wide-out"), job, pa.int64())
+    copy_reused(previous, index, LocalStore(work / "wide-out"), job)
     copied = time.perf_counter() - started
     size = sum(size for _, size in prev.list())
     return (f"at v4 width ({rows:,} rows of {dims} float32 dims in {len(files)} files, {size / 2**20:,.0f} MiB): "

@@ -24,6 +24,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from bulkembed.contract.manifest import manifest_shards
+from bulkembed.contract.store import open_store
 from bulkembed.synthetic import ModelShape, write_qwen2vl_gguf
 
 SMALL = ModelShape(n_layer=6, n_embd=384, n_head=6, n_head_kv=2, n_ff=1536, n_vocab=8192, n_ctx_train=32768)
@@ -68,8 +70,9 @@ def run_job(n_workers: int, model: Path, data: Path, env: dict[str, str], work: 
         if done.returncode:
             raise RuntimeError(done.stderr[-2000:])
         manifest = json.loads((out / "_manifest.json").read_text())
+        shards = manifest_shards(open_store(str(out)), manifest).num_rows
         return {"workers": n_workers, "seconds": seconds, "tokens": manifest["tokens"],
-                "tok_s": manifest["tokens"] / seconds, "shards": len(manifest["shards"])}
+                "tok_s": manifest["tokens"] / seconds, "shards": shards}
     finally:
         for w in workers:
             os.killpg(w.pid, signal.SIGTERM)

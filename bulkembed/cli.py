@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -110,7 +111,8 @@ def _plan(args: argparse.Namespace):
     options = JobOptions(
         task=Task(args.task) if args.task else None, role=Role(args.role), prefix=args.prefix,
         id_column=args.id_column, text_column=args.text_column, shard_tokens=args.shard_tokens,
-        max_tokens=args.max_tokens, max_ubatch=ProducerSettings().max_ubatch, overlength=Overlength(args.overlength),
+        unit_rows=ProducerSettings().unit_rows, max_tokens=args.max_tokens, max_ubatch=ProducerSettings().max_ubatch,
+        overlength=Overlength(args.overlength),
         pooling=Pooling(args.pooling) if args.pooling else None,
         dims=args.dims, dtype=Dtype(args.dtype), normalize=not args.no_normalize, reuse=args.reuse,
         ignore_incompatible_reuse=args.ignore_incompatible_reuse,
@@ -130,11 +132,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
+    from dataclasses import astuple
+
     from celery import Celery
 
-    from bulkembed.contract.queue import TASK_EMBED_SHARD, celery_app
+    from bulkembed.contract.queue import PLAN_QUEUE, TASK_PLAN_UNIT, celery_app, shard_sender
     from bulkembed.contract.registry import JobRegistry
-    from bulkembed.producer.submit import forget_outputs, produce
+    from bulkembed.producer.submit import forget_outputs, submit_job
 
     settings = ProducerSettings()
     planned = _plan(args)
@@ -143,37 +147,44 @@ def cmd_submit(args: argparse.Namespace) -> int:
     if args.force:
         registry.forget(job.job_id)
         forget_outputs(planned.store)
-    registry.start(job)
+    print(job.job_id, flush=True)  # before planning: `status` follows it from now on
     app: Celery = celery_app(settings, "bulkembed-producer")
     with app.producer_or_acquire() as producer:
-        totals = produce(
-            planned,
-            # argsrepr: Celery would otherwise store the arguments a second time, as their repr, in the headers.
-            lambda m: app.send_task(TASK_EMBED_SHARD, args=[m.wire()], queue=job.model.queue, producer=producer,
-                                    argsrepr=f"shard {m.shard}"),
-            lambda result: registry.shard_done(job.job_id, result),  # resumed: written before
-        )
-    if registry.planned(job.job_id, totals):
-        registry.finalize(job.job_id)
-    print(job.job_id, flush=True)
-    log.info("job %s: %d shards queued on %s", job.job_id, totals.shards, job.model.queue)
+        submit_job(planned, registry, shard_sender(app, producer),
+                   lambda unit: app.send_task(TASK_PLAN_UNIT, args=[job.job_id, list(astuple(unit))], queue=PLAN_QUEUE,
+                                              producer=producer, argsrepr=f"job {job.job_id} unit {unit.index}"),
+                   settings, plan_here=not args.queue_only)
+    log.info("job %s: %d units %s on %s", job.job_id, len(planned.units),
+             "queued for planners" if args.queue_only else "planned", job.model.queue)
     return wait_for(registry, job.job_id) if args.wait else 0
+
+
+def cmd_planner(args: argparse.Namespace) -> int:
+    from bulkembed.contract.registry import wait_for_redis
+
+    settings = ProducerSettings()
+    wait_for_redis(settings.redis_url.get_secret_value(), settings.redis_wait_s)
+    from bulkembed.producer.tasks import serve
+
+    return serve(args.concurrency)
 
 
 def wait_for(registry, job_id: str, poll_s: float = 1.0) -> int:
     """A progress bar until every shard is written (exit 0) or some failed for good (exit 1)."""
     from tqdm import tqdm
 
-    status = registry.status(job_id)
-    with tqdm(total=status.totals.tokens if status.totals else None, unit="tok", unit_scale=True,
-              desc=f"job {job_id}") as bar:
+    with tqdm(unit="tok", unit_scale=True, desc=f"job {job_id}") as bar:
         while True:
             status = registry.status(job_id)
+            bar.total = status.planned.tokens  # grows while units are planned
             bar.update(status.tokens_done - bar.n)
-            if status.totals and status.totals.reused:
-                bar.set_postfix(reused_rows=status.totals.reused_rows, refresh=False)
+            if status.planned.reused_rows:
+                bar.set_postfix(reused_rows=status.planned.reused_rows, refresh=False)
             if status.finished:
                 break
+            if status.state == "finishing":  # a planner writes the manifest; this (CPU) process may as well, first
+                registry.finalize(job_id)
+                continue
             time.sleep(poll_s)
     if status.state == "done":
         reused = status.totals.reused_rows if status.totals else 0
@@ -204,12 +215,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(status.model_dump(mode="json") | {"finished": status.finished}))
         return 0
-    totals = status.totals
-    shards = f"{status.shards_done}/{totals.shards}" if totals else f"{status.shards_done}/?"
-    tokens = f"{status.tokens_done}/{totals.tokens}" if totals else f"{status.tokens_done}/?"
-    print(f"job {status.job_id}: {status.state}; shards {shards}; tokens {tokens}; "
-          f"failed {status.failed}; rejected rows {totals.rejected if totals else '?'}; "
-          f"reused rows {totals.reused_rows if totals else '?'}")
+    totals, planning = status.planned, status.totals is None  # while planning, what the planned units found
+    more = "+" if planning else ""
+    print(f"job {status.job_id}: {status.state}; units planned {status.units_planned}/{status.units}; "
+          f"shards {status.shards_done}/{totals.shards}{more}; tokens {status.tokens_done}/{totals.tokens}{more}; "
+          f"failed {status.failed}; rejected rows {totals.rejected}{more}; reused rows {totals.reused_rows}")
     for shard, error in sorted(status.failures.items()):
         print(f"  shard {shard}: {error}")
     if status.failed > len(status.failures):
@@ -236,7 +246,15 @@ def build_parser() -> argparse.ArgumentParser:
     submit = commands.add_parser("submit", help="plan a job and queue its shards on Redis")
     _job_arguments(submit, model_default=None)
     submit.add_argument("--wait", action="store_true", help="show progress; exit 0 when every shard is written")
+    submit.add_argument("--queue-only", action="store_true",
+                        help="queue the job's planning units for `bulkembed planner` processes and return at once; "
+                             "by default this process plans units too, beside them, until every unit is planned")
     submit.set_defaults(func=cmd_submit)
+
+    planner = commands.add_parser("planner", help="a Celery worker that plans jobs' units and writes their manifests")
+    planner.add_argument("--concurrency", type=at_least(1), default=os.cpu_count() or 1,
+                         help="planning processes (each counts tokens on one core)")
+    planner.set_defaults(func=cmd_planner)
 
     worker = commands.add_parser("worker", help="a Celery worker with one resident model")
     worker.add_argument("--model", required=True, help="a local .gguf path or REPO:QUANT")

@@ -12,7 +12,8 @@ from collections.abc import Iterator
 from tqdm import tqdm
 
 from bulkembed.contract.job import ShardMessage
-from bulkembed.contract.registry import ShardResult, write_manifest
+from bulkembed.contract.manifest import write_manifest
+from bulkembed.contract.registry import ShardResult, deleting_inputs
 from bulkembed.contract.store import Store
 from bulkembed.producer.submit import PlannedJob, forget_outputs, produce
 from bulkembed.worker.engines import EnginePool, EngineSetup
@@ -48,9 +49,9 @@ def run_local(planned: PlannedJob, model_path: str, setup: EngineSetup, progress
         forget_outputs(planned.store)
     messages: list[ShardMessage] = []
     results: list[ShardResult] = []
-    totals = produce(planned, messages.append, results.append)
+    totals, reused = produce(planned, messages.append, results.append)
     if not messages:  # every row was written before or reused: no engine to start
-        return write_manifest(planned.store, planned.job, totals, results)
+        return write_manifest(planned.store, planned.job, totals, deleting_inputs(planned.store, results), reused)
     # Longest shards first: with several engines, the last one to finish is then a short one.
     messages.sort(key=lambda m: m.n_tokens, reverse=True)
     with EnginePool(model_path, planned.job.model.sha256, setup) as pool:
@@ -60,7 +61,7 @@ def run_local(planned: PlannedJob, model_path: str, setup: EngineSetup, progress
         started, embedded = time.perf_counter(), 0
         with tqdm(total=totals.tokens, initial=sum(r.tokens for r in results), unit="tok", unit_scale=True,
                   disable=not progress, desc=f"job {planned.job.job_id}") as bar:
-            if totals.reused:
+            if totals.reused_rows:
                 bar.set_postfix(reused_rows=totals.reused_rows)  # copied from PREV_OUT, not embedded
             for result in embed_shards(pool, messages, planned.store):
                 results.append(result)
@@ -69,4 +70,4 @@ def run_local(planned: PlannedJob, model_path: str, setup: EngineSetup, progress
         seconds = time.perf_counter() - started
         log.info("job %s: %d tokens embedded in %.1fs on %d engine(s): %.0f tok/s", planned.job.job_id, embedded,
                  seconds, plan.engines, embedded / max(seconds, 1e-9))
-    return write_manifest(planned.store, planned.job, totals, results)
+    return write_manifest(planned.store, planned.job, totals, deleting_inputs(planned.store, results), reused)

@@ -162,6 +162,9 @@ class JobSpec(BaseModel):
     id_column: str = "id"
     text_column: str = "text"
     shard_tokens: int
+    unit_rows: int = Field(250_000, gt=0, description="Rows a planning unit gathers (whole Parquet row groups of one "
+                           "file): units are planned side by side and name their shards, so the job's layout depends "
+                           "on it.")
     max_tokens: int = V4_MAX_TOKENS
     overlength: Overlength = Overlength.TRUNCATE
     pooling: Pooling = Pooling.MEAN

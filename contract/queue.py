@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import ssl
+from collections.abc import Callable
 
 from celery import Celery
 
+from bulkembed.contract.job import ShardMessage
 from bulkembed.contract.settings import Settings
 
-TASK_EMBED_SHARD = "bulkembed.embed_shard"
+TASK_EMBED_SHARD = "bulkembed.embed_shard"  # on the model's queue (ModelRef.queue), served by GPU workers
+TASK_PLAN_UNIT = "bulkembed.plan_unit"  # on PLAN_QUEUE, served by `bulkembed planner` (CPU)
+TASK_FINALIZE_JOB = "bulkembed.finalize_job"  # on PLAN_QUEUE: the manifest is written off the GPU workers
+PLAN_QUEUE = "bulkembed-plan"
 WORKER_PROC_ALIVE_TIMEOUT_S = 900
 
 
@@ -46,3 +51,10 @@ def celery_app(settings: Settings, name: str) -> Celery:
         worker_redirect_stdouts=False,
     )
     return app
+
+
+def shard_sender(app: Celery, producer: object = None) -> Callable[[ShardMessage], None]:
+    """Queue a shard on its model's queue. argsrepr: Celery would otherwise keep the arguments a second time, as
+    their repr, in the message's headers."""
+    return lambda m: app.send_task(TASK_EMBED_SHARD, args=[m.wire()], queue=m.job.model.queue, producer=producer,
+                                   argsrepr=f"shard {m.shard}")

@@ -6,7 +6,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from urllib.parse import urlparse
 
 import pyarrow as pa
@@ -47,26 +47,30 @@ class ReusedFile(BaseModel):
 
 
 class JobTotals(BaseModel):
+    """What planning found: counters only (lists that grow with the job, rejected and reused files, live in the
+    store), so Redis keeps them as hash fields that planners add to atomically."""
+
     shards: int = 0
     docs: int = 0  # rows to embed (a chunked document counts once per chunk)
     tokens: int = 0
     truncated: int = 0
-    rejected: int = 0
-    rejected_files: list[str] = []
-    reused: list[ReusedFile] = []
-
-    @property
-    def reused_rows(self) -> int:
-        return sum(f.rows for f in self.reused)
+    rejected: int = 0  # rows quarantined by planning (workers count theirs in their ShardResult)
+    reused_rows: int = 0  # copied from PREV_OUT (--reuse), not embedded
+    reused_tokens: int = 0
+    reused_truncated: int = 0
 
 
+ENGINES_TTL_S = 90  # a worker reports its engines every third of this
 FAILURES_PAGE = 20  # failed shards a status carries; JobRegistry.failures pages through the rest
 
 
 class JobStatus(BaseModel):
     job_id: str
     state: str  # planning | running | finishing (every shard written, the manifest not yet) | done | failed
-    totals: JobTotals | None
+    totals: JobTotals | None  # None while planning (what the planned units found so far is in `planned`)
+    planned: JobTotals = JobTotals()
+    units: int = 0
+    units_planned: int = 0
     shards_done: int
     tokens_done: int
     rows_done: int
@@ -98,31 +102,6 @@ def stored_result(message: ShardMessage, store: Store) -> ShardResult:
                        sha256=hashlib.sha256(data).hexdigest(), rejected=rejected)
 
 
-def build_manifest(job: JobSpec, totals: JobTotals, results: list[ShardResult]) -> dict:
-    """Rows and tokens count the whole output: embedded (the shards) plus reused (copied from PREV_OUT)."""
-    results = sorted(results, key=lambda r: r.shard)
-    embedded_rows, reused_rows = sum(r.rows for r in results), totals.reused_rows
-    return {
-        "job_id": job.job_id,
-        "job": job.model_dump(mode="json"),
-        "shards": [r.model_dump(exclude={"seconds"}) for r in results],
-        "reused_files": [f.model_dump() for f in totals.reused],
-        "rows": embedded_rows + reused_rows,
-        "embedded_rows": embedded_rows,
-        "reused_rows": reused_rows,
-        "tokens": sum(r.tokens for r in results) + sum(f.tokens for f in totals.reused),
-        "truncated_rows": totals.truncated + sum(f.truncated for f in totals.reused),
-        "rejected_rows": totals.rejected + sum(r.rejected for r in results),
-        "rejected_files": totals.rejected_files,
-    }
-
-
-def write_manifest(store: Store, job: JobSpec, totals: JobTotals, results: list[ShardResult]) -> dict:
-    manifest = build_manifest(job, totals, results)
-    store.put(keys.MANIFEST_KEY, json.dumps(manifest, indent=2).encode())
-    return manifest
-
-
 # A written shard, counted once however often it is reported (duplicate deliveries): its result is kept and the
 # job's counters grow in one step, so `status` reads a few numbers instead of every shard's result (how many are
 # written is the done hash's size). `failed_only` counts the failed shards that are not written, so written +
@@ -138,6 +117,18 @@ if redis.call('HDEL', KEYS[3], ARGV[1]) == 1 and new == 1 then
   redis.call('HINCRBY', KEYS[1], 'failed_only', -1)
 end
 """
+# A unit whose shards are all queued, counted once however often it is planned (a planner killed after queueing its
+# last shard, then redelivered): its totals join the job's in one step. KEYS: job hash, units hash; ARGV: unit,
+# totals json, then pairs of counter and increment. Returns how many units are planned.
+_UNIT_PLANNED = """
+if redis.call('HSETNX', KEYS[2], ARGV[1], ARGV[2]) == 1 then
+  for i = 3, #ARGV, 2 do redis.call('HINCRBY', KEYS[1], ARGV[i], ARGV[i + 1]) end
+end
+return redis.call('HLEN', KEYS[2])
+"""
+PLANNED = "planned_"  # job hash fields planned_shards, planned_docs, ...: what the planned units found, summed
+REUSED_FIELDS = ("reused_rows", "reused_tokens", "reused_truncated")  # set once, when planning is closed
+PLAN_FIELDS = tuple(PLANNED + f for f in JobTotals.model_fields if f not in REUSED_FIELDS)
 # A shard failed for good (a written one too: its job's manifest could not be written). KEYS: job hash, done hash,
 # failed hash; ARGV: shard, error.
 _SHARD_FAILED = """
@@ -158,6 +149,7 @@ class JobRegistry:
         self.retention_s = retention_s
         self._shard_done = client.register_script(_SHARD_DONE)
         self._shard_failed = client.register_script(_SHARD_FAILED)
+        self._unit_planned = client.register_script(_UNIT_PLANNED)
 
     @classmethod
     def from_url(cls, url: str, check: bool = True, retention_s: float = 7 * 24 * 3600) -> JobRegistry:
@@ -171,20 +163,24 @@ class JobRegistry:
 
     def _keys(self, job_id: str) -> list[str]:
         return [k.format(job_id=job_id) for k in (keys.REDIS_JOB, keys.REDIS_JOB_DONE, keys.REDIS_JOB_FAILED,
-                                                   keys.REDIS_JOB_ATTEMPTS)]
+                                                   keys.REDIS_JOB_ATTEMPTS, keys.REDIS_JOB_UNITS,
+                                                   keys.REDIS_JOB_QUEUED)]
 
-    def start(self, job: JobSpec) -> None:
-        """Register a job; a resubmitted one keeps what its shards already did."""
+    def start(self, job: JobSpec, units: int) -> list[int]:
+        """Register a job of `units` planning units; a resubmitted one keeps what its units and shards already did.
+        Returns the shards that had failed for good: they get a fresh set of attempts, and must be queued again
+        (their units are planned)."""
         key = keys.REDIS_JOB.format(job_id=job.job_id)
-        self.redis.persist(key)  # a resubmitted job that had finished: its keys expire no more
-        self.redis.persist(keys.REDIS_JOB_DONE.format(job_id=job.job_id))
+        failed = [int(shard) for shard in self.redis.hkeys(keys.REDIS_JOB_FAILED.format(job_id=job.job_id))]
+        for name in self._keys(job.job_id):  # a resubmitted job that had finished: its keys expire no more
+            self.redis.persist(name)
         self.redis.hset(key, mapping={"spec": job.model_dump_json(), "state": "planning", "started": time.time(),
-                                      "failed_only": 0})
-        self.redis.hdel(key, "totals")
-        # Failed shards get a fresh set of attempts.
+                                      "failed_only": 0, "units": units})
+        self.redis.hdel(key, "shards")  # set again when planning is closed
         self.redis.delete(keys.REDIS_JOB_FAILED.format(job_id=job.job_id),
                           keys.REDIS_JOB_ATTEMPTS.format(job_id=job.job_id))
         self._open(job)
+        return failed
 
     def forget(self, job_id: str) -> None:
         """Drop everything Redis knows of a job (--force)."""
@@ -199,15 +195,63 @@ class JobRegistry:
         """A retry for a transient error is not a crash: it does not use up an attempt."""
         self.redis.hincrby(keys.REDIS_JOB_ATTEMPTS.format(job_id=job_id), str(shard), -1)
 
-    def planned(self, job_id: str, totals: JobTotals) -> bool:
-        """Record the totals once every shard is queued; True when the job is already complete."""
-        self.redis.hset(keys.REDIS_JOB.format(job_id=job_id), mapping={"totals": totals.model_dump_json(),
-                                                                      "shards": totals.shards, "state": "running"})
+    def plan_lock(self, job_id: str, unit: int, timeout_s: float = 120) -> redis.lock.Lock:
+        """Held by the one planner that plans a unit; it lapses after `timeout_s` unless extended, so a killed
+        planner's unit is planned again by another."""
+        return self.redis.lock(keys.REDIS_PLAN_LOCK.format(job_id=job_id, unit=unit), timeout=timeout_s,
+                               blocking=False)
+
+    def units_left(self, job_id: str, units: int) -> list[int]:
+        """The units not planned yet (one HKEYS: a job has thousands of units, not millions)."""
+        planned = {int(u) for u in self.redis.hkeys(keys.REDIS_JOB_UNITS.format(job_id=job_id))}
+        return [u for u in range(units) if u not in planned]
+
+    def unit_is_planned(self, job_id: str, unit: int) -> bool:
+        return bool(self.redis.hexists(keys.REDIS_JOB_UNITS.format(job_id=job_id), str(unit)))
+
+    def planning_open(self, job_id: str) -> bool:
+        """Units are still being planned (the job is not closed for planning)."""
+        return self._planned_shards(job_id) is None
+
+    def all_units_planned(self, job_id: str) -> bool:
+        key = keys.REDIS_JOB.format(job_id=job_id)
+        return self.redis.hlen(keys.REDIS_JOB_UNITS.format(job_id=job_id)) >= int(self.redis.hget(key, "units") or 0)
+
+    def queued_shards(self, job_id: str, unit: int) -> int:
+        """How many of a unit's shards are queued: a unit planned again after its planner died skips those."""
+        return int(self.redis.hget(keys.REDIS_JOB_QUEUED.format(job_id=job_id), str(unit)) or 0)
+
+    def shard_queued(self, job_id: str, unit: int, place: int) -> None:
+        """The unit's shard `place` is queued. Recorded after the send: a planner killed in between has it queued
+        twice, and the second delivery finds it written (embedded once, counted once)."""
+        self.redis.hset(keys.REDIS_JOB_QUEUED.format(job_id=job_id), str(unit), place + 1)
+
+    def unit_planned(self, job_id: str, unit: int, totals: JobTotals) -> bool:
+        """Record a unit whose shards are all queued (counted once); True when every unit of the job is."""
+        job = keys.REDIS_JOB.format(job_id=job_id)
+        counters = [x for f in PLAN_FIELDS for x in (f, getattr(totals, f.removeprefix(PLANNED)))]
+        planned = self._unit_planned(keys=[job, keys.REDIS_JOB_UNITS.format(job_id=job_id)],
+                                     args=[unit, totals.model_dump_json(), *counters])
+        return int(planned) >= int(self.redis.hget(job, "units") or 0)
+
+    def close_planning(self, job_id: str, reused: JobTotals | None = None) -> bool:
+        """Every unit is planned (and PREV_OUT's rows copied): the job runs; True when it is already complete."""
+        key = keys.REDIS_JOB.format(job_id=job_id)
+        shards = self.redis.hget(key, PLANNED + "shards") or 0
+        reused = reused or JobTotals()
+        self.redis.hset(key, mapping={f: getattr(reused, f) for f in REUSED_FIELDS} | {"shards": shards,
+                                                                                        "state": "running"})
+        self.redis.delete(keys.REDIS_JOB_QUEUED.format(job_id=job_id))  # only planning needed it
         complete = self._complete(job_id)
-        if not complete and self._settled(job_id):  # its last shards failed while it was being queued
+        if not complete and self._settled(job_id):  # its last shards failed while it was being planned
             self._close(job_id)
             self._expire(job_id)
         return complete
+
+    def totals(self, job_id: str) -> JobTotals:
+        """What planning found (complete once planning is closed)."""
+        values = self.redis.hmget(keys.REDIS_JOB.format(job_id=job_id), [*PLAN_FIELDS, *REUSED_FIELDS])
+        return _totals(values)
 
     def shard_done(self, job_id: str, result: ShardResult) -> bool:
         """Record a written shard (idempotent: counted once); True when the job is complete."""
@@ -239,17 +283,24 @@ class JobRegistry:
         raw = self.redis.hget(keys.REDIS_JOB.format(job_id=job_id), "spec")
         return JobSpec.model_validate_json(raw) if raw else None
 
-    def results(self, job_id: str) -> list[ShardResult]:
-        done = self.redis.hvals(keys.REDIS_JOB_DONE.format(job_id=job_id))
-        return [ShardResult.model_validate_json(v) for v in done]
+    def results(self, job_id: str) -> Iterator[ShardResult]:
+        """Every written shard's result, a page of Redis at a time (HSCAN), in no order."""
+        for _, value in self.redis.hscan_iter(keys.REDIS_JOB_DONE.format(job_id=job_id), count=10_000):
+            yield ShardResult.model_validate_json(value)
 
     def finalize(self, job_id: str) -> dict | None:
-        """Write the manifest of a complete job; producer and workers may both call it (idempotent)."""
+        """Write the manifest of a complete job, streamed from Redis, and delete the shards' inputs (every shard is
+        written: none will be read again). Idempotent: planners and the producer may both call it."""
         spec = self.spec(job_id)
-        raw = self.redis.hget(keys.REDIS_JOB.format(job_id=job_id), "totals")
-        if spec is None or raw is None:
+        if spec is None or not self._complete(job_id):
             return None
-        manifest = write_manifest(open_store(spec.out), spec, JobTotals.model_validate_json(raw), self.results(job_id))
+        store = open_store(spec.out)
+        reused = [ReusedFile.model_validate(f) for f in json.loads(store.get(keys.REUSED_FILES_KEY))] \
+            if spec.reuse is not None and store.exists(keys.REUSED_FILES_KEY) else []
+        from bulkembed.contract.manifest import write_manifest  # it imports this module's records
+
+        manifest = write_manifest(store, spec, self.totals(job_id), deleting_inputs(store, self.results(job_id)),
+                                  reused)
         self.redis.hset(keys.REDIS_JOB.format(job_id=job_id), "state", "done")
         self._close(job_id)
         self._expire(job_id)
@@ -262,6 +313,26 @@ class JobRegistry:
             for key in self._keys(job_id):
                 pipe.expire(key, int(self.retention_s))
             pipe.execute()
+
+    def report_engines(self, queue: str, worker: str, engines: int, ttl_s: float = ENGINES_TTL_S) -> None:
+        """A worker's engines serve `queue` for the next `ttl_s` (it reports again before then while it runs)."""
+        self.redis.hset(keys.REDIS_QUEUE_ENGINES.format(queue=queue), worker, f"{engines} {time.time() + ttl_s:.0f}")
+
+    def engines_serving(self, queue: str) -> int:
+        """Engines of the workers on `queue` that reported lately; those silent past their time are dropped."""
+        key = keys.REDIS_QUEUE_ENGINES.format(queue=queue)
+        engines, now = 0, time.time()
+        for worker, value in self.redis.hgetall(key).items():
+            count, until = value.split()
+            if float(until) < now:
+                self.redis.hdel(key, worker)
+            else:
+                engines += int(count)
+        return engines
+
+    def queue_length(self, queue: str) -> int:
+        """Shards waiting on a model's Celery queue (kombu keeps a queue as a Redis list of its name)."""
+        return int(self.redis.llen(queue))
 
     def open_jobs(self, queue: str) -> list[str]:
         """Jobs on this queue with unfinished shards (what KEDA counts to keep a worker up)."""
@@ -286,19 +357,21 @@ class JobRegistry:
         return self.redis.hlen(keys.REDIS_JOB_DONE.format(job_id=job_id)) + int(failed_only or 0) >= shards
 
     def status(self, job_id: str) -> JobStatus | None:
-        """Four Redis commands in one round trip whatever the job's size: the job's state, totals and counters,
-        the number of written and of failed shards, the first page of the failures."""
+        """Five Redis commands in one round trip whatever the job's size: the job's state and counters, the number of
+        written shards, of failed shards and of planned units, the first page of the failures."""
         with self.redis.pipeline(transaction=False) as pipe:
-            pipe.hmget(keys.REDIS_JOB.format(job_id=job_id), ["state", "totals", "rows_done", "tokens_done",
-                                                               "failed_only"])
+            pipe.hmget(keys.REDIS_JOB.format(job_id=job_id), [*STATUS_FIELDS, *PLAN_FIELDS, *REUSED_FIELDS])
             pipe.hlen(keys.REDIS_JOB_DONE.format(job_id=job_id))
             pipe.hlen(keys.REDIS_JOB_FAILED.format(job_id=job_id))
+            pipe.hlen(keys.REDIS_JOB_UNITS.format(job_id=job_id))
             pipe.hscan(keys.REDIS_JOB_FAILED.format(job_id=job_id), 0, count=FAILURES_PAGE)
-            (state, raw_totals, *counters), shards_done, failed, (_, page) = pipe.execute()
+            values, shards_done, failed, units_planned, (_, page) = pipe.execute()
+        state, shards, units, *counters = values[:len(STATUS_FIELDS)]
         if state is None:
             return None
         rows_done, tokens_done, failed_only = (int(c or 0) for c in counters)
-        totals = JobTotals.model_validate_json(raw_totals) if raw_totals else None
+        planned = _totals(values[len(STATUS_FIELDS):])
+        totals = planned if shards is not None else None
         if totals is not None and state == "running":
             if failed and shards_done + failed_only >= totals.shards:
                 state = "failed"  # settled, some for good: also a last shard written whose manifest could not be
@@ -306,13 +379,36 @@ class JobRegistry:
                 # Done once the manifest is written (finalize); until then a waiter reading it would not find it.
                 state = "finishing"
         failures = dict(sorted((int(k), v) for k, v in page.items())[:FAILURES_PAGE])
-        return JobStatus(job_id=job_id, state=state, totals=totals, shards_done=shards_done, tokens_done=tokens_done,
+        return JobStatus(job_id=job_id, state=state, totals=totals, planned=planned, units=int(units or 0),
+                         units_planned=units_planned, shards_done=shards_done, tokens_done=tokens_done,
                          rows_done=rows_done, failed=failed, failures=failures)
 
     def failures(self, job_id: str) -> Iterator[tuple[int, str]]:
         """Every failed shard and its error, a page at a time (HSCAN): for `status --failures`."""
         for shard, error in self.redis.hscan_iter(keys.REDIS_JOB_FAILED.format(job_id=job_id), count=1000):
             yield int(shard), error
+
+
+def deleting_inputs(store: Store, results: Iterable[ShardResult]) -> Iterator[ShardResult]:
+    """`results`, deleting the input of each shard a thousand at a time as the manifest streams them: once a job is
+    done no shard's input will be read again (a resubmission finds every shard written)."""
+    doomed = []
+    for result in results:
+        doomed.append(keys.shard_input(result.shard))
+        if len(doomed) == 1000:
+            store.delete_many(doomed)
+            doomed = []
+        yield result
+    store.delete_many(doomed)
+
+
+STATUS_FIELDS = ("state", "shards", "units", "rows_done", "tokens_done", "failed_only")
+
+
+def _totals(values: list[str | None]) -> JobTotals:
+    """JobTotals from the values of PLAN_FIELDS then REUSED_FIELDS."""
+    names = [f.removeprefix(PLANNED) for f in PLAN_FIELDS] + list(REUSED_FIELDS)
+    return JobTotals(**{name: int(v or 0) for name, v in zip(names, values, strict=True)})
 
 
 def wait_for_redis(url: str, wait_s: float, every_s: float = 2.0) -> None:

@@ -56,6 +56,12 @@ class Settings(BaseSettings):
         "only the visibility timeout is set).",
     )
 
+    redis_wait_s: float = Field(
+        120, ge=0, description="Seconds `bulkembed worker` and `bulkembed planner` wait at start for Redis to answer "
+        "before they exit with an error (exit 2), so a wrong address shows as a failed start; once running, they ride "
+        "out Redis restarts.",
+    )
+
     def __init__(self, **values: Any) -> None:
         """A wrong setting is one line naming its variable (SettingsError), not a pydantic traceback."""
         try:
@@ -110,6 +116,27 @@ class ProducerSettings(Settings):
     """The producer (submit) side."""
 
     shard_tokens: int = Field(65536, description="Token budget of one shard.", gt=0)
+    unit_rows: int = Field(
+        250_000, gt=0, description="Rows of a planning unit: whole Parquet row groups of one file, gathered until "
+        "they hold this many. Each unit is planned by one planner, so a job plans on as many planners as it has "
+        "units; each unit ends with a few part-filled shards (one per length class).",
+    )
+    queue_per_engine: int = Field(
+        16, ge=1, description="Planners hold back while a model's queue holds more shards than this many per engine "
+        "serving it (workers report their engines), so Redis holds what the fleet will soon take, not the corpus.",
+    )
+    queue_min: int = Field(
+        1000, ge=1, description="Shards a model's queue may hold whatever engines serve it: planning can run ahead "
+        "of the first worker.",
+    )
+    plan_lock_s: int = Field(
+        60, ge=2, description="A planner's hold on the unit it plans, renewed while it works: a planner that dies "
+        "loses its unit to another planner this long after.",
+    )
+    dedup_memory_mb: int = Field(
+        1024, ge=64, description="Memory DuckDB may use to find duplicate ids before planning; it spills the rest "
+        "to a temporary folder, so the corpus size does not matter.",
+    )
     max_ubatch: int = Field(
         8192, gt=0, description="Most tokens one ubatch may hold on the workers' devices: the default --max-tokens "
         "of non-causal models (BERT family), which embed each document whole in one ubatch; never above the "
@@ -155,10 +182,6 @@ class WorkerSettings(Settings):
     store_backoff_max_s: float = Field(
         120, gt=0, description="Longest wait between two retries of a shard while the store is unreachable "
         "(doubling from 1 s, jittered, and at most half the visibility timeout).",
-    )
-    redis_wait_s: float = Field(
-        120, ge=0, description="Seconds `bulkembed worker` waits at start for Redis to answer before it exits with "
-        "an error (exit 2), so a wrong address shows as a failed start; once running, it rides out Redis restarts.",
     )
     test_hold_dir: DirectoryPath | None = Field(
         None, description="Test only, never in production: before committing a shard the worker creates "

@@ -1,4 +1,8 @@
-"""Read a Parquet corpus (a file, a folder, or an s3:// prefix) in bounded record batches."""
+"""Read a Parquet corpus (a file, a folder, or an s3:// prefix) in bounded record batches, cut into planning units.
+
+A unit is a run of consecutive row groups of one file (Parquet's own unit of reading): planners take units
+independently, so a job plans as fast as there are planner processes, and a resubmitted job skips the units
+already planned."""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ import hashlib
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -24,6 +29,7 @@ class Corpus:
     fs: pafs.FileSystem
     files: list[tuple[str, int, str]]  # (path in fs, size, version: S3 ETag or local mtime in ns)
     id_type: pa.DataType
+    row_groups: tuple[tuple[int, ...], ...] = ()  # rows of each row group, per file
 
     @property
     def fingerprint(self) -> str:
@@ -31,11 +37,15 @@ class Corpus:
         return hashlib.sha256(repr(self.files).encode()).hexdigest()[:16]
 
 
-def _list_files(uri: str) -> tuple[pafs.FileSystem, list[tuple[str, int, str]]]:
+def input_fs(uri: str) -> tuple[pafs.FileSystem, str]:
+    """The filesystem of an input (S3 or local) and the input's path in it."""
     if uri.startswith("s3://"):
-        fs, base = open_store(uri).arrow_fs()
-    else:
-        fs, base = pafs.LocalFileSystem(), str(__import__("pathlib").Path(uri).expanduser().resolve())
+        return open_store(uri).arrow_fs()
+    return pafs.LocalFileSystem(), str(Path(uri).expanduser().resolve())
+
+
+def _list_files(uri: str) -> tuple[pafs.FileSystem, list[tuple[str, int, str]]]:
+    fs, base = input_fs(uri)
     info = fs.get_file_info(base)
     if info.type == pafs.FileType.File:
         found = [info]
@@ -68,6 +78,7 @@ def open_corpus(uri: str, id_column: str, text_column: str) -> Corpus:
     fs, files = _list_files(uri)
     id_type = None
     total_rows = 0
+    row_groups = []
     for path, *_ in files:
         try:
             metadata = pq.read_metadata(fs.open_input_file(path))
@@ -75,6 +86,7 @@ def open_corpus(uri: str, id_column: str, text_column: str) -> Corpus:
             raise InputError(f"cannot read {path} as Parquet: {exc}") from exc
         schema = metadata.schema.to_arrow_schema()
         total_rows += metadata.num_rows
+        row_groups.append(tuple(metadata.row_group(g).num_rows for g in range(metadata.num_row_groups)))
         if metadata.num_rows == 0:
             log.warning("%s has no rows", path)
         for column in (id_column, text_column):
@@ -91,7 +103,7 @@ def open_corpus(uri: str, id_column: str, text_column: str) -> Corpus:
         id_type = this_id
     if total_rows == 0:
         raise InputError(f"input {uri} has no rows")
-    return Corpus(fs=fs, files=files, id_type=id_type)
+    return Corpus(fs=fs, files=files, id_type=id_type, row_groups=tuple(row_groups))
 
 
 def decode_texts(column: pa.Array) -> tuple[list[str | None], dict[int, str]]:
@@ -112,11 +124,44 @@ def decode_texts(column: pa.Array) -> tuple[list[str | None], dict[int, str]]:
     return texts, bad
 
 
-def read_batches(corpus: Corpus, id_column: str, text_column: str) -> Iterator[tuple[str, int, pa.RecordBatch]]:
-    """(source path, first row number, batch with columns id and text), a bounded batch at a time."""
-    for path, *_ in corpus.files:
-        parquet = pq.ParquetFile(corpus.fs.open_input_file(path))
-        row = 0
-        for batch in parquet.iter_batches(batch_size=BATCH_ROWS, columns=[id_column, text_column]):
-            yield path, row, batch.rename_columns(["id", "text"])
-            row += batch.num_rows
+@dataclass(frozen=True)
+class Unit:
+    """Row groups [first_group, stop_group) of the corpus's file-th file (`path`): rows [first_row, first_row +
+    rows). A planner needs nothing else of the corpus to plan it."""
+
+    index: int  # place in the job's list of units, which names its shards
+    file: int
+    path: str
+    first_group: int
+    stop_group: int
+    first_row: int
+    rows: int
+
+
+def plan_units(corpus: Corpus, unit_rows: int) -> list[Unit]:
+    """Whole row groups of one file, gathered until a unit holds `unit_rows` rows (one row group may hold more).
+    The same corpus and `unit_rows` give the same units, so a resubmitted job finds its units again."""
+    units: list[Unit] = []
+    for file, groups in enumerate(corpus.row_groups):
+        first_group, first_row, rows = 0, 0, 0
+        for group, group_rows in enumerate(groups):
+            rows += group_rows
+            if rows >= unit_rows or group == len(groups) - 1:
+                if rows:
+                    units.append(Unit(len(units), file, corpus.files[file][0], first_group, group + 1, first_row,
+                                      rows))
+                first_group, first_row, rows = group + 1, first_row + rows, 0
+    return units
+
+
+def read_batches(fs: pafs.FileSystem, unit: Unit, id_column: str,
+                 text_column: str) -> Iterator[tuple[str, int, pa.RecordBatch]]:
+    """(source path, row number in its file of the batch's first row, batch with columns id and text) of one unit,
+    a bounded batch at a time."""
+    path = unit.path
+    parquet = pq.ParquetFile(fs.open_input_file(path))
+    row = unit.first_row
+    for batch in parquet.iter_batches(batch_size=BATCH_ROWS, columns=[id_column, text_column],
+                                      row_groups=range(unit.first_group, unit.stop_group)):
+        yield path, row, batch.rename_columns(["id", "text"])
+        row += batch.num_rows

@@ -25,6 +25,7 @@ import pyarrow.dataset as ds
 from bulkembed.contract import keys
 from bulkembed.contract.errors import InputError, ShardError
 from bulkembed.contract.job import JobSpec, ReuseSource
+from bulkembed.contract.manifest import manifest_shards
 from bulkembed.contract.registry import ReusedFile
 from bulkembed.contract.schema import embedding_schema, from_ipc_bytes, read_metadata, to_ipc_bytes
 from bulkembed.contract.store import Store, open_store
@@ -71,9 +72,10 @@ class PreviousOutput:
         return ds.dataset([f"{base}/{key}" for key in self.files], filesystem=fs, format="arrow")
 
 
-def open_previous(uri: str, job: JobSpec, id_type: pa.DataType) -> PreviousOutput:
+def open_previous(uri: str, job: JobSpec, id_type: pa.DataType | None) -> PreviousOutput:
     """PREV_OUT as its manifest describes it; InputError when it is not a finished output embedded with the
-    new job's model and vector options, read from its manifest and its files' schema."""
+    new job's model and vector options, read from its manifest and its files' schema (and ids of `id_type`, unless
+    None: a planner opening what submit checked)."""
     store = open_store(uri)
     if store.uri == open_store(job.out).uri:
         raise InputError(f"--reuse {uri} is the job's own --out; write the new output elsewhere")
@@ -84,7 +86,8 @@ def open_previous(uri: str, job: JobSpec, id_type: pa.DataType) -> PreviousOutpu
     previous = JobSpec.model_validate(manifest["job"])
     ours, theirs = job.vector_options(), previous.vector_options()
     differences = [f"{name} {theirs[name]!r} there, {ours[name]!r} here" for name in ours if ours[name] != theirs[name]]
-    files = [s["key"] for s in manifest["shards"]] + [f["key"] for f in manifest.get("reused_files", [])]
+    files = manifest_shards(store, manifest).column("key").to_pylist()
+    files += [f["key"] for f in manifest.get("reused_files", [])]
     if files and not differences:
         differences = _schema_differences(store, files[0], job, id_type)
     if differences:
@@ -102,15 +105,14 @@ def _schema_differences(store: Store, key: str, job: JobSpec, id_type: pa.DataTy
     found = []
     if "content_hash" not in schema.names:
         found.append(f"{key} has no content_hash column (written before bulkembed recorded one)")
-    if schema.field("id").type != id_type:
+    if id_type is not None and schema.field("id").type != id_type:
         found.append(f"ids are {schema.field('id').type} there, {id_type} here")
     if read_metadata(schema).get("model_sha256") != job.model.sha256:
         found.append(f"{key} says model sha256 {read_metadata(schema).get('model_sha256')!r}")
     return found
 
 
-def copy_reused(previous: PreviousOutput, reused: SeenIds, store: Store, job: JobSpec,
-                id_type: pa.DataType) -> list[ReusedFile]:
+def copy_reused(previous: PreviousOutput, reused: SeenIds, store: Store, job: JobSpec) -> list[ReusedFile]:
     """Copy the rows whose keys are in `reused` into OUT, one file per PREV_OUT file that has some. A file
     found already written (a resumed job) is checked and kept."""
     copied = []
@@ -120,6 +122,7 @@ def copy_reused(previous: PreviousOutput, reused: SeenIds, store: Store, job: Jo
         if not mask.any():
             continue
         taken = table.filter(pa.array(mask))
+        id_type = table.schema.field("id").type  # the new corpus's: open_previous checked they agree
         taken = pa.Table.from_arrays(taken.columns, schema=embedding_schema(id_type, job.dims, job))
         key = keys.reused_output(index)
         data = to_ipc_bytes(taken)

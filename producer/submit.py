@@ -1,21 +1,30 @@
-"""Plan a job and produce its shards: read, reject what cannot be embedded, count, bucket, write.
+"""Plan a job: check its input and model, find duplicate ids, cut the corpus into units, plan each unit into shards.
 
-Shards go to a sink: the Celery queue (`submit`) or the in-process worker (`run`); the producer
-does not know which.
+`plan_unit` plans one unit wherever it runs: in `bulkembed planner` processes (Celery tasks on the plan queue), in
+the submitting process beside them, and in `bulkembed run`. Its shards go to a sink (the Celery queue or the
+in-process worker); planning does not know which.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+from redis.exceptions import LockError
+from redis.lock import Lock
 
 from bulkembed.contract import keys
+from bulkembed.contract.errors import InputError
 from bulkembed.contract.job import (
     Dtype,
     JobSpec,
@@ -30,14 +39,28 @@ from bulkembed.contract.job import (
     task_from_model_name,
 )
 from bulkembed.contract.model import check_dims, choose_max_tokens, choose_pooling, model_info, model_ref
-from bulkembed.contract.registry import JobTotals, ShardResult, stored_result
-from bulkembed.contract.schema import content_hash, rejected_schema, shard_input_schema, to_ipc_bytes
+from bulkembed.contract.registry import JobRegistry, JobTotals, ReusedFile, ShardResult, stored_result
+from bulkembed.contract.schema import (
+    content_hash,
+    from_ipc_bytes,
+    rejected_schema,
+    shard_input_schema,
+    to_ipc_bytes,
+)
+from bulkembed.contract.settings import ProducerSettings
 from bulkembed.contract.store import Store, open_store
 from bulkembed.contract.vocab import TokenCounter
-from bulkembed.producer.corpus import Corpus, decode_texts, open_corpus, read_batches
-from bulkembed.producer.dedup import SeenIds, id_hashes
+from bulkembed.producer.corpus import Corpus, Unit, decode_texts, input_fs, open_corpus, plan_units, read_batches
+from bulkembed.producer.dedup import SeenIds, duplicates_between, find_duplicates, id_batches, ordinal
 from bulkembed.producer.planner import Document, ShardPlanner
-from bulkembed.producer.reuse import ROW_KEY, IncompatibleReuse, PreviousOutput, copy_reused, open_previous, row_keys
+from bulkembed.producer.reuse import (
+    ROW_KEY,
+    IncompatibleReuse,
+    PreviousOutput,
+    copy_reused,
+    open_previous,
+    row_keys,
+)
 
 log = logging.getLogger(__name__)
 
@@ -46,11 +69,17 @@ REJECTED_FLUSH_ROWS = 10_000
 
 @dataclass
 class PlannedJob:
+    """A checked job, before any unit is planned: what `submit` and `run` hold."""
+
     job: JobSpec
     corpus: Corpus
-    counter: TokenCounter  # the model's vocabulary, in a llama process; produce() closes it when counting is over
+    units: list[Unit]
+    counter: TokenCounter  # the model's vocabulary, in a llama process: close it when planning here is over
     store: Store
     previous: PreviousOutput | None = None  # --reuse: the earlier output whose vectors unchanged rows copy
+
+    def context(self) -> PlanContext:
+        return PlanContext(self.job, self.store, self.corpus.fs, self.counter, self.previous)
 
 
 @dataclass(frozen=True)
@@ -63,6 +92,7 @@ class JobOptions:
     id_column: str = "id"
     text_column: str = "text"
     shard_tokens: int = 65536
+    unit_rows: int = 250_000  # ProducerSettings.unit_rows
     max_tokens: int | None = None  # None: the model's trained context (32768 for v4), non-causal: max_ubatch
     max_ubatch: int = 8192  # ProducerSettings.max_ubatch
     overlength: Overlength = Overlength.TRUNCATE
@@ -75,7 +105,8 @@ class JobOptions:
 
 
 def plan_job(input_uri: str, model: str, out: str, options: JobOptions = JobOptions()) -> PlannedJob:
-    """Check the input and the model and fix the job spec (and so the job id); queue nothing yet."""
+    """Check the input and the model, fix the job spec (and so the job id) and cut the corpus into units; queue
+    nothing yet."""
     corpus = open_corpus(input_uri, options.id_column, options.text_column)
     ref, path = model_ref(model)
     info = model_info(path)
@@ -90,6 +121,7 @@ def plan_job(input_uri: str, model: str, out: str, options: JobOptions = JobOpti
             task=task, role=options.role,
             prefix=prefix,
             id_column=options.id_column, text_column=options.text_column, shard_tokens=options.shard_tokens,
+            unit_rows=options.unit_rows,
             max_tokens=choose_max_tokens(options.max_tokens, info, options.max_ubatch, ref.file_name),
             overlength=options.overlength, pooling=pooling, dims=check_dims(options.dims, info, ref.file_name),
             dtype=options.dtype,
@@ -109,7 +141,62 @@ def plan_job(input_uri: str, model: str, out: str, options: JobOptions = JobOpti
     except BaseException:  # no job to count tokens for
         counter.close()
         raise
-    return PlannedJob(job=job, corpus=corpus, counter=counter, store=store, previous=previous)
+    return PlannedJob(job=job, corpus=corpus, units=plan_units(corpus, job.unit_rows), counter=counter, store=store,
+                      previous=previous)
+
+
+def find_job_duplicates(planned: PlannedJob, memory_mb: int = 1024) -> None:
+    """Every row whose id an earlier row has, found once per job before any unit is planned (DuckDB, out of core)
+    and kept in the store for the planners. A resubmitted job finds it there."""
+    store, job = planned.store, planned.job
+    if store.exists(keys.DUPLICATES_KEY):
+        return
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="bulkembed-dedup-") as work:
+        path = Path(work) / "duplicates.parquet"
+        found = find_duplicates(id_batches(planned.corpus, job.id_column), planned.corpus.id_type, path,
+                                Path(work), memory_limit_mb=memory_mb)
+        store.put(keys.DUPLICATES_KEY, path.read_bytes())
+    log.info("job %s: %d duplicate ids in %.1fs", job.job_id, found, time.perf_counter() - started)
+
+
+@dataclass
+class PlanContext:
+    """What planning a unit of a job needs: any planner builds it from the job spec alone (PlanContext.open)."""
+
+    job: JobSpec
+    store: Store
+    fs: pafs.FileSystem  # the input's
+    counter: TokenCounter
+    previous: PreviousOutput | None = None  # with its index loaded on first use
+    prefix_tokens: int = -1
+
+    @classmethod
+    def open(cls, job: JobSpec, counter: TokenCounter) -> PlanContext:
+        previous = None
+        if job.reuse is not None:
+            previous = open_previous(job.reuse.uri, job, None)
+            if previous.source != job.reuse:
+                raise InputError(f"--reuse {job.reuse.uri} changed since job {job.job_id} was submitted (its "
+                                 f"manifest differs); submit the job again")
+        return cls(job, open_store(job.out), input_fs(job.input)[0], counter, previous)
+
+    def prefix_length(self) -> int:
+        if self.prefix_tokens < 0:  # with the tokenizer's framing, even for no prefix
+            self.prefix_tokens = self.counter.count(self.job.prefix)
+        return self.prefix_tokens
+
+
+@dataclass
+class ShardSink:
+    """Where a unit's shards go. `queued` shards of the unit went out before (a planner that died mid-unit): they
+    are not sent again. `tick` runs between batches and shards (a planner keeps its unit's lock alive there)."""
+
+    emit: Callable[[ShardMessage], None]
+    written: Callable[[ShardResult], None]  # a shard found already written (a resumed job)
+    queued: int = 0
+    on_queued: Callable[[int], None] = lambda place: None
+    tick: Callable[[], None] = lambda: None
 
 
 @dataclass
@@ -118,6 +205,7 @@ class _Rejects:
 
     store: Store
     id_type: pa.DataType
+    unit: int
     rows: list[dict[str, Any]] = field(default_factory=list)
     files: list[str] = field(default_factory=list)
     count: int = 0
@@ -131,7 +219,7 @@ class _Rejects:
     def flush(self) -> None:
         if not self.rows:
             return
-        key = keys.rejected(f"producer-{len(self.files):05d}")
+        key = keys.rejected(f"unit-{self.unit:06d}-{len(self.files):04d}")  # the same names when planned again
         table = pa.Table.from_pylist(self.rows, schema=rejected_schema(self.id_type))
         self.store.put(key, to_ipc_bytes(table))
         self.files.append(key)
@@ -160,21 +248,24 @@ class _Accepted:
     spans: list[Span] | None
 
 
-def _accept(planned: PlannedJob, batch: pa.RecordBatch, source: str, first_row: int, rejects: _Rejects,
-            prefix_tokens: int) -> list[_Accepted]:
+def _accept(ctx: PlanContext, batch: pa.RecordBatch, source: str, first_row: int, rejects: _Rejects,
+            duplicates: set[int]) -> list[_Accepted]:
     """The rows of a batch that can be embedded or reused, in order; the rest quarantined with their reason.
     A row PREV_OUT has (same id, same content) is taken as is: its tokens were counted when it was embedded."""
-    job, counter = planned.job, planned.counter
+    job, counter, prefix_tokens = ctx.job, ctx.counter, ctx.prefix_length()
     texts, undecodable = decode_texts(batch.column(1))
     candidates = []
     for i, (doc_id, text) in enumerate(zip(batch.column(0).to_pylist(), texts, strict=True)):
-        reason = undecodable.get(i) or _reason_to_reject(doc_id, text)
+        # The first row of an id wins whatever becomes of it; a later one is a duplicate even if the first is
+        # quarantined for its text (found before planning, by DuckDB: find_job_duplicates).
+        reason = "duplicate id" if doc_id is not None and i in duplicates else None
+        reason = reason or undecodable.get(i) or _reason_to_reject(doc_id, text)
         if reason is None:
             candidates.append((i, doc_id, job.prefix + text))
         else:
             rejects.add(doc_id, reason, source, first_row + i)
     hashes = [content_hash(text) for _, _, text in candidates]
-    index = planned.previous.index if planned.previous is not None else None
+    index = ctx.previous.load_index() if ctx.previous is not None else None
     if index is not None:
         row_key = row_keys((doc_id for _, doc_id, _ in candidates), hashes)
         reusable = index.contains(row_key)
@@ -198,81 +289,229 @@ def _accept(planned: PlannedJob, batch: pa.RecordBatch, source: str, first_row: 
     return accepted
 
 
-def produce(planned: PlannedJob, emit: Callable[[ShardMessage], None],
-            written: Callable[[ShardResult], None] | None = None) -> JobTotals:
-    """Stream the corpus into shards; write each shard's input, then hand its message to `emit`. With
-    --reuse, rows PREV_OUT has unchanged are not planned; once every shard is out, they are copied.
-
-    A resubmitted job plans the same shards (same job id, same input, same order); a shard whose
-    output is already there goes to `written` instead of being queued again."""
-    with planned.counter:  # counting is over when produce is
-        return _produce(planned, emit, written)
-
-
-def _produce(planned: PlannedJob, emit: Callable[[ShardMessage], None],
-             written: Callable[[ShardResult], None] | None) -> JobTotals:
-    job, store, counter = planned.job, planned.store, planned.counter
-    store.put(keys.JOB_KEY, job.model_dump_json(indent=2).encode())
-    prefix_tokens = counter.count(job.prefix)  # with the tokenizer's framing, even for no prefix
+def plan_unit(ctx: PlanContext, unit: Unit, sink: ShardSink) -> JobTotals:
+    """Read a unit, quarantine what cannot be embedded (and duplicate ids), count tokens, cut shards named by the
+    unit, write each one's input and hand its message to the sink. Planning a unit again plans the same shards (same
+    job, same rows, same order): a shard whose output is already there goes to `sink.written` instead."""
+    job, store = ctx.job, ctx.store
+    id_type = pq.ParquetFile(ctx.fs.open_input_file(unit.path)).schema_arrow.field(job.id_column).type
     planner = ShardPlanner(job.shard_tokens)
-    rejects = _Rejects(store, planned.corpus.id_type)
-    input_schema = shard_input_schema(planned.corpus.id_type)
-    seen = SeenIds()  # duplicate ids across the corpus, 8 bytes an id
-    reused = SeenIds()  # keys of the rows to copy from PREV_OUT, 16 bytes a row
-    if planned.previous is not None:
-        planned.previous.load_index()
+    rejects = _Rejects(store, id_type, unit.index)
+    input_schema = shard_input_schema(id_type)
+    # One listing finds the unit's written shards (a resumed job), instead of a HEAD per shard.
+    written = {key for key, _ in store.list(keys.unit_outputs(unit.index))}
+    duplicates = np.sort(_unit_duplicates(ctx, ordinal(unit.file, unit.first_row), unit.rows))  # ordinals
+    reusing: list[np.ndarray] = []
     totals = JobTotals()
 
     def emit_shard(documents: list[Document]) -> None:
+        shard = keys.shard_number(unit.index, totals.shards)
+        lengths = [d.n_tokens for d in documents]
+        totals.shards += 1
+        totals.docs += len(documents)
+        totals.tokens += sum(lengths)
+        if totals.shards <= sink.queued:  # queued by an earlier try at this unit
+            return
         table = pa.table(
             {"id": [d.id for d in documents], "text": [d.text for d in documents],
-             "n_tokens": [d.n_tokens for d in documents], "chunk": [d.span.chunk for d in documents],
+             "n_tokens": lengths, "chunk": [d.span.chunk for d in documents],
              "start": [d.span.start for d in documents], "stop": [d.span.stop for d in documents],
              "truncated": [d.span.truncated for d in documents],
              "content_hash": [d.content_hash for d in documents]},
             schema=input_schema,
         )
-        shard = totals.shards
         # zstd: a shard's input is a copy of its text (~440 KiB uncompressed at 65,536 tokens): a fraction of that.
         store.put_if_absent(keys.shard_input(shard), to_ipc_bytes(table, "zstd"))  # same job id, same content
-        lengths = [d.n_tokens for d in documents]
         message = ShardMessage(job_id=job.job_id, job=job, shard=shard, n_docs=len(documents),
                                n_tokens=sum(lengths), longest=max(lengths), queued_at=time.time())
-        if written is not None and store.exists(message.output_key):
-            written(stored_result(message, store))
+        if message.output_key in written:
+            sink.written(stored_result(message, store))
         else:
-            emit(message)
-        totals.shards += 1
-        totals.docs += len(documents)
-        totals.tokens += sum(lengths)
+            sink.emit(message)
+        sink.on_queued(totals.shards - 1)
+        sink.tick()
 
-    for source, first_row, batch in read_batches(planned.corpus, job.id_column, job.text_column):
-        accepted = _accept(planned, batch, source, first_row, rejects, prefix_tokens)
-        duplicates = seen.add(id_hashes(row.id for row in accepted))
-        reusing = []
-        for row, duplicate in zip(accepted, duplicates, strict=True):
-            if duplicate:
-                rejects.add(row.id, "duplicate id", source, first_row + row.row)
-            elif row.spans is None:
+    truncated = 0  # a plain int: JobTotals is a pydantic model, slow to add to a row at a time
+    for source, first_row, batch in read_batches(ctx.fs, unit, job.id_column, job.text_column):
+        at = ordinal(unit.file, first_row)
+        lo, hi = np.searchsorted(duplicates, [at, at + batch.num_rows])
+        accepted = _accept(ctx, batch, source, first_row, rejects, set((duplicates[lo:hi] - at).tolist()))
+        for row in accepted:
+            if row.spans is None:
                 reusing.append(row.key)
-            else:
-                totals.truncated += row.spans[0].truncated
-                for span in row.spans:
-                    ready = planner.add(Document(row.id, row.text, span.n_tokens(prefix_tokens), span,
-                                                 row.content_hash))
-                    if ready:
-                        emit_shard(ready)
-        reused.add(np.array(reusing, ROW_KEY))
+                continue
+            truncated += row.spans[0].truncated
+            for span in row.spans:
+                ready = planner.add(Document(row.id, row.text, span.n_tokens(ctx.prefix_length()), span,
+                                             row.content_hash))
+                if ready:
+                    emit_shard(ready)
+        sink.tick()
     for ready in planner.finish():
         emit_shard(ready)
     rejects.flush()
-    totals.rejected, totals.rejected_files = rejects.count, rejects.files
-    if planned.previous is not None:
-        planned.previous.index = None  # matching is over: free it before copying
-        totals.reused = copy_reused(planned.previous, reused, store, job, planned.corpus.id_type)
-    log.info("job %s: %d shards, %d docs, %d tokens, %d rejected, %d reused", job.job_id, totals.shards, totals.docs,
-             totals.tokens, totals.rejected, totals.reused_rows)
+    totals.rejected, totals.truncated = rejects.count, truncated
+    if ctx.previous is not None:  # the rows to copy from PREV_OUT, once every unit is planned (copy_reused_rows)
+        table = pa.table({"key": pa.array(np.array(reusing, ROW_KEY).tolist(), pa.binary(16))})
+        store.put(_reused_keys(unit.index), to_ipc_bytes(table))
+    log.info("job %s unit %d: %d shards, %d docs, %d tokens, %d rejected, %d reused", job.job_id, unit.index,
+             totals.shards, totals.docs, totals.tokens, totals.rejected, len(reusing))
     return totals
+
+
+def _unit_duplicates(ctx: PlanContext, first: int, rows: int) -> np.ndarray:
+    fs, base = ctx.store.arrow_fs()
+    ordinals, _ = duplicates_between(f"{base}/{keys.DUPLICATES_KEY}", first, first + rows, fs)
+    return ordinals
+
+
+def _reused_keys(unit: int) -> str:
+    return f"{keys.PLAN_PREFIX}reused-keys/{unit:06d}.arrow"
+
+
+def copy_reused_rows(ctx: PlanContext, units: int) -> JobTotals:
+    """--reuse, once every unit is planned: copy PREV_OUT's rows that the units matched (16 bytes a row of keys),
+    list the copies in the store (REUSED_FILES_KEY) and count them. Idempotent: a copy is written once."""
+    if ctx.previous is None:
+        return JobTotals()
+    if not ctx.store.exists(_reused_keys(0)) and ctx.store.exists(keys.REUSED_FILES_KEY):  # copied, keys dropped
+        files = [ReusedFile.model_validate(f) for f in json.loads(ctx.store.get(keys.REUSED_FILES_KEY))]
+        return _reused_totals(files)
+    reused = SeenIds()
+    for unit in range(units):
+        reused.add(np.array(from_ipc_bytes(ctx.store.get(_reused_keys(unit))).column("key").to_pylist(), ROW_KEY))
+    ctx.previous.index = None  # matching is over: free it before copying
+    files = copy_reused(ctx.previous, reused, ctx.store, ctx.job)
+    ctx.store.put(keys.REUSED_FILES_KEY, json.dumps([f.model_dump() for f in files], indent=1).encode())
+    ctx.store.delete_many([_reused_keys(unit) for unit in range(units)])  # matched: 16 bytes a row no one needs
+    return _reused_totals(files)
+
+
+def _reused_totals(files: list[ReusedFile]) -> JobTotals:
+    return JobTotals(reused_rows=sum(f.rows for f in files), reused_tokens=sum(f.tokens for f in files),
+                     reused_truncated=sum(f.truncated for f in files))
+
+
+def produce(planned: PlannedJob, emit: Callable[[ShardMessage], None],
+            written: Callable[[ShardResult], None]) -> tuple[JobTotals, list[ReusedFile]]:
+    """Plan every unit here, one after another (`bulkembed run`); then copy what --reuse matched. The totals
+    include the reused rows' counts."""
+    planned.store.put(keys.JOB_KEY, planned.job.model_dump_json(indent=2).encode())
+    find_job_duplicates(planned)
+    ctx = planned.context()
+    totals = JobTotals()
+    with planned.counter:  # counting is over when planning is
+        for unit in planned.units:
+            found = plan_unit(ctx, unit, ShardSink(emit, written))
+            for name in JobTotals.model_fields:
+                setattr(totals, name, getattr(totals, name) + getattr(found, name))
+    reused = copy_reused_rows(ctx, len(planned.units))
+    for name in ("reused_rows", "reused_tokens", "reused_truncated"):
+        setattr(totals, name, getattr(reused, name))
+    files = [ReusedFile.model_validate(f) for f in json.loads(planned.store.get(keys.REUSED_FILES_KEY))] \
+        if planned.previous is not None else []
+    return totals, files
+
+
+class Backpressure:
+    """Holds a planner back while its model's queue holds more shards than the engines serving it will soon take
+    (ProducerSettings.queue_per_engine a reported engine, at least queue_min), so Redis holds what the fleet is about
+    to embed, not the corpus. Keeps the planner's unit lock alive meanwhile (`tick`)."""
+
+    REFRESH_S = 10.0  # how often the engine count is read again
+
+    def __init__(self, registry: JobRegistry, queue: str, per_engine: int, minimum: int, lock: Lock):
+        self.registry, self.queue, self.per_engine, self.minimum, self.lock = registry, queue, per_engine, minimum, lock
+        self._limit, self._limit_at, self._ticked = minimum, -self.REFRESH_S, time.monotonic()
+
+    def limit(self) -> int:
+        if time.monotonic() - self._limit_at >= self.REFRESH_S:
+            self._limit = max(self.minimum, self.per_engine * self.registry.engines_serving(self.queue))
+            self._limit_at = time.monotonic()
+        return self._limit
+
+    def wait(self) -> None:
+        while self.registry.queue_length(self.queue) >= self.limit():
+            self.tick()
+            time.sleep(1.0)
+
+    def tick(self) -> None:
+        """Extend the unit's lock (raises LockNotOwnedError if it lapsed: another planner has the unit now)."""
+        if time.monotonic() - self._ticked > self.lock.timeout / 4:
+            self.lock.reacquire()
+            self._ticked = time.monotonic()
+
+
+def plan_claimed(registry: JobRegistry, job: JobSpec, context: Callable[[], PlanContext], unit: Unit,
+                 send: Callable[[ShardMessage], None], settings: ProducerSettings) -> bool:
+    """Plan `unit` if no other planner holds it (False if one does), queue its shards, record it planned once;
+    the planner of a job's last unit closes its planning."""
+    lock = registry.plan_lock(job.job_id, unit.index, settings.plan_lock_s)
+    if not lock.acquire():
+        return False
+    try:
+        if not registry.unit_is_planned(job.job_id, unit.index):
+            hold = Backpressure(registry, job.model.queue, settings.queue_per_engine, settings.queue_min, lock)
+
+            def emit(message: ShardMessage) -> None:
+                hold.wait()
+                send(message)
+
+            sink = ShardSink(emit, lambda result: registry.shard_done(job.job_id, result),
+                             queued=registry.queued_shards(job.job_id, unit.index),
+                             on_queued=lambda place: registry.shard_queued(job.job_id, unit.index, place),
+                             tick=hold.tick)
+            registry.unit_planned(job.job_id, unit.index, plan_unit(context(), unit, sink))
+        close_if_planned(registry, job, context)
+    finally:
+        try:
+            lock.release()
+        except LockError:  # it lapsed meanwhile: nothing to give back
+            pass
+    return True
+
+
+def close_if_planned(registry: JobRegistry, job: JobSpec, context: Callable[[], PlanContext]) -> None:
+    """Once every unit is planned: copy what --reuse matched, let the job run, and write its manifest if every shard
+    was already written (a resubmitted job). Idempotent: a planner and the submitting process may both get here."""
+    if registry.planning_open(job.job_id) and registry.all_units_planned(job.job_id):
+        units = int(registry.redis.hget(keys.REDIS_JOB.format(job_id=job.job_id), "units") or 0)
+        if registry.close_planning(job.job_id, copy_reused_rows(context(), units)):
+            registry.finalize(job.job_id)
+
+
+def submit_job(planned: PlannedJob, registry: JobRegistry, send: Callable[[ShardMessage], None],
+               send_unit: Callable[[Unit], None], settings: ProducerSettings, plan_here: bool = True) -> None:
+    """Register the job, find its duplicate ids, queue a planning task per unit left, and (unless not `plan_here`)
+    plan units here beside any `bulkembed planner`, until every unit is planned. A resubmitted job skips the units
+    planned before, and queues again the shards that had failed for good."""
+    job = planned.job
+    planned.store.put(keys.JOB_KEY, job.model_dump_json(indent=2).encode())
+    failed = registry.start(job, len(planned.units))
+    for shard in failed:  # their units are planned, so they are queued again here, from their inputs
+        send(queued_again(planned.store, job, shard))
+    with planned.counter:
+        find_job_duplicates(planned, settings.dedup_memory_mb)
+        left = registry.units_left(job.job_id, len(planned.units))
+        for index in left:
+            send_unit(planned.units[index])
+        log.info("job %s: %d units, %d to plan", job.job_id, len(planned.units), len(left))
+        ctx = planned.context()
+        while plan_here and left:
+            for index in left:
+                plan_claimed(registry, job, lambda: ctx, planned.units[index], send, settings)
+            left = registry.units_left(job.job_id, len(planned.units))
+            if left:  # planned by planners right now (or by one that died: its lock lapses, then a unit is ours)
+                time.sleep(1.0)
+        close_if_planned(registry, job, lambda: ctx)
+
+
+def queued_again(store: Store, job: JobSpec, shard: int) -> ShardMessage:
+    """The message of a shard planned before (a failed one, resubmitted), rebuilt from its input."""
+    table = from_ipc_bytes(store.get(keys.shard_input(shard)))
+    lengths = table.column("n_tokens").to_pylist()
+    return ShardMessage(job_id=job.job_id, job=job, shard=shard, n_docs=table.num_rows, n_tokens=sum(lengths),
+                        longest=max(lengths), queued_at=time.time())
 
 
 def forget_outputs(store: Store) -> int:

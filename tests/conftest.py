@@ -169,9 +169,11 @@ def mixed_texts(n: int, seed: int = 0, long_every: int = 10, long_tokens: tuple[
     return texts
 
 
-def write_corpus(path: Path, ids: list, texts: list, id_type: pa.DataType | None = None) -> Path:
+def write_corpus(path: Path, ids: list, texts: list, id_type: pa.DataType | None = None,
+                 row_group_size: int | None = None) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.table({"id": pa.array(ids, id_type or pa.string()), "text": pa.array(texts, pa.string())}), path)
+    pq.write_table(pa.table({"id": pa.array(ids, id_type or pa.string()), "text": pa.array(texts, pa.string())}), path,
+                   row_group_size=row_group_size)
     return path
 
 
@@ -186,6 +188,19 @@ class Workers:
         process = subprocess.Popen(
             [sys.executable, "-m", "bulkembed.cli", "worker", "--model", str(model), "--threads", "1", *extra],
             env=self.env, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO,
+        )
+        process.log = log
+        self.processes.append(process)
+        if wait:
+            self.wait_ready(process)
+        return process
+
+    def start_planner(self, *extra: str, env: dict[str, str] | None = None, wait: bool = True) -> subprocess.Popen:
+        """A `bulkembed planner` of one process (it serves the plan queue of this test's Redis)."""
+        log = self.log_dir / f"planner-{len(self.processes)}.log"
+        process = subprocess.Popen(
+            [sys.executable, "-m", "bulkembed.cli", "planner", "--concurrency", "1", *extra],
+            env=env or self.env, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO,
         )
         process.log = log
         self.processes.append(process)

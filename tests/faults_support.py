@@ -29,6 +29,7 @@ import pyarrow.parquet as pq
 import redis
 
 from bulkembed.contract import keys
+from bulkembed.contract.manifest import manifest_shards
 from bulkembed.contract.store import LocalStore, open_store
 from tests.conftest import cosines
 
@@ -444,10 +445,11 @@ def check_exactly_once(uri: str, expected_ids: list) -> dict:
     store = open_store(uri)
     manifest = json.loads(store.get(keys.MANIFEST_KEY))
     assert manifest["rows"] == len(expected_ids), "the manifest's rows equal the input rows"
-    shards = [s["shard"] for s in manifest["shards"]]
+    table = manifest_shards(store, manifest)
+    shards = table.column("shard").to_pylist()
     assert shards == sorted(set(shards)), "the manifest lists each shard once"
     written = [k for k, _ in store.list() if "/" not in k and k.endswith(".arrow")]
-    assert len(written) == len(shards) and sum(s["rows"] for s in manifest["shards"]) == len(expected_ids)
+    assert len(written) == len(shards) and sum(table.column("rows").to_pylist()) == len(expected_ids)
     return manifest
 
 

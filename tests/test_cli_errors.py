@@ -56,6 +56,11 @@ WRONG_SETTINGS = [
     ("MIN_DECODE", "-1"),
     ("JOB_RETENTION_S", "0"),
     ("REDIS_WAIT_S", "-5"),
+    ("UNIT_ROWS", "0"),
+    ("QUEUE_PER_ENGINE", "0"),
+    ("QUEUE_MIN", "none"),
+    ("PLAN_LOCK_S", "1"),
+    ("DEDUP_MEMORY_MB", "8"),
 ]
 
 # Wrong option values of each command (the parser's and the command's own checks).
@@ -69,6 +74,7 @@ WRONG_OPTIONS = [
     (["worker", "--model", "no-such-model.gguf"], "no-such-model.gguf"),
     (["worker"], "--model"),
     (["status"], "job"),
+    (["planner", "--concurrency", "0"], "--concurrency"),
     (["embed", "a text", "--model", "model.gguf", "--out", "vectors.csv"], "--out"),
     (["run", "corpus.parquet", "--model", "model.gguf", "--out", "out", "--max-tokens", "0"], "--max-tokens"),
     (["run", "corpus.parquet", "--model", "model.gguf", "--out", "out", "--dims", "0"], "--dims"),

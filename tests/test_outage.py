@@ -94,7 +94,8 @@ def test_job_rides_out_a_store_blackout(tmp_path, s3_server, bucket, outage_env,
             job_id = wait_until(lambda: submit.stdout.split()[:1], 60, "submit to print the job id")[0]
             done_key = keys.REDIS_JOB_DONE.format(job_id=job_id)
             wait_until(lambda: len(redis_hash(url, done_key)) >= 3, 60, "three shards written")
-            shards = json.loads(redis_hash(url, keys.REDIS_JOB.format(job_id=job_id))["totals"])["shards"]
+            shards = int(wait_until(lambda: redis_hash(url, keys.REDIS_JOB.format(job_id=job_id)).get("shards"), 60,
+                                    "the job planned"))
             proxy.go_dark()
             dark_at = time.monotonic()
             assert len(redis_hash(url, done_key)) < shards - 4, "dark mid-job"

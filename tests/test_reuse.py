@@ -15,6 +15,7 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 
 from bulkembed.contract import keys
+from bulkembed.contract.manifest import manifest_shards
 from bulkembed.contract.schema import content_hash, from_ipc_bytes, to_ipc_bytes
 from bulkembed.contract.store import open_store
 from tests.conftest import Workers, cosines, mixed_texts, write_corpus
@@ -127,7 +128,7 @@ def test_an_incompatible_prev_out_is_refused_before_anything_is_written(tmp_path
     done = run_cli("run", path2, "--out", tmp_path / "o", "--reuse", tmp_path / "nothing", "--model", tiny_model)
     assert done.returncode == 2 and "finished job" in done.stderr
     # An output written before content hashes existed cannot say which rows are unchanged.
-    first = prev / "000000.arrow"
+    first = prev / keys.shard_output(0)
     first.write_bytes(to_ipc_bytes(from_ipc_bytes(first.read_bytes()).drop_columns(["content_hash"])))
     done = run_cli("run", path2, "--out", tmp_path / "o", "--reuse", prev, "--model", tiny_model)
     assert done.returncode == 2 and "no content_hash column" in done.stderr
@@ -211,7 +212,8 @@ def test_a_worker_killed_during_a_reuse_run_loses_nothing(tmp_path, fault_env, b
     assert (counts["reused_rows"], counts["embedded_rows"]) == (len(short), len(long_texts))
     store = open_store(out)
     listed = [k for k, _ in store.list() if "/" not in k and k.endswith(".arrow")]
-    assert sorted(listed) == sorted([s["key"] for s in counts["shards"]] + [f["key"] for f in counts["reused_files"]])
+    shard_keys = manifest_shards(store).column("key").to_pylist()
+    assert sorted(listed) == sorted(shard_keys + [f["key"] for f in counts["reused_files"]])
     assert max(attempts(fault_env["BULKEMBED_REDIS_URL"], job_id).values()) >= 2, "the killed shard ran again"
     assert pa.compute.sum(ds.dataset(store.arrow_fs()[1], filesystem=store.arrow_fs()[0], format="arrow")
                           .to_table(columns=["n_tokens"]).column("n_tokens")).as_py() == counts["tokens"]

@@ -24,7 +24,7 @@ from bulkembed.contract import keys
 from bulkembed.contract.errors import ShardError, TransientError
 from bulkembed.contract.job import JobSpec, ShardMessage
 from bulkembed.contract.llama_process import LlamaProcessDied
-from bulkembed.contract.queue import TASK_EMBED_SHARD, celery_app
+from bulkembed.contract.queue import PLAN_QUEUE, TASK_EMBED_SHARD, TASK_FINALIZE_JOB, celery_app
 from bulkembed.contract.registry import JobRegistry
 from bulkembed.contract.settings import WorkerSettings
 from bulkembed.contract.store import Store, has_conditional_writes, open_store
@@ -175,8 +175,8 @@ def embed_shard_task(self: ModelTask, message: list | dict, unreachable_since: f
     try:
         guard = holding(settings.test_hold_dir, shard, self.write_guard(store, registry, shard))
         result = embed_shard(shard, model.engine.embed_rows, model.sha256, store, guard)
-        if registry.shard_done(shard.job_id, result):
-            registry.finalize(shard.job_id)  # writes the manifest: the store again, so inside the retry
+        if registry.shard_done(shard.job_id, result):  # the last shard: a planner writes the manifest, off the GPU
+            app.send_task(TASK_FINALIZE_JOB, args=[shard.job_id], queue=PLAN_QUEUE, argsrepr=f"job {shard.job_id}")
     except LlamaProcessDied as exc:
         _engine_lost(shard, str(exc))  # counted as an attempt: this shard may be what killed it
     except TransientError as exc:

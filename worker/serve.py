@@ -13,6 +13,8 @@ import logging
 import os
 import socket
 import tempfile
+import threading
+import time
 from pathlib import Path
 
 from bulkembed.contract.job import ModelRef
@@ -22,6 +24,25 @@ from bulkembed.worker.engines import EnginePool, EngineSetup
 from bulkembed.worker.selftest import SelfTestError
 
 log = logging.getLogger(__name__)
+
+
+def _report_engines(settings: WorkerSettings, queue: str, worker: str, engines: int) -> None:
+    """Tell planners, while this worker lives, how many engines serve its queue: they let the queue grow to a few
+    shards an engine (back-pressure), not to the whole corpus. A thread of this (parent) process; Redis hiccups are
+    ridden out (the report lapses after ENGINES_TTL_S, then planners assume fewer engines)."""
+    from bulkembed.contract.registry import ENGINES_TTL_S, JobRegistry
+
+    registry = JobRegistry.from_url(settings.redis_url.get_secret_value(), check=False)
+
+    def run() -> None:
+        while True:
+            try:
+                registry.report_engines(queue, worker, engines)
+            except Exception as exc:  # noqa: BLE001 - a report missed is a smaller queue allowed, nothing more
+                log.warning("could not report engines to Redis: %s", exc)
+            time.sleep(ENGINES_TTL_S / 3)
+
+    threading.Thread(target=run, name="report-engines", daemon=True).start()
 
 
 def serve(ref: ModelRef, path: Path, setup: EngineSetup, settings: WorkerSettings) -> int:
@@ -44,9 +65,11 @@ def serve(ref: ModelRef, path: Path, setup: EngineSetup, settings: WorkerSetting
     metrics.serve_engines(settings.metrics_port)
     metrics.worker_started(ref.file_name, engines, plan.options.ubatch, plan.lm_head_skipped)
     worker_app.MODEL = worker_app.ResidentModel(path=path, sha256=ref.sha256, options=plan.options)
+    hostname = f"bulkembed-{os.getpid()}@{socket.gethostname()}"
+    _report_engines(settings, ref.queue, hostname, engines)
     worker_app.app.worker_main([
         "worker", "--queues", ref.queue, "--concurrency", str(engines), "--pool", "prefork",
-        "--hostname", f"bulkembed-{os.getpid()}@{socket.gethostname()}",
+        "--hostname", hostname,
         "--loglevel", settings.log_level, "--without-gossip", "--without-mingle",
     ])
     return 0

@@ -34,6 +34,12 @@ def result(shard: int) -> ShardResult:
     return ShardResult(shard=shard, key=keys.shard_output(shard), rows=1, tokens=3)
 
 
+def plan(registry: JobRegistry, job_id: str, totals: JobTotals) -> bool:
+    """The job's one unit planned with these totals, and its planning closed; True when it is complete."""
+    registry.unit_planned(job_id, 0, totals)
+    return registry.close_planning(job_id)
+
+
 def listed(redis_url: str, queue: str) -> int:
     """What KEDA's redis trigger reads: LLEN of the listName."""
     return redis.Redis.from_url(redis_url).llen(keys.REDIS_QUEUE_OPEN_JOBS.format(queue=queue))
@@ -41,10 +47,10 @@ def listed(redis_url: str, queue: str) -> int:
 
 def test_a_job_is_open_from_submit_until_its_last_shard_is_written(registry, redis_server, queue, tmp_path):
     spec = job(tmp_path, queue)
-    registry.start(spec)
-    registry.start(spec)  # submitted again: still listed once
+    registry.start(spec, 1)
+    registry.start(spec, 1)  # submitted again: still listed once
     assert registry.open_jobs(queue) == [spec.job_id] and listed(redis_server, queue) == 1
-    assert not registry.planned(spec.job_id, JobTotals(shards=2))
+    assert not plan(registry, spec.job_id, JobTotals(shards=2))
     assert not registry.shard_done(spec.job_id, result(0))
     assert registry.open_jobs(queue) == [spec.job_id], "a shard is still unfinished (queued or orphaned)"
     assert registry.shard_done(spec.job_id, result(1))
@@ -54,28 +60,28 @@ def test_a_job_is_open_from_submit_until_its_last_shard_is_written(registry, red
 
 def test_a_job_failed_for_good_is_closed_and_reopened_when_resubmitted(registry, queue, tmp_path):
     spec, other = job(tmp_path, queue, "a"), job(tmp_path, queue, "b")
-    registry.start(spec)
-    registry.start(other)
-    registry.planned(spec.job_id, JobTotals(shards=2))
+    registry.start(spec, 1)
+    registry.start(other, 1)
+    plan(registry, spec.job_id, JobTotals(shards=2))
     registry.shard_done(spec.job_id, result(0))
     registry.shard_failed(spec.job_id, 1, "poison")
     assert registry.open_jobs(queue) == [other.job_id]
-    registry.start(spec)
+    registry.start(spec, 1)
     assert registry.open_jobs(queue) == [other.job_id, spec.job_id]
 
 
 def test_failures_before_the_job_is_fully_queued_close_it_when_it_is(registry, queue, tmp_path):
     spec = job(tmp_path, queue)
-    registry.start(spec)
+    registry.start(spec, 1)
     registry.shard_failed(spec.job_id, 0, "poison")
     assert registry.open_jobs(queue) == [spec.job_id], "more shards may still be queued"
-    assert not registry.planned(spec.job_id, JobTotals(shards=1))
+    assert not plan(registry, spec.job_id, JobTotals(shards=1))
     assert registry.open_jobs(queue) == []
 
 
 def test_a_forgotten_job_is_closed(registry, queue, tmp_path):
     spec = job(tmp_path, queue)
-    registry.start(spec)
+    registry.start(spec, 1)
     registry.forget(spec.job_id)
     assert registry.open_jobs(queue) == []
 
@@ -84,8 +90,8 @@ def test_a_job_is_done_only_once_its_manifest_is_written(registry, queue, tmp_pa
     """`submit --wait` and `status` say done when a reader can open _manifest.json, not when the last shard is
     recorded: between the two the job is finishing, not finished."""
     spec = job(tmp_path, queue)
-    registry.start(spec)
-    registry.planned(spec.job_id, JobTotals(shards=1))
+    registry.start(spec, 1)
+    plan(registry, spec.job_id, JobTotals(shards=1))
     assert registry.status(spec.job_id).state == "running"
     assert registry.shard_done(spec.job_id, result(0))
     status = registry.status(spec.job_id)
@@ -100,8 +106,8 @@ def test_a_job_whose_manifest_cannot_be_written_is_failed_not_finishing_forever(
     """The last shard written, then finalize failing for good (the store gone for longer than the outage budget):
     the worker reports the shard failed, and a waiter sees the job failed instead of waiting forever."""
     spec = job(tmp_path, queue)
-    registry.start(spec)
-    registry.planned(spec.job_id, JobTotals(shards=2))
+    registry.start(spec, 1)
+    plan(registry, spec.job_id, JobTotals(shards=2))
     registry.shard_done(spec.job_id, result(0))
     assert registry.shard_done(spec.job_id, result(1))
     registry.shard_failed(spec.job_id, 1, "the store kept failing for 1800s and 8 retries: ...")

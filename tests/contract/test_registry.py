@@ -12,7 +12,7 @@ import redis
 
 from bulkembed.contract import keys
 from bulkembed.contract.registry import FAILURES_PAGE, JobRegistry, JobTotals
-from tests.contract.test_open_jobs import job, result
+from tests.contract.test_open_jobs import job, plan, result
 
 BIG = 100_000
 
@@ -26,8 +26,8 @@ def planned_job(registry: JobRegistry, tmp_path: Path, shards: int, done: int) -
     """A job with `shards` queued and `done` of them written: results written straight into Redis (a synthetic
     registry, as a real job of that size would leave it), then one more through shard_done for the counters."""
     spec = job(tmp_path, f"bulkembed.test-{uuid.uuid4().hex[:8]}", name=uuid.uuid4().hex[:6])
-    registry.start(spec)
-    registry.planned(spec.job_id, JobTotals(shards=shards, docs=shards, tokens=3 * shards))
+    registry.start(spec, 1)
+    plan(registry, spec.job_id, JobTotals(shards=shards, docs=shards, tokens=3 * shards))
     done_key, job_key = (k.format(job_id=spec.job_id) for k in (keys.REDIS_JOB_DONE, keys.REDIS_JOB))
     with registry.redis.pipeline(transaction=False) as pipe:
         for shard in range(done - 1):
@@ -88,8 +88,8 @@ def test_failures_come_a_page_at_a_time_and_all_on_request(registry, tmp_path):
 
 def test_a_finished_jobs_keys_expire_after_the_retention_and_a_resubmission_keeps_them(registry, tmp_path):
     spec = job(tmp_path, f"bulkembed.test-{uuid.uuid4().hex[:8]}")
-    registry.start(spec)
-    registry.planned(spec.job_id, JobTotals(shards=1, docs=1, tokens=3))
+    registry.start(spec, 1)
+    plan(registry, spec.job_id, JobTotals(shards=1, docs=1, tokens=3))
     registry.attempt(spec.job_id, 0)
     assert registry.shard_done(spec.job_id, result(0))
     (tmp_path / "a").mkdir()
@@ -98,7 +98,7 @@ def test_a_finished_jobs_keys_expire_after_the_retention_and_a_resubmission_keep
     ttls = [registry.redis.ttl(name) for name in names]
     assert all(0 < ttl <= 3600 for ttl in ttls), ttls
     assert registry.status(spec.job_id).state == "done"
-    registry.start(spec)  # resubmitted before they expired: kept, and no longer expiring
+    registry.start(spec, 1)  # resubmitted before they expired: kept, and no longer expiring
     assert registry.redis.ttl(names[0]) == -1 and registry.redis.ttl(names[1]) == -1
     assert registry.status(spec.job_id).shards_done == 1
 
@@ -106,8 +106,8 @@ def test_a_finished_jobs_keys_expire_after_the_retention_and_a_resubmission_keep
 def test_once_expired_nothing_of_the_job_is_left(fresh_redis, tmp_path):
     registry = JobRegistry.from_url(fresh_redis.url, retention_s=1)
     spec = job(tmp_path, f"bulkembed.test-{uuid.uuid4().hex[:8]}")
-    registry.start(spec)
-    registry.planned(spec.job_id, JobTotals(shards=1, docs=1, tokens=3))
+    registry.start(spec, 1)
+    plan(registry, spec.job_id, JobTotals(shards=1, docs=1, tokens=3))
     registry.shard_done(spec.job_id, result(0))
     (tmp_path / "a").mkdir()
     registry.finalize(spec.job_id)

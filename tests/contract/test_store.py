@@ -15,6 +15,7 @@ from botocore.exceptions import (
     ReadTimeoutError,
 )
 
+from bulkembed.contract import keys
 from bulkembed.contract.errors import TransientError
 from bulkembed.contract.store import is_transient, open_store
 from tests.conftest import s3_env
@@ -119,13 +120,17 @@ def test_delete_many_takes_a_thousand_keys_a_request(s3_server, bucket, monkeypa
 
 
 def test_force_forgets_shards_past_a_million(tmp_path):
-    """Shard numbers grow past six digits; --force must still find their files (and only the job's)."""
+    """Unit numbers grow past six digits, and jobs planned before units named shards by number alone; --force must
+    find all their files (and only the job's)."""
     from bulkembed.contract.store import LocalStore
     from bulkembed.producer.submit import forget_outputs
 
     store = LocalStore(tmp_path)
-    job_files = ["000007.arrow", "1000000.arrow", "_shards/1234567.arrow", "reused-1000001.arrow", "_manifest.json"]
-    for key in [*job_files, "notes.txt", "12345.arrow"]:
+    job_files = ["000007.arrow", "1000000.arrow", "_shards/1234567.arrow", "reused-1000001.arrow", "_manifest.json",
+                 keys.shard_output(keys.shard_number(1_234_567, 3)), keys.shard_input(keys.shard_number(2, 999_999)),
+                 "_manifest/shards.parquet", "_plan/duplicates.parquet", "_plan/reused-keys/000001.arrow",
+                 "_rejected/unit-000003-0000.arrow"]
+    for key in [*job_files, "notes.txt", "12345.arrow", "000001-1.arrow"]:
         store.put(key, b"x")
     assert forget_outputs(store) == len(job_files)
-    assert [key for key, _ in store.list()] == ["12345.arrow", "notes.txt"]
+    assert [key for key, _ in store.list()] == ["000001-1.arrow", "12345.arrow", "notes.txt"]

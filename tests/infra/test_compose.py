@@ -87,7 +87,7 @@ def volume_mounts(service: dict) -> list[tuple[str, str]]:
 
 
 def test_the_expected_services_and_profiles(services):
-    expected = {"redis": None, "s3": None, "s3-bucket": None, "worker": None,
+    expected = {"redis": None, "s3": None, "s3-bucket": None, "worker": None, "planner": None,
                 "worker-cpu": ["cpu"], "producer": ["submit"], "flower": ["flower"]}
     assert set(services) == set(expected)
     for name, profiles in expected.items():
@@ -103,19 +103,20 @@ def test_every_image_is_pinned(services):
 
 
 def test_built_services_run_the_bulkembed_console_script(services):
-    assert set(built(services)) == {"worker", "worker-cpu", "producer"}
+    assert set(built(services)) == {"worker", "worker-cpu", "producer", "planner"}
     for name, service in built(services).items():
         path = REPO / service["build"]["context"] / service["build"]["dockerfile"]
         assert path.is_file(), f"{name}: {path} does not exist"
         command = argv(service)
         assert command[0] in console_scripts(), f"{name} runs {command[0]}, not a console script of pyproject"
         args = parse_cli(command[1:])
-        assert args.command == ("submit" if name == "producer" else "worker")
+        assert args.command == {"producer": "submit", "planner": "planner"}.get(name, "worker")
     assert parse_cli(argv(services["worker"])[1:]).gpu_layers != 0, "the GPU worker must offload to the GPU"
 
 
 def test_workers_and_producer_use_one_model_so_one_queue(services):
-    queues = {name: queue_name(model_file_name(option(argv(s), "--model"))) for name, s in built(services).items()}
+    queues = {name: queue_name(model_file_name(option(argv(s), "--model"))) for name, s in built(services).items()
+              if name != "planner"}  # planners serve every model: they read a job's model from its spec
     assert set(queues.values()) == {"bulkembed.jina-embeddings-v4-text-retrieval-iq3_m"}, queues
 
 

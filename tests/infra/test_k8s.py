@@ -65,7 +65,7 @@ def secret(documents) -> dict:
 
 @pytest.fixture(scope="module")
 def scaled_object(documents) -> dict:
-    return one(documents, "ScaledObject")
+    return one(documents, "ScaledObject", "bulkembed-worker")
 
 
 def container(workload: dict) -> dict:
@@ -147,10 +147,12 @@ def test_prometheus_scrapes_the_metrics_port(deployment):
     assert int(annotations["prometheus.io/port"]) == ports["metrics"] == int(env["BULKEMBED_METRICS_PORT"])
 
 
-@pytest.mark.parametrize(("kind", "dockerfile", "target"),
-                         [("Deployment", "worker.Dockerfile", None), ("Job", "producer.Dockerfile", "producer")])
-def test_the_models_volume_is_the_hf_cache(documents, kind, dockerfile, target):
-    workload = one(documents, kind)
+@pytest.mark.parametrize(("kind", "name", "dockerfile", "target"),
+                         [("Deployment", "bulkembed-worker", "worker.Dockerfile", None),
+                          ("Deployment", "bulkembed-planner", "producer.Dockerfile", "producer"),
+                          ("Job", None, "producer.Dockerfile", "producer")])
+def test_the_models_volume_is_the_hf_cache(documents, kind, name, dockerfile, target):
+    workload = one(documents, kind, name)
     c = container(workload)
     parsed = parse_dockerfile(INFRA / dockerfile)
     env = {e["name"]: e.get("value") for e in c.get("env", [])}
@@ -162,9 +164,11 @@ def test_the_models_volume_is_the_hf_cache(documents, kind, dockerfile, target):
     assert {"emptyDir", "persistentVolumeClaim"} & set(volumes[mounts[hf_home]])
 
 
-@pytest.mark.parametrize(("kind", "role"), [("Deployment", "worker"), ("Job", "producer")])
-def test_environment_names_are_settings_or_standard_variables(documents, kind, role):
-    c = container(one(documents, kind))
+@pytest.mark.parametrize(("kind", "name", "role"), [("Deployment", "bulkembed-worker", "worker"),
+                                                     ("Deployment", "bulkembed-planner", "planner"),
+                                                     ("Job", None, "producer")])
+def test_environment_names_are_settings_or_standard_variables(documents, kind, name, role):
+    c = container(one(documents, kind, name))
     names = [e["name"] for e in c.get("env", [])]
     for source in c.get("envFrom", []):
         assert "configMapRef" in source, "envFrom a Secret would import key names unchecked; use secretKeyRef"
@@ -302,3 +306,15 @@ def test_each_submit_is_a_new_job_with_a_generated_name(job):
     assert "name" not in job["metadata"], "a fixed name makes the second `kubectl create` fail"
     assert job["metadata"]["generateName"].endswith("-")
     assert "generateName" in (REPO / "docs" / "deploy.md").read_text()
+
+
+def test_planners_run_bulkembed_planner_and_scale_on_the_plan_queue(documents):
+    from bulkembed.contract.queue import PLAN_QUEUE
+
+    planner = one(documents, "Deployment", "bulkembed-planner")
+    args = parse_cli(image_argv(planner, "producer.Dockerfile", "producer")[1:])
+    assert args.command == "planner" and args.concurrency >= 1
+    scaled = one(documents, "ScaledObject", "bulkembed-planner")
+    assert scaled["spec"]["scaleTargetRef"]["name"] == "bulkembed-planner" and scaled["spec"]["minReplicaCount"] == 0
+    assert [t["metadata"]["listName"] for t in scaled["spec"]["triggers"]] == [PLAN_QUEUE]
+    assert planner["spec"]["replicas"] == 0, "KEDA starts planners when units are queued"

@@ -1,6 +1,8 @@
 import json
 import urllib.request
 
+from bulkembed.contract.manifest import manifest_shards
+from bulkembed.contract.store import open_store
 from tests.conftest import Workers, free_port, mixed_texts, write_corpus
 
 
@@ -27,11 +29,12 @@ def test_worker_metrics_match_the_manifest(cli_env, tmp_path, run_cli, tiny_mode
     finally:
         pool.stop_all()
     manifest = json.loads((tmp_path / "out" / "_manifest.json").read_text())
+    shards = manifest_shards(open_store(str(tmp_path / "out"))).num_rows
     label = f'model="{tiny_model.name}"'
     assert samples[f"bulkembed_tokens_total{{{label}}}"] == manifest["tokens"]
     assert samples[f"bulkembed_rows_total{{{label}}}"] == manifest["rows"] == 300
-    assert samples[f'bulkembed_shards_total{{{label},outcome="done"}}'] == len(manifest["shards"])
-    assert samples[f"bulkembed_queue_wait_seconds_count{{{label}}}"] == len(manifest["shards"])
+    assert samples[f'bulkembed_shards_total{{{label},outcome="done"}}'] == shards
+    assert samples[f"bulkembed_queue_wait_seconds_count{{{label}}}"] == shards
     assert samples[f"bulkembed_model_load_seconds{{{label}}}"] > 0
     assert samples[f"bulkembed_tokens_per_second{{{label}}}"] > 0
     assert samples[f"bulkembed_embed_seconds_total{{{label}}}"] > 0

@@ -1,0 +1,83 @@
+"""`bulkembed planner`: Celery workers on the plan queue (CPU only) that plan a job's units and write its manifest.
+
+Planners are a pool of their own rather than a CPU pool inside the GPU workers: planning is tokenizing and S3 writes,
+it scales with cores, not GPUs, and a GPU worker's pool processes are one per engine and must stay free for shards.
+A planner needs the model file for its vocabulary (as `submit` does), Redis and the store; nothing of the corpus but
+the unit named in its task.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from celery import Task
+
+from bulkembed.contract.errors import TransientError
+from bulkembed.contract.job import JobSpec
+from bulkembed.contract.model import resolve_path
+from bulkembed.contract.queue import PLAN_QUEUE, TASK_FINALIZE_JOB, TASK_PLAN_UNIT, celery_app, shard_sender
+from bulkembed.contract.registry import JobRegistry
+from bulkembed.contract.settings import ProducerSettings
+from bulkembed.contract.vocab import TokenCounter
+from bulkembed.producer.corpus import Unit
+from bulkembed.producer.submit import PlanContext, plan_claimed
+
+log = logging.getLogger(__name__)
+
+settings = ProducerSettings()
+app = celery_app(settings, "bulkembed-planner")
+LOCKED_RETRY_S = 15  # a unit another planner holds: look again (it is planned by then, or its lock has lapsed)
+
+
+class PlannerTask(Task):
+    """Keeps, per pool process, a Redis connection, the token counter of the last model and the last job's context
+    (a planner takes many units of the same job in a row)."""
+
+    _registry: JobRegistry | None = None
+    _counter: tuple[str, TokenCounter] | None = None
+    _context: PlanContext | None = None
+
+    @property
+    def registry(self) -> JobRegistry:
+        if PlannerTask._registry is None:
+            PlannerTask._registry = JobRegistry.from_url(settings.redis_url.get_secret_value(), check=False,
+                                                         retention_s=settings.job_retention_s)
+        return PlannerTask._registry
+
+    def context(self, job: JobSpec) -> PlanContext:
+        if PlannerTask._context is None or PlannerTask._context.job != job:
+            PlannerTask._context = PlanContext.open(job, self.counter(job))
+        return PlannerTask._context
+
+    def counter(self, job: JobSpec) -> TokenCounter:
+        if PlannerTask._counter is None or PlannerTask._counter[0] != job.model.sha256:
+            if PlannerTask._counter is not None:
+                PlannerTask._counter[1].close()
+            PlannerTask._counter = (job.model.sha256, TokenCounter(resolve_path(job.model.spec)))
+        return PlannerTask._counter[1]
+
+
+@app.task(name=TASK_PLAN_UNIT, base=PlannerTask, bind=True, max_retries=None)
+def plan_unit_task(self: PlannerTask, job_id: str, unit: list) -> None:
+    """Plan one unit (its fields in Unit's order). Acknowledged late: a planner killed mid-unit hands it back; the
+    next planner skips the shards already queued."""
+    job = self.registry.spec(job_id)
+    if job is None:  # forgotten by --force, or expired: a unit task left over from it has nothing to plan
+        log.warning("job %s is not in Redis: unit %s not planned", job_id, unit[0])
+        return
+    if not plan_claimed(self.registry, job, lambda: self.context(job), Unit(*unit), shard_sender(app), settings):
+        raise self.retry(countdown=LOCKED_RETRY_S)
+
+
+@app.task(name=TASK_FINALIZE_JOB, base=PlannerTask, bind=True, autoretry_for=(TransientError,), retry_backoff=True,
+          retry_backoff_max=120, max_retries=30)
+def finalize_job_task(self: PlannerTask, job_id: str) -> None:
+    """Write a complete job's manifest, streamed from Redis (idempotent: sent again, it writes the same). The store
+    failing past the retries leaves the job `finishing`: submitting it again writes the manifest."""
+    self.registry.finalize(job_id)
+
+
+def serve(concurrency: int) -> int:
+    app.worker_main(["worker", "--queues", PLAN_QUEUE, "--concurrency", str(concurrency), "--pool", "prefork",
+                     "--loglevel", settings.log_level, "--without-gossip", "--without-mingle"])
+    return 0

@@ -1,0 +1,174 @@
+"""The streamed manifest: a summary and a Parquet file of shards, on a local folder and on S3 (moto), read back as
+the inline manifest of bulkembed's first format held them; old inline manifests still read."""
+
+from __future__ import annotations
+
+import json
+import random
+import tracemalloc
+from collections.abc import Iterator
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from bulkembed.contract import keys, manifest
+from bulkembed.contract.manifest import manifest_shards, read_manifest, shards_schema, write_manifest
+from bulkembed.contract.registry import JobTotals, ReusedFile, ShardResult
+from bulkembed.contract.store import Store, open_store
+from tests.contract.test_open_jobs import job
+
+N = 3_000
+
+
+def numbers(n: int, per_unit: int = 40) -> list[int]:
+    """Shard numbers as planning units give them (unit * 1,000,000 + place): sparse."""
+    return [i // per_unit * 1_000_000 + i % per_unit for i in range(n)]
+
+
+def results(n: int = N, seed: int = 0, per_unit: int = 40) -> list[ShardResult]:
+    """Shards in no order, as HSCAN gives them; some with rejected rows."""
+    found = [ShardResult(shard=s, key=f"{s}.arrow", rows=10 + s % 7, tokens=100 + i, sha256=f"{s:064x}",
+                         rejected=i % 5 == 0, seconds=1.5) for i, s in enumerate(numbers(n, per_unit))]
+    random.Random(seed).shuffle(found)
+    return found
+
+
+def inline_shards(found: list[ShardResult]) -> list[dict]:
+    """What the first manifest format (registry.build_manifest) held under "shards"."""
+    return [r.model_dump(exclude={"seconds"}) for r in sorted(found, key=lambda r: r.shard)]
+
+
+TOTALS = JobTotals(shards=N, docs=40_000, tokens=1, truncated=4, rejected=3, reused_rows=50, reused_tokens=700,
+                   reused_truncated=2)
+REUSED = [ReusedFile(key=keys.reused_output(0), source="000007.arrow", rows=50, tokens=700, truncated=2,
+                     sha256="a" * 64)]
+
+
+def check_written(store: Store, spec, found: list[ShardResult]) -> dict:
+    """Stream the results from a generator, then read both files back."""
+    for name in ("shard-000005", "plan-b", "plan-a"):
+        store.put(keys.rejected(name), b"x")
+    consumed = []
+
+    def scan() -> Iterator[ShardResult]:
+        for r in found:
+            consumed.append(r.shard)
+            yield r
+
+    summary = write_manifest(store, spec, TOTALS, scan(), REUSED)
+    assert len(consumed) == len(found), "the results were iterated once"
+    assert read_manifest(store) == summary
+    embedded_rows = sum(r.rows for r in found)
+    assert summary == {
+        "manifest_version": 2, "job_id": spec.job_id, "job": spec.model_dump(mode="json"),
+        "shards_file": "_manifest/shards.parquet", "shard_count": len(found),
+        "reused_files": [REUSED[0].model_dump()],
+        "rows": embedded_rows + 50, "embedded_rows": embedded_rows, "reused_rows": 50,
+        "tokens": sum(r.tokens for r in found) + 700, "truncated_rows": 4 + 2,
+        "rejected_rows": 3 + sum(r.rejected for r in found),
+        "rejected_files": ["_rejected/plan-a.arrow", "_rejected/plan-b.arrow", "_rejected/shard-000005.arrow"],
+    }
+    table = manifest_shards(store)
+    assert table.schema == shards_schema()
+    assert table.to_pylist() == inline_shards(found)
+    return summary
+
+
+def test_local_store(tmp_path):
+    spec = job(tmp_path, "q")
+    store = open_store(str(tmp_path / "out"))
+    check_written(store, spec, results())
+    names = sorted(key for key, _ in store.list())
+    assert names == ["_manifest.json", "_manifest/shards.parquet", "_rejected/plan-a.arrow",
+                     "_rejected/plan-b.arrow", "_rejected/shard-000005.arrow"]
+    assert not [p for p in (tmp_path / "out" / "_manifest").iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_s3_store(s3_server, bucket, tmp_path):
+    spec = job(tmp_path, "q")
+    store = open_store(f"s3://{bucket}/out")
+    check_written(store, spec, results())
+    assert [key for key, _ in store.list("_manifest")] == ["_manifest.json", "_manifest/shards.parquet"]
+
+
+def test_streamed_in_batches(tmp_path, monkeypatch):
+    """One row group a batch: never the whole list at once."""
+    monkeypatch.setattr(manifest, "BATCH_ROWS", 1_000)
+    store = open_store(str(tmp_path / "out"))
+    write_manifest(store, job(tmp_path, "q"), JobTotals(), iter(results()))
+    assert pq.ParquetFile(tmp_path / "out" / keys.MANIFEST_SHARDS_KEY).metadata.num_row_groups == 3
+    assert manifest_shards(store).column("shard").to_pylist() == numbers(N)
+
+
+def test_what_finalize_holds_stays_small_with_sparse_shard_numbers(tmp_path):
+    """A unit's shards are numbered from unit * 1,000,000: what tells a shard seen must not grow with the numbers."""
+    found = results(N, per_unit=1)  # the largest number is about N * 1,000,000
+    store = open_store(str(tmp_path / "out"))
+    tracemalloc.start()
+    try:
+        write_manifest(store, job(tmp_path, "q"), JobTotals(), iter(found))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 20 * 2**20, f"{peak / 2**20:.0f} MiB"
+
+
+def test_a_shard_reported_twice_counts_once(tmp_path):
+    """HSCAN may return a field more than once."""
+    found = results(100)
+    store = open_store(str(tmp_path / "out"))
+    summary = write_manifest(store, job(tmp_path, "q"), JobTotals(), found + found[:30] + found[50:51])
+    assert summary["shard_count"] == 100 and summary["embedded_rows"] == sum(r.rows for r in found)
+    assert manifest_shards(store).to_pylist() == inline_shards(found)
+
+
+def test_no_shards(tmp_path):
+    store = open_store(str(tmp_path / "out"))
+    summary = write_manifest(store, job(tmp_path, "q"), JobTotals(reused_rows=5, reused_tokens=9), [])
+    assert (summary["shard_count"], summary["rows"], summary["tokens"], summary["rejected_files"]) == (0, 5, 9, [])
+    assert manifest_shards(store).num_rows == 0 and manifest_shards(store).schema == shards_schema()
+
+
+def test_written_again_replaces_and_a_failed_write_keeps_the_last_complete_one(tmp_path):
+    store = open_store(str(tmp_path / "out"))
+    spec = job(tmp_path, "q")
+    write_manifest(store, spec, JobTotals(), results(10))
+    write_manifest(store, spec, JobTotals(), results(20))
+    assert manifest_shards(store).num_rows == 20 and read_manifest(store)["shard_count"] == 20
+
+    def broken() -> Iterator[ShardResult]:
+        yield from results(5)
+        raise ConnectionError("Redis went away")
+
+    with pytest.raises(ConnectionError):
+        write_manifest(store, spec, JobTotals(), broken())
+    assert manifest_shards(store).num_rows == 20 and read_manifest(store)["shard_count"] == 20
+    assert sorted(p.name for p in (tmp_path / "out" / "_manifest").iterdir()) == ["shards.parquet"]
+
+
+def test_a_failed_write_on_s3_leaves_no_partial_shards_file(s3_server, bucket, tmp_path):
+    store = open_store(f"s3://{bucket}/out")
+
+    def broken() -> Iterator[ShardResult]:
+        yield from results(5)
+        raise ConnectionError("Redis went away")
+
+    with pytest.raises(ConnectionError):
+        write_manifest(store, job(tmp_path, "q"), JobTotals(), broken())
+    assert store.list() == []
+
+
+def test_an_inline_manifest_of_an_older_bulkembed_reads_the_same(tmp_path):
+    found = results(50)
+    store = open_store(str(tmp_path / "old"))
+    store.put(keys.MANIFEST_KEY, json.dumps({"job_id": "j", "shards": inline_shards(found), "rows": 1}).encode())
+    assert manifest_shards(store).to_pylist() == inline_shards(found)
+    assert not store.exists(keys.MANIFEST_SHARDS_KEY)
+
+
+def test_no_manifest(tmp_path: Path):
+    store = open_store(str(tmp_path / "empty"))
+    assert read_manifest(store) is None
+    with pytest.raises(FileNotFoundError, match="_manifest.json"):
+        manifest_shards(store)

@@ -1,0 +1,150 @@
+"""Planning as distributed work, with real planner, worker, Redis and S3 processes: a job of many units planned by
+two planners; a planner killed mid-unit and a submitting process killed mid-plan, their units taken over without
+re-planning finished ones; planners held back by the queue's length. Every row ends up once in the output and every
+shard is embedded once."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+from pathlib import Path
+
+import pytest
+import redis
+
+from bulkembed.contract import keys
+from bulkembed.contract.schema import from_ipc_bytes, to_ipc_bytes
+from tests.conftest import Workers, mixed_texts, write_corpus
+from tests.faults_support import Background, attempts, check_exactly_once, cli, kill_tree, wait_until
+
+QUEUE = "bulkembed.tiny-embeddings-text-retrieval-f32"
+UNIT_LOG = re.compile(r"job \w+ unit (\d+): (\d+) shards")
+
+
+def write_files(folder: Path, rows_per_file: list[int], row_group: int = 100) -> list[str]:
+    """One Parquet file per entry, row groups of `row_group` rows; ids unique across files."""
+    folder.mkdir(parents=True)
+    ids: list[str] = []
+    for index, rows in enumerate(rows_per_file):
+        file_ids = [f"f{index}-{i:05d}" for i in range(rows)]
+        write_corpus(folder / f"part-{index}.parquet", file_ids, mixed_texts(rows, seed=index, long_every=10**9),
+                     row_group_size=row_group)
+        ids += file_ids
+    return ids
+
+
+def planned_units(log: str) -> dict[int, int]:
+    """unit -> shards, from a planner's (or submit's) log."""
+    return {int(unit): int(shards) for unit, shards in UNIT_LOG.findall(log)}
+
+
+def status(env: dict[str, str], job_id: str) -> dict:
+    done = cli(env, "status", job_id, "--json")
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout)
+
+
+@pytest.fixture
+def pool(fault_env: dict[str, str], tmp_path: Path):
+    processes = Workers(fault_env, tmp_path)
+    yield processes
+    processes.stop_all()
+
+
+@pytest.fixture
+def background(tmp_path: Path):
+    started: list[Background] = []
+
+    def start(args: list, env: dict[str, str], name: str) -> Background:
+        started.append(Background(args, env, tmp_path, f"{name}-{len(started)}"))
+        return started[-1]
+
+    yield start
+    for command in started:
+        command.stop()
+
+
+def test_two_planners_share_a_job_and_every_row_is_embedded_once(tmp_path, pool, background, fault_env, tiny_model):
+    env = fault_env | {"BULKEMBED_UNIT_ROWS": "200"}
+    ids = write_files(tmp_path / "in", [400, 400, 400, 400, 300])  # 2 + 2 + 2 + 2 + 2 units
+    out = tmp_path / "out"
+    planners = [pool.start_planner(env=env) for _ in range(2)]
+    pool.start(tiny_model)
+    submit = background(["submit", tmp_path / "in", "--model", tiny_model, "--out", out, "--shard-tokens", "1500",
+                         "--queue-only", "--wait"], env, "submit")
+    assert submit.wait(180) == 0, submit.stderr[-3000:]
+    manifest = check_exactly_once(str(out), ids)
+    by_planner = [planned_units(p.log.read_text()) for p in planners]
+    assert all(by_planner), f"both planners planned units: {by_planner}"
+    assert sorted(by_planner[0] | by_planner[1]) == list(range(10))
+    assert not set(by_planner[0]) & set(by_planner[1]), "each unit planned once"
+    assert planned_units(submit.stderr) == {}, "--queue-only: the submitting process planned nothing"
+    job_id = manifest["job_id"]
+    shards = sum(by_planner[0].values()) + sum(by_planner[1].values())
+    assert manifest["shard_count"] == shards and set(attempts(fault_env["BULKEMBED_REDIS_URL"], job_id).values()) \
+        == {1}, "every shard embedded once"
+    inputs = out / "_shards"
+    assert not inputs.exists() or not any(inputs.iterdir()), "a done job's shard inputs are deleted"
+
+
+def queue_length(url: str) -> int:
+    return int(redis.Redis.from_url(url).llen(QUEUE))
+
+
+def test_a_planner_killed_mid_unit_is_taken_over_and_finished_units_are_not_planned_again(
+        tmp_path, pool, background, fault_env, tiny_model):
+    """Two small units then a big one; the queue may hold 12 shards (no worker yet), so the planner queues the small
+    units whole and stops inside the big one, where it is killed with SIGKILL. A second planner waits out the first
+    one's lock, plans only the rest of the big unit, and the job completes with each shard queued and embedded once."""
+    url = fault_env["BULKEMBED_REDIS_URL"]
+    env = fault_env | {"BULKEMBED_UNIT_ROWS": "1000", "BULKEMBED_QUEUE_MIN": "12", "BULKEMBED_PLAN_LOCK_S": "3"}
+    ids = write_files(tmp_path / "in", [60, 60, 900])
+    out = tmp_path / "out"
+    first = pool.start_planner(env=env)
+    submit = background(["submit", tmp_path / "in", "--model", tiny_model, "--out", out, "--shard-tokens", "1500",
+                         "--queue-only", "--wait"], env, "submit")
+    job_id = wait_until(lambda: submit.stdout.split()[:1], 60, "submit to print the job id")[0]
+    wait_until(lambda: status(env, job_id)["units_planned"] == 2 and queue_length(url) == 12, 60,
+               "the small units planned, the planner held back inside the big one")
+    before = planned_units(first.log.read_text())
+    assert sorted(before) == [0, 1] and sum(before.values()) < 12, before
+    kill_tree(first, signal.SIGKILL)
+    stored = (out / keys.shard_input(keys.shard_number(2, 0))).read_bytes()  # inputs stay until the job is done
+    assert len(stored) < 0.7 * len(to_ipc_bytes(from_ipc_bytes(stored))), "shard inputs are zstd-compressed"
+    queued = int(redis.Redis.from_url(url).hget(keys.REDIS_JOB_QUEUED.format(job_id=job_id), "2"))
+    assert queued == 12 - sum(before.values()), "the big unit's shards queued so far are recorded"
+    assert queue_length(url) == 12, "held back at BULKEMBED_QUEUE_MIN"
+
+    second = pool.start_planner(env=env)
+    pool.start(tiny_model)
+    assert submit.wait(180) == 0, submit.stderr[-3000:]
+    manifest = check_exactly_once(str(out), ids)
+    after = planned_units(second.log.read_text())
+    assert sorted(after) == [2], "finished units are not planned again"
+    shards = sum(before.values()) + after[2]
+    assert manifest["shard_count"] == shards
+    assert set(attempts(url, job_id).values()) == {1} and len(attempts(url, job_id)) == shards, \
+        "every shard queued once and embedded once"
+
+
+def test_the_submitting_process_killed_mid_plan_leaves_its_units_to_planners(tmp_path, pool, background, fault_env,
+                                                                             tiny_model):
+    """`submit` plans units itself (beside planners); killed with SIGKILL while planning, the units it had queued for
+    planners are planned by a planner started afterwards, the one it was inside once its lock lapses."""
+    url = fault_env["BULKEMBED_REDIS_URL"]
+    env = fault_env | {"BULKEMBED_UNIT_ROWS": "100", "BULKEMBED_QUEUE_MIN": "6", "BULKEMBED_PLAN_LOCK_S": "3"}
+    ids = write_files(tmp_path / "in", [300, 300])
+    out = tmp_path / "out"
+    submit = background(["submit", tmp_path / "in", "--model", tiny_model, "--out", out, "--shard-tokens", "1500"],
+                        env, "submit")
+    job_id = wait_until(lambda: submit.stdout.split()[:1], 60, "submit to print the job id")[0]
+    wait_until(lambda: queue_length(url) == 6, 60, "submit held back mid-plan")
+    kill_tree(submit.process, signal.SIGKILL)
+    assert status(env, job_id)["state"] == "planning"
+
+    pool.start_planner(env=env)
+    pool.start(tiny_model)
+    wait_until(lambda: status(env, job_id)["state"] == "done", 180, "the job done, its manifest written by a planner")
+    manifest = check_exactly_once(str(out), ids)
+    assert set(attempts(url, job_id).values()) == {1} and len(attempts(url, job_id)) == manifest["shard_count"]
