@@ -190,6 +190,9 @@ def wait_for(registry, job_id: str, poll_s: float = 1.0) -> int:
         reused = status.totals.reused_rows if status.totals else 0
         print(f"job {job_id} done: {status.rows_done} rows embedded ({status.tokens_done} tokens), {reused} reused")
         return 0
+    if status.error:
+        print(f"job {job_id} failed while planning: {status.error}", file=sys.stderr)
+        return 1
     for shard, error in sorted(status.failures.items()):
         print(f"shard {shard} failed: {error}", file=sys.stderr)
     if status.failed > len(status.failures):

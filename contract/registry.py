@@ -71,6 +71,7 @@ class JobStatus(BaseModel):
     planned: JobTotals = JobTotals()
     units: int = 0
     units_planned: int = 0
+    error: str | None = None  # why planning failed (state failed), if it did
     shards_done: int
     tokens_done: int
     rows_done: int
@@ -176,7 +177,7 @@ class JobRegistry:
             self.redis.persist(name)
         self.redis.hset(key, mapping={"spec": job.model_dump_json(), "state": "planning", "started": time.time(),
                                       "failed_only": 0, "units": units})
-        self.redis.hdel(key, "shards")  # set again when planning is closed
+        self.redis.hdel(key, "shards", "error")  # shards: set again when planning is closed
         self.redis.delete(keys.REDIS_JOB_FAILED.format(job_id=job.job_id),
                           keys.REDIS_JOB_ATTEMPTS.format(job_id=job.job_id))
         self._open(job)
@@ -247,6 +248,13 @@ class JobRegistry:
             self._close(job_id)
             self._expire(job_id)
         return complete
+
+    def planning_failed(self, job_id: str, unit: int, error: str) -> None:
+        """A unit could not be planned (not a passing hiccup: its file unreadable, the model missing on the
+        planner): the job fails with the reason, and no worker needs to stay up for it. Resubmitting plans it."""
+        self.redis.hset(keys.REDIS_JOB.format(job_id=job_id), mapping={"state": "failed",
+                                                                        "error": f"unit {unit}: {error}"[:2000]})
+        self._close(job_id)
 
     def totals(self, job_id: str) -> JobTotals:
         """What planning found (complete once planning is closed)."""
@@ -366,7 +374,7 @@ class JobRegistry:
             pipe.hlen(keys.REDIS_JOB_UNITS.format(job_id=job_id))
             pipe.hscan(keys.REDIS_JOB_FAILED.format(job_id=job_id), 0, count=FAILURES_PAGE)
             values, shards_done, failed, units_planned, (_, page) = pipe.execute()
-        state, shards, units, *counters = values[:len(STATUS_FIELDS)]
+        state, shards, units, error, *counters = values[:len(STATUS_FIELDS)]
         if state is None:
             return None
         rows_done, tokens_done, failed_only = (int(c or 0) for c in counters)
@@ -379,7 +387,7 @@ class JobRegistry:
                 # Done once the manifest is written (finalize); until then a waiter reading it would not find it.
                 state = "finishing"
         failures = dict(sorted((int(k), v) for k, v in page.items())[:FAILURES_PAGE])
-        return JobStatus(job_id=job_id, state=state, totals=totals, planned=planned, units=int(units or 0),
+        return JobStatus(job_id=job_id, state=state, error=error, totals=totals, planned=planned, units=int(units or 0),
                          units_planned=units_planned, shards_done=shards_done, tokens_done=tokens_done,
                          rows_done=rows_done, failed=failed, failures=failures)
 
@@ -402,7 +410,7 @@ def deleting_inputs(store: Store, results: Iterable[ShardResult]) -> Iterator[Sh
     store.delete_many(doomed)
 
 
-STATUS_FIELDS = ("state", "shards", "units", "rows_done", "tokens_done", "failed_only")
+STATUS_FIELDS = ("state", "shards", "units", "error", "rows_done", "tokens_done", "failed_only")
 
 
 def _totals(values: list[str | None]) -> JobTotals:

@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
-from redis.exceptions import LockError
+from redis.exceptions import LockError, LockNotOwnedError
 from redis.lock import Lock
 
 from bulkembed.contract import keys
@@ -461,7 +461,12 @@ def plan_claimed(registry: JobRegistry, job: JobSpec, context: Callable[[], Plan
                              queued=registry.queued_shards(job.job_id, unit.index),
                              on_queued=lambda place: registry.shard_queued(job.job_id, unit.index, place),
                              tick=hold.tick)
-            registry.unit_planned(job.job_id, unit.index, plan_unit(context(), unit, sink))
+            try:
+                totals = plan_unit(context(), unit, sink)
+            except LockNotOwnedError:  # stalled past the lock: another planner has the unit now, and ends it
+                log.warning("job %s unit %d: lost to another planner mid-unit", job.job_id, unit.index)
+                return True
+            registry.unit_planned(job.job_id, unit.index, totals)
         close_if_planned(registry, job, context)
     finally:
         try:

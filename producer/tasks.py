@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 
 from celery import Task
+from celery.exceptions import Retry
 
 from bulkembed.contract.errors import TransientError
 from bulkembed.contract.job import JobSpec
@@ -60,12 +61,25 @@ class PlannerTask(Task):
 @app.task(name=TASK_PLAN_UNIT, base=PlannerTask, bind=True, max_retries=None)
 def plan_unit_task(self: PlannerTask, job_id: str, unit: list) -> None:
     """Plan one unit (its fields in Unit's order). Acknowledged late: a planner killed mid-unit hands it back; the
-    next planner skips the shards already queued."""
+    next planner skips the shards already queued. S3 or Redis failing is retried with backoff; any other error
+    fails the job with its reason (planning it again would fail again)."""
+    try:
+        _plan(self, job_id, Unit(*unit))
+    except TransientError as exc:
+        raise self.retry(exc=exc, countdown=min(120, 2 ** min(self.request.retries, 7))) from exc
+    except Retry:
+        raise
+    except Exception as exc:
+        log.exception("job %s unit %s could not be planned", job_id, unit[0])
+        self.registry.planning_failed(job_id, unit[0], f"{type(exc).__name__}: {exc}")
+
+
+def _plan(self: PlannerTask, job_id: str, unit: Unit) -> None:
     job = self.registry.spec(job_id)
     if job is None:  # forgotten by --force, or expired: a unit task left over from it has nothing to plan
-        log.warning("job %s is not in Redis: unit %s not planned", job_id, unit[0])
+        log.warning("job %s is not in Redis: unit %d not planned", job_id, unit.index)
         return
-    if not plan_claimed(self.registry, job, lambda: self.context(job), Unit(*unit), shard_sender(app), settings):
+    if not plan_claimed(self.registry, job, lambda: self.context(job), unit, shard_sender(app), settings):
         raise self.retry(countdown=LOCKED_RETRY_S)
 
 

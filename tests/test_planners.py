@@ -148,3 +148,20 @@ def test_the_submitting_process_killed_mid_plan_leaves_its_units_to_planners(tmp
     wait_until(lambda: status(env, job_id)["state"] == "done", 180, "the job done, its manifest written by a planner")
     manifest = check_exactly_once(str(out), ids)
     assert set(attempts(url, job_id).values()) == {1} and len(attempts(url, job_id)) == manifest["shard_count"]
+
+
+def test_a_unit_that_cannot_be_planned_fails_the_job_with_its_reason(tmp_path, pool, background, fault_env,
+                                                                     tiny_model):
+    """A file replaced by garbage after submit queued its units: the planner reports the job failed, naming the
+    unit and the error, and `submit --wait` exits 1 with it instead of waiting forever."""
+    env = fault_env | {"BULKEMBED_UNIT_ROWS": "100"}
+    write_files(tmp_path / "in", [200])
+    submit = background(["submit", tmp_path / "in", "--model", tiny_model, "--out", tmp_path / "out",
+                         "--queue-only", "--wait"], env, "submit")
+    wait_until(lambda: status(env, submit.stdout.split()[0])["units"] == 2 if submit.stdout else False, 60,
+               "the units queued")
+    (tmp_path / "in" / "part-0.parquet").write_bytes(b"PAR1 not parquet at all")
+    pool.start_planner(env=env)
+    assert submit.wait(120) == 1
+    assert re.search(r"failed while planning: unit [01]: ArrowInvalid: Parquet magic bytes", submit.stderr), \
+        submit.stderr[-2000:]
