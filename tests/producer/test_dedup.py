@@ -157,6 +157,12 @@ def test_no_duplicates_still_writes_a_readable_file(tmp_path, ids):
     assert ordinals.dtype == firsts.dtype == np.int64 and len(ordinals) == len(firsts) == 0
 
 
+def test_no_batches_at_all(tmp_path):
+    out = tmp_path / "duplicates.parquet"
+    assert find_duplicates([], pa.string(), out, tmp_path / "work") == 0
+    assert pq.read_table(out).num_rows == 0
+
+
 def test_duplicates_between_reads_exactly_a_range_and_only_its_row_groups(tmp_path):
     rng = np.random.default_rng(3)
     files = [pa.array(rng.integers(0, 20_000, n)) for n in (150_000, 90_000, 10)]
