@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -31,6 +32,9 @@ class Store(Protocol):
 
     def put(self, key: str, data: bytes) -> None:
         """Write or replace `key` (only for files that are rewritten whole, like the manifest)."""
+
+    def put_file(self, key: str, path: Path) -> None:
+        """Write or replace `key` with a local file's bytes, streamed (a file too large to hold)."""
 
     def get(self, key: str) -> bytes: ...
 
@@ -80,6 +84,16 @@ class LocalStore:
     def put(self, key: str, data: bytes) -> None:
         path = self._path(key)
         os.replace(self._temp_file(path, data), path)
+
+    def put_file(self, key: str, path: Path) -> None:
+        target = self._path(key)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-")
+        with os.fdopen(fd, "wb") as f, open(path, "rb") as source:
+            shutil.copyfileobj(source, f, 1 << 20)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
 
     def get(self, key: str) -> bytes:
         return self._path(key).read_bytes()
@@ -173,6 +187,10 @@ class S3Store:
     def put(self, key: str, data: bytes) -> None:
         with _transient_errors("PUT", key):
             self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data)
+
+    def put_file(self, key: str, path: Path) -> None:
+        with _transient_errors("PUT", key):  # boto3's managed transfer: multipart past 8 MB
+            self.client.upload_file(str(path), self.bucket, self._key(key))
 
     def get(self, key: str) -> bytes:
         with _transient_errors("GET", key):

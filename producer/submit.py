@@ -147,7 +147,8 @@ def plan_job(input_uri: str, model: str, out: str, options: JobOptions = JobOpti
 
 def find_job_duplicates(planned: PlannedJob, memory_mb: int = 1024) -> None:
     """Every row whose id an earlier row has, found once per job before any unit is planned (DuckDB, out of core)
-    and kept in the store for the planners. A resubmitted job finds it there."""
+    and kept in the store for the planners. A resubmitted job finds it there. DuckDB spills to the temporary folder
+    (TMPDIR): about 25 bytes an id."""
     store, job = planned.store, planned.job
     if store.exists(keys.DUPLICATES_KEY):
         return
@@ -156,7 +157,7 @@ def find_job_duplicates(planned: PlannedJob, memory_mb: int = 1024) -> None:
         path = Path(work) / "duplicates.parquet"
         found = find_duplicates(id_batches(planned.corpus, job.id_column), planned.corpus.id_type, path,
                                 Path(work), memory_limit_mb=memory_mb)
-        store.put(keys.DUPLICATES_KEY, path.read_bytes())
+        store.put_file(keys.DUPLICATES_KEY, path)  # streamed: with many duplicates the file is large
     log.info("job %s: %d duplicate ids in %.1fs", job.job_id, found, time.perf_counter() - started)
 
 

@@ -134,3 +134,17 @@ def test_force_forgets_shards_past_a_million(tmp_path):
         store.put(key, b"x")
     assert forget_outputs(store) == len(job_files)
     assert [key for key, _ in store.list()] == ["000001-1.arrow", "12345.arrow", "notes.txt"]
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_put_file_streams_a_large_file_into_a_new_folder(where, tmp_path, s3_server, bucket, monkeypatch):
+    """A file bigger than boto3's multipart threshold (8 MB) lands whole, under a prefix that did not exist."""
+    for key, value in s3_env(s3_server).items():
+        monkeypatch.setenv(key, value)
+    store = open_store(str(tmp_path / "out") if where == "local" else f"s3://{bucket}/put-file")
+    data = bytes(range(256)) * (40 * 1024 + 3)  # ~10 MB
+    source = tmp_path / "big.bin"
+    source.write_bytes(data)
+    store.put_file("_plan/new/big.bin", source)
+    store.put_file("_plan/new/big.bin", source)  # replaces
+    assert store.get("_plan/new/big.bin") == data and store.list("_plan/") == [("_plan/new/big.bin", len(data))]
