@@ -13,7 +13,6 @@ the first count, and the largest peak RSS (VmHWM) of a planner's pool process.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import socket
@@ -27,6 +26,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from bulkembed.contract.registry import JobRegistry
 from bulkembed.synthetic import TINY, write_qwen2vl_gguf
 
 WORDS = np.array("the river model token embed over and sea alpha beta gamma delta query passage".split())
@@ -75,15 +75,12 @@ def run(work: Path, corpus: Path, model: Path, planners: int, env: dict[str, str
         assert submit.returncode == 0, submit.stderr[-3000:]
         queued_at = time.perf_counter()
         job_id = submit.stdout.split()[0]
-        while True:
-            status = json.loads(subprocess.run([sys.executable, "-m", "bulkembed.cli", "status", job_id, "--json"],
-                                               env=env, capture_output=True, text=True).stdout)
-            if status["units_planned"] == status["units"]:
-                break
+        registry = JobRegistry.from_url(env["BULKEMBED_REDIS_URL"])  # polled here: a `status` process a poll would
+        while (status := registry.status(job_id)).units_planned < status.units:  # take a core's share
             time.sleep(0.5)
         seconds = time.perf_counter() - queued_at
         peak = max(peak_rss_mib(p.pid) for p in started)
-        return seconds, status["planned"]["docs"], peak
+        return seconds, status.planned.docs, peak
     finally:
         for process in started:
             process.terminate()
@@ -96,12 +93,14 @@ def main() -> None:
     parser.add_argument("--docs", type=int, default=10_000_000)
     parser.add_argument("--planners", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--unit-rows", type=int, default=250_000)
+    parser.add_argument("--corpus", type=Path, help="a folder to keep the generated corpus in (reused if there)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         model = write_qwen2vl_gguf(work / "tiny-text-retrieval.gguf", TINY)
-        corpus = work / "corpus"
-        write_corpus(corpus, args.docs)
+        corpus = args.corpus or work / "corpus"
+        if not corpus.exists():
+            write_corpus(corpus, args.docs)
         port = free_port()
         redis_server = subprocess.Popen(["redis-server", "--port", str(port), "--save", "", "--appendonly", "no"],
                                         stdout=subprocess.DEVNULL)

@@ -15,8 +15,17 @@ import redis
 
 from bulkembed.contract import keys
 from bulkembed.contract.schema import from_ipc_bytes, to_ipc_bytes
+from bulkembed.contract.store import open_store
 from tests.conftest import Workers, mixed_texts, write_corpus
-from tests.faults_support import Background, attempts, check_exactly_once, cli, kill_tree, wait_until
+from tests.faults_support import (
+    Background,
+    attempts,
+    check_exactly_once,
+    check_vectors,
+    cli,
+    kill_tree,
+    wait_until,
+)
 
 QUEUE = "bulkembed.tiny-embeddings-text-retrieval-f32"
 UNIT_LOG = re.compile(r"job \w+ unit (\d+): (\d+) shards")
@@ -65,27 +74,31 @@ def background(tmp_path: Path):
         command.stop()
 
 
-def test_two_planners_share_a_job_and_every_row_is_embedded_once(tmp_path, pool, background, fault_env, tiny_model):
+def test_two_planners_share_a_job_and_every_row_is_embedded_once(tmp_path, bucket, pool, background, fault_env,
+                                                                   tiny_model, reference_embedder):
+    """Ten units, two planners, one worker, OUT on the S3 endpoint: each unit planned by one planner, every row once
+    and exact, every shard embedded once, the shard inputs gone once the job is done."""
     env = fault_env | {"BULKEMBED_UNIT_ROWS": "200"}
     ids = write_files(tmp_path / "in", [400, 400, 400, 400, 300])  # 2 + 2 + 2 + 2 + 2 units
-    out = tmp_path / "out"
+    out = f"s3://{bucket}/out"
     planners = [pool.start_planner(env=env) for _ in range(2)]
     pool.start(tiny_model)
     submit = background(["submit", tmp_path / "in", "--model", tiny_model, "--out", out, "--shard-tokens", "1500",
                          "--queue-only", "--wait"], env, "submit")
     assert submit.wait(180) == 0, submit.stderr[-3000:]
-    manifest = check_exactly_once(str(out), ids)
+    manifest = check_exactly_once(out, ids)
+    for part in sorted((tmp_path / "in").glob("*.parquet")):
+        check_vectors(out, part, reference_embedder)
     by_planner = [planned_units(p.log.read_text()) for p in planners]
     assert all(by_planner), f"both planners planned units: {by_planner}"
     assert sorted(by_planner[0] | by_planner[1]) == list(range(10))
     assert not set(by_planner[0]) & set(by_planner[1]), "each unit planned once"
     assert planned_units(submit.stderr) == {}, "--queue-only: the submitting process planned nothing"
-    job_id = manifest["job_id"]
     shards = sum(by_planner[0].values()) + sum(by_planner[1].values())
-    assert manifest["shard_count"] == shards and set(attempts(fault_env["BULKEMBED_REDIS_URL"], job_id).values()) \
-        == {1}, "every shard embedded once"
-    inputs = out / "_shards"
-    assert not inputs.exists() or not any(inputs.iterdir()), "a done job's shard inputs are deleted"
+    assert manifest["shard_count"] == shards and set(attempts(fault_env["BULKEMBED_REDIS_URL"],
+                                                              manifest["job_id"]).values()) == {1}, \
+        "every shard embedded once"
+    assert open_store(out).list("_shards/") == [], "a done job's shard inputs are deleted"
 
 
 def queue_length(url: str) -> int:
