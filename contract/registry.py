@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import time
 from collections.abc import Iterable, Iterator
 from urllib.parse import urlparse
@@ -20,6 +21,7 @@ from bulkembed.contract import keys
 from bulkembed.contract.errors import BulkEmbedError, ShardError
 from bulkembed.contract.job import JobSpec, ShardMessage
 from bulkembed.contract.schema import from_ipc_bytes, read_metadata
+from bulkembed.contract.settings import Settings
 from bulkembed.contract.store import Store, open_store
 
 log = logging.getLogger(__name__)
@@ -139,6 +141,9 @@ end
 """
 
 
+_PROCESS_REGISTRIES: dict[tuple[int, str], JobRegistry] = {}
+
+
 class JobRegistry:
     """What a job planned and what its shards did, kept in Redis for status, --wait and the manifest.
 
@@ -161,6 +166,14 @@ class JobRegistry:
         client = redis.Redis.from_url(url, decode_responses=True, retry=retry,
                                       retry_on_error=[redis.ConnectionError, redis.TimeoutError])
         return cls(client, retention_s)
+
+    @classmethod
+    def of_process(cls, settings: Settings) -> JobRegistry:
+        """This process's registry (one Redis connection pool a process, made after Celery's fork), for tasks."""
+        key = (os.getpid(), settings.redis_url.get_secret_value())
+        if key not in _PROCESS_REGISTRIES:
+            _PROCESS_REGISTRIES[key] = cls.from_url(key[1], check=False, retention_s=settings.job_retention_s)
+        return _PROCESS_REGISTRIES[key]
 
     def _keys(self, job_id: str) -> list[str]:
         return [k.format(job_id=job_id) for k in (keys.REDIS_JOB, keys.REDIS_JOB_DONE, keys.REDIS_JOB_FAILED,

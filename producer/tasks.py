@@ -34,16 +34,12 @@ class PlannerTask(Task):
     """Keeps, per pool process, a Redis connection, the token counter of the last model and the last job's context
     (a planner takes many units of the same job in a row)."""
 
-    _registry: JobRegistry | None = None
     _counter: tuple[str, TokenCounter] | None = None
     _context: PlanContext | None = None
 
     @property
     def registry(self) -> JobRegistry:
-        if PlannerTask._registry is None:
-            PlannerTask._registry = JobRegistry.from_url(settings.redis_url.get_secret_value(), check=False,
-                                                         retention_s=settings.job_retention_s)
-        return PlannerTask._registry
+        return JobRegistry.of_process(settings)
 
     def context(self, job: JobSpec) -> PlanContext:
         if PlannerTask._context is None or PlannerTask._context.job != job:

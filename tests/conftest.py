@@ -296,3 +296,27 @@ def fault_env(cli_env: dict[str, str], fresh_redis) -> dict[str, str]:
     return cli_env | {"BULKEMBED_REDIS_URL": fresh_redis.url, "BULKEMBED_VISIBILITY_TIMEOUT": "10",
                       "BULKEMBED_TASK_TIME_LIMIT": "8"}
 
+
+
+@pytest.fixture
+def pool(fault_env: dict[str, str], tmp_path: Path) -> Iterator[Workers]:
+    """Workers and planners on this test's own Redis (fault_env), stopped at teardown."""
+    processes = Workers(fault_env, tmp_path)
+    yield processes
+    processes.stop_all()
+
+
+@pytest.fixture
+def background(tmp_path: Path) -> Iterator[Callable]:
+    """Start CLI commands in the background; whatever is still running at teardown is killed."""
+    from tests.faults_support import Background  # it imports this module
+
+    started: list[Background] = []
+
+    def start(args: list, env: dict[str, str], name: str) -> Background:
+        started.append(Background(args, env, tmp_path, f"{name}-{len(started)}"))
+        return started[-1]
+
+    yield start
+    for command in started:
+        command.stop()

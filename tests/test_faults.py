@@ -67,27 +67,6 @@ def corpus(folder: Path, n_short: int, n_long: int, long_chars: tuple[int, int] 
     return path, ids
 
 
-@pytest.fixture
-def pool(fault_env: dict[str, str], tmp_path: Path):
-    workers = Workers(fault_env, tmp_path)
-    yield workers
-    workers.stop_all()
-
-
-@pytest.fixture
-def background(tmp_path: Path):
-    """Start CLI commands in the background; whatever is still running at teardown is killed."""
-    started: list[Background] = []
-
-    def start(args: list, env: dict[str, str], name: str) -> Background:
-        started.append(Background(args, env, tmp_path, f"{name}-{len(started)}"))
-        return started[-1]
-
-    yield start
-    for command in started:
-        command.stop()
-
-
 def held_workers(env: dict[str, str], folder: Path) -> tuple[Workers, Holds]:
     """Workers that hold every shard before its commit until the test releases it (BULKEMBED_TEST_HOLD_DIR)."""
     holds = Holds(folder / "holds")

@@ -73,7 +73,6 @@ class ModelTask(Task):
     """Base of tasks that need the resident model."""
 
     _conditional_writes: dict[str, bool] = {}
-    _registry: JobRegistry | None = None
 
     _specs: dict[str, JobSpec] = {}
 
@@ -91,11 +90,7 @@ class ModelTask(Task):
 
     @property
     def registry(self) -> JobRegistry:
-        """One Redis connection pool per pool process, made after the fork."""
-        if ModelTask._registry is None:
-            ModelTask._registry = JobRegistry.from_url(settings.redis_url.get_secret_value(), check=False,
-                                                          retention_s=settings.job_retention_s)
-        return ModelTask._registry
+        return JobRegistry.of_process(settings)
 
     @property
     def model(self) -> ResidentModel:
