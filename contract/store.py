@@ -6,6 +6,7 @@ key never holds a partial or a second version of a file.
 
 from __future__ import annotations
 
+import glob
 import logging
 import os
 import shutil
@@ -109,16 +110,17 @@ class LocalStore:
         return self._path(key).exists()
 
     def list(self, prefix: str = "") -> list[tuple[str, int]]:
+        """As S3 lists: every key that starts with `prefix`, a folder or not ("000012-" finds a unit's shards)."""
         base = self._path(prefix)
-        if base.is_file():
-            return [(prefix, base.stat().st_size)]
-        if not base.is_dir():
+        if base.is_dir():
+            paths = base.rglob("*")
+        elif base.parent.is_dir():
+            paths = (p for top in base.parent.glob(f"{glob.escape(base.name)}*")
+                     for p in ([top] if top.is_file() else top.rglob("*")))
+        else:
             return []
-        found = [
-            (str(p.relative_to(self.root)), p.stat().st_size)
-            for p in base.rglob("*")
-            if p.is_file() and not p.name.startswith(".tmp-")
-        ]
+        found = [(str(p.relative_to(self.root)), p.stat().st_size) for p in paths
+                 if p.is_file() and not p.name.startswith(".tmp-")]
         return sorted(found)
 
     def arrow_fs(self) -> tuple[pafs.FileSystem, str]:

@@ -148,3 +148,19 @@ def test_put_file_streams_a_large_file_into_a_new_folder(where, tmp_path, s3_ser
     store.put_file("_plan/new/big.bin", source)
     store.put_file("_plan/new/big.bin", source)  # replaces
     assert store.get("_plan/new/big.bin") == data and store.list("_plan/") == [("_plan/new/big.bin", len(data))]
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_list_takes_any_prefix_as_s3_does(where, tmp_path, s3_server, bucket, monkeypatch):
+    """A unit's written shards are one listing of "UNIT-": a prefix that is no folder."""
+    for key, value in s3_env(s3_server).items():
+        monkeypatch.setenv(key, value)
+    store = open_store(str(tmp_path / "out") if where == "local" else f"s3://{bucket}/list-prefix")
+    for key in ["000001-000000.arrow", "000001-000001.arrow", "000011-000000.arrow", "000002-000000.arrow",
+                "_shards/000001-000000.arrow", "000001-x/inner.arrow"]:
+        store.put(key, b"xy")
+    assert [k for k, _ in store.list(keys.unit_outputs(1))] == ["000001-000000.arrow", "000001-000001.arrow",
+                                                                "000001-x/inner.arrow"]
+    assert [k for k, _ in store.list("_shards/")] == ["_shards/000001-000000.arrow"]
+    assert store.list("000001-000001.arrow") == [("000001-000001.arrow", 2)] and store.list("nothing") == []
+    assert len(store.list()) == 6

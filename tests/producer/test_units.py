@@ -1,0 +1,51 @@
+"""Planning units with the real token counter and a local store: how a corpus is cut into units, and what planning
+a unit again does (a resumed job): the same shards, those already written reported instead of queued."""
+
+from __future__ import annotations
+
+import pyarrow.parquet as pq
+
+from bulkembed.contract import keys
+from bulkembed.local import embed_shards
+from bulkembed.producer.corpus import open_corpus, plan_units
+from bulkembed.producer.submit import JobOptions, plan_job, produce
+from bulkembed.worker.engine import EngineOptions
+from bulkembed.worker.engines import EnginePool, EngineSetup
+from tests.conftest import mixed_texts, write_corpus
+
+
+def test_units_are_whole_row_groups_of_one_file(tmp_path):
+    for name, rows in (("a", 250), ("b", 40), ("c", 0)):
+        write_corpus(tmp_path / f"{name}.parquet", [f"{name}{i}" for i in range(rows)], ["x"] * rows,
+                     row_group_size=100)
+    corpus = open_corpus(str(tmp_path), "id", "text")
+    units = plan_units(corpus, unit_rows=150)
+    assert [(u.file, u.first_group, u.stop_group, u.first_row, u.rows) for u in units] == [
+        (0, 0, 2, 0, 200), (0, 2, 3, 200, 50), (1, 0, 1, 0, 40)]
+    assert [u.index for u in units] == [0, 1, 2] and units == plan_units(corpus, unit_rows=150), "the same again"
+    assert sum(u.rows for u in plan_units(corpus, unit_rows=1)) == 290
+    assert pq.ParquetFile(units[1].path).metadata.num_rows == 250
+
+
+def test_planning_again_reports_written_shards_instead_of_queueing_them(tmp_path, tiny_model):
+    ids = [f"d{i}" for i in range(300)]
+    write_corpus(tmp_path / "in" / "c.parquet", ids, mixed_texts(len(ids), seed=3), row_group_size=100)
+    options = JobOptions(shard_tokens=2000, unit_rows=100)
+    planned = plan_job(str(tmp_path / "in"), str(tiny_model), str(tmp_path / "out"), options)
+    first: list = []
+    totals, _ = produce(planned, first.append, lambda result: None)
+    assert {m.shard // keys.SHARDS_PER_UNIT for m in first} == {0, 1, 2} and len(first) == totals.shards
+    written = first[::2]  # embed every other shard, as an interrupted run would have
+    with EnginePool(tiny_model, planned.job.model.sha256, EngineSetup(EngineOptions(threads=1), engines=1,
+                                                                      ubatch=512)) as pool:
+        pool.start(self_test=False)
+        done = list(embed_shards(pool, written, planned.store))
+    assert len(done) == len(written)
+
+    again = plan_job(str(tmp_path / "in"), str(tiny_model), str(tmp_path / "out"), options)
+    queued, reported = [], []
+    produce(again, queued.append, reported.append)
+    assert sorted(r.shard for r in reported) == sorted(m.shard for m in written), "found by one listing a unit"
+    assert sorted(m.shard for m in queued) == sorted(m.shard for m in first if m not in written)
+    assert [(m.shard, m.n_docs, m.n_tokens) for m in sorted(queued + written, key=lambda m: m.shard)] == \
+        [(m.shard, m.n_docs, m.n_tokens) for m in sorted(first, key=lambda m: m.shard)], "the same shards"
