@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
@@ -212,6 +213,12 @@ class ShardMessage(BaseModel):
     n_tokens: int
     longest: int = Field(description="Token count of the shard's longest document.")
     queued_at: float = Field(0.0, description="Unix time it was queued, for the queue-wait metric.")
+
+    @classmethod
+    def of(cls, job: JobSpec, shard: int, lengths: list[int]) -> ShardMessage:
+        """The message of a shard whose documents have these token counts, queued now."""
+        return cls(job_id=job.job_id, job=job, shard=shard, n_docs=len(lengths), n_tokens=sum(lengths),
+                   longest=max(lengths), queued_at=time.time())
 
     def wire(self) -> list:
         """The task's argument: its fields but the job spec, as a list in WIRE_FIELDS order (Redis keeps each queued

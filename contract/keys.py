@@ -58,6 +58,11 @@ def unit_outputs(unit: int) -> str:
     return f"{unit:06d}-"
 
 
+def reused_keys(unit: int) -> str:
+    """A unit's --reuse matches (16-byte row keys), kept until every unit is planned and PREV_OUT's rows copied."""
+    return f"{PLAN_PREFIX}reused-keys/{unit:06d}.arrow"
+
+
 def shard_input(shard: int) -> str:
     return SHARD_INPUT_KEY.format(name=shard_name(shard))
 

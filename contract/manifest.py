@@ -10,15 +10,12 @@ shards file is complete. Writing again (finalize may run twice) replaces both.
 from __future__ import annotations
 
 import json
-import os
 import tempfile
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager, suppress
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from bulkembed.contract import keys
@@ -50,20 +47,24 @@ def write_manifest(store: Store, job: JobSpec, totals: JobTotals, results: Itera
     columns: dict[str, list] = {name: [] for name in schema.names}
     seen = _ShardSet()
     count = rows = tokens = rejected = 0
-    with _sink(store, keys.MANIFEST_SHARDS_KEY) as sink, \
-            pq.ParquetWriter(sink, schema, compression="zstd") as writer:
-        for result in results:
-            if not seen.add(result.shard):
-                continue
-            count, rows, tokens, rejected = (count + 1, rows + result.rows, tokens + result.tokens,
-                                             rejected + result.rejected)
-            for name, column in columns.items():
-                column.append(getattr(result, name))
-            if len(columns["shard"]) >= BATCH_ROWS:
+    # Written to a local file first, then put whole (Store.put_file): readers and a second finalize racing this one
+    # never see half a file, and one whose writing failed leaves the last complete file in place.
+    with tempfile.TemporaryDirectory(prefix="bulkembed-manifest-") as work:
+        path = Path(work) / "shards.parquet"
+        with pq.ParquetWriter(path, schema, compression="zstd") as writer:
+            for result in results:
+                if not seen.add(result.shard):
+                    continue
+                count, rows, tokens, rejected = (count + 1, rows + result.rows, tokens + result.tokens,
+                                                 rejected + result.rejected)
+                for name, column in columns.items():
+                    column.append(getattr(result, name))
+                if len(columns["shard"]) >= BATCH_ROWS:
+                    writer.write_batch(pa.record_batch(columns, schema=schema))
+                    columns = {name: [] for name in schema.names}
+            if columns["shard"]:
                 writer.write_batch(pa.record_batch(columns, schema=schema))
-                columns = {name: [] for name in schema.names}
-        if columns["shard"]:
-            writer.write_batch(pa.record_batch(columns, schema=schema))
+        store.put_file(keys.MANIFEST_SHARDS_KEY, path)
     manifest = {
         "manifest_version": MANIFEST_VERSION,
         "job_id": job.job_id,
@@ -124,33 +125,3 @@ class _ShardSet:
             return False
         bits[bit >> 3] |= mask
         return True
-
-
-@contextmanager
-def _sink(store: Store, key: str) -> Iterator[BinaryIO | pa.NativeFile]:
-    """A stream for `key` that no reader sees half-written, nor a second finalize racing this one corrupts. Locally
-    a temporary file, synced as LocalStore.put does, renamed into place. On S3 a multipart upload, which the object
-    shows only once complete; but closing the stream completes it, so one whose writing failed is deleted."""
-    fs, base = store.arrow_fs()
-    if isinstance(fs, pafs.LocalFileSystem):
-        path = Path(base, key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")  # LocalStore.list skips ".tmp-" files
-        try:
-            with os.fdopen(fd, "wb") as f:
-                yield f
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            Path(tmp).unlink(missing_ok=True)
-        return
-    stream = fs.open_output_stream(f"{base}/{key}")
-    try:
-        yield stream
-    except BaseException:
-        with suppress(Exception):
-            stream.close()
-        store.delete(key)
-        raise
-    stream.close()

@@ -20,6 +20,7 @@ from redis.retry import Retry
 from bulkembed.contract import keys
 from bulkembed.contract.errors import BulkEmbedError, ShardError
 from bulkembed.contract.job import JobSpec, ShardMessage
+from bulkembed.contract.manifest import write_manifest
 from bulkembed.contract.schema import from_ipc_bytes, read_metadata
 from bulkembed.contract.settings import Settings
 from bulkembed.contract.store import Store, open_store
@@ -60,6 +61,22 @@ class JobTotals(BaseModel):
     reused_rows: int = 0  # copied from PREV_OUT (--reuse), not embedded
     reused_tokens: int = 0
     reused_truncated: int = 0
+
+    def plus(self, other: JobTotals) -> JobTotals:
+        return JobTotals(**{name: getattr(self, name) + getattr(other, name) for name in JobTotals.model_fields})
+
+    @classmethod
+    def of_reused(cls, files: list[ReusedFile]) -> JobTotals:
+        return cls(reused_rows=sum(f.rows for f in files), reused_tokens=sum(f.tokens for f in files),
+                   reused_truncated=sum(f.truncated for f in files))
+
+
+def reused_files(store: Store) -> list[ReusedFile]:
+    """The files a --reuse job copied from PREV_OUT, as its planning listed them (none before that, or without
+    --reuse)."""
+    if not store.exists(keys.REUSED_FILES_KEY):
+        return []
+    return [ReusedFile.model_validate(f) for f in json.loads(store.get(keys.REUSED_FILES_KEY))]
 
 
 ENGINES_TTL_S = 90  # a worker reports its engines every third of this
@@ -122,12 +139,11 @@ end
 """
 # A unit whose shards are all queued, counted once however often it is planned (a planner killed after queueing its
 # last shard, then redelivered): its totals join the job's in one step. KEYS: job hash, units hash; ARGV: unit,
-# totals json, then pairs of counter and increment. Returns how many units are planned.
+# totals json, then pairs of counter and increment.
 _UNIT_PLANNED = """
 if redis.call('HSETNX', KEYS[2], ARGV[1], ARGV[2]) == 1 then
   for i = 3, #ARGV, 2 do redis.call('HINCRBY', KEYS[1], ARGV[i], ARGV[i + 1]) end
 end
-return redis.call('HLEN', KEYS[2])
 """
 PLANNED = "planned_"  # job hash fields planned_shards, planned_docs, ...: what the planned units found, summed
 REUSED_FIELDS = ("reused_rows", "reused_tokens", "reused_truncated")  # set once, when planning is closed
@@ -227,9 +243,12 @@ class JobRegistry:
         """Units are still being planned (the job is not closed for planning)."""
         return self._planned_shards(job_id) is None
 
+    def unit_count(self, job_id: str) -> int:
+        """How many units the job was cut into (start)."""
+        return int(self.redis.hget(keys.REDIS_JOB.format(job_id=job_id), "units") or 0)
+
     def all_units_planned(self, job_id: str) -> bool:
-        key = keys.REDIS_JOB.format(job_id=job_id)
-        return self.redis.hlen(keys.REDIS_JOB_UNITS.format(job_id=job_id)) >= int(self.redis.hget(key, "units") or 0)
+        return self.redis.hlen(keys.REDIS_JOB_UNITS.format(job_id=job_id)) >= self.unit_count(job_id)
 
     def queued_shards(self, job_id: str, unit: int) -> int:
         """How many of a unit's shards are queued: a unit planned again after its planner died skips those."""
@@ -240,13 +259,11 @@ class JobRegistry:
         twice, and the second delivery finds it written (embedded once, counted once)."""
         self.redis.hset(keys.REDIS_JOB_QUEUED.format(job_id=job_id), str(unit), place + 1)
 
-    def unit_planned(self, job_id: str, unit: int, totals: JobTotals) -> bool:
-        """Record a unit whose shards are all queued (counted once); True when every unit of the job is."""
-        job = keys.REDIS_JOB.format(job_id=job_id)
+    def unit_planned(self, job_id: str, unit: int, totals: JobTotals) -> None:
+        """Record a unit whose shards are all queued (counted once)."""
         counters = [x for f in PLAN_FIELDS for x in (f, getattr(totals, f.removeprefix(PLANNED)))]
-        planned = self._unit_planned(keys=[job, keys.REDIS_JOB_UNITS.format(job_id=job_id)],
-                                     args=[unit, totals.model_dump_json(), *counters])
-        return int(planned) >= int(self.redis.hget(job, "units") or 0)
+        self._unit_planned(keys=[keys.REDIS_JOB.format(job_id=job_id), keys.REDIS_JOB_UNITS.format(job_id=job_id)],
+                           args=[unit, totals.model_dump_json(), *counters])
 
     def close_planning(self, job_id: str, reused: JobTotals | None = None) -> bool:
         """Every unit is planned (and PREV_OUT's rows copied): the job runs; True when it is already complete."""
@@ -295,8 +312,7 @@ class JobRegistry:
         return shards is not None and self.redis.hlen(keys.REDIS_JOB_DONE.format(job_id=job_id)) >= shards
 
     def _planned_shards(self, job_id: str) -> int | None:
-        """How many shards the job queued; None while it is being planned. Kept beside the totals so a shard's
-        completion never parses them (with --reuse they list every PREV_OUT file)."""
+        """How many shards the job queued; None while it is being planned (set when planning is closed)."""
         shards = self.redis.hget(keys.REDIS_JOB.format(job_id=job_id), "shards")
         return int(shards) if shards is not None else None
 
@@ -316,12 +332,8 @@ class JobRegistry:
         if spec is None or not self._complete(job_id):
             return None
         store = open_store(spec.out)
-        reused = [ReusedFile.model_validate(f) for f in json.loads(store.get(keys.REUSED_FILES_KEY))] \
-            if spec.reuse is not None and store.exists(keys.REUSED_FILES_KEY) else []
-        from bulkembed.contract.manifest import write_manifest  # it imports this module's records
-
         manifest = write_manifest(store, spec, self.totals(job_id), deleting_inputs(store, self.results(job_id)),
-                                  reused)
+                                  reused_files(store))
         self.redis.hset(keys.REDIS_JOB.format(job_id=job_id), "state", "done")
         self._close(job_id)
         self._expire(job_id)

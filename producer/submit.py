@@ -39,7 +39,7 @@ from bulkembed.contract.job import (
     task_from_model_name,
 )
 from bulkembed.contract.model import check_dims, choose_max_tokens, choose_pooling, model_info, model_ref
-from bulkembed.contract.registry import JobRegistry, JobTotals, ReusedFile, ShardResult, stored_result
+from bulkembed.contract.registry import JobRegistry, JobTotals, ReusedFile, ShardResult, reused_files, stored_result
 from bulkembed.contract.schema import (
     content_hash,
     from_ipc_bytes,
@@ -145,11 +145,14 @@ def plan_job(input_uri: str, model: str, out: str, options: JobOptions = JobOpti
                       previous=previous)
 
 
-def find_job_duplicates(planned: PlannedJob, memory_mb: int = 1024) -> None:
-    """Every row whose id an earlier row has, found once per job before any unit is planned (DuckDB, out of core)
-    and kept in the store for the planners. A resubmitted job finds it there. DuckDB spills to the temporary folder
-    (TMPDIR): about 25 bytes an id."""
+def prepare(planned: PlannedJob, memory_mb: int) -> None:
+    """What any planning of a job does first: write its spec beside the output, and find its duplicate ids.
+
+    Duplicates are every row whose id an earlier row has, found once per job before any unit is planned (DuckDB, out
+    of core, `memory_mb` at most; it spills to the temporary folder, TMPDIR) and kept in the store for the planners.
+    A resubmitted job finds them there."""
     store, job = planned.store, planned.job
+    store.put(keys.JOB_KEY, job.model_dump_json(indent=2).encode())
     if store.exists(keys.DUPLICATES_KEY):
         return
     started = time.perf_counter()
@@ -258,7 +261,7 @@ def _accept(ctx: PlanContext, batch: pa.RecordBatch, source: str, first_row: int
     candidates = []
     for i, (doc_id, text) in enumerate(zip(batch.column(0).to_pylist(), texts, strict=True)):
         # The first row of an id wins whatever becomes of it; a later one is a duplicate even if the first is
-        # quarantined for its text (found before planning, by DuckDB: find_job_duplicates).
+        # quarantined for its text (found before planning, by DuckDB: prepare).
         reason = "duplicate id" if doc_id is not None and i in duplicates else None
         reason = reason or undecodable.get(i) or _reason_to_reject(doc_id, text)
         if reason is None:
@@ -323,8 +326,7 @@ def plan_unit(ctx: PlanContext, unit: Unit, sink: ShardSink) -> JobTotals:
         )
         # zstd: a shard's input is a copy of its text (~440 KiB uncompressed at 65,536 tokens): a fraction of that.
         store.put_if_absent(keys.shard_input(shard), to_ipc_bytes(table, "zstd"))  # same job id, same content
-        message = ShardMessage(job_id=job.job_id, job=job, shard=shard, n_docs=len(documents),
-                               n_tokens=sum(lengths), longest=max(lengths), queued_at=time.time())
+        message = ShardMessage.of(job, shard, lengths)
         if message.output_key in written:
             sink.written(stored_result(message, store))
         else:
@@ -354,7 +356,7 @@ def plan_unit(ctx: PlanContext, unit: Unit, sink: ShardSink) -> JobTotals:
     totals.rejected, totals.truncated = rejects.count, truncated
     if ctx.previous is not None:  # the rows to copy from PREV_OUT, once every unit is planned (copy_reused_rows)
         table = pa.table({"key": pa.array(np.array(reusing, ROW_KEY).tolist(), pa.binary(16))})
-        store.put(_reused_keys(unit.index), to_ipc_bytes(table))
+        store.put(keys.reused_keys(unit.index), to_ipc_bytes(table))
     log.info("job %s unit %d: %d shards, %d docs, %d tokens, %d rejected, %d reused", job.job_id, unit.index,
              totals.shards, totals.docs, totals.tokens, totals.rejected, len(reusing))
     return totals
@@ -366,52 +368,35 @@ def _unit_duplicates(ctx: PlanContext, first: int, rows: int) -> np.ndarray:
     return ordinals
 
 
-def _reused_keys(unit: int) -> str:
-    return f"{keys.PLAN_PREFIX}reused-keys/{unit:06d}.arrow"
-
-
-def copy_reused_rows(ctx: PlanContext, units: int) -> JobTotals:
-    """--reuse, once every unit is planned: copy PREV_OUT's rows that the units matched (16 bytes a row of keys),
-    list the copies in the store (REUSED_FILES_KEY) and count them. Idempotent: a copy is written once."""
+def copy_reused_rows(ctx: PlanContext, units: int) -> list[ReusedFile]:
+    """--reuse, once every unit is planned: copy PREV_OUT's rows that the units matched (16 bytes a row of keys) and
+    list the copies in the store (REUSED_FILES_KEY). Idempotent: a copy is written once."""
     if ctx.previous is None:
-        return JobTotals()
-    if not ctx.store.exists(_reused_keys(0)) and ctx.store.exists(keys.REUSED_FILES_KEY):  # copied, keys dropped
-        files = [ReusedFile.model_validate(f) for f in json.loads(ctx.store.get(keys.REUSED_FILES_KEY))]
-        return _reused_totals(files)
+        return []
+    if not ctx.store.exists(keys.reused_keys(0)) and ctx.store.exists(keys.REUSED_FILES_KEY):  # copied, keys dropped
+        return reused_files(ctx.store)
     reused = SeenIds()
     for unit in range(units):
-        reused.add(np.array(from_ipc_bytes(ctx.store.get(_reused_keys(unit))).column("key").to_pylist(), ROW_KEY))
+        reused.add(np.array(from_ipc_bytes(ctx.store.get(keys.reused_keys(unit))).column("key").to_pylist(), ROW_KEY))
     ctx.previous.index = None  # matching is over: free it before copying
     files = copy_reused(ctx.previous, reused, ctx.store, ctx.job)
     ctx.store.put(keys.REUSED_FILES_KEY, json.dumps([f.model_dump() for f in files], indent=1).encode())
-    ctx.store.delete_many([_reused_keys(unit) for unit in range(units)])  # matched: 16 bytes a row no one needs
-    return _reused_totals(files)
-
-
-def _reused_totals(files: list[ReusedFile]) -> JobTotals:
-    return JobTotals(reused_rows=sum(f.rows for f in files), reused_tokens=sum(f.tokens for f in files),
-                     reused_truncated=sum(f.truncated for f in files))
+    ctx.store.delete_many([keys.reused_keys(unit) for unit in range(units)])  # matched: 16 bytes a row no one needs
+    return files
 
 
 def produce(planned: PlannedJob, emit: Callable[[ShardMessage], None],
             written: Callable[[ShardResult], None]) -> tuple[JobTotals, list[ReusedFile]]:
     """Plan every unit here, one after another (`bulkembed run`); then copy what --reuse matched. The totals
     include the reused rows' counts."""
-    planned.store.put(keys.JOB_KEY, planned.job.model_dump_json(indent=2).encode())
-    find_job_duplicates(planned)
+    prepare(planned, ProducerSettings().dedup_memory_mb)
     ctx = planned.context()
     totals = JobTotals()
     with planned.counter:  # counting is over when planning is
         for unit in planned.units:
-            found = plan_unit(ctx, unit, ShardSink(emit, written))
-            for name in JobTotals.model_fields:
-                setattr(totals, name, getattr(totals, name) + getattr(found, name))
-    reused = copy_reused_rows(ctx, len(planned.units))
-    for name in ("reused_rows", "reused_tokens", "reused_truncated"):
-        setattr(totals, name, getattr(reused, name))
-    files = [ReusedFile.model_validate(f) for f in json.loads(planned.store.get(keys.REUSED_FILES_KEY))] \
-        if planned.previous is not None else []
-    return totals, files
+            totals = totals.plus(plan_unit(ctx, unit, ShardSink(emit, written)))
+    files = copy_reused_rows(ctx, len(planned.units))
+    return totals.plus(JobTotals.of_reused(files)), files
 
 
 class Backpressure:
@@ -481,8 +466,8 @@ def close_if_planned(registry: JobRegistry, job: JobSpec, context: Callable[[], 
     """Once every unit is planned: copy what --reuse matched, let the job run, and write its manifest if every shard
     was already written (a resubmitted job). Idempotent: a planner and the submitting process may both get here."""
     if registry.planning_open(job.job_id) and registry.all_units_planned(job.job_id):
-        units = int(registry.redis.hget(keys.REDIS_JOB.format(job_id=job.job_id), "units") or 0)
-        if registry.close_planning(job.job_id, copy_reused_rows(context(), units)):
+        files = copy_reused_rows(context(), registry.unit_count(job.job_id))
+        if registry.close_planning(job.job_id, JobTotals.of_reused(files)):
             registry.finalize(job.job_id)
 
 
@@ -492,12 +477,11 @@ def submit_job(planned: PlannedJob, registry: JobRegistry, send: Callable[[Shard
     plan units here beside any `bulkembed planner`, until every unit is planned. A resubmitted job skips the units
     planned before, and queues again the shards that had failed for good."""
     job = planned.job
-    planned.store.put(keys.JOB_KEY, job.model_dump_json(indent=2).encode())
     failed = registry.start(job, len(planned.units))
     for shard in failed:  # their units are planned, so they are queued again here, from their inputs
         send(queued_again(planned.store, job, shard))
     with planned.counter:
-        find_job_duplicates(planned, settings.dedup_memory_mb)
+        prepare(planned, settings.dedup_memory_mb)
         left = registry.units_left(job.job_id, len(planned.units))
         for index in left:
             send_unit(planned.units[index])
@@ -514,10 +498,8 @@ def submit_job(planned: PlannedJob, registry: JobRegistry, send: Callable[[Shard
 
 def queued_again(store: Store, job: JobSpec, shard: int) -> ShardMessage:
     """The message of a shard planned before (a failed one, resubmitted), rebuilt from its input."""
-    table = from_ipc_bytes(store.get(keys.shard_input(shard)))
-    lengths = table.column("n_tokens").to_pylist()
-    return ShardMessage(job_id=job.job_id, job=job, shard=shard, n_docs=table.num_rows, n_tokens=sum(lengths),
-                        longest=max(lengths), queued_at=time.time())
+    lengths = from_ipc_bytes(store.get(keys.shard_input(shard))).column("n_tokens").to_pylist()
+    return ShardMessage.of(job, shard, lengths)
 
 
 def forget_outputs(store: Store) -> int:
