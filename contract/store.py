@@ -61,12 +61,17 @@ class LocalStore:
     def _path(self, key: str) -> Path:
         return self.root / key
 
-    def _temp_file(self, path: Path, data: bytes) -> str:
-        """`data` durably in a temporary file beside `path`, to be linked or renamed into place."""
+    def _temp_file(self, path: Path, data: bytes | Path) -> str:
+        """`data` (bytes, or a local file's) durably in a temporary file beside `path`, to be linked or renamed into
+        place."""
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            if isinstance(data, Path):
+                with open(data, "rb") as source:
+                    shutil.copyfileobj(source, f, 1 << 20)
+            else:
+                f.write(data)
             f.flush()
             os.fsync(f.fileno())
         return tmp
@@ -88,13 +93,7 @@ class LocalStore:
 
     def put_file(self, key: str, path: Path) -> None:
         target = self._path(key)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-")
-        with os.fdopen(fd, "wb") as f, open(path, "rb") as source:
-            shutil.copyfileobj(source, f, 1 << 20)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
+        os.replace(self._temp_file(target, Path(path)), target)
 
     def get(self, key: str) -> bytes:
         return self._path(key).read_bytes()
