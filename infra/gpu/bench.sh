@@ -16,32 +16,47 @@ mkdir -p "$OUT" /tmp/bw
 cd /tmp  # python3 -c/-m put the working directory first on sys.path: the installed copy must win
 W=/tmp/bw
 THREADS=$(nproc)
+LOG=$OUT/steps.log  # every step's command, exit status and report: the device tool brings back at most 8 files
 bench() { # name, limit, args...
   local name=$1 limit=$2; shift 2
-  echo "== $name: python3 -m bulkembed.bench $*" | tee -a "$OUT/steps.log"
+  echo "== $name: python3 -m bulkembed.bench $*" | tee -a "$LOG"
   local t0=$(date +%s)
   timeout "$limit" python3 -m bulkembed.bench --work "$W" --threads "$THREADS" --json "$@" > "$OUT/$name.json" 2> "$OUT/$name.err"
-  echo "   rc $? in $(( $(date +%s) - t0 )) s" | tee -a "$OUT/steps.log"
+  echo "   rc $? in $(( $(date +%s) - t0 )) s" | tee -a "$LOG"
   python3 -c "import json,sys; from bulkembed.bench.report import format_report; print(format_report(json.load(open(sys.argv[1]))))" \
-    "$OUT/$name.json" > "$OUT/$name.txt" 2>/dev/null && cat "$OUT/$name.txt"
+    "$OUT/$name.json" 2>/dev/null | tee -a "$LOG"
+}
+# A script or pytest with llama.cpp's libraries loaded before numpy: the other order crashed GPU model loads on the H100
+# image (NOTES.md 25).
+LLAMA_FIRST=(python3 -c 'import runpy, sys, llama_cpp; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name="__main__")')
+PYTEST_LLAMA_FIRST=(python3 -c 'import sys, llama_cpp, pytest; sys.exit(pytest.main(sys.argv[1:]))')
+step() { # name, limit, command...: one step of the window, its output in the log, its time and status after it
+  local name=$1 limit=$2; shift 2
+  echo "== $name: $*" | tee -a "$LOG"
+  local t0=$(date +%s)
+  timeout "$limit" "$@" 2>&1 | tee -a "$LOG"
+  echo "   rc ${PIPESTATUS[0]} in $(( $(date +%s) - t0 )) s" | tee -a "$LOG"
 }
 
 case "${1:-check}" in
 window)
-  # The whole GPU check of the no-wasted-work and batch-invariance issues in one device call of about 8 minutes
-  # (the libraries prebuilt by infra/gpu/build-cuda.sh): each step's limit keeps a hang to itself.
-  nvidia-smi --query-gpu=name,memory.total,driver_version,compute_cap --format=csv,noheader | tee "$OUT/gpu.txt"
+  # The whole GPU check of the no-wasted-work and batch-invariance issues in one device call of about 9 minutes
+  # (the libraries prebuilt by infra/gpu/build-cuda.sh), most important first; each step's limit keeps a hang to
+  # itself. Three files come back: steps.log (everything), f16-window.json and .err (the bench's report and log).
+  nvidia-smi --query-gpu=name,memory.total,driver_version,compute_cap --format=csv,noheader | tee -a "$LOG"
   python3 -c "import llama_cpp as l; print('LM head patch:', hasattr(l.llama_cpp._lib, 'llama_get_embeddings_no_logits'))" \
-    | tee "$OUT/build.txt"
-  # 1. Batch invariance on CUDA (F16, Q8_0, IQ3_S of the outlier model): the engine tests, offloaded.
-  timeout 150 python3 -m pytest -q -x -p no:cacheprovider --import-mode=append -o pythonpath= \
-    $REPO/tests/worker/test_batch_invariance.py $REPO/tests/worker/test_lm_head.py 2>&1 | tail -6 | tee "$OUT/cuda-tests.txt"
-  timeout 90 python3 $REPO/benchmarks/batch_invariance.py --quants F16,Q8_0,IQ3_S 2>/dev/null | tee "$OUT/invariance.txt"
-  # 2. v4-shaped F16, 3000 mixed documents: head skipped and computed, raw, the real llama-embedding, auto engines
-  #    and ubatch; one process each, then the engines.
-  bench f16-window 270 --synthetic-model v4 --quant F16 --synthetic 3000 --ubatch probe --engines 3 \
-    --modes bulkembed,bulkembed-head,raw,llama-embedding --peer-ubatch 512
-  # 3. `bulkembed run` end to end on the GPU (Parquet in, Arrow out; pyarrow here, engines in llama processes).
+    | tee -a "$LOG"
+  # The v4-shaped F16 model (6.5 GB of random weights, ~90 s of CPU) is written while the small GPU checks run.
+  python3 -c "from pathlib import Path; from bulkembed.bench.inprocess import synthetic_model as m
+print(m('v4', 'F16', Path('$W'), 8))" > /tmp/model.log 2>&1 &
+  maker=$!
+  # 1. Batch invariance on CUDA: every regime and cut of F16, Q8_0, IQ3_S (the outlier model) against exact.
+  step invariance 110 "${LLAMA_FIRST[@]}" $REPO/benchmarks/batch_invariance.py --quants F16,Q8_0,IQ3_S
+  # 2. The LM head left out on CUDA: vectors equal to the head's, every model kind and pooling.
+  step lm-head-tests 70 "${PYTEST_LLAMA_FIRST[@]}" -q -p no:cacheprovider --import-mode=append -o pythonpath= \
+    $REPO/tests/worker/test_lm_head.py
+  wait $maker; cat /tmp/model.log | tee -a "$LOG"
+  # 3. `bulkembed run` end to end (Parquet in, Arrow out; pyarrow here, engines in llama processes), auto engines.
   python3 - <<'EOF2'
 import pyarrow as pa, pyarrow.parquet as pq
 from bulkembed import synthetic
@@ -50,10 +65,25 @@ counter = TokenCounter("/tmp/bw/synthetic-v4-F16.gguf")
 texts = synthetic.synthetic_texts(synthetic.target_lengths(1500, "mixed", 0), counter.count, 0)
 pq.write_table(pa.table({"id": [f"d{i}" for i in range(len(texts))], "text": texts}), "/tmp/bw/corpus.parquet")
 EOF2
-  t0=$(date +%s.%N)
-  timeout 100 bulkembed run /tmp/bw/corpus.parquet --model /tmp/bw/synthetic-v4-F16.gguf --out /tmp/bw/out-auto \
-    --prefix '' --engines auto --ubatch auto 2>&1 | grep -v "tok/s]" | tail -4 | tee -a "$OUT/run.txt"
-  echo "run --engines auto: $(python3 -c "print(round($(date +%s.%N) - $t0, 1))") s wall" | tee -a "$OUT/run.txt"
+  step run-auto 80 env TQDM_DISABLE=1 bulkembed run /tmp/bw/corpus.parquet --model /tmp/bw/synthetic-v4-F16.gguf --out /tmp/bw/out-auto \
+    --prefix '' --engines auto --ubatch auto
+  # 4. v4-shaped F16, 3000 mixed documents: head skipped and computed, raw, 3 engines (auto: as many as fit, at
+  #    most 3), auto ubatch, the real llama-embedding (the seed's recipe) and transformers bf16 on the same tower.
+  bench f16-window 300 --synthetic-model v4 --quant F16 --synthetic 3000 --ubatch probe --engines 3 \
+    --modes bulkembed,bulkembed-head,raw,llama-embedding,transformers --peer-ubatch 512
+  # 5. If time is left: the same invariance cuts on the v4-shaped F16 (random weights, no exact column).
+  step invariance-v4 90 "${LLAMA_FIRST[@]}" $REPO/benchmarks/batch_invariance.py --model $W/synthetic-v4-F16.gguf --texts 100
+  ;;
+padding)
+  # Batch invariance on CUDA with every decode padded to the whole ubatch (one decode size, so one kernel shape),
+  # against the window's 64-token padding: the outlier model, then the v4-shaped F16 (written meanwhile).
+  python3 -c "from pathlib import Path; from bulkembed.bench.inprocess import synthetic_model as m
+print(m('v4', 'F16', Path('$W'), 8))" > /tmp/model.log 2>&1 &
+  maker=$!
+  step invariance-full 90 "${LLAMA_FIRST[@]}" $REPO/benchmarks/batch_invariance.py --quants F16,Q8_0,IQ3_S --full
+  wait $maker; cat /tmp/model.log | tee -a "$LOG"
+  step invariance-v4-full 100 "${LLAMA_FIRST[@]}" $REPO/benchmarks/batch_invariance.py --model $W/synthetic-v4-F16.gguf \
+    --texts 100 --full
   ;;
 check)
   nvidia-smi --query-gpu=name,memory.total,driver_version,compute_cap --format=csv,noheader | tee "$OUT/gpu.txt"

@@ -7,6 +7,8 @@ G=$(cd "$(dirname "$0")" && pwd)
 nvidia-smi --query-gpu=name,memory.total,driver_version,compute_cap --format=csv,noheader
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$G"/whl/*.whl || exit 1
 rm -rf /tmp/site/llama_cpp && cp -r "$G/lcpp/llama_cpp" /tmp/site/llama_cpp
+# DuckDB, carried as its wheel's contents (prepare.sh): unpacked where pip would have installed it.
+[ -f "$G/duckdb.tar.xz" ] && tar -xJf "$G/duckdb.tar.xz" -C /tmp/site
 arch=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -1 | tr -d .)
 prebuilt=$(ls "$G"/llama-cuda-sm*.tar.xz 2>/dev/null | head -1)
 if [ ! -f /tmp/llama-build/bin/libllama.so ] && [ -n "$prebuilt" ]; then
