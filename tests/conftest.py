@@ -69,11 +69,11 @@ def kind_models(models_dir: Path) -> dict[str, Path]:
 
 @pytest.fixture(scope="session")
 def outlier_models(models_dir: Path) -> dict[str, Path]:
-    """The outlier model as F32, quantized by llama.cpp (Q8_0, Q4_K_M), and its Q4_K_M dequantized back to F32
+    """The outlier model as F32, quantized by llama.cpp (Q8_0, Q4_K_M, IQ3_S), and its Q4_K_M dequantized back to F32
     ("exact": the quantized weights computed without quantized kernels). Named like v4 retrieval files."""
     f32 = write_qwen2vl_gguf(models_dir / "outlier-text-retrieval-F32.gguf", OUTLIER, seed=0, outlier_gain=60)
     models = {"F32": f32}
-    for quant in ("Q8_0", "Q4_K_M"):
+    for quant in ("Q8_0", "Q4_K_M", "IQ3_S"):
         models[quant] = quantize(f32, models_dir / f"outlier-text-retrieval-{quant}.gguf", quant, threads=2)
     models["exact"] = dequantized_copy(models["Q4_K_M"], models_dir / "outlier-text-retrieval-Q4_K_M-exact.gguf")
     return models

@@ -16,11 +16,13 @@ from bulkembed.worker.packing import MIN_DECODE_TOKENS, single_document_shape
 from tests.conftest import letter_texts
 
 # What remains with every decode in one regime: where a text's KV cells sit in the cache it shares with its
-# neighbours (sums over cells group them by position in the cache). README's contract: cos >= 0.99999; the worst
-# measured is 1 - cos = 4.7e-6 (Q8_0, no flash attention, ubatch 256), against 1.8e-4 without padding on this model
-# (benchmarks/batch_invariance.py) and 1.3e-2 on a real one (NOTES.md 30).
+# neighbours (sums over cells group them by position in the cache). README's contract on CPU: cos >= 0.99999 for
+# Q8_0 and K-quants (worst measured 1 - cos = 4.7e-6: Q8_0, no flash attention, ubatch 256), >= 0.99998 for IQ types
+# (IQ3_S: 1.0e-5), against 1.8e-4 without padding on this model (benchmarks/batch_invariance.py) and 1.3e-2 on a
+# real one (NOTES.md 30).
 SAME = 0.99999
-QUANTS = ["Q8_0", "Q4_K_M"]
+BOUND = {"Q8_0": SAME, "Q4_K_M": SAME, "IQ3_S": 0.99998}
+QUANTS = list(BOUND)
 
 
 def cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -64,14 +66,14 @@ def test_a_text_gets_one_vector_whatever_its_decode(outlier_models, quant, texts
         for extra in (1, 8, 57, 64, 400):
             for i in (1, 2, 3):  # short texts: where the regimes differed
                 got = padded.embed([tokens[i], filler[:extra]])[0]
-                assert cos(got, alone[i])[0] >= SAME, f"text {i} beside {extra} tokens"
+                assert cos(got, alone[i])[0] >= BOUND[quant], f"text {i} beside {extra} tokens"
         for cap in (64, 256, 512):
             for shard_size in (1, 7, 60):
                 got = np.concatenate([padded.embed(tokens[s:s + shard_size], padded.shape_for(
                     [len(t) for t in tokens[s:s + shard_size]], ubatch_cap=cap)) for s in range(0, len(tokens),
                                                                                                   shard_size)])
                 worst = cos(got, alone)
-                assert worst.min() >= SAME, f"cap {cap}, shards of {shard_size}: text {worst.argmin()}"
+                assert worst.min() >= BOUND[quant], f"cap {cap}, shards of {shard_size}: text {worst.argmin()}"
         assert max(map(len, tokens)) > 512, "some texts are decoded in pieces"
     finally:
         padded.close()
@@ -86,7 +88,7 @@ def test_invariance_holds_with_flash_attention_on_and_off(outlier_models, texts,
         alone = np.stack([padded.embed([t], single_document_shape(len(t)))[0] for t in tokens])
         for cap in (256, 512):
             packed = padded.embed(tokens, padded.shape_for([len(t) for t in tokens], ubatch_cap=cap))
-            assert cos(packed, alone).min() >= SAME, f"ubatch cap {cap}"
+            assert cos(packed, alone).min() >= BOUND[quant], f"ubatch cap {cap}"
     finally:
         padded.close()
 
