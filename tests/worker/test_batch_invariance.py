@@ -4,7 +4,9 @@ trained weights (tests/conftest.py: outlier_models), where llama.cpp's kernel re
 llama.cpp's CPU kernels choose their path by a decode's token count (NOTES.md 30): without padding the same text
 gets one vector alone and another in a decode of 64 tokens or more. The engine pads every decode to
 MIN_DECODE_TOKENS, and then a text's vector is the same, to the fifth digit of its cosine, whatever shard, plan,
-ubatch cap or neighbours it gets."""
+ubatch cap or neighbours it gets. With flash attention on, the project's llama.cpp build also cuts the attention's KV
+tiles from each sequence's own cells (patch 0002), and a text decoded in one piece gets the same vector to the last
+bits wherever its cells sit."""
 
 from __future__ import annotations
 
@@ -89,6 +91,48 @@ def test_invariance_holds_with_flash_attention_on_and_off(outlier_models, texts,
         for cap in (256, 512):
             packed = padded.embed(tokens, padded.shape_for([len(t) for t in tokens], ubatch_cap=cap))
             assert cos(packed, alone).min() >= BOUND[quant], f"ubatch cap {cap}"
+    finally:
+        padded.close()
+
+
+# With flash attention on (the default), where a text's KV cells sit in the cache no longer matters either: the CPU
+# kernel cuts its KV tiles from the cells each sequence sees, in cache order (infra/llama-cpp/patches/0002). A text
+# decoded in one piece then gets its vector to the last bits (what is left is the mean pooling's sum over the ubatch).
+# A text decoded in pieces can find a later piece's cells before an earlier one's (llama.cpp reuses freed cells from
+# the start of the cache), and the order of its softmax sums changes: 1 - cos up to 5.6e-7 measured.
+ONE_PIECE = 1e-12  # 1 - cos
+IN_PIECES = 1e-6
+
+
+def cuts(padded: Engine, tokens: list[np.ndarray]) -> dict[str, np.ndarray]:
+    """The same texts embedded alone and in the ways a job may cut them: ubatch caps 512 and 256, other neighbours."""
+    lengths = [len(t) for t in tokens]
+    return {
+        "alone": np.stack([padded.embed([t], single_document_shape(len(t)))[0] for t in tokens]),
+        "ubatch 512": padded.embed(tokens, padded.shape_for(lengths, ubatch_cap=512)),
+        "ubatch 256": padded.embed(tokens, padded.shape_for(lengths, ubatch_cap=256)),
+        "other neighbours": padded.embed(tokens[::-1], padded.shape_for(lengths[::-1], ubatch_cap=512))[::-1],
+    }
+
+
+def farthest(vectors: dict[str, np.ndarray], rows: np.ndarray) -> float:
+    """The largest 1 - cos of any cut's rows to the same texts alone."""
+    alone = vectors["alone"][rows]
+    return max(float((1 - cos(v[rows], alone)).max()) for v in vectors.values())
+
+
+@pytest.mark.parametrize("quant", QUANTS)
+def test_with_flash_attention_a_text_is_the_same_wherever_its_cells_sit(outlier_models, quant, texts, monkeypatch):
+    padded = engine(outlier_models[quant], flash_attn=True)
+    try:
+        tokens = [padded.vocab.tokenize(t) for t in texts]
+        one_piece = np.array([len(t) <= 256 for t in tokens])  # within the smallest cap: never split
+        assert one_piece.sum() > 40 and (~one_piece).sum() >= 5
+        vectors = cuts(padded, tokens)
+        assert farthest(vectors, one_piece) <= ONE_PIECE
+        assert farthest(vectors, ~one_piece) <= IN_PIECES
+        monkeypatch.setenv("GGML_CPU_FA_GATHER", "0")  # KV tiles cut from cell 0, as upstream: the placement shows
+        assert farthest(cuts(padded, tokens), one_piece) > 1e4 * ONE_PIECE, "the test could not fail"
     finally:
         padded.close()
 
