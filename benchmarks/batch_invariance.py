@@ -30,7 +30,7 @@ import numpy as np
 from bulkembed.synthetic import OUTLIER as SHAPE
 from bulkembed.synthetic import dequantized_copy, quantize, synthetic_texts, target_lengths
 from bulkembed.synthetic import write_qwen2vl_gguf as write_model
-from bulkembed.worker.engine import Engine, EngineOptions
+from bulkembed.worker.engine import Engine, EngineOptions, flash_attn_choice
 from bulkembed.worker.packing import MIN_DECODE_TOKENS, single_document_shape
 
 
@@ -98,12 +98,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--texts", type=int, default=200)
     parser.add_argument("--gain", type=float, default=60.0, help="outlier features' scale (0: plain random weights)")
-    parser.add_argument("--quants", default="Q8_0,Q4_K_M", help="F16 too; IQ types get a uniform importance matrix")
+    parser.add_argument("--quants", default="Q8_0,Q4_K_M",
+                        help="F16 too; types that need an importance matrix get a uniform one")
     parser.add_argument("--model", type=Path, help="measure this GGUF instead (no exact column)")
     parser.add_argument("--flash-attn", choices=["auto", "on", "off"], default="auto", help="every regime but exact")
     parser.add_argument("--full", action="store_true", help="pad bulkembed's decodes to the whole ubatch, not 64")
     args = parser.parse_args()
-    flash = {"auto": None, "on": True, "off": False}[args.flash_attn]
+    flash = flash_attn_choice(args.flash_attn)
     header = f"{'quant':8} {'regime':30} {'to exact':>22} {'to bulkembed (packed)':>22} {'bit-identical':>13}"
     if args.model:
         tokens = texts_for(args.model, args.texts)
@@ -121,8 +122,7 @@ def main() -> None:
           f"{args.flash_attn}; 1 - cos, worst / median", flush=True)
     print(header)
     for quant in args.quants.split(","):
-        model = quantize(f32, work / f"outlier-{quant}.gguf", quant, threads=2,
-                         uniform_imatrix=quant.upper().startswith("IQ"))
+        model = quantize(f32, work / f"outlier-{quant}.gguf", quant, threads=2, uniform_imatrix=True)
         exact = embed(dequantized_copy(model, work / f"outlier-{quant}-exact.gguf"), tokens, MIN_DECODE_TOKENS,
                       alone=True, flash_attn=False)
         measure(model, tokens, quant, flash, exact, args.full)
