@@ -93,6 +93,9 @@ def _worker_arguments(parser: argparse.ArgumentParser) -> None:
                         help="CPU threads per engine; 0 = the cores split between the engines")
     parser.add_argument("--flash-attn", choices=["auto", "on", "off"], default=defaults.flash_attn,
                         help="flash attention; auto = on wherever the backend supports it")
+    parser.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=defaults.isolate,
+                        help="one document a decode, from an emptied cache: vectors the same bits wherever a text is "
+                             "embedded, on any backend (GPUs need it for that), at a cost in throughput")
 
 
 def _engine_setup(args: argparse.Namespace):
@@ -101,7 +104,7 @@ def _engine_setup(args: argparse.Namespace):
 
     settings = WorkerSettings()
     options = EngineOptions.from_settings(settings, ubatch=args.ubatch, gpu_layers=args.gpu_layers,
-                                          threads=args.threads, flash_attn=args.flash_attn)
+                                          threads=args.threads, flash_attn=args.flash_attn, isolate=args.isolate)
     return EngineSetup(options, engines=args.engines, ubatch=args.ubatch, probe_cache=settings.probe_cache)
 
 

@@ -13,6 +13,7 @@ embedded alone gets the vector the bulk job gave the same text among thousands. 
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -102,6 +103,9 @@ def add_embed_parser(commands) -> None:
     parser.add_argument("--gpu-layers", type=int, default=-1, help="layers on the GPU; -1 = all")
     parser.add_argument("--flash-attn", choices=["auto", "on", "off"], default="auto",
                         help="as the bulk job ran (it changes the last digits of a vector)")
+    parser.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
+                        help="as the bulk job ran (default: BULKEMBED_ISOLATE); isolated texts get the bits of their "
+                             "rows on any backend")
     parser.set_defaults(func=cmd_embed)
 
 
@@ -119,7 +123,7 @@ def cmd_embed(args) -> int:
     if args.batch < 1:
         raise InputError(f"--batch {args.batch}: at least 1")
     options = EngineOptions.from_settings(WorkerSettings(), ubatch="auto", gpu_layers=args.gpu_layers,
-                                          threads=args.threads, flash_attn=args.flash_attn)
+                                          threads=args.threads, flash_attn=args.flash_attn, isolate=args.isolate)
     with Embedder(args.model, task=args.task, prefix=args.prefix, pooling=args.pooling, dims=args.dims,
                   normalize=not args.no_normalize, max_tokens=args.max_tokens, options=options) as embedder:
         vectors = np.concatenate([embedder.embed(texts[i:i + args.batch], args.role)

@@ -175,6 +175,13 @@ class WorkerSettings(Settings):
         "with padding no one reads, so every decode runs in one kernel regime and a text's vector does not depend on "
         "its neighbours or shard (README, Exact embeddings). 0 turns it off, only to measure what it fixes.",
     )
+    isolate: bool = Field(
+        False, description="Decode one document at a time, from the first cell of an emptied KV cache: each "
+        "document's decodes are then a function of its own tokens, and its vector the same bits whatever its shard, "
+        "neighbours, engine count or ubatch cap (where the cap does not cut it), on any backend. For GPUs, where "
+        "llama.cpp's kernels move a packed text's vector with its neighbours (cos ~0.9999); on CPU the default packing "
+        "is invariant already. Costs throughput: smaller decodes (README, Batch invariance).",
+    )
     logical_batch: int = Field(
         0, ge=0, description="Tokens per decode above the ubatch, as upstream tools do. Makes pooled means of "
         "long documents wrong; exists so benchmarks can compare and the start-up self-test can prove it refuses it.",

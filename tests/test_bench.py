@@ -153,18 +153,22 @@ def test_non_causal_model_is_measured_against_llama_embed(tmp_path: Path) -> Non
     assert any(n.startswith("seed: not run on a non-causal model") for n in report["notes"])
 
 
-def test_the_head_mode_measures_the_lm_head_computed_beside_it_skipped(tmp_path: Path) -> None:
-    """`bulkembed-head` is the bulkembed path as a stock llama.cpp runs it: the report says which the engine runs
-    and what the head costs."""
+def test_the_variant_modes_measure_one_option_changed_beside_the_default(tmp_path: Path) -> None:
+    """`bulkembed-head` is the bulkembed path as a stock llama.cpp runs it, `bulkembed-isolated` with --isolate: the
+    report says which the engine runs and what each costs."""
     done = subprocess.run([sys.executable, "-m", "bulkembed.bench", "--synthetic-model", "tiny", "--quant", "F32",
-                           "--synthetic", "30", "--threads", "1", "--modes", "bulkembed,bulkembed-head", "--work",
-                           str(tmp_path), "--json"], cwd=REPO, capture_output=True, text=True, timeout=300)
+                           "--synthetic", "30", "--threads", "1", "--modes",
+                           "bulkembed,bulkembed-head,bulkembed-isolated", "--work", str(tmp_path), "--json"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
     rows = {r["mode"]: r for r in report["modes"]}
-    assert list(rows) == ["bulkembed", "bulkembed-head"]
-    assert report["lm_head"] == "skipped"
+    assert list(rows) == ["bulkembed", "bulkembed-head", "bulkembed-isolated"]
+    assert report["lm_head"] == "skipped" and report["isolate"] is False
     assert rows["bulkembed"]["note"].endswith("LM head skipped")
     assert rows["bulkembed-head"]["note"].endswith("LM head computed (skip_lm_head is off)")
-    assert rows["bulkembed-head"]["tokens"] == rows["bulkembed"]["tokens"]
-    assert re.search(r"==> bulkembed without / with the LM head = [\d.]+ \(the head's share", format_report(report))
+    assert rows["bulkembed-isolated"]["note"].endswith("LM head skipped, one document a decode")
+    assert rows["bulkembed-head"]["tokens"] == rows["bulkembed-isolated"]["tokens"] == rows["bulkembed"]["tokens"]
+    text = format_report(report)
+    assert re.search(r"==> bulkembed without / with the LM head = [\d.]+ \(the head's share", text)
+    assert re.search(r"==> bulkembed isolated / packed = [\d.]+ \(what one document a decode costs", text)

@@ -54,6 +54,7 @@ WRONG_SETTINGS = [
     ("LOGICAL_BATCH", "-1"),
     ("SKIP_LM_HEAD", "sometimes"),
     ("MIN_DECODE", "-1"),
+    ("ISOLATE", "always"),
     ("JOB_RETENTION_S", "0"),
     ("REDIS_WAIT_S", "-5"),
     ("UNIT_ROWS", "0"),

@@ -23,8 +23,11 @@ TEXTS = mixed_texts(90, seed=9, long_every=9, long_tokens=(300, 700))
 IDS = [f"d{i}" for i in range(len(TEXTS))]
 
 
-def bulkembed(*args: str, stdin: str | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BULKEMBED_")} | {"HF_HUB_OFFLINE": "1"}
+def bulkembed(*args: str, stdin: str | None = None, timeout: float = 300,
+              env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`bulkembed ARGS` with no BULKEMBED_ setting of this shell's, only those of `env`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BULKEMBED_")} | {"HF_HUB_OFFLINE": "1",
+                                                                                    **(env or {})}
     result = subprocess.run([sys.executable, "-m", "bulkembed.cli", *args], cwd=REPO, env=env, input=stdin,
                             capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -58,10 +61,12 @@ def indexed(outlier_models, corpus, tmp_path_factory) -> dict[str, np.ndarray]:
 
 # --shard-tokens 40: every shard, so every decode, smaller than 64 tokens, the regime a job's last decodes and
 # queries ran in before padding (this case then failed: 68 of 90 rows below cos 0.999999, the worst 0.99984).
-def run_job(model: Path, corpus: Path, out: Path, *options: str) -> dict[str, np.ndarray]:
+def run_job(model: Path, corpus: Path, out: Path, *options: str,
+            env: dict[str, str] | None = None) -> dict[str, np.ndarray]:
     threads = "1" if "--engines" in options else "2"
     ubatch = [] if "--ubatch" in options else ["--ubatch", "512"]
-    bulkembed("run", str(corpus), "--model", str(model), "--out", str(out), "--threads", threads, *ubatch, *options)
+    bulkembed("run", str(corpus), "--model", str(model), "--out", str(out), "--threads", threads, *ubatch, *options,
+              env=env)
     return vectors_by_id(out)
 
 
@@ -118,3 +123,43 @@ def test_embed_writes_npy_and_refuses_what_a_job_would(outlier_models, tmp_path)
     assert cos(vectors[:1], embed(["the sea"], outlier_models["Q4_K_M"]))[0] >= SAME
     with pytest.raises(InputError, match="empty"):
         embed(["the sea", "  "], outlier_models["Q4_K_M"])
+
+
+# --isolate on kernels that move a packed text's vector with its decode's size and its cells' place, as llama.cpp's
+# CUDA kernels do: the CPU's without padding and with the KV tiles cut from cell 0 (an emulation of such a backend,
+# tests/worker/test_batch_invariance.py). Isolated, a job's rows and a text embedded alone are the same bits.
+MOVING_KERNELS = {"BULKEMBED_MIN_DECODE": "0", "GGML_CPU_FA_GATHER": "0"}
+
+
+def rows_not_bit_identical(got: dict[str, np.ndarray], want: dict[str, np.ndarray]) -> list[str]:
+    assert got.keys() == want.keys()
+    return [i for i in IDS if not np.array_equal(got[i], want[i])]
+
+
+@pytest.fixture(scope="module")
+def isolated_index(outlier_models, corpus, tmp_path_factory) -> dict[str, np.ndarray]:
+    return run_job(outlier_models["Q8_0"], corpus, tmp_path_factory.mktemp("isolated") / "out", "--isolate",
+                   "--flash-attn", "on", env=MOVING_KERNELS)
+
+
+def test_on_moving_kernels_a_packed_index_depends_on_how_the_job_is_cut(outlier_models, corpus, tmp_path):
+    """What --isolate is for, and proof that the test below can fail."""
+    runs = [run_job(outlier_models["Q8_0"], corpus, tmp_path / name, "--flash-attn", "on", *options,
+                    env=MOVING_KERNELS) for name, options in (("default", []), ("small", ["--shard-tokens", "40"]))]
+    assert len(rows_not_bit_identical(*runs)) > 10
+
+
+@pytest.mark.parametrize("options", [["--shard-tokens", "40"], ["--engines", "2"]], ids=" ".join)
+def test_isolated_the_index_keeps_its_bits_however_the_job_is_cut(outlier_models, corpus, isolated_index, tmp_path,
+                                                                 options):
+    got = run_job(outlier_models["Q8_0"], corpus, tmp_path / "out", "--isolate", "--flash-attn", "on", *options,
+                  env=MOVING_KERNELS)
+    assert rows_not_bit_identical(got, isolated_index) == []
+
+
+def test_isolated_embed_of_a_text_is_its_row_bit_for_bit(outlier_models, isolated_index):
+    picked = [0, 1, 2, 5, 9, 40]
+    result = bulkembed("embed", "--model", str(outlier_models["Q8_0"]), "--role", "passage", "--threads", "2",
+                       "--isolate", "--flash-attn", "on", *[TEXTS[i] for i in picked], env=MOVING_KERNELS)
+    got = np.array([json.loads(line)["embedding"] for line in result.stdout.splitlines()], np.float32)
+    assert np.array_equal(got, np.stack([isolated_index[IDS[i]] for i in picked]))

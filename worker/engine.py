@@ -50,16 +50,20 @@ class EngineOptions:
     # Every decode carries at least this many tokens (padding tops it up), so a text's vector does not depend on
     # how full its decode was (packing.MIN_DECODE_TOKENS); 0 turns it off, only to measure what it fixes.
     min_decode: int = MIN_DECODE_TOKENS
+    # One document a decode, from the first cell of an emptied cache: its vector is then the same bits wherever it is
+    # embedded, on any backend (packing: isolated), at the price of smaller decodes.
+    isolate: bool = False
 
 
     @classmethod
     def from_settings(cls, settings: WorkerSettings, *, ubatch: int | str, gpu_layers: int, threads: int,
-                      flash_attn: str) -> EngineOptions:
+                      flash_attn: str, isolate: bool | None = None) -> EngineOptions:
         """What the worker, `run` and `embed` embed with: the command's own options, the rest from BULKEMBED_*, so a
         query runs as its index did."""
         return cls(ubatch=ubatch if isinstance(ubatch, int) else 512, gpu_layers=gpu_layers, threads=threads,
                    flash_attn=flash_attn_choice(flash_attn), logical_batch=settings.logical_batch,
-                   skip_lm_head=settings.skip_lm_head, min_decode=settings.min_decode)
+                   skip_lm_head=settings.skip_lm_head, min_decode=settings.min_decode,
+                   isolate=settings.isolate if isolate is None else isolate)
 
 
 def flash_attn_choice(value: str) -> bool | None:
@@ -135,8 +139,12 @@ class _Context:
         self.batch.logits = self.outputs.ctypes.data_as(ctypes.POINTER(ctypes.c_int8))
 
     def forget(self, seq: int = -1) -> None:
-        """Drop a sequence's KV cells (-1: every sequence's)."""
-        if self.memory:
+        """Drop a sequence's KV cells (-1: every sequence's, and the next cells are taken from the first)."""
+        if not self.memory:
+            return
+        if seq < 0:
+            self._llama.llama_memory_clear(self.memory, False)
+        else:
             self._llama.llama_memory_seq_rm(self.memory, seq, -1, -1)
 
     def free(self) -> None:
@@ -199,7 +207,7 @@ class Engine:
     def shape_for(self, lengths: Sequence[int], pooling: Pooling | None = None,
                   ubatch_cap: int | None = None) -> ContextShape:
         return choose_shape(lengths, ubatch_cap or self.options.ubatch, pooling or self.pooling,
-                            self.options.logical_batch, self.info.causal, self.options.min_decode)
+                            self.options.logical_batch, self.info.causal, self.options.min_decode, self.options.isolate)
 
     def _context_for(self, shape: ContextShape) -> _Context:
         current = self._context
@@ -227,6 +235,8 @@ class Engine:
         The next decode's batch is filled while the device still computes this one: llama_decode has copied
         the batch when it returns, and its results are waited for only when `read` asks for them."""
         shape = with_min_decode(shape, self.options.min_decode)  # a caller's shape too: every decode in one regime
+        if self.options.isolate and not shape.isolated:
+            shape = replace(shape, isolated=True)
         context = self._context_for(shape)
         llama = self._llama
         plan = plan_decodes([len(d) for d in documents], shape)
@@ -241,11 +251,14 @@ class Engine:
             following = next(plan, None)
             n_next = _fill(context, documents, following) if following else 0
             read(context, pieces)
-            for p in pieces:
-                if p.last:
-                    context.forget(p.seq)
-            if shape.min_decode:
-                context.forget(shape.padding_seq)
+            if shape.isolated and pieces[0].last:
+                context.forget()  # the next document starts from the first cell, as it would alone
+            else:
+                for p in pieces:
+                    if p.last:
+                        context.forget(p.seq)
+                if shape.min_decode:
+                    context.forget(shape.padding_seq)
             pieces, n_tokens = following, n_next
 
     def _fit(self, shape: ContextShape, pooling: Pooling, lengths: Sequence[int]) -> ContextShape:

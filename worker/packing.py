@@ -11,6 +11,12 @@ enough to hold the shard's longest document.
 llama.cpp's kernels choose their path by the decode's token count (NOTES.md 30), so a text's vector would depend on
 how full its decode was. Every decode therefore carries at least `min_decode` tokens: one that the documents do not
 fill is topped up with padding, a sequence of its own that no one reads, so every decode runs in the same regime.
+
+That leaves where a text's KV cells sit and which columns it takes in a shared decode. The project's CPU build makes
+both irrelevant (infra/llama-cpp/patches/0002); llama.cpp's CUDA kernels do not (docs/benchmarks.md). An `isolated`
+shape therefore decodes one document at a time, from the first cell of an emptied cache: each decode's shape and
+contents are then a function of that document alone, and its vector the same bits wherever it is embedded, on any
+backend whose kernels give the same result for the same input (README, Batch invariance).
 """
 
 from __future__ import annotations
@@ -50,6 +56,7 @@ class ContextShape:
     pooling: Pooling = Pooling.MEAN  # NONE: every token's vector
     causal: bool = True  # False: documents are never split across decodes
     min_decode: int = 0  # decodes are padded to at least this many tokens; the last sequence slot is the padding's
+    isolated: bool = False  # one document a decode, its cells from the first of an emptied cache
 
     @property
     def pooled(self) -> bool:
@@ -81,7 +88,7 @@ def largest_divisor_at_most(n: int, limit: int) -> int:
 
 
 def choose_shape(lengths: Sequence[int], ubatch_cap: int, pooling: Pooling = Pooling.MEAN, n_batch: int = 0,
-                 causal: bool = True, min_decode: int = 0) -> ContextShape:
+                 causal: bool = True, min_decode: int = 0, isolated: bool = False) -> ContextShape:
     """Just enough context for the longest document, the biggest ubatch the shard can fill.
 
     n_seq_max must divide n_ubatch under mean pooling, or llama.cpp aborts the process
@@ -89,20 +96,25 @@ def choose_shape(lengths: Sequence[int], ubatch_cap: int, pooling: Pooling = Poo
     n_ubatch lets llama.cpp split decodes itself, as upstream tools do: pooled means then come back
     wrong for documents split across ubatches, which is why only benchmarks and the self-test use it.
     A non-causal model gets an ubatch that holds the longest document whole, above the cap if need be
-    (the producer's max tokens bounds it), and never a bigger n_batch.
+    (the producer's max tokens bounds it), and never a bigger n_batch. An isolated shape holds one document at a
+    time: an ubatch for the longest and a context for it alone (a document is cut by the cap, whatever the shard).
     """
     if not lengths:
         raise ValueError("a shard has at least one document")
     total, longest = sum(lengths), max(lengths)
-    n_ubatch = min(ubatch_cap, max(32, next_pow2(total)))
+    n_ubatch = min(ubatch_cap, max(32, next_pow2(longest if isolated else total)))
     if not causal:
         n_ubatch, n_batch = max(n_ubatch, next_pow2(longest)), 0
     n_seq_max = largest_divisor_at_most(n_ubatch, MAX_SEQUENCES)
     n_batch = n_batch if n_batch > n_ubatch else 0
-    # Room for the longest document plus one decode of others in flight beside it (non-causal: one decode).
-    n_ctx = _round_up((longest if causal else 1) + (n_batch or n_ubatch), CTX_ALIGN)
+    # Room for the longest document plus one decode of others in flight beside it (non-causal: one decode; isolated:
+    # the document alone).
+    if isolated:
+        n_seq_max, n_ctx = 1, _round_up(longest + 1, CTX_ALIGN)
+    else:
+        n_ctx = _round_up((longest if causal else 1) + (n_batch or n_ubatch), CTX_ALIGN)
     shape = ContextShape(n_ctx=n_ctx, n_ubatch=n_ubatch, n_seq_max=n_seq_max, n_batch=n_batch, pooling=pooling,
-                         causal=causal)
+                         causal=causal, isolated=isolated)
     return with_min_decode(shape, min_decode)
 
 
@@ -157,6 +169,8 @@ def plan_decodes(lengths: Sequence[int], shape: ContextShape) -> Iterator[list[P
             if stop < lengths[doc]:
                 still.append((doc, seq, stop))
         while room > 0 and next_doc < len(lengths) and free_seqs and reserved + lengths[next_doc] <= n_ctx:
+            if shape.isolated and pieces:
+                break  # one document a decode
             if not shape.causal and lengths[next_doc] > room:
                 break  # whole documents only: it starts the next decode
             doc, seq = next_doc, free_seqs.pop()

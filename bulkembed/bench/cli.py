@@ -40,8 +40,10 @@ from bulkembed.worker.packing import MIN_DECODE_TOKENS
 
 log = logging.getLogger(__name__)
 
-# bulkembed-head: the bulkembed path with the LM head computed, as on a stock llama.cpp build (what skipping it saves).
-MODES = ("bulkembed", "bulkembed-head", "raw", "llama-embed", "seed", "llama-embedding", "transformers")
+# The bulkembed path with one option changed, in its own engine: bulkembed-head computes the LM head, as on a stock
+# llama.cpp build (what skipping it saves); bulkembed-isolated decodes one document at a time (what --isolate costs).
+VARIANTS = {"bulkembed-head": {"skip_lm_head": False}, "bulkembed-isolated": {"isolate": True}}
+MODES = ("bulkembed", *VARIANTS, "raw", "llama-embed", "seed", "llama-embedding", "transformers")
 DEFAULT_MODES = ("bulkembed", "raw", "llama-embed", "seed", "llama-embedding")
 SWEEP_UBS = (64, 128, 256, 512, 1024, 2048, 4096)  # the seed blog's grid
 SWEEP_CTXS = (64, 128, 256, 512, 2048, 4096, 8192, 16384)
@@ -84,6 +86,9 @@ def add_bench_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     bench.add_argument("--min-decode", type=int, default=MIN_DECODE_TOKENS,
                        help=f"fewest tokens a decode carries (padding tops it up; default {MIN_DECODE_TOKENS}); 0 = "
                             "no padding, to measure what batch invariance costs")
+    bench.add_argument("--isolate", action="store_true",
+                       help="every bulkembed mode one document a decode, as the worker's --isolate (the "
+                            "bulkembed-isolated mode compares it with packing in one run)")
     bench.add_argument("--gpu-layers", type=int, default=-1)
     bench.add_argument("--flash-attn", choices=["auto", "on", "off"], default="auto")
     bench.add_argument("--repeat", type=int, default=1, help="run each measurement N times, report the fastest")
@@ -113,41 +118,40 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def measure(model: Path, quant: str | None, modes: list[str], args: argparse.Namespace) -> dict:
     options = EngineOptions(ubatch=args.ubatch if isinstance(args.ubatch, int) else 512, gpu_layers=args.gpu_layers,
                             threads=args.threads, flash_attn=flash_attn_choice(args.flash_attn),
-                            min_decode=args.min_decode)
+                            min_decode=args.min_decode, isolate=args.isolate)
     ubatch = args.ubatch
     if not isinstance(ubatch, int):  # measured as a worker would, then used by every mode of this process
         ubatch = run_engines_probe(model, options, args)
         options = dataclasses.replace(options, ubatch=ubatch)
     engine = Engine(model, options)
-    with_head = Engine(model, dataclasses.replace(options, skip_lm_head=False)) if "bulkembed-head" in modes else None
+    variants = {mode: Engine(model, dataclasses.replace(options, **VARIANTS[mode])) for mode in modes
+                if mode in VARIANTS}
+    engines = [engine, *variants.values()]
     results: dict[str, list[Result]] = {}
     try:
         report = describe(engine, model, quant)
         corpus = load_corpus(args, engine)
-        for warm in (engine, with_head):  # the first decodes page the weights in
-            if warm:
-                warm.embed(corpus.tokens[:8])
+        for warm in engines:  # the first decodes page the weights in
+            warm.embed(corpus.tokens[:8])
         runs = {"bulkembed": lambda: run_bulkembed(engine, corpus, args.shard_tokens),
                 "raw": lambda: run_raw(engine, corpus, args.shard_tokens), "seed": lambda: run_seed(engine, corpus)}
-        if with_head:
-            runs["bulkembed-head"] = lambda: run_bulkembed(with_head, corpus, args.shard_tokens, "bulkembed-head")
+        for mode, variant in variants.items():
+            runs[mode] = lambda mode=mode, variant=variant: run_bulkembed(variant, corpus, args.shard_tokens, mode)
         pooling = engine.pooling
         if not engine.info.causal:  # the seed recipe splits documents across ubatches: wrong for such a model
             runs.pop("seed")
         for attempt in range(args.repeat):  # round robin, so a burst of other load hits every mode alike
             for mode in (m for m in modes if m in runs):
-                for each in (engine, with_head):
-                    if each:
-                        drop_context(each)
+                for each in engines:
+                    drop_context(each)
                 result = runs[mode]()
                 log.info("bench: %s run %d: %.0f tok/s", mode, attempt + 1, result.tokens / result.seconds)
                 if mode not in results or result.seconds < results[mode][0].seconds:
                     results[mode] = [result]
         sweep = run_sweep(engine, corpus, args.ubs, args.ctxs, args.repeat) if args.sweep else None
     finally:
-        engine.close()  # before the other modes load their own copies: peak RSS must not count two models
-        if with_head:
-            with_head.close()
+        for each in engines:  # before the other modes load their own copies: peak RSS must not count two models
+            each.close()
     gpu = report["device"]["gpu_offload"]
     notes = []
     if "seed" in modes and "seed" not in results:
@@ -177,7 +181,7 @@ def measure(model: Path, quant: str | None, modes: list[str], args: argparse.Nam
     ratio = next((r["ratio_to_raw"] for r in rows if r["mode"] == "bulkembed"), None)
     return report | {"corpus": corpus.summary(), "threads": args.threads, "ubatch": ubatch,
                      "flash_attn": args.flash_attn, "shard_tokens": args.shard_tokens, "repeat": args.repeat,
-                     "min_decode": args.min_decode,
+                     "min_decode": args.min_decode, "isolate": args.isolate,
                      "rss_note": Meter.rss_note, "modes": rows, "ratio_bulkembed_raw": ratio, "sweep": sweep,
                      "notes": notes}
 

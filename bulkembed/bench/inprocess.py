@@ -118,7 +118,8 @@ def run_bulkembed(engine: Engine, corpus: Corpus, shard_tokens: int, mode: str =
     # Making a context (a new shard shape) is part of the per-shard path; on a GPU it is not free.
     contexts = f"{engine.contexts_made - made} contexts made in {engine.context_seconds - seconds:.2f}s"
     return Result.of(mode, len(corpus.texts), tokens, meter,
-                     f"{len(shards)} shards of <= {shard_tokens} tokens, {contexts}, LM head {engine.lm_head_state}")
+                     f"{len(shards)} shards of <= {shard_tokens} tokens, {contexts}, LM head {engine.lm_head_state}"
+                     f"{', one document a decode' if engine.options.isolate else ''}")
 
 
 def run_raw(engine: Engine, corpus: Corpus, shard_tokens: int) -> Result:

@@ -40,8 +40,8 @@ def format_report(report: dict) -> str:
         f"corpus  {c['source']}: {c['docs']} docs, {c['tokens']} tokens, length min/median/max "
         f"{c['min']}/{c['median']:.0f}/{c['max']}",
         f"run     threads {report['threads']}, ubatch cap {report['ubatch']}, flash-attn {report['flash_attn']}, "
-        f"shard tokens {report['shard_tokens']}, decodes padded to {report.get('min_decode', '?')}, best of "
-        f"{report['repeat']}",
+        f"shard tokens {report['shard_tokens']}, decodes padded to {report.get('min_decode', '?')}"
+        f"{', one document a decode' if report.get('isolate') else ''}, best of {report['repeat']}",
         f"device  {report['device']['summary']}",
         f"LM head {report.get('lm_head', '?')} (the bulkembed row's engine)",
         f"memory  {report['rss_note']}; peak RSS includes the resident model", "",
@@ -60,10 +60,14 @@ def format_report(report: dict) -> str:
         verdict = "meets" if ratio >= 0.95 else "BELOW"
         lines += ["", f"==> bulkembed / raw = {ratio:.3f} ({verdict} the >= 0.95 target)"]
     rate = {r["mode"]: r["tok_per_s"] for r in report["modes"]}
-    best = max((m for m in rate if m.startswith("bulkembed") and m != "bulkembed-head"), key=rate.get, default=None)
+    best = max((m for m in rate if m.startswith("bulkembed") and m not in ("bulkembed-head", "bulkembed-isolated")),
+               key=rate.get, default=None)
     if "bulkembed-head" in rate and "bulkembed" in rate:
         lines.append(f"==> bulkembed without / with the LM head = {rate['bulkembed'] / rate['bulkembed-head']:.2f} "
                      f"(the head's share of the time: {1 - rate['bulkembed-head'] / rate['bulkembed']:.0%})")
+    if "bulkembed-isolated" in rate and "bulkembed" in rate:
+        lines.append(f"==> bulkembed isolated / packed = {rate['bulkembed-isolated'] / rate['bulkembed']:.2f} "
+                     f"(what one document a decode costs)")
     for peer in ("llama-embedding", "llama-embed", "transformers"):
         if best and peer in rate:
             lines.append(f"==> {best} / {peer} = {rate[best] / rate[peer]:.2f}")

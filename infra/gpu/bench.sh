@@ -3,7 +3,7 @@
 # docs/benchmarks.md, in calls that each fit the device tool's 10 minutes: `bench.sh check` (exactness on
 # CUDA, the import-order crash, the v4-shaped models), `bench.sh f16` (auto ubatch vs 512, 1 vs 3 engines, the
 # real llama-embedding and transformers), `bench.sh f16-ubs` (3 engines at ub 1024 and 2048), `bench.sh quants`
-# (Q8_0, IQ3_S, `bulkembed run` with 1 and auto engines).
+# (Q8_0, IQ3_S, `bulkembed run` with 1 and auto engines), `bench.sh isolated` (--isolate on CUDA: invariance, cost).
 # The bench runs as `python3 -m bulkembed.bench`: its in-process modes run llama.cpp in the bench's own process,
 # and the `bulkembed` command imports pyarrow, which crashed beside llama.cpp on the H100 image
 # (docs/benchmarks.md); `bulkembed run` keeps llama.cpp in llama processes of its own. Results go to $OUT
@@ -73,6 +73,23 @@ EOF2
     --modes bulkembed,bulkembed-head,raw,llama-embedding,transformers --peer-ubatch 512
   # 5. If time is left: the same invariance cuts on the v4-shaped F16 (random weights, no exact column).
   step invariance-v4 90 "${LLAMA_FIRST[@]}" $REPO/benchmarks/batch_invariance.py --model $W/synthetic-v4-F16.gguf --texts 100
+  ;;
+isolated)
+  # --isolate on CUDA (one document a decode, from an emptied cache): are the rows bit-identical whatever the cut and
+  # the neighbours (packing's are not: `window`), and what does it cost against packing? About 7 minutes; steps.log
+  # and the two benches' reports come back.
+  nvidia-smi --query-gpu=name,memory.total,driver_version,compute_cap --format=csv,noheader | tee -a "$LOG"
+  python3 -c "from pathlib import Path; from bulkembed.bench.inprocess import synthetic_model as m
+print(m('v4', 'F16', Path('$W'), 8))" > /tmp/model.log 2>&1 &
+  maker=$!
+  step invariance-isolated 120 "${LLAMA_FIRST[@]}" $REPO/benchmarks/batch_invariance.py --quants F16,Q8_0,IQ3_S --isolate
+  wait $maker; cat /tmp/model.log | tee -a "$LOG"
+  step invariance-v4-isolated 120 "${LLAMA_FIRST[@]}" $REPO/benchmarks/batch_invariance.py \
+    --model $W/synthetic-v4-F16.gguf --texts 100 --isolate
+  # One engine each, taking turns in one process; then isolated with 3 engines (small decodes leave a GPU idle).
+  bench iso-f16 150 --synthetic-model v4 --quant F16 --synthetic 1500 --ubatch 1024 --modes bulkembed,bulkembed-isolated
+  bench iso-f16-engines 120 --synthetic-model v4 --quant F16 --synthetic 1500 --ubatch 1024 --engines 3 --isolate \
+    --modes bulkembed
   ;;
 padding)
   # Batch invariance on CUDA with every decode padded to the whole ubatch (one decode size, so one kernel shape),

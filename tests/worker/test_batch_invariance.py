@@ -10,6 +10,8 @@ bits wherever its cells sit."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -149,3 +151,66 @@ def test_workers_pad_to_the_minimum_by_default():
     from bulkembed.contract.settings import WorkerSettings
 
     assert WorkerSettings().min_decode == MIN_DECODE_TOKENS == EngineOptions().min_decode
+
+
+# Isolation (--isolate): one document a decode, from the first cell of an emptied cache, so its decodes are a
+# function of its own tokens. The CPU build here would hide what it is for (padding and patch 0002 already give
+# invariance), so these tests take both away: without padding and with the KV tiles cut from cell 0 (upstream's
+# tiling), the CPU's kernels move a packed text's vector with its decode's size and its cells' place, as llama.cpp's
+# CUDA kernels do (an emulation of such a backend, not a GPU). Isolated, every text keeps its bits.
+def isolation_cuts(engine_: Engine, tokens: list[np.ndarray]) -> dict[str, np.ndarray]:
+    """The same texts as a job may cut them under one ubatch cap: alone, in shards of 7 and of all, in reverse."""
+    lengths = [len(t) for t in tokens]
+    return {
+        "alone": np.stack([engine_.embed([t])[0] for t in tokens]),
+        "shards of 7": np.concatenate([engine_.embed(tokens[s:s + 7]) for s in range(0, len(tokens), 7)]),
+        "one shard": engine_.embed(tokens, engine_.shape_for(lengths)),
+        "other neighbours": engine_.embed(tokens[::-1])[::-1],
+    }
+
+
+def rows_not_bit_identical(vectors: dict[str, np.ndarray]) -> int:
+    alone = vectors["alone"]
+    return sum(int((~np.all(v == alone, axis=1)).sum()) for v in vectors.values())
+
+
+@pytest.mark.parametrize("quant", ["Q8_0", "IQ3_S"])
+def test_isolated_a_text_keeps_its_bits_where_kernels_move_it(outlier_models, quant, texts, monkeypatch):
+    monkeypatch.setenv("GGML_CPU_FA_GATHER", "0")
+    options = EngineOptions(ubatch=256, threads=2, min_decode=0, flash_attn=True)
+    packed = Engine(outlier_models[quant], options)
+    isolated = Engine(outlier_models[quant], replace(options, isolate=True))
+    try:
+        tokens = [packed.vocab.tokenize(t) for t in texts]
+        assert max(map(len, tokens)) > 256, "some texts are decoded in pieces"
+        assert rows_not_bit_identical(isolation_cuts(packed, tokens)) > 10, "the kernels do not move vectors here"
+        cut = isolation_cuts(isolated, tokens)
+        assert rows_not_bit_identical(cut) == 0
+        # Another ubatch cap cuts long texts elsewhere; the ones it does not cut keep their bits.
+        wider = Engine(outlier_models[quant], replace(options, ubatch=512, isolate=True))
+        try:
+            uncut = np.array([len(t) <= 256 for t in tokens])
+            assert np.all(wider.embed(tokens)[uncut] == cut["alone"][uncut])
+        finally:
+            wider.close()
+        # Isolation changes nothing but the layout: the vectors are the model's, as close to packed ones as ever.
+        assert cos(cut["alone"], isolation_cuts(packed, tokens)["alone"]).min() >= BOUND[quant]
+    finally:
+        packed.close()
+        isolated.close()
+
+
+def test_an_isolated_plan_holds_one_document_a_decode():
+    from bulkembed.worker.packing import choose_shape, plan_decodes
+
+    lengths = [5, 300, 40, 1, 700]
+    packed_shape = choose_shape(lengths, 256, min_decode=MIN_DECODE_TOKENS)
+    # The engine's own isolated shape, and a caller's packed one (the self-test's, a probe's) made isolated.
+    for shape in (choose_shape(lengths, 256, min_decode=MIN_DECODE_TOKENS, isolated=True),
+                  replace(packed_shape, isolated=True)):
+        decodes = list(plan_decodes(lengths, shape))
+        assert all(len({p.doc for p in pieces}) == 1 for pieces in decodes)
+        assert [p.doc for pieces in decodes for p in pieces] == [0, 1, 1, 2, 3, 4, 4, 4]
+        assert [p.stop - p.start for pieces in decodes for p in pieces] == [5, 256, 44, 40, 1, 256, 256, 188]
+    packed = list(plan_decodes(lengths, packed_shape))
+    assert len(packed) < len(decodes) and any(len(pieces) > 1 for pieces in packed)
