@@ -38,7 +38,8 @@ def vector_type(dims: int, job: JobSpec) -> pa.DataType:
     return pa.list_(vector) if job.pooling is Pooling.NONE else vector
 
 
-def embedding_schema(id_type: pa.DataType, dims: int, job: JobSpec) -> pa.Schema:
+def embedding_schema(id_type: pa.DataType, dims: int, job: JobSpec, decoded_by: str = "") -> pa.Schema:
+    """`decoded_by`: what the worker's vectors depend on beyond the job (worker.engine.Engine.decoded_by)."""
     metadata = {
         "model_file": job.model.file_name,
         "model_sha256": job.model.sha256,
@@ -51,6 +52,7 @@ def embedding_schema(id_type: pa.DataType, dims: int, job: JobSpec) -> pa.Schema
         "dtype": job.dtype.value,
         "max_tokens": str(job.max_tokens),
         "overlength": job.overlength.value,
+        "decoded_by": decoded_by,
     }
     return pa.schema(
         [

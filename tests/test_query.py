@@ -16,6 +16,7 @@ import numpy as np
 import pyarrow.dataset as ds
 import pytest
 
+from bulkembed.contract.schema import read_metadata
 from tests.conftest import REPO, mixed_texts, write_corpus
 from tests.worker.test_batch_invariance import SAME  # README's contract
 
@@ -36,6 +37,9 @@ def bulkembed(*args: str, stdin: str | None = None, timeout: float = 300,
 
 def vectors_by_id(out: Path) -> dict[str, np.ndarray]:
     table = ds.dataset(out, format="arrow").to_table()
+    decoded_by = read_metadata(table.schema)["decoded_by"]  # what queries must be embedded alike
+    assert decoded_by.startswith(("packed; decodes padded to ", "isolated; decodes padded to ")), decoded_by
+    assert "; CPU; llama-cpp-python 0.3.36+bulkembed." in decoded_by, decoded_by
     return dict(zip(table["id"].to_pylist(), np.stack(table["embedding"].to_numpy(zero_copy_only=False)),
                     strict=True))
 
@@ -155,6 +159,8 @@ def test_isolated_the_index_keeps_its_bits_however_the_job_is_cut(outlier_models
     got = run_job(outlier_models["Q8_0"], corpus, tmp_path / "out", "--isolate", "--flash-attn", "on", *options,
                   env=MOVING_KERNELS)
     assert rows_not_bit_identical(got, isolated_index) == []
+    decoded_by = read_metadata(ds.dataset(tmp_path / "out", format="arrow").schema)["decoded_by"]
+    assert decoded_by.startswith("isolated; decodes padded to 0; flash attention on; CPU"), decoded_by
 
 
 def test_isolated_embed_of_a_text_is_its_row_bit_for_bit(outlier_models, isolated_index):

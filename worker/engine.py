@@ -66,9 +66,12 @@ class EngineOptions:
                    isolate=settings.isolate if isolate is None else isolate)
 
 
+FLASH_ATTN_WORDS = {None: "auto", True: "on", False: "off"}  # EngineOptions.flash_attn -> --flash-attn
+
+
 def flash_attn_choice(value: str) -> bool | None:
     """--flash-attn auto|on|off as EngineOptions takes it (None: llama.cpp decides)."""
-    return {"auto": None, "on": True, "off": False}[value]
+    return {word: choice for choice, word in FLASH_ATTN_WORDS.items()}[value]
 
 
 # The switch of infra/llama-cpp/patches/0001, read by llama.cpp when a context is created.
@@ -195,6 +198,15 @@ class Engine:
         if self._head_skipped_by is None:
             return "computed (a stock llama.cpp build: infra/install.sh builds one that skips it)"
         return "computed (skip_lm_head is off)"
+
+    @property
+    def decoded_by(self) -> str:
+        """What a vector depends on beyond the job's options, for the output's metadata: vectors with another of
+        these differ in their last digits (README, Batch invariance), so queries should be embedded alike."""
+        o = self.options
+        return (f"{'isolated' if o.isolate else 'packed'}; decodes padded to {o.min_decode}; flash attention "
+                f"{FLASH_ATTN_WORDS[o.flash_attn]}; {'GPU' if self.gpu_offload else 'CPU'}; "
+                f"llama-cpp-python {self._llama.__version__}")
 
     def close(self) -> None:
         if self._context:

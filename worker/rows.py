@@ -42,6 +42,7 @@ class EmbeddedRows:
     vectors: np.ndarray | list[np.ndarray]
     rejected: dict[int, str]
     n_embd: int
+    decoded_by: str = ""  # Engine.decoded_by: what the vectors depend on beyond the job (device, build, layout)
 
 
 def query_rows(engine: Engine, texts: list[str], prefix: str, pooling: Pooling, max_tokens: int) -> ShardRows:
@@ -70,7 +71,7 @@ def finish_vectors(vectors: np.ndarray, dims: int, normalize: bool) -> np.ndarra
 def embed_rows(engine: Engine, rows: ShardRows) -> EmbeddedRows:
     tokens, reasons = _tokens(engine, rows)
     vectors, failed = _embed_isolating_failures(engine, rows, tokens, reasons)
-    return EmbeddedRows(vectors, reasons | failed, engine.n_embd)
+    return EmbeddedRows(vectors, reasons | failed, engine.n_embd, engine.decoded_by)
 
 
 def _tokens(engine: Engine, rows: ShardRows) -> tuple[list[np.ndarray], dict[int, str]]:

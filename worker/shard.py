@@ -77,7 +77,8 @@ def write_shard(shard: OpenShard, embedded: EmbeddedRows, store: Store, guard: G
     good = np.array([i not in embedded.rejected for i in range(table.num_rows)], bool)
     if not good.all():
         _quarantine(store, message, table, embedded.rejected)
-    output = _output_table(table.filter(pa.array(good)), embedded.vectors, message.job, embedded.n_embd)
+    output = _output_table(table.filter(pa.array(good)), embedded.vectors, message.job, embedded.n_embd,
+                           embedded.decoded_by)
     data = to_ipc_bytes(output)
     with guard():
         if not store.put_if_absent(message.output_key, data):
@@ -91,7 +92,7 @@ def write_shard(shard: OpenShard, embedded: EmbeddedRows, store: Store, guard: G
                        sha256=hashlib.sha256(data).hexdigest(), rejected=int((~good).sum()), seconds=seconds)
 
 
-def _output_table(table: pa.Table, vectors, job: JobSpec, n_embd: int) -> pa.Table:
+def _output_table(table: pa.Table, vectors, job: JobSpec, n_embd: int, decoded_by: str) -> pa.Table:
     dims = job.dims or n_embd
     value_type = pa.float16() if job.dtype is Dtype.FLOAT16 else pa.float32()
     if job.pooling is Pooling.NONE:
@@ -106,7 +107,7 @@ def _output_table(table: pa.Table, vectors, job: JobSpec, n_embd: int) -> pa.Tab
     return pa.Table.from_arrays(
         [table.column(name) if name != "embedding" else embedding
          for name in ("id", "embedding", "n_tokens", "truncated", "chunk", "content_hash")],
-        schema=embedding_schema(table.schema.field("id").type, dims, job),
+        schema=embedding_schema(table.schema.field("id").type, dims, job, decoded_by),
     )
 
 
