@@ -4,28 +4,44 @@
 pooling the bulk job runs), and embeds each call's texts as rows of a shard: the same prefix table
 (contract.job.choose_prefix), the same framing and truncation (worker.rows.query_rows), the same Matryoshka cut and
 normalization (worker.rows.finish_vectors). Every decode is padded to one kernel regime (worker.packing), so a query
-embedded alone gets the vector the bulk job gave the same text among thousands. No Arrow and no Redis here.
+embedded alone gets the vector the bulk job gave the same text among thousands. `Embedder.for_index` takes all of
+that from a finished output: its manifest's job spec and its files' decoded_by. No Redis here.
 
     from bulkembed import Embedder
-    with Embedder("model.gguf") as embedder:
+    with Embedder.for_index("s3://bucket/embeddings") as embedder:   # or Embedder("model.gguf", task=...)
         vectors = embedder.embed(["what is mean pooling?"], role="query")
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
+from bulkembed.contract import keys
 from bulkembed.contract.errors import InputError
-from bulkembed.contract.job import Pooling, Role, Task, choose_prefix
-from bulkembed.contract.model import check_dims, choose_max_tokens, choose_pooling, model_info, resolve_path
+from bulkembed.contract.job import JobSpec, Pooling, Role, Task, choose_prefix
+from bulkembed.contract.manifest import manifest_shards, read_manifest
+from bulkembed.contract.model import (
+    check_dims,
+    choose_max_tokens,
+    choose_pooling,
+    file_sha256,
+    model_info,
+    resolve_path,
+)
+from bulkembed.contract.schema import from_ipc_bytes, read_decoded_by
 from bulkembed.contract.settings import ProducerSettings
+from bulkembed.contract.store import open_store
 from bulkembed.worker.engine import EngineOptions
 from bulkembed.worker.engines import EngineProcess
 from bulkembed.worker.rows import finish_vectors
+
+log = logging.getLogger(__name__)
 
 
 class Embedder:
@@ -46,6 +62,34 @@ class Embedder:
         self.normalize = normalize
         self.max_tokens = choose_max_tokens(max_tokens, info, ProducerSettings().max_ubatch, self.path.name)
         self.engine = EngineProcess(self.path, options or EngineOptions())
+
+    @classmethod
+    def for_index(cls, out: str | Path, model: str | Path | None = None, *, prefix: str | None = None,
+                  options: EngineOptions | None = None) -> Embedder:
+        """Embed as the job that wrote `out` (a finished bulk output, local or s3://) embedded its rows: its model
+        (by default the one it named, checked by sha256), prefix rule, pooling, dims, normalization and max tokens
+        from its manifest, and its decoding (padding, flash attention, --isolate) from its files. `prefix`: the
+        queries' own, where the job had a custom one (the job's is used for every role otherwise). `options`: the
+        rest (threads, GPU layers)."""
+        job, decoded_by = read_index(str(out))
+        path = resolve_path(str(model or job.model.spec))
+        if file_sha256(path) != job.model.sha256:
+            raise InputError(f"{path} is not the model {out} was embedded with ({job.model.file_name}, sha256 "
+                             f"{job.model.sha256[:12]})")
+        options = options or EngineOptions()
+        if decoded_by:
+            options = options.like(decoded_by)
+        table_prefix = job.task is not None and job.prefix == choose_prefix(job.task, job.role, None, path.name)
+        embedder = cls(path, task=job.task, prefix=None if table_prefix else (job.prefix if prefix is None else prefix),
+                       pooling=job.pooling, dims=job.dims, normalize=job.normalize, max_tokens=job.max_tokens,
+                       options=options)
+        here = {"device": "GPU" if embedder.engine.facts.gpu_offload else "CPU",
+                "llama_cpp": importlib.metadata.version("llama-cpp-python")}
+        if differs := [f"{key} {decoded_by[key]} there, {here[key]} here" for key in here
+                       if key in decoded_by and decoded_by[key] != here[key]]:
+            log.warning("%s was embedded on another device or build (%s): vectors differ in their last digits",
+                        out, "; ".join(differs))
+        return embedder
 
     def embed(self, texts: Sequence[str], role: Role | str = Role.QUERY) -> np.ndarray:
         """(len(texts), dims) float32: each text's vector as a bulk job with this role would write it."""
@@ -70,6 +114,19 @@ class Embedder:
         self.close()
 
 
+def read_index(out: str) -> tuple[JobSpec, dict]:
+    """A finished output's job spec (its manifest) and how its first file was decoded (its decoded_by; {} when its
+    files predate it)."""
+    store = open_store(out)
+    manifest = read_manifest(store)
+    if manifest is None:
+        raise InputError(f"--index {out}: no {keys.MANIFEST_KEY} there; a finished job's output is needed")
+    job = JobSpec.model_validate(manifest["job"])
+    files = manifest_shards(store, manifest).column("key").to_pylist() + [f["key"] for f in manifest["reused_files"]]
+    decoded_by = read_decoded_by(from_ipc_bytes(store.get(files[0])).schema) if files else {}
+    return job, decoded_by
+
+
 def embed(texts: Sequence[str], model: str | Path, role: Role | str = Role.QUERY, **options) -> np.ndarray:
     """Load `model`, embed `texts`, unload: for one call. Keep an `Embedder` for many."""
     with Embedder(model, **options) as embedder:
@@ -84,8 +141,12 @@ def add_embed_parser(commands) -> None:
     parser = commands.add_parser("embed", help="embed texts as a bulk job would (queries): arguments or stdin lines "
                                  "→ JSON lines or .npy")
     parser.add_argument("texts", nargs="*", help="texts to embed; none: one text per line of standard input")
-    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"a local .gguf path or REPO:QUANT (default "
-                        f"{DEFAULT_MODEL})")
+    parser.add_argument("--index", metavar="OUT", default=None,
+                        help="a finished bulk output (folder or s3://): embed as its job did, so a text gets its "
+                             "row's vector (model, prefix rule, pooling, dims, normalization, max tokens, padding, "
+                             "flash attention, --isolate); options that would change that are refused beside it")
+    parser.add_argument("--model", default=None, help=f"a local .gguf path or REPO:QUANT (default: the index's "
+                        f"model, else {DEFAULT_MODEL})")
     parser.add_argument("--role", choices=[r.value for r in Role], default=Role.QUERY.value,
                         help="query (default) or passage; picks the prefix from v4's table")
     parser.add_argument("--task", choices=[t.value for t in Task], default=None,
@@ -101,8 +162,8 @@ def add_embed_parser(commands) -> None:
     parser.add_argument("--batch", type=int, default=256, help="texts per engine call")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads for llama.cpp; 0 = every core")
     parser.add_argument("--gpu-layers", type=int, default=-1, help="layers on the GPU; -1 = all")
-    parser.add_argument("--flash-attn", choices=["auto", "on", "off"], default="auto",
-                        help="as the bulk job ran (it changes the last digits of a vector)")
+    parser.add_argument("--flash-attn", choices=["auto", "on", "off"], default=None,
+                        help="as the bulk job ran (it changes the last digits of a vector; default auto)")
     parser.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
                         help="as the bulk job ran (default: BULKEMBED_ISOLATE); isolated texts get the bits of their "
                              "rows on any backend")
@@ -113,6 +174,7 @@ def cmd_embed(args) -> int:
     import json
     import sys
 
+    from bulkembed.contract.model import DEFAULT_MODEL
     from bulkembed.contract.settings import WorkerSettings
 
     texts = args.texts or ([] if sys.stdin is None or sys.stdin.isatty() else [line.rstrip("\n") for line in sys.stdin])
@@ -123,9 +185,20 @@ def cmd_embed(args) -> int:
     if args.batch < 1:
         raise InputError(f"--batch {args.batch}: at least 1")
     options = EngineOptions.from_settings(WorkerSettings(), ubatch="auto", gpu_layers=args.gpu_layers,
-                                          threads=args.threads, flash_attn=args.flash_attn, isolate=args.isolate)
-    with Embedder(args.model, task=args.task, prefix=args.prefix, pooling=args.pooling, dims=args.dims,
-                  normalize=not args.no_normalize, max_tokens=args.max_tokens, options=options) as embedder:
+                                          threads=args.threads, flash_attn=args.flash_attn or "auto",
+                                          isolate=args.isolate)
+    if args.index:
+        vector_options = {"--task": args.task, "--pooling": args.pooling, "--dims": args.dims,
+                          "--no-normalize": args.no_normalize or None, "--max-tokens": args.max_tokens,
+                          "--flash-attn": args.flash_attn, "--isolate": args.isolate}
+        if given := [name for name, value in vector_options.items() if value is not None]:
+            raise InputError(f"--index takes {', '.join(given)} from the index's job; leave them out")
+        embedder = Embedder.for_index(args.index, args.model, prefix=args.prefix, options=options)
+    else:
+        embedder = Embedder(args.model or DEFAULT_MODEL, task=args.task, prefix=args.prefix, pooling=args.pooling,
+                            dims=args.dims, normalize=not args.no_normalize, max_tokens=args.max_tokens,
+                            options=options)
+    with embedder:
         vectors = np.concatenate([embedder.embed(texts[i:i + args.batch], args.role)
                                   for i in range(0, len(texts), args.batch)])
     if args.out is not None and args.out.suffix == ".npy":

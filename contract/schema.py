@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 
 import pyarrow as pa
 
@@ -38,8 +39,9 @@ def vector_type(dims: int, job: JobSpec) -> pa.DataType:
     return pa.list_(vector) if job.pooling is Pooling.NONE else vector
 
 
-def embedding_schema(id_type: pa.DataType, dims: int, job: JobSpec, decoded_by: str = "") -> pa.Schema:
-    """`decoded_by`: what the worker's vectors depend on beyond the job (worker.engine.Engine.decoded_by)."""
+def embedding_schema(id_type: pa.DataType, dims: int, job: JobSpec, decoded_by: dict | None = None) -> pa.Schema:
+    """`decoded_by`: what the worker's vectors depend on beyond the job (worker.engine.Engine.decoded_by), kept as
+    JSON (read_decoded_by)."""
     metadata = {
         "model_file": job.model.file_name,
         "model_sha256": job.model.sha256,
@@ -52,7 +54,7 @@ def embedding_schema(id_type: pa.DataType, dims: int, job: JobSpec, decoded_by: 
         "dtype": job.dtype.value,
         "max_tokens": str(job.max_tokens),
         "overlength": job.overlength.value,
-        "decoded_by": decoded_by,
+        "decoded_by": json.dumps(decoded_by or {}, sort_keys=True),
     }
     return pa.schema(
         [
@@ -81,6 +83,11 @@ def read_metadata(schema: pa.Schema) -> dict[str, str]:
         for k, v in raw.items()
         if k.decode().startswith(METADATA_PREFIX)
     }
+
+
+def read_decoded_by(schema: pa.Schema) -> dict:
+    """What the worker recorded of how it decoded (embedding_schema's decoded_by); {} for files written before."""
+    return json.loads(read_metadata(schema).get("decoded_by") or "{}")
 
 
 def to_ipc_bytes(table: pa.Table, compression: str | None = None) -> bytes:

@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow.dataset as ds
 import pytest
 
-from bulkembed.contract.schema import read_metadata
+from bulkembed.contract.schema import read_decoded_by
 from tests.conftest import REPO, mixed_texts, write_corpus
 from tests.worker.test_batch_invariance import SAME  # README's contract
 
@@ -37,9 +37,9 @@ def bulkembed(*args: str, stdin: str | None = None, timeout: float = 300,
 
 def vectors_by_id(out: Path) -> dict[str, np.ndarray]:
     table = ds.dataset(out, format="arrow").to_table()
-    decoded_by = read_metadata(table.schema)["decoded_by"]  # what queries must be embedded alike
-    assert decoded_by.startswith(("packed; decodes padded to ", "isolated; decodes padded to ")), decoded_by
-    assert "; CPU; llama-cpp-python 0.3.36+bulkembed." in decoded_by, decoded_by
+    decoded_by = read_decoded_by(table.schema)  # what queries must be embedded alike
+    assert decoded_by["layout"] in ("packed", "isolated") and decoded_by["device"] == "CPU", decoded_by
+    assert decoded_by["llama_cpp"].startswith("0.3.36+bulkembed."), decoded_by
     return dict(zip(table["id"].to_pylist(), np.stack(table["embedding"].to_numpy(zero_copy_only=False)),
                     strict=True))
 
@@ -141,9 +141,15 @@ def rows_not_bit_identical(got: dict[str, np.ndarray], want: dict[str, np.ndarra
 
 
 @pytest.fixture(scope="module")
-def isolated_index(outlier_models, corpus, tmp_path_factory) -> dict[str, np.ndarray]:
-    return run_job(outlier_models["Q8_0"], corpus, tmp_path_factory.mktemp("isolated") / "out", "--isolate",
-                   "--flash-attn", "on", env=MOVING_KERNELS)
+def isolated_out(outlier_models, corpus, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("isolated") / "out"
+    run_job(outlier_models["Q8_0"], corpus, out, "--isolate", "--flash-attn", "on", env=MOVING_KERNELS)
+    return out
+
+
+@pytest.fixture(scope="module")
+def isolated_index(isolated_out) -> dict[str, np.ndarray]:
+    return vectors_by_id(isolated_out)
 
 
 def test_on_moving_kernels_a_packed_index_depends_on_how_the_job_is_cut(outlier_models, corpus, tmp_path):
@@ -159,8 +165,8 @@ def test_isolated_the_index_keeps_its_bits_however_the_job_is_cut(outlier_models
     got = run_job(outlier_models["Q8_0"], corpus, tmp_path / "out", "--isolate", "--flash-attn", "on", *options,
                   env=MOVING_KERNELS)
     assert rows_not_bit_identical(got, isolated_index) == []
-    decoded_by = read_metadata(ds.dataset(tmp_path / "out", format="arrow").schema)["decoded_by"]
-    assert decoded_by.startswith("isolated; decodes padded to 0; flash attention on; CPU"), decoded_by
+    decoded_by = read_decoded_by(ds.dataset(tmp_path / "out", format="arrow").schema)
+    assert (decoded_by["layout"], decoded_by["min_decode"], decoded_by["flash_attn"]) == ("isolated", 0, "on")
 
 
 def test_isolated_embed_of_a_text_is_its_row_bit_for_bit(outlier_models, isolated_index):
@@ -169,3 +175,41 @@ def test_isolated_embed_of_a_text_is_its_row_bit_for_bit(outlier_models, isolate
                        "--isolate", "--flash-attn", "on", *[TEXTS[i] for i in picked], env=MOVING_KERNELS)
     got = np.array([json.loads(line)["embedding"] for line in result.stdout.splitlines()], np.float32)
     assert np.array_equal(got, np.stack([isolated_index[IDS[i]] for i in picked]))
+
+
+def test_embed_with_index_embeds_as_the_job_did(outlier_models, isolated_out, isolated_index):
+    """--index takes the model, prefix rule, pooling and the decoding (--isolate, no padding, flash attention on)
+    from the output: no option repeated, and the texts get their rows' bits. Left to the defaults instead, the same
+    command gives other vectors."""
+    picked = [0, 3, 40]
+    moving = {"GGML_CPU_FA_GATHER": "0"}  # the kernels, as when the index was written; the rest comes from it
+    texts = [TEXTS[i] for i in picked]
+    want = np.stack([isolated_index[IDS[i]] for i in picked])
+
+    def embedded(*options: str) -> np.ndarray:
+        result = bulkembed("embed", "--role", "passage", "--threads", "2", *options, *texts, env=moving)
+        return np.array([json.loads(line)["embedding"] for line in result.stdout.splitlines()], np.float32)
+
+    assert np.array_equal(embedded("--index", str(isolated_out)), want)
+    assert not np.array_equal(embedded("--model", str(outlier_models["Q8_0"])), want), "the test could not fail"
+
+
+def test_the_python_api_takes_its_options_from_an_index(outlier_models, isolated_out, isolated_index, monkeypatch):
+    from bulkembed import Embedder
+    from bulkembed.contract.errors import InputError
+
+    monkeypatch.setenv("GGML_CPU_FA_GATHER", "0")
+    with Embedder.for_index(isolated_out) as embedder:
+        assert embedder.engine.options.isolate and embedder.engine.options.min_decode == 0
+        got = embedder.embed(TEXTS[5:8], role="passage")
+    assert np.array_equal(got, np.stack([isolated_index[i] for i in IDS[5:8]]))
+    with pytest.raises(InputError, match="is not the model"):
+        Embedder.for_index(isolated_out, outlier_models["Q4_K_M"])
+
+
+def test_embed_refuses_options_that_an_index_decides(isolated_out):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BULKEMBED_")}
+    result = subprocess.run([sys.executable, "-m", "bulkembed.cli", "embed", "--index", str(isolated_out), "--dims",
+                             "8", "--isolate", "a query"], cwd=REPO, env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 2 and "--index takes --dims, --isolate from the index's job" in result.stderr

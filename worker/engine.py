@@ -65,6 +65,11 @@ class EngineOptions:
                    skip_lm_head=settings.skip_lm_head, min_decode=settings.min_decode,
                    isolate=settings.isolate if isolate is None else isolate)
 
+    def like(self, decoded_by: dict[str, str | int]) -> EngineOptions:
+        """These options with the decoding that `decoded_by` (Engine.decoded_by, read from an index) records."""
+        return replace(self, isolate=decoded_by["layout"] == "isolated", min_decode=int(decoded_by["min_decode"]),
+                       flash_attn=flash_attn_choice(str(decoded_by["flash_attn"])))
+
 
 FLASH_ATTN_WORDS = {None: "auto", True: "on", False: "off"}  # EngineOptions.flash_attn -> --flash-attn
 
@@ -200,13 +205,14 @@ class Engine:
         return "computed (skip_lm_head is off)"
 
     @property
-    def decoded_by(self) -> str:
+    def decoded_by(self) -> dict[str, str | int]:
         """What a vector depends on beyond the job's options, for the output's metadata: vectors with another of
-        these differ in their last digits (README, Batch invariance), so queries should be embedded alike."""
+        these differ in their last digits (README, Batch invariance), so queries are embedded alike
+        (EngineOptions.like)."""
         o = self.options
-        return (f"{'isolated' if o.isolate else 'packed'}; decodes padded to {o.min_decode}; flash attention "
-                f"{FLASH_ATTN_WORDS[o.flash_attn]}; {'GPU' if self.gpu_offload else 'CPU'}; "
-                f"llama-cpp-python {self._llama.__version__}")
+        return {"layout": "isolated" if o.isolate else "packed", "min_decode": o.min_decode,
+                "flash_attn": FLASH_ATTN_WORDS[o.flash_attn], "device": "GPU" if self.gpu_offload else "CPU",
+                "llama_cpp": self._llama.__version__}
 
     def close(self) -> None:
         if self._context:

@@ -92,6 +92,7 @@ class EngineProcess:
     """One engine in a llama process of its own: what a Celery pool process embeds its shards with."""
 
     def __init__(self, model_path: Path, options: EngineOptions):
+        self.options = options
         self.process, self.facts = start(_start_engine, str(model_path), options)
 
     @property

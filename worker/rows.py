@@ -42,7 +42,7 @@ class EmbeddedRows:
     vectors: np.ndarray | list[np.ndarray]
     rejected: dict[int, str]
     n_embd: int
-    decoded_by: str = ""  # Engine.decoded_by: what the vectors depend on beyond the job (device, build, layout)
+    decoded_by: dict | None = None  # Engine.decoded_by: what the vectors depend on beyond the job
 
 
 def query_rows(engine: Engine, texts: list[str], prefix: str, pooling: Pooling, max_tokens: int) -> ShardRows:

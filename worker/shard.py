@@ -92,7 +92,7 @@ def write_shard(shard: OpenShard, embedded: EmbeddedRows, store: Store, guard: G
                        sha256=hashlib.sha256(data).hexdigest(), rejected=int((~good).sum()), seconds=seconds)
 
 
-def _output_table(table: pa.Table, vectors, job: JobSpec, n_embd: int, decoded_by: str) -> pa.Table:
+def _output_table(table: pa.Table, vectors, job: JobSpec, n_embd: int, decoded_by: dict | None) -> pa.Table:
     dims = job.dims or n_embd
     value_type = pa.float16() if job.dtype is Dtype.FLOAT16 else pa.float32()
     if job.pooling is Pooling.NONE:
