@@ -1,11 +1,11 @@
 """The same corpus run with other shard sizes, ubatch caps and engine counts: how far apart are the vectors?
 
-    python benchmarks/invariance_runs.py [--docs 400] [--quant Q4_K_M]        # BULKEMBED_MIN_DECODE=0: unpadded
+    python benchmarks/invariance_runs.py [--docs 400] [--quant Q4_K_M] [--isolate]   # BULKEMBED_MIN_DECODE=0: unpadded
 
 The batch-invariance issue's target, measured. One mixed corpus (short texts, one in nine of 300 to 3000 tokens)
 goes through `bulkembed run` on the outlier qwen2vl (synthetic.OUTLIER, gain 60: the tests' model). The first run
 uses --shard-tokens 65536, --ubatch 512, --engines 1; each variant changes one of them (8192; 256; 2 engines of one
-thread each). Every row of each variant is compared with the first run's.
+thread each). Every row of each variant is compared with the first run's. `--isolate`: every run with --isolate.
 """
 
 from __future__ import annotations
@@ -30,11 +30,11 @@ VARIANTS = {
 }
 
 
-def run(corpus: Path, model: Path, out: Path, *options: str) -> dict[str, np.ndarray]:
+def run(corpus: Path, model: Path, out: Path, *options: str, isolate: bool = False) -> dict[str, np.ndarray]:
     base = {"--shard-tokens": "65536", "--ubatch": "512", "--engines": "1", "--threads": "2"}
     for flag, value in zip(options[::2], options[1::2], strict=True):
         base[flag] = value
-    argv = [a for pair in base.items() for a in pair]
+    argv = [a for pair in base.items() for a in pair] + (["--isolate"] if isolate else [])
     subprocess.run([sys.executable, "-m", "bulkembed.cli", "run", str(corpus), "--model", str(model), "--out",
                     str(out), "--force", "--prefix", "", *argv], check=True, capture_output=True)
     table = ds.dataset(out, format="arrow").to_table()
@@ -46,6 +46,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--docs", type=int, default=400)
     parser.add_argument("--quant", default="Q4_K_M")
+    parser.add_argument("--isolate", action="store_true", help="every run one document a decode")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="invariance-runs-"))
     f32 = write_qwen2vl_gguf(work / "outlier-F32.gguf", OUTLIER, seed=0, outlier_gain=60)
@@ -56,10 +57,10 @@ def main() -> None:
     ids = [f"d{i}" for i in range(len(texts))]
     corpus = work / "corpus.parquet"
     pq.write_table(pa.table({"id": ids, "text": texts}), corpus)
-    base = run(corpus, model, work / "base")
+    base = run(corpus, model, work / "base", isolate=args.isolate)
     base_vectors = np.stack([base[i] for i in ids]).astype(np.float64)
     for name, options in VARIANTS.items():
-        other = run(corpus, model, work / "other", *options)
+        other = run(corpus, model, work / "other", *options, isolate=args.isolate)
         vectors = np.stack([other[i] for i in ids]).astype(np.float64)
         cos = np.sum(vectors * base_vectors, axis=1) / (np.linalg.norm(vectors, axis=1)
                                                          * np.linalg.norm(base_vectors, axis=1))
