@@ -191,9 +191,10 @@ class Engine:
         self.lm_head_skipped = options.skip_lm_head and self._head_skipped_by is not None
         self._context: _Context | None = None
         self.contexts_made, self.context_seconds = 0, 0.0  # what shape changes cost (the bench reports it)
-        log.info("model %s loaded in %.1fs (n_embd %d, %s, %s pooling, gpu offload %s); LM head: %s",
+        log.info("model %s loaded in %.1fs (n_embd %d, %s, %s pooling, gpu offload %s); LM head: %s; decodes: %s",
                  self.model_path.name, self.load_seconds, self.n_embd, "causal" if self.info.causal else "non-causal",
-                 self.pooling.value, offload, self.lm_head_state)
+                 self.pooling.value, offload, self.lm_head_state,
+                 "one document each (--isolate)" if options.isolate else "packed")
 
     @property
     def lm_head_state(self) -> str:
