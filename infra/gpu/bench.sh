@@ -77,7 +77,9 @@ EOF2
 isolated)
   # --isolate on CUDA (one document a decode, from an emptied cache): are the rows bit-identical whatever the cut and
   # the neighbours (packing's are not: `window`), and what does it cost against packing? About 7 minutes; steps.log
-  # and the two benches' reports come back.
+  # and the two benches' reports come back. The libraries need no patch for it: without build-cuda.sh's (33 min
+  # here), copy shared/gpu-prebuilt's archive to .gpu/llama-cuda-sm90.tar.xz before prepare.sh (the LM head is then
+  # computed, in both modes alike).
   nvidia-smi --query-gpu=name,memory.total,driver_version,compute_cap --format=csv,noheader | tee -a "$LOG"
   python3 -c "from pathlib import Path; from bulkembed.bench.inprocess import synthetic_model as m
 print(m('v4', 'F16', Path('$W'), 8))" > /tmp/model.log 2>&1 &

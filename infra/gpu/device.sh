@@ -15,6 +15,10 @@ if [ ! -f /tmp/llama-build/bin/libllama.so ] && [ -n "$prebuilt" ]; then
   # Built here ahead of time by infra/gpu/build-cuda.sh (patched, sm_$arch): no device time spent building.
   mkdir -p /tmp/llama-build && python3 -c "import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2])" \
     "$prebuilt" /tmp/llama-build
+  # shared/gpu-prebuilt's archive (unpatched: the LM head is computed) holds the libraries at its top, not in bin/.
+  if [ ! -f /tmp/llama-build/bin/libllama.so ] && [ -f /tmp/llama-build/libllama.so ]; then
+    mkdir -p /tmp/llama-build/bin && mv /tmp/llama-build/lib*.so* /tmp/llama-build/bin/
+  fi
   echo "llama.cpp CUDA libraries from $(basename "$prebuilt")"
 fi
 if [ ! -f /tmp/llama-build/bin/libllama.so ]; then
