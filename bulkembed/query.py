@@ -34,10 +34,10 @@ from bulkembed.contract.model import (
     model_info,
     resolve_path,
 )
-from bulkembed.contract.schema import from_ipc_bytes, read_decoded_by
+from bulkembed.contract.schema import read_decoded_by, stored_schema
 from bulkembed.contract.settings import ProducerSettings
 from bulkembed.contract.store import open_store
-from bulkembed.worker.engine import EngineOptions
+from bulkembed.worker.engine import FLASH_ATTN_WORDS, EngineOptions
 from bulkembed.worker.engines import EngineProcess
 from bulkembed.worker.rows import finish_vectors
 
@@ -70,8 +70,11 @@ class Embedder:
         (by default the one it named, checked by sha256), prefix rule, pooling, dims, normalization and max tokens
         from its manifest, and its decoding (padding, flash attention, --isolate) from its files. `prefix`: the
         queries' own, where the job had a custom one (the job's is used for every role otherwise). `options`: the
-        rest (threads, GPU layers)."""
+        rest (threads, GPU layers), and the decoding too where the output's files do not record theirs (written
+        before bulkembed recorded it)."""
         job, decoded_by = read_index(str(out))
+        if job.pooling is Pooling.NONE:
+            raise InputError(f"{out} holds a matrix per text (pooling none): embed queries with a pooled model")
         path = resolve_path(str(model or job.model.spec))
         if file_sha256(path) != job.model.sha256:
             raise InputError(f"{path} is not the model {out} was embedded with ({job.model.file_name}, sha256 "
@@ -79,7 +82,14 @@ class Embedder:
         options = options or EngineOptions()
         if decoded_by:
             options = options.like(decoded_by)
+        else:
+            log.warning("%s does not record how its files were decoded (written before bulkembed did): embedding "
+                        "with padding %d, flash attention %s, %s", out, options.min_decode,
+                        FLASH_ATTN_WORDS[options.flash_attn], "isolated" if options.isolate else "packed")
         table_prefix = job.task is not None and job.prefix == choose_prefix(job.task, job.role, None, path.name)
+        if table_prefix and prefix is not None:
+            raise InputError(f"{out} took its prefixes from v4's table for task {job.task.value}; queries get "
+                             f"theirs from it too, so --prefix does not apply")
         embedder = cls(path, task=job.task, prefix=None if table_prefix else (job.prefix if prefix is None else prefix),
                        pooling=job.pooling, dims=job.dims, normalize=job.normalize, max_tokens=job.max_tokens,
                        options=options)
@@ -122,9 +132,12 @@ def read_index(out: str) -> tuple[JobSpec, dict]:
     if manifest is None:
         raise InputError(f"--index {out}: no {keys.MANIFEST_KEY} there; a finished job's output is needed")
     job = JobSpec.model_validate(manifest["job"])
-    files = manifest_shards(store, manifest).column("key").to_pylist() + [f["key"] for f in manifest["reused_files"]]
-    decoded_by = read_decoded_by(from_ipc_bytes(store.get(files[0])).schema) if files else {}
-    return job, decoded_by
+    # One embedded file and one reused one at most (reused rows keep the record of the job that embedded them).
+    embedded = manifest_shards(store, manifest).column("key").to_pylist()[:1]
+    for key in embedded + [f["key"] for f in manifest.get("reused_files", [])[:1]]:
+        if decoded_by := read_decoded_by(stored_schema(store, key)):
+            return job, decoded_by
+    return job, {}
 
 
 def embed(texts: Sequence[str], model: str | Path, role: Role | str = Role.QUERY, **options) -> np.ndarray:
@@ -189,8 +202,9 @@ def cmd_embed(args) -> int:
                                           isolate=args.isolate)
     if args.index:
         vector_options = {"--task": args.task, "--pooling": args.pooling, "--dims": args.dims,
-                          "--no-normalize": args.no_normalize or None, "--max-tokens": args.max_tokens,
-                          "--flash-attn": args.flash_attn, "--isolate": args.isolate}
+                          "--no-normalize": args.no_normalize or None, "--max-tokens": args.max_tokens}
+        if read_index(args.index)[1]:  # the files record their decoding; older ones leave it to these options
+            vector_options |= {"--flash-attn": args.flash_attn, "--isolate": args.isolate}
         if given := [name for name, value in vector_options.items() if value is not None]:
             raise InputError(f"--index takes {', '.join(given)} from the index's job; leave them out")
         embedder = Embedder.for_index(args.index, args.model, prefix=args.prefix, options=options)

@@ -9,6 +9,7 @@ import json
 import pyarrow as pa
 
 from bulkembed.contract.job import Dtype, JobSpec, Pooling
+from bulkembed.contract.store import Store
 
 METADATA_PREFIX = "bulkembed."
 CONTENT_HASH_TYPE = pa.binary(16)
@@ -83,6 +84,13 @@ def read_metadata(schema: pa.Schema) -> dict[str, str]:
         for k, v in raw.items()
         if k.decode().startswith(METADATA_PREFIX)
     }
+
+
+def stored_schema(store: Store, key: str) -> pa.Schema:
+    """An Arrow IPC file's schema, read from its footer without fetching the whole file."""
+    fs, base = store.arrow_fs()
+    with fs.open_input_file(f"{base}/{key}") as f:
+        return pa.ipc.open_file(f).schema
 
 
 def read_decoded_by(schema: pa.Schema) -> dict:

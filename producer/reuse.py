@@ -27,7 +27,14 @@ from bulkembed.contract.errors import InputError, ShardError
 from bulkembed.contract.job import JobSpec, ReuseSource
 from bulkembed.contract.manifest import manifest_shards
 from bulkembed.contract.registry import ReusedFile
-from bulkembed.contract.schema import embedding_schema, from_ipc_bytes, read_metadata, to_ipc_bytes
+from bulkembed.contract.schema import (
+    embedding_schema,
+    from_ipc_bytes,
+    read_decoded_by,
+    read_metadata,
+    stored_schema,
+    to_ipc_bytes,
+)
 from bulkembed.contract.store import Store, open_store
 from bulkembed.producer.dedup import SeenIds
 
@@ -99,9 +106,7 @@ def open_previous(uri: str, job: JobSpec, id_type: pa.DataType | None) -> Previo
 
 
 def _schema_differences(store: Store, key: str, job: JobSpec, id_type: pa.DataType) -> list[str]:
-    fs, base = store.arrow_fs()
-    with fs.open_input_file(f"{base}/{key}") as f:
-        schema = pa.ipc.open_file(f).schema
+    schema = stored_schema(store, key)
     found = []
     if "content_hash" not in schema.names:
         found.append(f"{key} has no content_hash column (written before bulkembed recorded one)")
@@ -123,7 +128,9 @@ def copy_reused(previous: PreviousOutput, reused: SeenIds, store: Store, job: Jo
             continue
         taken = table.filter(pa.array(mask))
         id_type = table.schema.field("id").type  # the new corpus's: open_previous checked they agree
-        taken = pa.Table.from_arrays(taken.columns, schema=embedding_schema(id_type, job.dims, job))
+        # The vectors keep the record of how they were decoded (they were, by the earlier job's workers).
+        taken = pa.Table.from_arrays(taken.columns, schema=embedding_schema(id_type, job.dims, job,
+                                                                            read_decoded_by(table.schema)))
         key = keys.reused_output(index)
         data = to_ipc_bytes(taken)
         if not store.put_if_absent(key, data):

@@ -194,17 +194,25 @@ def test_embed_with_index_embeds_as_the_job_did(outlier_models, isolated_out, is
     assert not np.array_equal(embedded("--model", str(outlier_models["Q8_0"])), want), "the test could not fail"
 
 
-def test_the_python_api_takes_its_options_from_an_index(outlier_models, isolated_out, isolated_index, monkeypatch):
+def test_the_python_api_takes_its_options_from_an_index(outlier_models, corpus, tmp_path, monkeypatch):
+    """An index with another ubatch cap: the long texts it cut at 256 tokens are cut there again."""
     from bulkembed import Embedder
     from bulkembed.contract.errors import InputError
 
+    out = tmp_path / "out"
+    index = run_job(outlier_models["Q8_0"], corpus, out, "--isolate", "--flash-attn", "on", "--ubatch", "256",
+                    env=MOVING_KERNELS)
+    picked = [0, 5, 9, 18]  # 0, 9 and 18: 300 to 700 tokens
     monkeypatch.setenv("GGML_CPU_FA_GATHER", "0")
-    with Embedder.for_index(isolated_out) as embedder:
-        assert embedder.engine.options.isolate and embedder.engine.options.min_decode == 0
-        got = embedder.embed(TEXTS[5:8], role="passage")
-    assert np.array_equal(got, np.stack([isolated_index[i] for i in IDS[5:8]]))
+    with Embedder.for_index(out) as embedder:
+        assert (embedder.engine.options.isolate, embedder.engine.options.min_decode,
+                embedder.engine.options.ubatch) == (True, 0, 256)
+        got = embedder.embed([TEXTS[i] for i in picked], role="passage")
+    assert np.array_equal(got, np.stack([index[IDS[i]] for i in picked]))
     with pytest.raises(InputError, match="is not the model"):
-        Embedder.for_index(isolated_out, outlier_models["Q4_K_M"])
+        Embedder.for_index(out, outlier_models["Q4_K_M"])
+    with pytest.raises(InputError, match="--prefix does not apply"):
+        Embedder.for_index(out, prefix="Query: ")
 
 
 def test_embed_refuses_options_that_an_index_decides(isolated_out):

@@ -16,7 +16,7 @@ import pyarrow.dataset as ds
 
 from bulkembed.contract import keys
 from bulkembed.contract.manifest import manifest_shards
-from bulkembed.contract.schema import content_hash, from_ipc_bytes, to_ipc_bytes
+from bulkembed.contract.schema import content_hash, from_ipc_bytes, read_decoded_by, to_ipc_bytes
 from bulkembed.contract.store import open_store
 from tests.conftest import Workers, cosines, mixed_texts, write_corpus
 from tests.faults_support import attempts, kill_tree, wait_until
@@ -99,6 +99,11 @@ def test_reuse_run_equals_a_full_run_on_the_new_version(tmp_path, run_cli, tiny_
         (expected["rows"], expected["tokens"], expected["rejected_rows"], expected["truncated_rows"]) == \
         (len(full), expected["tokens"], 3, 0)  # no id, and two duplicate ids
     assert f"({len(unchanged)} reused)" in out
+    # Reused rows keep the record of how they were decoded: the earlier job's workers decoded them.
+    source = read_decoded_by(pa.ipc.open_file(next((tmp_path / "v1-out").glob("0*.arrow"))).schema)
+    assert source["layout"] == "packed"
+    for copied in (tmp_path / "reuse").glob("reused-*.arrow"):
+        assert read_decoded_by(pa.ipc.open_file(copied).schema) == source
     # Any output can be the next PREV_OUT: a second generation reuses every row of the first.
     run_ok(run_cli, path2, "--out", tmp_path / "again", "--reuse", tmp_path / "reuse", *common)
     assert manifest(tmp_path / "again")["reused_rows"] == len(full)

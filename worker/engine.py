@@ -66,9 +66,10 @@ class EngineOptions:
                    isolate=settings.isolate if isolate is None else isolate)
 
     def like(self, decoded_by: dict[str, str | int]) -> EngineOptions:
-        """These options with the decoding that `decoded_by` (Engine.decoded_by, read from an index) records."""
+        """These options with the decoding that `decoded_by` (Engine.decoded_by, read from an index) records: the
+        ubatch cap too, which decides where long documents are cut."""
         return replace(self, isolate=decoded_by["layout"] == "isolated", min_decode=int(decoded_by["min_decode"]),
-                       flash_attn=flash_attn_choice(str(decoded_by["flash_attn"])))
+                       ubatch=int(decoded_by["ubatch"]), flash_attn=flash_attn_choice(str(decoded_by["flash_attn"])))
 
 
 FLASH_ATTN_WORDS = {None: "auto", True: "on", False: "off"}  # EngineOptions.flash_attn -> --flash-attn
@@ -211,7 +212,7 @@ class Engine:
         these differ in their last digits (README, Batch invariance), so queries are embedded alike
         (EngineOptions.like)."""
         o = self.options
-        return {"layout": "isolated" if o.isolate else "packed", "min_decode": o.min_decode,
+        return {"layout": "isolated" if o.isolate else "packed", "min_decode": o.min_decode, "ubatch": o.ubatch,
                 "flash_attn": FLASH_ATTN_WORDS[o.flash_attn], "device": "GPU" if self.gpu_offload else "CPU",
                 "llama_cpp": self._llama.__version__}
 

@@ -188,7 +188,8 @@ class EnginePool:
         result = None
         if measure:
             device = probe.device_name()
-            key = probe.ProbeCache.key(device, self.sha256, self.engines, self.options.flash_attn)
+            key = probe.ProbeCache.key(device, self.sha256, self.engines, self.options.flash_attn,
+                                       self.options.isolate)
             result = self.cache.get(key) if self.cache else None
         if measure and not result:
             started, timings = time.perf_counter(), [{} for _ in self.processes]

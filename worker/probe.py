@@ -3,7 +3,7 @@
 The seed's L4 was fastest at ub 512, an H100 at 1024 (NOTES.md 22): a fixed default is right for one GPU and
 wrong for another. The probe decodes a few full packed ubatches of each candidate on the resident model, in
 every engine at once (so it measures what the worker will run), and keeps the fastest. Its choice is cached
-per (device, model sha256, engines, flash attention), so a restart skips it.
+per (device, model sha256, engines, flash attention, --isolate), so a restart skips it.
 """
 
 from __future__ import annotations
@@ -90,12 +90,15 @@ def candidates_for(engine: Engine) -> list[int]:
 
 
 def probe_documents(engine: Engine, ubatch: int, decodes: int) -> list[np.ndarray]:
-    """Same-length documents that fill `decodes` ubatches of `ubatch` tokens."""
+    """Same-length documents that fill `decodes` ubatches of `ubatch` tokens. Isolated (one document a decode), where
+    the cap only decides how long documents are cut: documents of a whole ubatch, so each candidate is timed on full
+    decodes of its size, as packing times them."""
+    length = ubatch if engine.options.isolate else PROBE_DOC_TOKENS
     text = " ".join(["The river carried the boat past the mill, and the miller counted sacks of grain."] * 40)
     tokens = engine.vocab.tokenize(text)
-    while len(tokens) < PROBE_DOC_TOKENS:
+    while len(tokens) < length:
         tokens = np.concatenate([tokens, tokens])
-    return [tokens[:PROBE_DOC_TOKENS]] * -(-decodes * ubatch // PROBE_DOC_TOKENS)
+    return [tokens[:length]] * -(-decodes * ubatch // length)
 
 
 def _probe_shape(engine: Engine, ubatch: int) -> tuple[list[np.ndarray], ContextShape]:
@@ -125,14 +128,14 @@ def pick(tok_per_s: dict[int, float]) -> int:
 
 
 class ProbeCache:
-    """Measured choices in one JSON file: {"device|sha256|engines|flash": ProbeResult}."""
+    """Measured choices in one JSON file: {"device|sha256|engines|flash|isolate": ProbeResult}."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path).expanduser()
 
     @staticmethod
-    def key(device: str, sha256: str, engines: int, flash_attn: bool | None) -> str:
-        return f"{device}|{sha256}|{engines}|flash={flash_attn}"
+    def key(device: str, sha256: str, engines: int, flash_attn: bool | None, isolate: bool = False) -> str:
+        return f"{device}|{sha256}|{engines}|flash={flash_attn}" + ("|isolated" if isolate else "")
 
     def _entries(self) -> dict:
         try:

@@ -18,7 +18,7 @@ from bulkembed.contract.manifest import manifest_shards
 from bulkembed.contract.model import file_sha256
 from bulkembed.contract.store import open_store
 from bulkembed.worker import probe
-from bulkembed.worker.engine import EngineOptions
+from bulkembed.worker.engine import Engine, EngineOptions
 from bulkembed.worker.engines import EnginePool, EngineSetup
 from bulkembed.worker.hold import ENGINE_STARTS
 from bulkembed.worker.selftest import MIN_COSINE
@@ -174,6 +174,22 @@ def test_probe_picks_a_measured_ubatch_and_restarts_use_the_cache(tiny_model, tm
     with EnginePool(tiny_model, sha, one) as pool:
         assert not pool.start(self_test=False).probe.cached, "the cache is per number of engines"
     assert len(json.loads(cache.read_text())) == 2
+    isolated = EngineSetup(EngineOptions(threads=1, isolate=True), engines=1, ubatch="probe", probe_cache=str(cache))
+    with EnginePool(tiny_model, sha, isolated) as pool:
+        assert not pool.start(self_test=False).probe.cached, "and per layout"
+    assert len(json.loads(cache.read_text())) == 3
+
+
+def test_an_isolated_probe_times_full_decodes_of_each_candidate(tiny_model):
+    """One document a decode: each candidate is timed on documents of its own size (192-token ones would time every
+    candidate on the same 256-token decodes)."""
+    engine = Engine(tiny_model, EngineOptions(threads=1, isolate=True))
+    try:
+        for ub in probe.CANDIDATES:
+            docs = probe.probe_documents(engine, ub, 2)
+            assert {len(d) for d in docs} == {ub} and len(docs) == 2
+    finally:
+        engine.close()
 
 
 def test_auto_ubatch_on_cpu_is_fixed_and_pinned_ubatch_is_kept(tiny_model, tmp_path):
