@@ -15,10 +15,10 @@ that from a finished output: its manifest's job spec and its files' decoded_by. 
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import logging
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -44,6 +44,15 @@ from bulkembed.worker.rows import finish_vectors
 log = logging.getLogger(__name__)
 
 
+class Index(NamedTuple):
+    """What a query needs of a finished output: its job spec (its manifest) and how its files were decoded (their
+    decoded_by; {} when they predate it)."""
+
+    out: str
+    job: JobSpec
+    decoded_by: dict
+
+
 class Embedder:
     """One model, resident in an engine process, for many small calls. Options mean what `bulkembed run`'s do."""
 
@@ -64,15 +73,16 @@ class Embedder:
         self.engine = EngineProcess(self.path, options or EngineOptions())
 
     @classmethod
-    def for_index(cls, out: str | Path, model: str | Path | None = None, *, prefix: str | None = None,
+    def for_index(cls, index: Index | str | Path, model: str | Path | None = None, *, prefix: str | None = None,
                   options: EngineOptions | None = None) -> Embedder:
-        """Embed as the job that wrote `out` (a finished bulk output, local or s3://) embedded its rows: its model
+        """Embed as the job that wrote `index` (a finished bulk output, local or s3://, or what read_index read of
+        it) embedded its rows: its model
         (by default the one it named, checked by sha256), prefix rule, pooling, dims, normalization and max tokens
         from its manifest, and its decoding (padding, flash attention, --isolate) from its files. `prefix`: the
         queries' own, where the job had a custom one (the job's is used for every role otherwise). `options`: the
         rest (threads, GPU layers), and the decoding too where the output's files do not record theirs (written
         before bulkembed recorded it)."""
-        job, decoded_by = read_index(str(out))
+        out, job, decoded_by = index if isinstance(index, Index) else read_index(str(index))
         if job.pooling is Pooling.NONE:
             raise InputError(f"{out} holds a matrix per text (pooling none): embed queries with a pooled model")
         path = resolve_path(str(model or job.model.spec))
@@ -93,9 +103,8 @@ class Embedder:
         embedder = cls(path, task=job.task, prefix=None if table_prefix else (job.prefix if prefix is None else prefix),
                        pooling=job.pooling, dims=job.dims, normalize=job.normalize, max_tokens=job.max_tokens,
                        options=options)
-        here = {"device": "GPU" if embedder.engine.facts.gpu_offload else "CPU",
-                "llama_cpp": importlib.metadata.version("llama-cpp-python")}
-        if differs := [f"{key} {decoded_by[key]} there, {here[key]} here" for key in here
+        here = embedder.engine.facts.decoded_by
+        if differs := [f"{key} {decoded_by[key]} there, {here[key]} here" for key in ("device", "llama_cpp")
                        if key in decoded_by and decoded_by[key] != here[key]]:
             log.warning("%s was embedded on another device or build (%s): vectors differ in their last digits",
                         out, "; ".join(differs))
@@ -124,9 +133,7 @@ class Embedder:
         self.close()
 
 
-def read_index(out: str) -> tuple[JobSpec, dict]:
-    """A finished output's job spec (its manifest) and how its first file was decoded (its decoded_by; {} when its
-    files predate it)."""
+def read_index(out: str) -> Index:
     store = open_store(out)
     manifest = read_manifest(store)
     if manifest is None:
@@ -136,8 +143,8 @@ def read_index(out: str) -> tuple[JobSpec, dict]:
     embedded = manifest_shards(store, manifest).column("key").to_pylist()[:1]
     for key in embedded + [f["key"] for f in manifest.get("reused_files", [])[:1]]:
         if decoded_by := read_decoded_by(stored_schema(store, key)):
-            return job, decoded_by
-    return job, {}
+            return Index(out, job, decoded_by)
+    return Index(out, job, {})
 
 
 def embed(texts: Sequence[str], model: str | Path, role: Role | str = Role.QUERY, **options) -> np.ndarray:
@@ -203,11 +210,12 @@ def cmd_embed(args) -> int:
     if args.index:
         vector_options = {"--task": args.task, "--pooling": args.pooling, "--dims": args.dims,
                           "--no-normalize": args.no_normalize or None, "--max-tokens": args.max_tokens}
-        if read_index(args.index)[1]:  # the files record their decoding; older ones leave it to these options
+        index = read_index(args.index)
+        if index.decoded_by:  # the files record their decoding; older ones leave it to these options
             vector_options |= {"--flash-attn": args.flash_attn, "--isolate": args.isolate}
         if given := [name for name, value in vector_options.items() if value is not None]:
             raise InputError(f"--index takes {', '.join(given)} from the index's job; leave them out")
-        embedder = Embedder.for_index(args.index, args.model, prefix=args.prefix, options=options)
+        embedder = Embedder.for_index(index, args.model, prefix=args.prefix, options=options)
     else:
         embedder = Embedder(args.model or DEFAULT_MODEL, task=args.task, prefix=args.prefix, pooling=args.pooling,
                             dims=args.dims, normalize=not args.no_normalize, max_tokens=args.max_tokens,

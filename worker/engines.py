@@ -41,13 +41,14 @@ class EngineFacts:
     candidates: list[int]  # the probe's ubatch candidates this model can take
     lm_head_skipped: bool  # the build leaves the LM head out (infra/llama-cpp/patches/0001) and the options let it
     lm_head: str  # the same in words, for logs and reports
+    decoded_by: dict  # Engine.decoded_by at start: the device and the llama.cpp build among it
 
 
 def _start_engine(model_path: str, options: EngineOptions) -> EngineFacts:
     global _ENGINE
     _ENGINE = Engine(model_path, options)
     return EngineFacts(_ENGINE.gpu_offload, _ENGINE.load_seconds, probe.candidates_for(_ENGINE),
-                       _ENGINE.lm_head_skipped, _ENGINE.lm_head_state)
+                       _ENGINE.lm_head_skipped, _ENGINE.lm_head_state, _ENGINE.decoded_by)
 
 
 def engine() -> Engine:

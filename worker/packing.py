@@ -105,14 +105,11 @@ def choose_shape(lengths: Sequence[int], ubatch_cap: int, pooling: Pooling = Poo
     n_ubatch = min(ubatch_cap, max(32, next_pow2(longest if isolated else total)))
     if not causal:
         n_ubatch, n_batch = max(n_ubatch, next_pow2(longest)), 0
-    n_seq_max = largest_divisor_at_most(n_ubatch, MAX_SEQUENCES)
+    n_seq_max = 1 if isolated else largest_divisor_at_most(n_ubatch, MAX_SEQUENCES)
     n_batch = n_batch if n_batch > n_ubatch else 0
     # Room for the longest document plus one decode of others in flight beside it (non-causal: one decode; isolated:
     # the document alone).
-    if isolated:
-        n_seq_max, n_ctx = 1, _round_up(longest + 1, CTX_ALIGN)
-    else:
-        n_ctx = _round_up((longest if causal else 1) + (n_batch or n_ubatch), CTX_ALIGN)
+    n_ctx = _round_up(longest + 1 if isolated else (longest if causal else 1) + (n_batch or n_ubatch), CTX_ALIGN)
     shape = ContextShape(n_ctx=n_ctx, n_ubatch=n_ubatch, n_seq_max=n_seq_max, n_batch=n_batch, pooling=pooling,
                          causal=causal, isolated=isolated)
     return with_min_decode(shape, min_decode)
