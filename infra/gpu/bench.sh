@@ -37,6 +37,13 @@ step() { # name, limit, command...: one step of the window, its output in the lo
   timeout "$limit" "$@" 2>&1 | tee -a "$LOG"
   echo "   rc ${PIPESTATUS[0]} in $(( $(date +%s) - t0 )) s" | tee -a "$LOG"
 }
+# The v4-shaped F16 model (6.5 GB of random weights, ~90 s of CPU) written in the background while GPU steps run.
+v4_model_start() {
+  python3 -c "from pathlib import Path; from bulkembed.bench.inprocess import synthetic_model as m
+print(m('v4', 'F16', Path('$W'), 8))" > /tmp/model.log 2>&1 &
+  maker=$!
+}
+v4_model_wait() { wait $maker; cat /tmp/model.log | tee -a "$LOG"; }
 
 case "${1:-check}" in
 window)
@@ -46,16 +53,13 @@ window)
   nvidia-smi --query-gpu=name,memory.total,driver_version,compute_cap --format=csv,noheader | tee -a "$LOG"
   python3 -c "import llama_cpp as l; print('LM head patch:', hasattr(l.llama_cpp._lib, 'llama_get_embeddings_no_logits'))" \
     | tee -a "$LOG"
-  # The v4-shaped F16 model (6.5 GB of random weights, ~90 s of CPU) is written while the small GPU checks run.
-  python3 -c "from pathlib import Path; from bulkembed.bench.inprocess import synthetic_model as m
-print(m('v4', 'F16', Path('$W'), 8))" > /tmp/model.log 2>&1 &
-  maker=$!
+  v4_model_start
   # 1. Batch invariance on CUDA: every regime and cut of F16, Q8_0, IQ3_S (the outlier model) against exact.
   step invariance 110 "${LLAMA_FIRST[@]}" $REPO/benchmarks/batch_invariance.py --quants F16,Q8_0,IQ3_S
   # 2. The LM head left out on CUDA: vectors equal to the head's, every model kind and pooling.
   step lm-head-tests 70 "${PYTEST_LLAMA_FIRST[@]}" -q -p no:cacheprovider --import-mode=append -o pythonpath= \
     $REPO/tests/worker/test_lm_head.py
-  wait $maker; cat /tmp/model.log | tee -a "$LOG"
+  v4_model_wait
   # 3. `bulkembed run` end to end (Parquet in, Arrow out; pyarrow here, engines in llama processes), auto engines.
   python3 - <<'EOF2'
 import pyarrow as pa, pyarrow.parquet as pq
@@ -81,11 +85,9 @@ isolated)
   # here), copy shared/gpu-prebuilt's archive to .gpu/llama-cuda-sm90.tar.xz before prepare.sh (the LM head is then
   # computed, in both modes alike).
   nvidia-smi --query-gpu=name,memory.total,driver_version,compute_cap --format=csv,noheader | tee -a "$LOG"
-  python3 -c "from pathlib import Path; from bulkembed.bench.inprocess import synthetic_model as m
-print(m('v4', 'F16', Path('$W'), 8))" > /tmp/model.log 2>&1 &
-  maker=$!
+  v4_model_start
   step invariance-isolated 120 "${LLAMA_FIRST[@]}" $REPO/benchmarks/batch_invariance.py --quants F16,Q8_0,IQ3_S --isolate
-  wait $maker; cat /tmp/model.log | tee -a "$LOG"
+  v4_model_wait
   step invariance-v4-isolated 120 "${LLAMA_FIRST[@]}" $REPO/benchmarks/batch_invariance.py \
     --model $W/synthetic-v4-F16.gguf --texts 100 --isolate
   # One engine each, taking turns in one process; then isolated with 3 engines (small decodes leave a GPU idle).
@@ -96,11 +98,9 @@ print(m('v4', 'F16', Path('$W'), 8))" > /tmp/model.log 2>&1 &
 padding)
   # Batch invariance on CUDA with every decode padded to the whole ubatch (one decode size, so one kernel shape),
   # against the window's 64-token padding: the outlier model, then the v4-shaped F16 (written meanwhile).
-  python3 -c "from pathlib import Path; from bulkembed.bench.inprocess import synthetic_model as m
-print(m('v4', 'F16', Path('$W'), 8))" > /tmp/model.log 2>&1 &
-  maker=$!
+  v4_model_start
   step invariance-full 90 "${LLAMA_FIRST[@]}" $REPO/benchmarks/batch_invariance.py --quants F16,Q8_0,IQ3_S --full
-  wait $maker; cat /tmp/model.log | tee -a "$LOG"
+  v4_model_wait
   step invariance-v4-full 100 "${LLAMA_FIRST[@]}" $REPO/benchmarks/batch_invariance.py --model $W/synthetic-v4-F16.gguf \
     --texts 100 --full
   ;;
