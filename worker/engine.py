@@ -53,7 +53,11 @@ class EngineOptions:
     # One document a decode, from the first cell of an emptied cache: its vector is then the same bits wherever it is
     # embedded, on any backend (packing: isolated), at the price of smaller decodes.
     isolate: bool = False
-
+    # Pool on the host, from every token's hidden state summed in document order, rather than in llama.cpp's graph
+    # (a sum over the whole ubatch, whose last bits depend on the text's place in it and on where it was cut). None:
+    # on the host where the engine runs on the CPU, the cost there being nil; on a GPU the copy and the sum would
+    # stall the device between decodes, and its kernels move packed vectors more than that anyway.
+    pool_on_host: bool | None = None
 
     @classmethod
     def from_settings(cls, settings: WorkerSettings, *, ubatch: int | str, gpu_layers: int, threads: int,
@@ -69,7 +73,8 @@ class EngineOptions:
         """These options with the decoding that `decoded_by` (Engine.decoded_by, read from an index) records: the
         ubatch cap too, which decides where long documents are cut."""
         return replace(self, isolate=decoded_by["layout"] == "isolated", min_decode=int(decoded_by["min_decode"]),
-                       ubatch=int(decoded_by["ubatch"]), flash_attn=flash_attn_choice(str(decoded_by["flash_attn"])))
+                       ubatch=int(decoded_by["ubatch"]), flash_attn=flash_attn_choice(str(decoded_by["flash_attn"])),
+                       pool_on_host=decoded_by.get("pooled_on", "device") == "host")  # older outputs: in the graph
 
 
 FLASH_ATTN_WORDS = {None: "auto", True: "on", False: "off"}  # EngineOptions.flash_attn -> --flash-attn
@@ -89,6 +94,15 @@ def lm_head_skipper(llama: object) -> Callable[[object], bool] | None:
     function = getattr(llama.llama_cpp._lib, "llama_get_embeddings_no_logits", None)
     if function is not None:
         function.argtypes, function.restype = [ctypes.c_void_p], ctypes.c_bool
+    return function
+
+
+def unordered_slots_counter(llama: object) -> Callable[[], int] | None:
+    """`llama_kv_unordered_slots` of the project's llama.cpp build (patch 0003): how many decodes of this process
+    could not keep a document's KV cells in position order; None for a stock build."""
+    function = getattr(llama.llama_cpp._lib, "llama_kv_unordered_slots", None)
+    if function is not None:
+        function.argtypes, function.restype = [], ctypes.c_uint64
     return function
 
 
@@ -187,14 +201,17 @@ class Engine:
         self.n_embd = llama_cpp.llama_model_n_embd(self.model)
         self.n_ctx_train = llama_cpp.llama_model_n_ctx_train(self.model)
         self.gpu_offload = offload
+        self.pools_on_host = not offload if options.pool_on_host is None else options.pool_on_host
         self._head_skipped_by = lm_head_skipper(llama_cpp)
+        self._unordered_slots = unordered_slots_counter(llama_cpp)
         # What the build allows and the options ask: checked again on every context made.
         self.lm_head_skipped = options.skip_lm_head and self._head_skipped_by is not None
         self._context: _Context | None = None
         self.contexts_made, self.context_seconds = 0, 0.0  # what shape changes cost (the bench reports it)
-        log.info("model %s loaded in %.1fs (n_embd %d, %s, %s pooling, gpu offload %s); LM head: %s; decodes: %s",
-                 self.model_path.name, self.load_seconds, self.n_embd, "causal" if self.info.causal else "non-causal",
-                 self.pooling.value, offload, self.lm_head_state,
+        log.info("model %s loaded in %.1fs (n_embd %d, %s, %s pooling on the %s, gpu offload %s); LM head: %s; "
+                 "decodes: %s", self.model_path.name, self.load_seconds, self.n_embd,
+                 "causal" if self.info.causal else "non-causal", self.pooling.value,
+                 "host" if self.pools_on_host else "device", offload, self.lm_head_state,
                  "one document each (--isolate)" if options.isolate else "packed")
 
     @property
@@ -207,6 +224,12 @@ class Engine:
         return "computed (skip_lm_head is off)"
 
     @property
+    def unordered_slots(self) -> int:
+        """Decodes of this process whose KV cells llama.cpp could not keep in position order (0 on a stock build,
+        which never tries)."""
+        return self._unordered_slots() if self._unordered_slots else 0
+
+    @property
     def decoded_by(self) -> dict[str, str | int]:
         """What a vector depends on beyond the job's options, for the output's metadata: vectors with another of
         these differ in their last digits (README, Batch invariance), so queries are embedded alike
@@ -214,7 +237,7 @@ class Engine:
         o = self.options
         return {"layout": "isolated" if o.isolate else "packed", "min_decode": o.min_decode, "ubatch": o.ubatch,
                 "flash_attn": FLASH_ATTN_WORDS[o.flash_attn], "device": "GPU" if self.gpu_offload else "CPU",
-                "llama_cpp": self._llama.__version__}
+                "pooled_on": "host" if self.pools_on_host else "device", "llama_cpp": self._llama.__version__}
 
     def close(self) -> None:
         if self._context:
@@ -303,6 +326,23 @@ class Engine:
         lengths = [len(d) for d in documents]
         shape = self._fit(shape or self.shape_for(lengths, pooling), pooling, lengths)
         out = np.zeros((len(documents), self.n_embd), np.float64)
+        # Decodes above the ubatch (logical_batch, the bench's seed emulation) run as upstream tools do, pooled as
+        # they pool: in the graph, per ubatch (which the self-test must see fail).
+        if self.pools_on_host and not shape.n_batch:
+            unordered = self.unordered_slots
+            self._decode(documents, replace(shape, pooling=Pooling.NONE), self._host_pooler(pooling, out))
+            if self.unordered_slots > unordered:
+                log.warning("llama.cpp placed KV cells out of position order in %d decodes (%s): the documents split "
+                            "across them may differ in their last bits from other runs", self.unordered_slots -
+                            unordered, shape)
+        else:
+            self._decode(documents, shape, self._graph_pooler(pooling, out))
+        if pooling is Pooling.MEAN:
+            out /= np.asarray(lengths, np.float64)[:, None]
+        return out.astype(np.float32)
+
+    def _graph_pooler(self, pooling: Pooling, out: np.ndarray) -> Callable[[_Context, list[Piece]], None]:
+        """Reads llama.cpp's pooled vector of each piece into `out` (mean: its token-weighted sum)."""
         llama = self._llama
 
         def pooled(context: _Context, seq: int) -> np.ndarray:
@@ -321,24 +361,37 @@ class Engine:
                     # the first piece holds it; the last token has seen everything in the last piece.
                     out[p.doc] = pooled(context, p.seq)
 
-        self._decode(documents, shape, read)
-        if pooling is Pooling.MEAN:
-            out /= np.asarray(lengths, np.float64)[:, None]
-        return out.astype(np.float32)
+        return read
+
+    def _host_pooler(self, pooling: Pooling, out: np.ndarray) -> Callable[[_Context, list[Piece]], None]:
+        """Pools each piece's token states into `out` on the host (mean: their sum, in float64, one token after
+        another in document order, so the result does not depend on where the document was cut or placed)."""
+        def read(context: _Context, pieces: list[Piece]) -> None:
+            for p, states in zip(pieces, self._token_states(context, pieces), strict=True):
+                if pooling is Pooling.MEAN:
+                    out[p.doc] = np.cumsum(np.vstack((out[p.doc], states)), axis=0)[-1]
+                elif pooling is Pooling.CLS and p.start == 0:
+                    out[p.doc] = states[0]
+                elif pooling is Pooling.LAST and p.last:
+                    out[p.doc] = states[-1]
+
+        return read
+
+    def _token_states(self, context: _Context, pieces: list[Piece]) -> list[np.ndarray]:
+        """Each piece's tokens' last hidden states (views into llama.cpp's output, valid until the next decode): every
+        token of a decode is an output, in batch order, the padding's last."""
+        ends = np.cumsum([p.stop - p.start for p in pieces])
+        rows = np.ctypeslib.as_array(self._llama.llama_get_embeddings(context.ctx), shape=(ends[-1], self.n_embd))
+        return np.split(rows, ends[:-1])
 
     def embed_tokens(self, documents: Sequence[np.ndarray]) -> list[np.ndarray]:
         """Every token's last hidden state: (n_tokens, n_embd) float32 per document."""
         shape = self.shape_for([len(d) for d in documents], Pooling.NONE)
         out = [np.empty((len(d), self.n_embd), np.float32) for d in documents]
-        llama = self._llama
 
         def read(context: _Context, pieces: list[Piece]) -> None:
-            n = sum(p.stop - p.start for p in pieces)
-            rows = np.ctypeslib.as_array(llama.llama_get_embeddings(context.ctx), shape=(n, self.n_embd))
-            offset = 0
-            for p in pieces:  # outputs come back in batch order: every token is an output
-                out[p.doc][p.start:p.stop] = rows[offset:offset + p.stop - p.start]
-                offset += p.stop - p.start
+            for p, states in zip(pieces, self._token_states(context, pieces), strict=True):
+                out[p.doc][p.start:p.stop] = states
 
         self._decode(documents, shape, read)
         return out

@@ -12,8 +12,14 @@ llama.cpp's kernels choose their path by the decode's token count (NOTES.md 30),
 how full its decode was. Every decode therefore carries at least `min_decode` tokens: one that the documents do not
 fill is topped up with padding, a sequence of its own that no one reads, so every decode runs in the same regime.
 
-That leaves where a text's KV cells sit and which columns it takes in a shared decode. The project's CPU build makes
-both irrelevant (infra/llama-cpp/patches/0002); llama.cpp's CUDA kernels do not (docs/benchmarks.md). An `isolated`
+That leaves where a text's KV cells sit and which rows it takes in a shared decode. The project's CPU build makes both
+irrelevant: its flash attention gathers a sequence's own cells in cache order (infra/llama-cpp/patches/0002), and
+llama.cpp places a sequence's new cells after the ones it holds (patch 0003), so a split document's cells stay in
+position order. Plans here always leave room for that: at most one document is carried from one decode into the
+next, it comes first there, and the documents in a decode fit the cells left (the `reserved` check), so every cell
+below a carried document's is held or taken and it grows upward within n_ctx. Padded decodes are a multiple of
+DECODE_MULTIPLE tokens, and the engine pools on the host on a CPU. llama.cpp's CUDA kernels move packed vectors
+anyway (docs/benchmarks.md). An `isolated`
 shape therefore decodes one document at a time, from the first cell of an emptied cache: each decode's shape and
 contents are then a function of that document alone, and its vector the same bits wherever it is embedded, on any
 backend whose kernels give the same result for the same input (README, Batch invariance).
@@ -33,6 +39,11 @@ CTX_ALIGN = 256  # llama.cpp pads n_ctx to this
 # from 64 (GGML_FA_TILE_Q), and none above that. From 64 tokens up a row's result depends only on where its KV cells
 # sit in the cache, within cos 0.99999 (README, Batch invariance; tests/worker/test_batch_invariance.py).
 MIN_DECODE_TOKENS = 64
+# A padded decode's token count is also a multiple of this: the CPU's repacked K-quant and Q4_0 matmuls (AVX-512) take
+# rows sixteen at a time and the rest through another path, four at a time then one by one, that rounds differently,
+# so without it the rows at a decode's end would depend on how many tokens came before them. Never above the ubatch:
+# ubatches are powers of two from 32.
+DECODE_MULTIPLE = 16
 PAD_TOKEN = 0  # what padding holds: any valid id does, its outputs are never read
 
 
@@ -71,8 +82,11 @@ class ContextShape:
         return self.n_seq_max - 1
 
     def padding(self, n_tokens: int) -> int:
-        """How many padding tokens a decode of `n_tokens` document tokens gets."""
-        return max(0, self.min_decode - n_tokens)
+        """How many padding tokens a decode of `n_tokens` document tokens gets: up to `min_decode`, and beyond it up
+        to a multiple of DECODE_MULTIPLE (none where the shape does not pad)."""
+        if not self.min_decode:
+            return 0
+        return max(self.min_decode, _round_up(n_tokens, DECODE_MULTIPLE)) - n_tokens
 
 
 def _round_up(n: int, multiple: int) -> int:

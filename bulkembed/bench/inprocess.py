@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -130,6 +130,8 @@ def run_raw(engine: Engine, corpus: Corpus, shard_tokens: int) -> Result:
     for shard in plan_shards(corpus, shard_tokens):
         docs = [corpus.tokens[d.id] for d in shard]
         shape = engine.shape_for([len(d) for d in docs])
+        if engine.pools_on_host:  # the engine's own contexts: its pooling is host work, not llama_decode's
+            shape = replace(shape, pooling=Pooling.NONE)
         steps = []
         for pieces in plan_decodes([len(d) for d in docs], shape):
             padding = shape.padding(sum(p.stop - p.start for p in pieces))  # as the engine pads: the same work

@@ -1,7 +1,14 @@
 import numpy as np
 import pytest
 
-from bulkembed.worker.packing import MAX_SEQUENCES, ContextShape, choose_shape, plan_decodes
+from bulkembed.worker.packing import (
+    DECODE_MULTIPLE,
+    MAX_SEQUENCES,
+    MIN_DECODE_TOKENS,
+    ContextShape,
+    choose_shape,
+    plan_decodes,
+)
 
 
 def check_plan(lengths: list[int], shape: ContextShape) -> int:
@@ -43,6 +50,31 @@ def test_every_token_once_and_ubatches_full(seed):
     steps = check_plan(lengths, shape)
     # Packing keeps ubatches full: at most one partly filled decode per long-document tail, roughly.
     assert steps <= -(-sum(lengths) // shape.n_ubatch) * 1.1 + 2
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_at_most_one_document_is_in_flight_between_decodes(seed):
+    """What keeps a split document's KV cells in position order within n_ctx (packing's docstring): the document
+    carried into the next decode is alone, and that decode's first."""
+    rng = np.random.default_rng(seed)
+    lengths = [int(x) for x in rng.integers(1, 900, 400)]
+    shape = choose_shape(lengths, 128, min_decode=MIN_DECODE_TOKENS)
+    carried = None
+    for pieces in plan_decodes(lengths, shape):
+        if carried is not None:
+            assert pieces[0].doc == carried
+        unfinished = [p.doc for p in pieces if not p.last]
+        assert len(unfinished) <= 1
+        carried = unfinished[0] if unfinished else None
+
+
+def test_padded_decodes_are_a_multiple_of_16_tokens_from_64():
+    shape = choose_shape([5, 300], 512, min_decode=MIN_DECODE_TOKENS)
+    for n in (1, 63, 64, 65, 80, 300, 305, 512):
+        padded = n + shape.padding(n)
+        assert padded % DECODE_MULTIPLE == 0 and padded <= shape.n_ubatch
+        assert padded == MIN_DECODE_TOKENS if n <= MIN_DECODE_TOKENS else padded - n < DECODE_MULTIPLE
+    assert choose_shape([5, 300], 512).padding(5) == 0, "a shape without min_decode never pads"
 
 
 def test_choose_shape():
