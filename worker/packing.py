@@ -18,11 +18,12 @@ llama.cpp places a sequence's new cells after the ones it holds (patch 0003), so
 position order. Plans here always leave room for that: at most one document is carried from one decode into the
 next, it comes first there, and the documents in a decode fit the cells left (the `reserved` check), so every cell
 below a carried document's is held or taken and it grows upward within n_ctx. Padded decodes are a multiple of
-DECODE_MULTIPLE tokens, and the engine pools on the host on a CPU. llama.cpp's CUDA kernels move packed vectors
-anyway (docs/benchmarks.md). An `isolated`
-shape therefore decodes one document at a time, from the first cell of an emptied cache: each decode's shape and
-contents are then a function of that document alone, and its vector the same bits wherever it is embedded, on any
-backend whose kernels give the same result for the same input (README, Batch invariance).
+DECODE_MULTIPLE tokens, and the engine pools on the host on a CPU.
+
+llama.cpp's CUDA kernels move packed vectors anyway (docs/benchmarks.md). An `isolated` shape therefore decodes one
+document at a time, from the first cell of an emptied cache: each decode's shape and contents are then a function of
+that document alone, and its vector the same bits wherever it is embedded, on any backend whose kernels give the same
+result for the same input (README, Batch invariance).
 """
 
 from __future__ import annotations
@@ -37,12 +38,11 @@ CTX_ALIGN = 256  # llama.cpp pads n_ctx to this
 # The fewest tokens a decode may carry. llama.cpp's CPU kernels switch paths by a decode's row count: the tiled
 # K-quant matmul from 8 rows (its narrow path up to 16), llamafile's sgemm from 2-4, the tiled flash attention
 # from 64 (GGML_FA_TILE_Q), and none above that. From 64 tokens up a row's result depends only on where its KV cells
-# sit in the cache, within cos 0.99999 (README, Batch invariance; tests/worker/test_batch_invariance.py).
+# sit in the cache and in which block of rows it falls (below; README, Batch invariance).
 MIN_DECODE_TOKENS = 64
-# A padded decode's token count is also a multiple of this: the CPU's repacked K-quant and Q4_0 matmuls (AVX-512) take
-# rows sixteen at a time and the rest through another path, four at a time then one by one, that rounds differently,
-# so without it the rows at a decode's end would depend on how many tokens came before them. Never above the ubatch:
-# ubatches are powers of two from 32.
+# A padded decode's token count is also a multiple of this (within its ubatch): the CPU's repacked K-quant and Q4_0
+# matmuls (AVX-512) take rows sixteen at a time and the rest through another path, four at a time then one by one,
+# that rounds differently, so without it the rows at a decode's end would depend on how many tokens came before them.
 DECODE_MULTIPLE = 16
 PAD_TOKEN = 0  # what padding holds: any valid id does, its outputs are never read
 
@@ -86,7 +86,7 @@ class ContextShape:
         to a multiple of DECODE_MULTIPLE (none where the shape does not pad)."""
         if not self.min_decode:
             return 0
-        return max(self.min_decode, _round_up(n_tokens, DECODE_MULTIPLE)) - n_tokens
+        return max(self.min_decode, min(_round_up(n_tokens, DECODE_MULTIPLE), self.decode_tokens)) - n_tokens
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -112,9 +112,13 @@ def choose_shape(lengths: Sequence[int], ubatch_cap: int, pooling: Pooling = Poo
     A non-causal model gets an ubatch that holds the longest document whole, above the cap if need be
     (the producer's max tokens bounds it), and never a bigger n_batch. An isolated shape holds one document at a
     time: an ubatch for the longest and a context for it alone (a document is cut by the cap, whatever the shard).
+    Where decodes are padded, a cap that is not a multiple of DECODE_MULTIPLE is rounded down to one, so that full
+    decodes are one too.
     """
     if not lengths:
         raise ValueError("a shard has at least one document")
+    if min_decode:
+        ubatch_cap = max(32, ubatch_cap - ubatch_cap % DECODE_MULTIPLE)
     total, longest = sum(lengths), max(lengths)
     n_ubatch = min(ubatch_cap, max(32, next_pow2(longest if isolated else total)))
     if not causal:

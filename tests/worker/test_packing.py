@@ -75,6 +75,9 @@ def test_padded_decodes_are_a_multiple_of_16_tokens_from_64():
         assert padded % DECODE_MULTIPLE == 0 and padded <= shape.n_ubatch
         assert padded == MIN_DECODE_TOKENS if n <= MIN_DECODE_TOKENS else padded - n < DECODE_MULTIPLE
     assert choose_shape([5, 300], 512).padding(5) == 0, "a shape without min_decode never pads"
+    odd = choose_shape([300] * 10, 500, min_decode=MIN_DECODE_TOKENS)
+    assert odd.n_ubatch == 496 and odd.padding(496) == 0, "a cap of 500 gives full decodes of a multiple of 16"
+    assert choose_shape([300] * 10, 500).n_ubatch == 500, "unpadded, the cap stands"
 
 
 def test_choose_shape():
