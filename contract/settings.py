@@ -173,7 +173,8 @@ class WorkerSettings(Settings):
     min_decode: int = Field(
         64, ge=0, le=8192, description="Fewest tokens a decode carries: one the documents do not fill is topped up "
         "with padding no one reads, so every decode runs in one kernel regime and a text's vector does not depend on "
-        "its neighbours or shard (README, Exact embeddings). 0 turns it off, only to measure what it fixes.",
+        "its neighbours or shard (README, Batch invariance). Padded decodes are also a multiple of 16 tokens (this "
+        "too is rounded up to one). 0 turns it off, only to measure what it fixes.",
     )
     isolate: bool = Field(
         False, description="Decode one document at a time, from the first cell of an emptied KV cache: each "

@@ -140,9 +140,13 @@ def single_document_shape(n_tokens: int, min_decode: int = 0) -> ContextShape:
 
 
 def with_min_decode(shape: ContextShape, min_decode: int) -> ContextShape:
-    """`shape` with every decode padded to `min_decode` tokens: an ubatch that holds them, a sequence slot and
-    KV cells for the padding. Unchanged where `min_decode` is 0 or the shape pads already."""
-    if min_decode <= 0 or shape.min_decode == min_decode:
+    """`shape` with every decode padded to `min_decode` tokens, rounded up to a multiple of DECODE_MULTIPLE: an ubatch
+    that holds them, a sequence slot and KV cells for the padding (a decode is padded by at most that many).
+    Unchanged where `min_decode` is 0 or the shape pads already."""
+    if min_decode <= 0:
+        return shape
+    min_decode = _round_up(min_decode, DECODE_MULTIPLE)
+    if shape.min_decode == min_decode:
         return shape
     if shape.min_decode:
         raise ValueError(f"a shape padded to {shape.min_decode} tokens cannot be padded to {min_decode}")

@@ -78,6 +78,8 @@ def test_padded_decodes_are_a_multiple_of_16_tokens_from_64():
     odd = choose_shape([300] * 10, 500, min_decode=MIN_DECODE_TOKENS)
     assert odd.n_ubatch == 496 and odd.padding(496) == 0, "a cap of 500 gives full decodes of a multiple of 16"
     assert choose_shape([300] * 10, 500).n_ubatch == 500, "unpadded, the cap stands"
+    seventy = choose_shape([5, 300], 512, min_decode=70)
+    assert seventy.min_decode == 80 and seventy.padding(5) == 75 and seventy.padding(300) == 4
 
 
 def test_choose_shape():
