@@ -134,17 +134,26 @@ class Embedder:
 
 
 def read_index(out: str) -> Index:
+    """The job spec of a finished output and how most of its rows were decoded (a warning where they were decoded in
+    more ways than one: a fleet of mixed workers, rows reused from a job with other settings)."""
     store = open_store(out)
     manifest = read_manifest(store)
     if manifest is None:
         raise InputError(f"--index {out}: no {keys.MANIFEST_KEY} there; a finished job's output is needed")
     job = JobSpec.model_validate(manifest["job"])
-    # One embedded file and one reused one at most (reused rows keep the record of the job that embedded them).
-    embedded = manifest_shards(store, manifest).column("key").to_pylist()[:1]
-    for key in embedded + [f["key"] for f in manifest.get("reused_files", [])[:1]]:
-        if decoded_by := read_decoded_by(stored_schema(store, key)):
-            return Index(out, job, decoded_by)
-    return Index(out, job, {})
+    if "decodings" not in manifest:  # written before the manifest counted them: one embedded file, one reused one
+        embedded = manifest_shards(store, manifest).column("key").to_pylist()[:1]
+        for key in embedded + [f["key"] for f in manifest.get("reused_files", [])[:1]]:
+            if decoded_by := read_decoded_by(stored_schema(store, key)):
+                return Index(out, job, decoded_by)
+        return Index(out, job, {})
+    decodings = manifest["decodings"]  # most rows first
+    if len(decodings) > 1:
+        log.warning("%s was embedded in %d ways (workers with other settings, devices or builds): queries are embedded "
+                    "as %d of its %d rows were; the others differ in their last digits", out, len(decodings),
+                    decodings[0]["rows"], sum(d["rows"] for d in decodings))
+    main = decodings[0] if decodings else None
+    return Index(out, job, read_decoded_by(stored_schema(store, main["example"])) if main and main["digest"] else {})
 
 
 def embed(texts: Sequence[str], model: str | Path, role: Role | str = Role.QUERY, **options) -> np.ndarray:

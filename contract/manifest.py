@@ -36,15 +36,20 @@ REJECTED_PREFIX = keys.REJECTED_KEY.split("{")[0]  # "_rejected/"
 def shards_schema() -> pa.Schema:
     """A ShardResult as a row (its `seconds` is left out: how long a shard took is no part of the output)."""
     return pa.schema([("shard", pa.int64()), ("key", pa.string()), ("rows", pa.int64()), ("tokens", pa.int64()),
-                      ("sha256", pa.string()), ("rejected", pa.int64())])
+                      ("sha256", pa.string()), ("rejected", pa.int64()), ("decoding", pa.string())])
 
 
 def write_manifest(store: Store, job: JobSpec, totals: JobTotals, results: Iterable[ShardResult],
                    reused: Sequence[ReusedFile] = ()) -> dict:
     """Stream `results` (any order; a shard reported twice, as HSCAN may, counts once) into the shards file, then
-    write the summary and return it. Rows and tokens count the whole output: embedded plus reused from PREV_OUT."""
+    write the summary and return it. Rows and tokens count the whole output: embedded plus reused from PREV_OUT.
+    `decodings` counts the files and rows of each way they were decoded (their decoded_by, by digest), most rows
+    first, each with a file that holds it: queries embed as the first (bulkembed.query.read_index)."""
     schema = shards_schema()
     columns: dict[str, list] = {name: [] for name in schema.names}
+    decodings = _Decodings()
+    for reused_file in reused:
+        decodings.add(reused_file.decoding, reused_file.rows, reused_file.key)
     seen = _ShardSet()
     count = rows = tokens = rejected = 0
     # Written to a local file first, then put whole (Store.put_file): readers and a second finalize racing this one
@@ -57,6 +62,7 @@ def write_manifest(store: Store, job: JobSpec, totals: JobTotals, results: Itera
                     continue
                 count, rows, tokens, rejected = (count + 1, rows + result.rows, tokens + result.tokens,
                                                  rejected + result.rejected)
+                decodings.add(result.decoding, result.rows, result.key)
                 for name, column in columns.items():
                     column.append(getattr(result, name))
                 if len(columns["shard"]) >= BATCH_ROWS:
@@ -79,6 +85,7 @@ def write_manifest(store: Store, job: JobSpec, totals: JobTotals, results: Itera
         "truncated_rows": totals.truncated + totals.reused_truncated,
         "rejected_rows": totals.rejected + rejected,
         "rejected_files": sorted(key for key, _ in store.list(REJECTED_PREFIX)),
+        "decodings": decodings.summary(),
     }
     store.put(keys.MANIFEST_KEY, json.dumps(manifest, indent=2).encode())
     return manifest
@@ -103,6 +110,21 @@ def manifest_shards(store: Store, manifest: dict | None = None) -> pa.Table:
         fs, base = store.arrow_fs()
         table = pq.read_table(f"{base}/{manifest['shards_file']}", filesystem=fs, schema=shards_schema())
     return table.sort_by("shard")
+
+
+class _Decodings:
+    """Files and rows per decoding digest, and one file of each."""
+
+    def __init__(self) -> None:
+        self.seen: dict[str, dict] = {}
+
+    def add(self, digest: str, rows: int, key: str) -> None:
+        counted = self.seen.setdefault(digest, {"digest": digest, "files": 0, "rows": 0, "example": key})
+        counted["files"] += 1
+        counted["rows"] += rows
+
+    def summary(self) -> list[dict]:
+        return sorted(self.seen.values(), key=lambda d: (-d["rows"], d["digest"]))
 
 
 class _ShardSet:

@@ -21,7 +21,7 @@ from bulkembed.contract import keys
 from bulkembed.contract.errors import BulkEmbedError, ShardError
 from bulkembed.contract.job import JobSpec, ShardMessage
 from bulkembed.contract.manifest import write_manifest
-from bulkembed.contract.schema import from_ipc_bytes, read_metadata
+from bulkembed.contract.schema import decoding_digest, from_ipc_bytes, read_decoded_by, read_metadata
 from bulkembed.contract.settings import Settings
 from bulkembed.contract.store import Store, open_store
 
@@ -36,6 +36,7 @@ class ShardResult(BaseModel):
     sha256: str = ""  # of the Arrow file's bytes, to check a duplicate delivery and the manifest
     rejected: int = 0  # rows llama.cpp could not embed, quarantined under _rejected/
     seconds: float = 0.0
+    decoding: str = ""  # schema.decoding_digest of the file's decoded_by
 
 
 class ReusedFile(BaseModel):
@@ -47,6 +48,7 @@ class ReusedFile(BaseModel):
     tokens: int
     truncated: int = 0  # documents among them that were truncated
     sha256: str
+    decoding: str = ""  # schema.decoding_digest of the decoded_by it keeps from the earlier job
 
 
 class JobTotals(BaseModel):
@@ -119,7 +121,8 @@ def stored_result(message: ShardMessage, store: Store) -> ShardResult:
                          f"from {message.job.model.sha256[:12]}")
     return ShardResult(shard=message.shard, key=message.output_key, rows=table.num_rows,
                        tokens=int(pc.sum(table["n_tokens"]).as_py() or 0),
-                       sha256=hashlib.sha256(data).hexdigest(), rejected=rejected)
+                       sha256=hashlib.sha256(data).hexdigest(), rejected=rejected,
+                       decoding=decoding_digest(read_decoded_by(table.schema)))
 
 
 # A written shard, counted once however often it is reported (duplicate deliveries): its result is kept and the

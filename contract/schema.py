@@ -98,6 +98,11 @@ def read_decoded_by(schema: pa.Schema) -> dict:
     return json.loads(read_metadata(schema).get("decoded_by") or "{}")
 
 
+def decoding_digest(decoded_by: dict) -> str:
+    """A short name for a decoded_by, for the manifest to count the files decoded alike ("" for none recorded)."""
+    return hashlib.sha256(json.dumps(decoded_by, sort_keys=True).encode()).hexdigest()[:12] if decoded_by else ""
+
+
 def to_ipc_bytes(table: pa.Table, compression: str | None = None) -> bytes:
     """A complete Arrow IPC file in memory: objects are only ever written whole. `compression` ("zstd", "lz4")
     compresses its buffers; readers need nothing to know it."""

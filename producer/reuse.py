@@ -28,6 +28,7 @@ from bulkembed.contract.job import JobSpec, ReuseSource
 from bulkembed.contract.manifest import manifest_shards
 from bulkembed.contract.registry import ReusedFile
 from bulkembed.contract.schema import (
+    decoding_digest,
     embedding_schema,
     from_ipc_bytes,
     read_decoded_by,
@@ -129,8 +130,8 @@ def copy_reused(previous: PreviousOutput, reused: SeenIds, store: Store, job: Jo
         taken = table.filter(pa.array(mask))
         id_type = table.schema.field("id").type  # the new corpus's: open_previous checked they agree
         # The vectors keep the record of how they were decoded (they were, by the earlier job's workers).
-        taken = pa.Table.from_arrays(taken.columns, schema=embedding_schema(id_type, job.dims, job,
-                                                                            read_decoded_by(table.schema)))
+        decoded_by = read_decoded_by(table.schema)
+        taken = pa.Table.from_arrays(taken.columns, schema=embedding_schema(id_type, job.dims, job, decoded_by))
         key = keys.reused_output(index)
         data = to_ipc_bytes(taken)
         if not store.put_if_absent(key, data):
@@ -142,7 +143,7 @@ def copy_reused(previous: PreviousOutput, reused: SeenIds, store: Store, job: Jo
                                  tokens=int(pc.sum(taken.column("n_tokens")).as_py()),
                                  truncated=int(pc.sum(pc.and_(taken.column("truncated"),
                                                               pc.equal(taken.column("chunk"), 0))).as_py()),
-                                 sha256=hashlib.sha256(data).hexdigest()))
+                                 sha256=hashlib.sha256(data).hexdigest(), decoding=decoding_digest(decoded_by)))
     log.info("job %s: %d rows reused from %s in %d files", job.job_id, sum(f.rows for f in copied),
              previous.source.uri, len(copied))
     return copied

@@ -216,3 +216,28 @@ def test_embed_refuses_options_that_an_index_decides(isolated_out):
                              "8", "--isolate", "a query"], cwd=REPO, env=env, capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 2 and "--index takes --dims, --isolate from the index's job" in result.stderr
+
+
+def test_an_index_decoded_two_ways_says_so_and_queries_follow_most_rows(outlier_models, corpus, isolated_out,
+                                                                        tmp_path):
+    """Re-indexed with --reuse under other settings, an output holds rows decoded two ways: the manifest counts
+    them, and --index embeds as most rows were, with a warning."""
+    from bulkembed.contract.manifest import read_manifest
+    from bulkembed.contract.schema import decoding_digest
+    from bulkembed.contract.store import open_store
+
+    extra = mixed_texts(120, seed=11, long_every=9, long_tokens=(300, 700))
+    grown = write_corpus(tmp_path / "grown.parquet", IDS + [f"e{i}" for i in range(120)], TEXTS + extra)
+    out = tmp_path / "out"
+    index = run_job(outlier_models["Q8_0"], grown, out, "--reuse", str(isolated_out))
+    decodings = read_manifest(open_store(str(out)))["decodings"]
+    embedded = read_decoded_by(ds.dataset(out / "000000-000000.arrow", format="arrow").schema)
+    reused = read_decoded_by(ds.dataset(isolated_out, format="arrow").schema)
+    assert [(d["digest"], d["rows"]) for d in decodings] == [(decoding_digest(embedded), 120),
+                                                             (decoding_digest(reused), 90)]
+    result = subprocess.run([sys.executable, "-m", "bulkembed.cli", "embed", "--index", str(out), "--role", "passage",
+                             "--threads", "2", extra[0], extra[1]], cwd=REPO, capture_output=True, text=True,
+                            timeout=300, env={k: v for k, v in os.environ.items() if not k.startswith("BULKEMBED_")})
+    assert result.returncode == 0 and "was embedded in 2 ways" in result.stderr, result.stderr[-2000:]
+    got = np.array([json.loads(line)["embedding"] for line in result.stdout.splitlines()], np.float32)
+    assert np.array_equal(got, np.stack([index["e0"], index["e1"]]))

@@ -21,7 +21,13 @@ from bulkembed.contract import keys
 from bulkembed.contract.errors import ShardError
 from bulkembed.contract.job import Dtype, JobSpec, Pooling, ShardMessage
 from bulkembed.contract.registry import ShardResult, stored_result
-from bulkembed.contract.schema import embedding_schema, from_ipc_bytes, rejected_schema, to_ipc_bytes
+from bulkembed.contract.schema import (
+    decoding_digest,
+    embedding_schema,
+    from_ipc_bytes,
+    rejected_schema,
+    to_ipc_bytes,
+)
 from bulkembed.contract.store import Store
 from bulkembed.worker.rows import EmbeddedRows, ShardRows, finish_vectors
 
@@ -89,7 +95,8 @@ def write_shard(shard: OpenShard, embedded: EmbeddedRows, store: Store, guard: G
     log.info("job %s shard %d: %d rows, %d tokens in %.2fs (%.0f tok/s), %d rejected", message.job_id,
              message.shard, output.num_rows, n_tokens, seconds, n_tokens / max(seconds, 1e-9), int((~good).sum()))
     return ShardResult(shard=message.shard, key=message.output_key, rows=output.num_rows, tokens=n_tokens,
-                       sha256=hashlib.sha256(data).hexdigest(), rejected=int((~good).sum()), seconds=seconds)
+                       sha256=hashlib.sha256(data).hexdigest(), rejected=int((~good).sum()), seconds=seconds,
+                       decoding=decoding_digest(embedded.decoded_by or {}))
 
 
 def _output_table(table: pa.Table, vectors, job: JobSpec, n_embd: int, decoded_by: dict | None) -> pa.Table:

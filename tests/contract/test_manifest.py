@@ -27,9 +27,10 @@ def numbers(n: int, per_unit: int = 40) -> list[int]:
 
 
 def results(n: int = N, seed: int = 0, per_unit: int = 40) -> list[ShardResult]:
-    """Shards in no order, as HSCAN gives them; some with rejected rows."""
+    """Shards in no order, as HSCAN gives them; some with rejected rows, one in ten decoded another way."""
     found = [ShardResult(shard=s, key=f"{s}.arrow", rows=10 + s % 7, tokens=100 + i, sha256=f"{s:064x}",
-                         rejected=i % 5 == 0, seconds=1.5) for i, s in enumerate(numbers(n, per_unit))]
+                         rejected=i % 5 == 0, seconds=1.5, decoding="b" * 12 if i % 10 == 0 else "a" * 12)
+             for i, s in enumerate(numbers(n, per_unit))]
     random.Random(seed).shuffle(found)
     return found
 
@@ -42,7 +43,16 @@ def inline_shards(found: list[ShardResult]) -> list[dict]:
 TOTALS = JobTotals(shards=N, docs=40_000, tokens=1, truncated=4, rejected=3, reused_rows=50, reused_tokens=700,
                    reused_truncated=2)
 REUSED = [ReusedFile(key=keys.reused_output(0), source="000007.arrow", rows=50, tokens=700, truncated=2,
-                     sha256="a" * 64)]
+                     sha256="a" * 64, decoding="c" * 12)]
+
+
+def decodings(found: list[ShardResult]) -> list[dict]:
+    """The summary's count of each decoding: the reused file's, then the shards', most rows first."""
+    counted = {"c" * 12: {"digest": "c" * 12, "files": 1, "rows": 50, "example": REUSED[0].key}}
+    for r in found:
+        d = counted.setdefault(r.decoding, {"digest": r.decoding, "files": 0, "rows": 0, "example": r.key})
+        d["files"], d["rows"] = d["files"] + 1, d["rows"] + r.rows
+    return sorted(counted.values(), key=lambda d: -d["rows"])
 
 
 def check_written(store: Store, spec, found: list[ShardResult]) -> dict:
@@ -68,7 +78,9 @@ def check_written(store: Store, spec, found: list[ShardResult]) -> dict:
         "tokens": sum(r.tokens for r in found) + 700, "truncated_rows": 4 + 2,
         "rejected_rows": 3 + sum(r.rejected for r in found),
         "rejected_files": ["_rejected/plan-a.arrow", "_rejected/plan-b.arrow", "_rejected/shard-000005.arrow"],
+        "decodings": decodings(found),
     }
+    assert [d["digest"] for d in summary["decodings"]] == ["a" * 12, "b" * 12, "c" * 12]
     table = manifest_shards(store)
     assert table.schema == shards_schema()
     assert table.to_pylist() == inline_shards(found)
