@@ -14,6 +14,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
+from bulkembed.synthetic import quantize
 from bulkembed.worker.engine import Engine, EngineOptions
 from bulkembed.worker.packing import MIN_DECODE_TOKENS, single_document_shape
 from tests.conftest import letter_texts
@@ -156,6 +157,19 @@ def test_queries_pool_where_their_index_pooled(tiny_model):
     assert recorded["pooled_on"] == "host" and EngineOptions().like(recorded).pool_on_host is True
     older = {key: value for key, value in recorded.items() if key != "pooled_on"}
     assert EngineOptions().like(older).pool_on_host is False
+
+
+@pytest.mark.parametrize("kind", ["F32", "F16", "BF16", "Q4_0", "IQ4_NL", "Q5_K_M", "Q6_K"])
+def test_other_types_keep_their_bits_too(outlier_models, kind, texts, tmp_path):
+    """Every kind of CPU matmul the types above do not take: F16/BF16 (llamafile's sgemm), Q4_0 and IQ4_NL (repacked
+    with a lookup table), Q5_K and Q6_K."""
+    path = outlier_models["F32"] if kind == "F32" else quantize(
+        outlier_models["F32"], tmp_path / f"outlier-text-retrieval-{kind}.gguf", kind, threads=2)
+    padded = engine(path, flash_attn=True)
+    try:
+        assert rows_not_bit_identical(cuts(padded, [padded.vocab.tokenize(t) for t in texts])) == 0
+    finally:
+        padded.close()
 
 
 def test_decodes_of_any_size_keep_the_bits_of_repacked_k_quants(outlier_models, texts, monkeypatch):
