@@ -89,21 +89,17 @@ def flash_attn_choice(value: str) -> bool | None:
 NO_LOGITS_ENV = "LLAMA_EMBEDDINGS_NO_LOGITS"
 
 
+def patched_function(llama: object, name: str, argtypes: list, restype: object) -> Callable | None:
+    """A function that the project's llama.cpp patches add (infra/llama-cpp/patches), typed; None on a stock build."""
+    function = getattr(llama.llama_cpp._lib, name, None)
+    if function is not None:
+        function.argtypes, function.restype = argtypes, restype
+    return function
+
+
 def lm_head_skipper(llama: object) -> Callable[[object], bool] | None:
-    """`llama_get_embeddings_no_logits` of a patched llama.cpp build; None for a stock one."""
-    function = getattr(llama.llama_cpp._lib, "llama_get_embeddings_no_logits", None)
-    if function is not None:
-        function.argtypes, function.restype = [ctypes.c_void_p], ctypes.c_bool
-    return function
-
-
-def unordered_slots_counter(llama: object) -> Callable[[], int] | None:
-    """`llama_kv_unordered_slots` of the project's llama.cpp build (patch 0003): how many decodes of this process
-    could not keep a document's KV cells in position order; None for a stock build."""
-    function = getattr(llama.llama_cpp._lib, "llama_kv_unordered_slots", None)
-    if function is not None:
-        function.argtypes, function.restype = [], ctypes.c_uint64
-    return function
+    """`llama_get_embeddings_no_logits` (patch 0001): whether a context leaves the LM head out."""
+    return patched_function(llama, "llama_get_embeddings_no_logits", [ctypes.c_void_p], ctypes.c_bool)
 
 
 class _Context:
@@ -203,7 +199,8 @@ class Engine:
         self.gpu_offload = offload
         self.pools_on_host = not offload if options.pool_on_host is None else options.pool_on_host
         self._head_skipped_by = lm_head_skipper(llama_cpp)
-        self._unordered_slots = unordered_slots_counter(llama_cpp)
+        # Patch 0003: how many decodes of this process could not keep a document's KV cells in position order.
+        self._unordered_slots = patched_function(llama_cpp, "llama_kv_unordered_slots", [], ctypes.c_uint64)
         # What the build allows and the options ask: checked again on every context made.
         self.lm_head_skipped = options.skip_lm_head and self._head_skipped_by is not None
         self._context: _Context | None = None
