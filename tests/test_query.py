@@ -34,6 +34,11 @@ def bulkembed(*args: str, stdin: str | None = None, timeout: float = 300,
     return result
 
 
+def json_vectors(result: subprocess.CompletedProcess) -> np.ndarray:
+    """The vectors `bulkembed embed` printed, one JSON line a text."""
+    return np.array([json.loads(line)["embedding"] for line in result.stdout.splitlines()], np.float32)
+
+
 def vectors_by_id(out: Path) -> dict[str, np.ndarray]:
     table = ds.dataset(out, format="arrow").to_table()
     decoded_by = read_decoded_by(table.schema)  # what queries must be embedded alike
@@ -168,8 +173,7 @@ def test_isolated_embed_of_a_text_is_its_row_bit_for_bit(outlier_models, isolate
     picked = [0, 1, 2, 5, 9, 40]
     result = bulkembed("embed", "--model", str(outlier_models["Q8_0"]), "--role", "passage", "--threads", "2",
                        "--isolate", "--flash-attn", "on", *[TEXTS[i] for i in picked], env=MOVING_KERNELS)
-    got = np.array([json.loads(line)["embedding"] for line in result.stdout.splitlines()], np.float32)
-    assert np.array_equal(got, np.stack([isolated_index[IDS[i]] for i in picked]))
+    assert np.array_equal(json_vectors(result), np.stack([isolated_index[IDS[i]] for i in picked]))
 
 
 def test_embed_with_index_embeds_as_the_job_did(outlier_models, isolated_out, isolated_index):
@@ -182,8 +186,7 @@ def test_embed_with_index_embeds_as_the_job_did(outlier_models, isolated_out, is
     want = np.stack([isolated_index[IDS[i]] for i in picked])
 
     def embedded(*options: str) -> np.ndarray:
-        result = bulkembed("embed", "--role", "passage", "--threads", "2", *options, *texts, env=moving)
-        return np.array([json.loads(line)["embedding"] for line in result.stdout.splitlines()], np.float32)
+        return json_vectors(bulkembed("embed", "--role", "passage", "--threads", "2", *options, *texts, env=moving))
 
     assert np.array_equal(embedded("--index", str(isolated_out)), want)
     assert not np.array_equal(embedded("--model", str(outlier_models["Q8_0"])), want), "the test could not fail"
@@ -235,9 +238,6 @@ def test_an_index_decoded_two_ways_says_so_and_queries_follow_most_rows(outlier_
     reused = read_decoded_by(ds.dataset(isolated_out, format="arrow").schema)
     assert [(d["digest"], d["rows"]) for d in decodings] == [(decoding_digest(embedded), 120),
                                                              (decoding_digest(reused), 90)]
-    result = subprocess.run([sys.executable, "-m", "bulkembed.cli", "embed", "--index", str(out), "--role", "passage",
-                             "--threads", "2", extra[0], extra[1]], cwd=REPO, capture_output=True, text=True,
-                            timeout=300, env={k: v for k, v in os.environ.items() if not k.startswith("BULKEMBED_")})
-    assert result.returncode == 0 and "was embedded in 2 ways" in result.stderr, result.stderr[-2000:]
-    got = np.array([json.loads(line)["embedding"] for line in result.stdout.splitlines()], np.float32)
-    assert np.array_equal(got, np.stack([index["e0"], index["e1"]]))
+    result = bulkembed("embed", "--index", str(out), "--role", "passage", "--threads", "2", extra[0], extra[1])
+    assert "was embedded in 2 ways" in result.stderr, result.stderr[-2000:]
+    assert np.array_equal(json_vectors(result), np.stack([index["e0"], index["e1"]]))
