@@ -23,6 +23,7 @@ from bulkembed.bench import peers
 from bulkembed.bench.engines import run_engines
 from bulkembed.bench.inprocess import (
     SHAPES,
+    VARIANTS,
     drop_context,
     load_corpus,
     run_bulkembed,
@@ -40,9 +41,6 @@ from bulkembed.worker.packing import MIN_DECODE_TOKENS
 
 log = logging.getLogger(__name__)
 
-# The bulkembed path with one option changed, in its own engine: bulkembed-head computes the LM head, as on a stock
-# llama.cpp build (what skipping it saves); bulkembed-isolated decodes one document at a time (what --isolate costs).
-VARIANTS = {"bulkembed-head": {"skip_lm_head": False}, "bulkembed-isolated": {"isolate": True}}
 MODES = ("bulkembed", *VARIANTS, "raw", "llama-embed", "seed", "llama-embedding", "transformers")
 DEFAULT_MODES = ("bulkembed", "raw", "llama-embed", "seed", "llama-embedding")
 SWEEP_UBS = (64, 128, 256, 512, 1024, 2048, 4096)  # the seed blog's grid

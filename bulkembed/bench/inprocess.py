@@ -109,6 +109,11 @@ def embed_texts(engine: Engine, texts: list[str]) -> int:
     return sum(len(d) for d in docs)
 
 
+# The bulkembed path with one option changed, in its own engine: bulkembed-head computes the LM head, as on a stock
+# llama.cpp build (what skipping it saves); bulkembed-isolated decodes one document at a time (what --isolate costs).
+VARIANTS = {"bulkembed-head": {"skip_lm_head": False}, "bulkembed-isolated": {"isolate": True}}
+
+
 def run_bulkembed(engine: Engine, corpus: Corpus, shard_tokens: int, mode: str = "bulkembed") -> Result:
     tokens, made, seconds = 0, engine.contexts_made, engine.context_seconds
     with Meter() as meter:

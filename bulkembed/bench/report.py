@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from bulkembed.bench.inprocess import VARIANTS
 from bulkembed.worker.engine import Engine
 
 MIB = 1 << 20
@@ -60,8 +61,7 @@ def format_report(report: dict) -> str:
         verdict = "meets" if ratio >= 0.95 else "BELOW"
         lines += ["", f"==> bulkembed / raw = {ratio:.3f} ({verdict} the >= 0.95 target)"]
     rate = {r["mode"]: r["tok_per_s"] for r in report["modes"]}
-    best = max((m for m in rate if m.startswith("bulkembed") and m not in ("bulkembed-head", "bulkembed-isolated")),
-               key=rate.get, default=None)
+    best = max((m for m in rate if m.startswith("bulkembed") and m not in VARIANTS), key=rate.get, default=None)
     if "bulkembed-head" in rate and "bulkembed" in rate:
         lines.append(f"==> bulkembed without / with the LM head = {rate['bulkembed'] / rate['bulkembed-head']:.2f} "
                      f"(the head's share of the time: {1 - rate['bulkembed-head'] / rate['bulkembed']:.0%})")
