@@ -19,6 +19,9 @@ from bulkembed.contract.errors import ModelError
 log = logging.getLogger(__name__)
 _backend_ready = False
 TAIL_SAMPLE = "a b c"
+# A text of characters the vocabulary drops (BERT's WordPiece: U+FFFD, U+200B, control characters) counts only the
+# framing ([CLS] [SEP]) and the prefix: it would be embedded as those alone, a vector of nothing.
+NO_TOKENS = "no tokens: the model's vocabulary drops every character"
 
 
 def init_llama() -> None:
@@ -104,9 +107,9 @@ class TokenCounter:
 
         self._process, self.tail = start(_load_vocab, str(path))
 
-    def count_many(self, texts: list[str]) -> list[int]:
+    def count_many(self, texts: list[str], special: bool = True) -> list[int]:
         """One round trip for a whole batch: counting a row costs microseconds, a call across processes more."""
-        return self._process.call(_count_many, texts) if texts else []
+        return self._process.call(_count_many, texts, special) if texts else []
 
     def count(self, text: str) -> int:
         return self.count_many([text])[0]
@@ -131,8 +134,8 @@ def _load_vocab(path: str) -> int:
     return _COUNTER_VOCAB.tail
 
 
-def _count_many(texts: list[str]) -> list[int]:
-    return [_COUNTER_VOCAB.count(text) for text in texts]
+def _count_many(texts: list[str], special: bool = True) -> list[int]:
+    return [_COUNTER_VOCAB.count(text, special) for text in texts]
 
 
 class _ModelHandle:

@@ -49,7 +49,7 @@ from bulkembed.contract.schema import (
 )
 from bulkembed.contract.settings import ProducerSettings
 from bulkembed.contract.store import Store, open_store
-from bulkembed.contract.vocab import TokenCounter
+from bulkembed.contract.vocab import NO_TOKENS, TokenCounter
 from bulkembed.producer.corpus import Corpus, Unit, decode_texts, input_fs, open_corpus, plan_units, read_batches
 from bulkembed.producer.dedup import SeenIds, duplicates_between, find_duplicates, id_batches, ordinal
 from bulkembed.producer.planner import Document, ShardPlanner
@@ -275,8 +275,13 @@ def _accept(ctx: PlanContext, batch: pa.RecordBatch, source: str, first_row: int
         reusable = index.contains(row_key)
     else:  # no --reuse: no keys to compute
         row_key, reusable = np.zeros(len(candidates), ROW_KEY), np.zeros(len(candidates), bool)
-    counts = iter(counter.count_many([text for (_, _, text), reuse in zip(candidates, reusable, strict=True)
-                                      if not reuse]))
+    to_count = [text for (_, _, text), reuse in zip(candidates, reusable, strict=True) if not reuse]
+    counted = counter.count_many(to_count)
+    # No more tokens than the prefix and framing alone: the text may have none of its own (rare; counted again bare).
+    maybe_empty = [text for text, n in zip(to_count, counted, strict=True) if n <= prefix_tokens]
+    empty = {text for text, n in zip(maybe_empty, counter.count_many(
+        [text[len(job.prefix):] for text in maybe_empty], special=False), strict=True) if n == 0}
+    counts = iter(counted)
     accepted = []
     for (i, doc_id, text), hashed, key, reuse in zip(candidates, hashes, row_key, reusable, strict=True):
         if reuse:
@@ -284,8 +289,8 @@ def _accept(ctx: PlanContext, batch: pa.RecordBatch, source: str, first_row: int
             continue
         n_tokens = next(counts)
         spans = document_spans(n_tokens, job.max_tokens, job.overlength, prefix_tokens, counter.tail)
-        if n_tokens == 0:
-            rejects.add(doc_id, "no tokens: the model's vocabulary drops every character", source, first_row + i)
+        if text in empty:
+            rejects.add(doc_id, NO_TOKENS, source, first_row + i)
         elif spans is None:
             rejects.add(doc_id, f"over-length: {n_tokens} tokens > max {job.max_tokens}", source, first_row + i)
         else:

@@ -10,11 +10,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from bulkembed.contract import keys
-from bulkembed.contract.errors import EngineError, ShardError
+from bulkembed.contract.errors import EngineError, InputError, ShardError
 from bulkembed.contract.job import JobSpec, ModelRef, Role, ShardMessage, Task
 from bulkembed.contract.model import file_sha256, queue_name
 from bulkembed.contract.schema import METADATA_PREFIX, content_hash, from_ipc_bytes, shard_input_schema, to_ipc_bytes
 from bulkembed.contract.store import LocalStore
+from bulkembed.contract.vocab import NO_TOKENS
 from bulkembed.worker.engine import Engine, EngineOptions
 from bulkembed.worker.rows import embed_rows
 from bulkembed.worker.shard import embed_shard
@@ -66,6 +67,36 @@ def test_every_bad_row_is_quarantined_with_its_reason(tmp_path, run_cli, tiny_mo
     assert accepted_rows | set(by_row) == set(range(len(rows))) and not accepted_rows & set(by_row)
     manifest = (out / "_manifest.json").read_text()
     assert '"rejected_rows": 8' in manifest
+
+
+# Characters BERT's WordPiece drops: Python's str.strip() keeps them, and each such text tokenizes to [CLS] [SEP].
+NOTHING_TO_WORDPIECE = {"replacement": "\ufffd\ufffd", "zero-width": "\u200b", "control": "\x01\x02 \x7f"}
+
+
+@pytest.mark.parametrize("prefix", ["", "query: "])
+def test_a_text_the_vocabulary_drops_whole_is_quarantined_not_embedded_as_its_frame(tmp_path, run_cli, kind_models,
+                                                                                     prefix):
+    """Without the check, each of these was embedded as its prefix and [CLS] [SEP] alone: the same vector for every
+    such row, written as if it were the document's."""
+    texts = {"ok-1": "a fine document", **NOTHING_TO_WORDPIECE, "ok-2": "x \ufffd"}
+    write_corpus(tmp_path / "in.parquet", list(texts), list(texts.values()))
+    out = tmp_path / "out"
+    done = run_cli("run", tmp_path / "in.parquet", "--model", kind_models["bert-mean"], "--out", out,
+                   "--prefix", prefix)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert sorted(ds.dataset(out, format="arrow").to_table().column("id").to_pylist()) == ["ok-1", "ok-2"]
+    rejected = {r["id"]: r["reason"] for r in ds.dataset(out / "_rejected", format="arrow").to_table().to_pylist()}
+    assert rejected == dict.fromkeys(NOTHING_TO_WORDPIECE, NO_TOKENS)
+
+
+def test_a_query_the_vocabulary_drops_whole_is_refused(kind_models):
+    from bulkembed import Embedder
+
+    with Embedder(kind_models["bert-mean"], prefix="query: ") as embedder:
+        assert embedder.embed(["x \ufffd"]).shape[0] == 1
+        for text in NOTHING_TO_WORDPIECE.values():
+            with pytest.raises(InputError, match="text 1: no tokens"):
+                embedder.embed(["a fine query", text])
 
 
 @pytest.mark.parametrize("case", ["missing-column", "wrong-type", "unreadable", "empty", "no-files"])

@@ -14,6 +14,7 @@ import numpy as np
 
 from bulkembed.contract.errors import EngineError, InputError, ShardError
 from bulkembed.contract.job import Overlength, Pooling, document_spans
+from bulkembed.contract.vocab import NO_TOKENS
 from bulkembed.worker.engine import Engine, l2_normalize
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,8 @@ def query_rows(engine: Engine, texts: list[str], prefix: str, pooling: Pooling, 
     for i, text in enumerate(prefixed):
         if not texts[i].strip():
             raise InputError(f"text {i} is empty")
+        if vocab.count(texts[i], special=False) == 0:
+            raise InputError(f"text {i}: {NO_TOKENS}")
         n_tokens = len(vocab.tokenize(text))
         spans.append(document_spans(n_tokens, max_tokens, Overlength.TRUNCATE, prefix_tokens, tail)[0])
     return ShardRows(label="query", prefix=prefix, pooling=pooling, close_cut_rows=tail > 0, texts=prefixed,
