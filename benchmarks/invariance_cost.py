@@ -68,5 +68,6 @@ def main() -> None:
     for engine in engines.values():
         engine.close()
 
+
 if __name__ == "__main__":
     main()
