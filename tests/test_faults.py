@@ -423,6 +423,40 @@ def test_orphaned_shard_is_redelivered_after_the_visibility_timeout(tmp_path, po
     check_exactly_once(str(out), ids)
 
 
+def test_redis_refusing_writes_as_a_shard_commits_hands_the_shard_back(tmp_path, background, fault_env, fresh_redis,
+                                                                       tiny_model):
+    """Redis refuses writes (out of memory under noeviction) as a shard commits: its output is written but cannot be
+    counted, nor its failure. The shard goes back to the queue, and once Redis takes writes again its redelivery finds
+    the output and counts it: the job completes with every row once. Before, the shard was acknowledged as if it had
+    run, and the job never finished."""
+    path, ids = corpus(tmp_path / "in", n_short=200, n_long=0, seed=7)
+    out = tmp_path / "out"
+    env = fault_env | {"BULKEMBED_VISIBILITY_TIMEOUT": "120", "BULKEMBED_TASK_TIME_LIMIT": "100"}
+    client = redis.Redis.from_url(fresh_redis.url, decode_responses=True)
+    workers, holds = held_workers(env, tmp_path / "held")
+    try:
+        worker = workers.start(tiny_model)
+        submit = background(submit_args(path, tiny_model, out, "--shard-tokens", "2000"), env, "submit")
+        job_id = job_id_of(submit)
+        shard, pid = holds.wait()
+        wait_until(lambda: client.hget(keys.REDIS_JOB.format(job_id=job_id), "state") == "running", 60,
+                   "planning closed")
+        client.config_set("maxmemory-policy", "noeviction")
+        client.config_set("maxmemory", 1)  # below what it holds: every write refused
+        holds.release(shard, pid)
+        wait_until(lambda: "OutOfMemoryError" in worker.log.read_text(), 60, "the commit to meet Redis refusing it")
+        client.config_set("maxmemory", 0)
+        assert (out / keys.shard_output(shard)).exists(), "the output was written before Redis refused its count"
+        holds.auto_release()
+        assert submit.wait(120) == 0, submit.stderr[-3000:]
+    finally:
+        client.config_set("maxmemory", 0)
+        holds.stop()
+        workers.stop_all()
+    check_exactly_once(str(out), ids)
+    assert "Redis failed (OutOfMemoryError" in worker.log.read_text()
+
+
 def test_lock_fallback_where_the_store_ignores_conditional_writes(tmp_path, bucket, redis_server):
     """A store whose if-absent writes overwrite (an old S3-compatible server) is detected, and shard
     commits to it take a Redis lock; LocalStore and S3 (moto) need none."""

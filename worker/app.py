@@ -12,13 +12,16 @@ import logging
 import os
 import random
 import time
-from contextlib import nullcontext
+from contextlib import nullcontext, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
 from celery import Task
+from celery.exceptions import Reject
 from celery.signals import worker_process_init, worker_process_shutdown
+from kombu.exceptions import OperationalError
+from redis.exceptions import RedisError
 
 from bulkembed.contract import keys
 from bulkembed.contract.errors import ShardError, TransientError
@@ -49,11 +52,25 @@ class ResidentModel:
 
 
 MODEL: ResidentModel | None = None  # set by `bulkembed worker` before the pool starts
+# Redis failing past redis-py's own retries (out of memory under noeviction, a long outage), as the registry or as
+# the broker: a shard whose bookkeeping cannot be written is handed back, never acknowledged as if it had run.
+REDIS_FAILED = (RedisError, OperationalError)
+GIVE_BACK_MAX_S = 60.0
+_given_back = 0  # shards this pool process handed back in a row (its backoff)
 
 
 @worker_process_init.connect
-def _load_model(**_: object) -> None:
-    """Each pool process starts its engine once, when it starts."""
+def _start_engine(**_: object) -> None:
+    """Each pool process starts its engine when it starts. Celery only logs what a start hook raises: an engine that
+    cannot start (the GPU out of memory, a driver error) is started again by the process's first shard, which goes
+    back to the queue if it still cannot."""
+    try:
+        _load_model()
+    except Exception as exc:  # noqa: BLE001 - said here, and met again by the first shard
+        log.error("pool process %d: the engine did not start: %s: %s", os.getpid(), type(exc).__name__, exc)
+
+
+def _load_model() -> None:
     if MODEL is not None and MODEL.engine is None:
         hold_engine_start(settings.test_hold_dir)
         MODEL.engine = EngineProcess(MODEL.path, MODEL.options)
@@ -129,7 +146,24 @@ class ModelTask(Task):
         # Cut, not rounded, to a tenth: a retry at 2.96 s of a 3 s limit must not read as 3.0 s.
         log.warning("job %s shard %d: %s; retry %d in %.1fs (store failing for %.1fs)", shard.job_id, shard.shard,
                     exc, retries + 1, delay, int(failing_s * 10) / 10)
-        raise self.retry(exc=exc, countdown=delay, kwargs={"unreachable_since": since}) from exc
+        try:
+            raise self.retry(exc=exc, countdown=delay, kwargs={"unreachable_since": since}) from exc
+        except Reject as dropped:  # Celery drops a message whose retry it could not publish: hand it back instead
+            if dropped.requeue:
+                raise
+            _give_back(f"job {shard.job_id} shard {shard.shard}", f"its retry could not be queued ({dropped.reason})")
+
+
+def _give_back(what: str, why: str) -> NoReturn:
+    """Neither done nor failed: the shard goes back to the end of its queue (Celery's Reject with requeue, one Redis
+    transaction; should Redis refuse it, the message stays unacknowledged and returns after the visibility timeout).
+    This process waits first, longer each time in a row, so a sick engine or Redis is not asked again at once."""
+    global _given_back
+    _given_back += 1
+    delay = backoff_s(_given_back, GIVE_BACK_MAX_S)
+    log.error("%s: %s; handed back to the queue in %.1fs", what, why, delay)
+    time.sleep(delay)
+    raise Reject(why, requeue=True)
 
 
 def _engine_lost(shard: ShardMessage, why: str) -> NoReturn:
@@ -148,34 +182,56 @@ def backoff_s(retries: int, cap_s: float) -> float:
 @app.task(name=TASK_EMBED_SHARD, base=ModelTask, bind=True, max_retries=None)
 def embed_shard_task(self: ModelTask, message: list | dict, unreachable_since: float | None = None) -> dict | None:
     """Validate → give up if this shard keeps killing workers → embed (skipped if written) → report.
-    `unreachable_since`: when the store first failed this shard, on a retry."""
-    shard = ShardMessage.from_wire(message, self.job_spec)
-    if MODEL is not None and MODEL.engine is not None and not MODEL.engine.alive:
+    `unreachable_since`: when the store first failed this shard, on a retry. A shard is acknowledged only once its
+    result or its failure is recorded: where Redis or the engine's start fails, it goes back to the queue."""
+    global _given_back
+    what = f"shard message {str(message)[:80]}"
+    try:
+        shard = ShardMessage.from_wire(message, self.job_spec)
+        what = f"job {shard.job_id} shard {shard.shard}"
+        try:
+            model = self.model
+        except Exception as exc:  # noqa: BLE001 - not the shard's fault: no attempt counted
+            _give_back(what, f"the engine cannot start ({type(exc).__name__}: {exc})")
+        result = _embed(self, shard, model, unreachable_since)
+    except REDIS_FAILED as exc:
+        _give_back(what, f"Redis failed ({type(exc).__name__}: {exc})")
+    _given_back = 0
+    return result
+
+
+def _embed(self: ModelTask, shard: ShardMessage, model: ResidentModel, unreachable_since: float | None) -> dict | None:
+    if not model.engine.alive:
         # It died between shards (the OOM killer): this shard is not to blame, so no attempt is counted for it.
-        _engine_lost(shard, f"llama.cpp process {MODEL.engine.pid} died before this shard")
+        _engine_lost(shard, f"llama.cpp process {model.engine.pid} died before this shard")
     registry = self.registry
     attempt = registry.attempt(shard.job_id, shard.shard)
+    name = model.path.name
     if attempt > settings.shard_max_attempts:
         error = (f"gave up after {attempt - 1} attempts that ended without a result (the worker process died or "
                  f"hit the {settings.task_time_limit}s limit); the shard may be poison")
         log.error("job %s shard %d: %s", shard.job_id, shard.shard, error)
         registry.shard_failed(shard.job_id, shard.shard, error)
-        metrics.shard_failed(MODEL.path.name if MODEL else "")
+        metrics.shard_failed(name)
         return None
     store = open_store(shard.job.out)
-    model = self.model
-    name = model.path.name
     if shard.queued_at and unreachable_since is None:
         metrics.QUEUE_WAIT.labels(name).observe(max(0.0, time.time() - shard.queued_at))
     try:
         guard = holding(settings.test_hold_dir, shard, self.write_guard(store, registry, shard))
         result = embed_shard(shard, model.engine.embed_rows, model.sha256, store, guard)
         if registry.shard_done(shard.job_id, result):  # the last shard: a planner writes the manifest, off the GPU
+            # Redelivered after this failed, the shard is found written and this is sent again (complete is
+            # complete however often it is asked).
             app.send_task(TASK_FINALIZE_JOB, args=[shard.job_id], queue=PLAN_QUEUE, argsrepr=f"job {shard.job_id}")
     except LlamaProcessDied as exc:
         _engine_lost(shard, str(exc))  # counted as an attempt: this shard may be what killed it
     except TransientError as exc:
         self.retry_later(shard, exc, unreachable_since)
+    except REDIS_FAILED:
+        with suppress(*REDIS_FAILED):  # not the shard's fault: its attempt is given back where Redis takes it
+            registry.release_attempt(shard.job_id, shard.shard)
+        raise
     except Exception as exc:
         metrics.shard_failed(name)
         registry.shard_failed(shard.job_id, shard.shard, f"{type(exc).__name__}: {exc}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -25,6 +26,8 @@ from bulkembed.worker.selftest import MIN_COSINE
 from tests.conftest import REPO, cosines, free_port, mixed_texts, write_corpus
 from tests.faults_support import Holds, alive, check_exactly_once, wait_until
 from tests.worker.test_metrics import scrape
+
+RECEIVED = re.compile(r"Task bulkembed\.embed_shard\[[0-9a-f-]+\] received")
 
 
 def engine_pids(log: str) -> list[int]:
@@ -150,6 +153,44 @@ def test_a_replacement_engine_may_load_for_longer_than_celerys_default(cli_env, 
         done = run_cli("submit", corpus, "--model", tiny_model, "--out", tmp_path / "out", "--wait")
         assert done.returncode == 0, done.stderr[-3000:]
         check_exactly_once(str(tmp_path / "out"), ids)
+    finally:
+        holds.stop()
+
+
+def test_an_engine_that_cannot_start_hands_its_shards_back(cli_env, workers, tmp_path, tiny_model):
+    """A pool process whose engine cannot start (as a GPU out of memory would; here its model file is gone when it
+    loads) still takes shards: each goes back to the queue, neither acknowledged unwritten nor failed. Once the engine
+    can start, the job completes with every row once. Before, the first shard was acknowledged and lost: the job
+    never finished."""
+    served = tmp_path / "served" / tiny_model.name  # the worker's copy (same name and bytes: same queue, same sha)
+    served.parent.mkdir()
+    shutil.copy(tiny_model, served)
+    holds = Holds(tmp_path / "held")
+    (holds.folder / ENGINE_STARTS).touch()
+    workers.env = cli_env | holds.env
+    holds.auto_release()  # shards go on; the first engine start stays held until the model is gone
+    try:
+        worker = workers.start(served, "--engines", "1", wait=False)
+        (marker,) = wait_until(lambda: list(holds.folder.glob("engine-start-*.held")), 60, "the engine start")
+        away = served.rename(served.with_suffix(".away"))
+        (holds.folder / ENGINE_STARTS).unlink()
+        marker.unlink()
+        wait_until(lambda: " ready." in worker.log.read_text(), 60, "the worker up")
+        ids = [f"d{i}" for i in range(60)]
+        corpus = write_corpus(tmp_path / "c.parquet", ids, mixed_texts(len(ids), seed=5))
+        out = tmp_path / "out"
+        submit = subprocess.Popen([sys.executable, "-m", "bulkembed.cli", "submit", str(corpus), "--model",
+                                   str(tiny_model), "--out", str(out), "--shard-tokens", "800", "--wait"],
+                                  env=cli_env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        job_id = submit.stdout.readline().strip()
+        wait_until(lambda: len(RECEIVED.findall(worker.log.read_text())) >= 3, 120, "shards taken")
+        progress = status(cli_env, job_id)
+        assert progress["shards_done"] == 0 and progress["failed"] == 0, progress
+        away.rename(served)
+        assert submit.wait(240) == 0, submit.stderr.read()[-3000:]
+        check_exactly_once(str(out), ids)
+        log = worker.log.read_text()
+        assert "the engine did not start" in log and re.search(r"the engine cannot start \(\w+", log), log[-3000:]
     finally:
         holds.stop()
 
