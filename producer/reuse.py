@@ -55,6 +55,12 @@ def row_keys(ids: Iterable[Any], content_hashes: Iterable[bytes]) -> np.ndarray:
     return np.frombuffer(b"".join(digests), ROW_KEY)
 
 
+def key_column(row_keys: np.ndarray) -> pa.Array:
+    """Row keys as Arrow's 16-byte binary, from their bytes: numpy hands an S16 key ending in NUL bytes out as shorter
+    Python bytes (one key in 256 ends in one)."""
+    return pa.FixedSizeBinaryArray.from_buffers(pa.binary(16), len(row_keys), [None, pa.py_buffer(row_keys.tobytes())])
+
+
 @dataclass
 class PreviousOutput:
     """A finished job's output, checked to have been embedded as the new job would embed it."""

@@ -58,6 +58,7 @@ from bulkembed.producer.reuse import (
     IncompatibleReuse,
     PreviousOutput,
     copy_reused,
+    key_column,
     open_previous,
     row_keys,
 )
@@ -360,7 +361,7 @@ def plan_unit(ctx: PlanContext, unit: Unit, sink: ShardSink) -> JobTotals:
     rejects.flush()
     totals.rejected, totals.truncated = rejects.count, truncated
     if ctx.previous is not None:  # the rows to copy from PREV_OUT, once every unit is planned (copy_reused_rows)
-        table = pa.table({"key": pa.array(np.array(reusing, ROW_KEY).tolist(), pa.binary(16))})
+        table = pa.table({"key": key_column(np.array(reusing, ROW_KEY))})
         store.put(keys.reused_keys(unit.index), to_ipc_bytes(table))
     log.info("job %s unit %d: %d shards, %d docs, %d tokens, %d rejected, %d reused", job.job_id, unit.index,
              totals.shards, totals.docs, totals.tokens, totals.rejected, len(reusing))
