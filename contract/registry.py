@@ -288,6 +288,7 @@ class JobRegistry:
         self.redis.hset(keys.REDIS_JOB.format(job_id=job_id), mapping={"state": "failed",
                                                                         "error": f"unit {unit}: {error}"[:2000]})
         self._close(job_id)
+        self._expire(job_id)
 
     def totals(self, job_id: str) -> JobTotals:
         """What planning found (complete once planning is closed)."""

@@ -436,8 +436,11 @@ class Backpressure:
 
 def plan_claimed(registry: JobRegistry, job: JobSpec, context: Callable[[], PlanContext], unit: Unit,
                  send: Callable[[ShardMessage], None], settings: ProducerSettings) -> bool:
-    """Plan `unit` if no other planner holds it (False if one does), queue its shards, record it planned once;
-    the planner of a job's last unit closes its planning."""
+    """Plan `unit` if no other planner holds it, queue its shards, record it planned once; the planner of a job's
+    last unit closes its planning. False when the unit is not planned here and now: another planner holds it, or
+    this one lost its hold mid-unit (it stalled past BULKEMBED_PLAN_LOCK_S): look again later."""
+    if not registry.unit_is_planned(job.job_id, unit.index):
+        context()  # built before the hold is taken: a planner's first unit may fetch the model
     lock = registry.plan_lock(job.job_id, unit.index, settings.plan_lock_s)
     if not lock.acquire():
         return False
@@ -455,9 +458,10 @@ def plan_claimed(registry: JobRegistry, job: JobSpec, context: Callable[[], Plan
                              tick=hold.tick)
             try:
                 totals = plan_unit(context(), unit, sink)
-            except LockNotOwnedError:  # stalled past the lock: another planner has the unit now, and ends it
-                log.warning("job %s unit %d: lost to another planner mid-unit", job.job_id, unit.index)
-                return True
+            except LockNotOwnedError:  # stalled past the lock: another planner may have the unit now, or none
+                log.warning("job %s unit %d: its hold lapsed mid-unit; it is looked at again later", job.job_id,
+                            unit.index)
+                return False
             registry.unit_planned(job.job_id, unit.index, totals)
         close_if_planned(registry, job, context)
     finally:

@@ -27,6 +27,10 @@ log = logging.getLogger(__name__)
 
 settings = ProducerSettings()
 app = celery_app(settings, "bulkembed-planner")
+# No hard time limit (the workers' BULKEMBED_TASK_TIME_LIMIT is for one shard): a unit waits on back-pressure as long
+# as the fleet takes to embed its shards, and a big job's manifest takes minutes. A planner that dies or stalls loses
+# its unit's hold after BULKEMBED_PLAN_LOCK_S, and another takes the unit.
+app.conf.task_time_limit = None
 LOCKED_RETRY_S = 15  # a unit another planner holds: look again (it is planned by then, or its lock has lapsed)
 
 

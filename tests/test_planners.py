@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import re
 import signal
+import time
 from pathlib import Path
 
 import redis
@@ -118,6 +119,31 @@ def test_a_planner_killed_mid_unit_is_taken_over_and_finished_units_are_not_plan
         "every shard queued once and embedded once"
 
 
+def test_a_planner_held_back_past_the_shard_time_limit_keeps_its_unit(tmp_path, pool, background, fault_env,
+                                                                      tiny_model):
+    """BULKEMBED_TASK_TIME_LIMIT bounds one shard on a worker; a planner's unit waits on back-pressure for as long as
+    the workers take. Held back for twice that limit, the planner keeps its unit and finishes it once workers come.
+    Before, Celery killed it at the limit, and the unit came back only after the visibility timeout, to be read again
+    from its first row."""
+    url = fault_env["BULKEMBED_REDIS_URL"]
+    env = fault_env | {"BULKEMBED_QUEUE_MIN": "4", "BULKEMBED_TASK_TIME_LIMIT": "3"}
+    ids = write_files(tmp_path / "in", [600], row_group=600)
+    out = tmp_path / "out"
+    planner = pool.start_planner(env=env)
+    submit = background(["submit", tmp_path / "in", "--model", tiny_model, "--out", out, "--shard-tokens", "1500",
+                         "--queue-only", "--wait"], env, "submit")
+    job_id = wait_until(lambda: submit.stdout.split()[:1], 60, "submit to print the job id")[0]
+    wait_until(lambda: queue_length(url) == 4, 60, "the planner held back")
+    time.sleep(6)
+    log = planner.log.read_text()
+    assert "Hard time limit" not in log and "WorkerLostError" not in log, log[-3000:]
+    pool.start(tiny_model)
+    assert submit.wait(180) == 0, submit.stderr[-3000:]
+    manifest = check_exactly_once(str(out), ids)
+    assert list(planned_units(planner.log.read_text())) == [0] and manifest["shard_count"] > 4
+    assert set(attempts(url, job_id).values()) == {1}, "every shard queued once and embedded once"
+
+
 def test_the_submitting_process_killed_mid_plan_leaves_its_units_to_planners(tmp_path, pool, background, fault_env,
                                                                              tiny_model):
     """`submit` plans units itself (beside planners); killed with SIGKILL while planning, the units it had queued for
@@ -155,3 +181,6 @@ def test_a_unit_that_cannot_be_planned_fails_the_job_with_its_reason(tmp_path, p
     assert submit.wait(120) == 1
     assert re.search(r"failed while planning: unit [01]: ArrowInvalid: Parquet magic bytes", submit.stderr), \
         submit.stderr[-2000:]
+    # Failed is finished: the job's keys go after the retention, as a done job's do (they stayed for ever).
+    client = redis.Redis.from_url(env["BULKEMBED_REDIS_URL"])
+    assert client.ttl(keys.REDIS_JOB.format(job_id=submit.stdout.split()[0])) > 0

@@ -3,12 +3,16 @@ a unit again does (a resumed job): the same shards, those already written report
 
 from __future__ import annotations
 
+import time
+
 import pyarrow.parquet as pq
 
 from bulkembed.contract import keys
+from bulkembed.contract.registry import JobRegistry
+from bulkembed.contract.settings import ProducerSettings
 from bulkembed.local import embed_shards
 from bulkembed.producer.corpus import open_corpus, plan_units
-from bulkembed.producer.submit import JobOptions, plan_job, produce
+from bulkembed.producer.submit import JobOptions, plan_claimed, plan_job, prepare, produce
 from bulkembed.worker.engine import EngineOptions
 from bulkembed.worker.engines import EnginePool, EngineSetup
 from tests.conftest import mixed_texts, write_corpus
@@ -49,3 +53,33 @@ def test_planning_again_reports_written_shards_instead_of_queueing_them(tmp_path
     assert sorted(m.shard for m in queued) == sorted(m.shard for m in first if m not in written)
     assert [(m.shard, m.n_docs, m.n_tokens) for m in sorted(queued + written, key=lambda m: m.shard)] == \
         [(m.shard, m.n_docs, m.n_tokens) for m in sorted(first, key=lambda m: m.shard)], "the same shards"
+
+
+def test_a_planner_whose_hold_lapses_mid_unit_leaves_the_unit_to_be_planned_again(tmp_path, tiny_model, redis_server):
+    """A planner that stalls past BULKEMBED_PLAN_LOCK_S mid-unit (here its send is slow) loses its hold: the unit is
+    not planned, and the planner says so (its task comes back later). Looked at again, the unit is planned, each shard
+    queued once. Before, the planner reported the unit as handled: its task was acknowledged, and with no submitting
+    process left (--queue-only) the job stayed `planning` for ever."""
+    ids = [f"d{i}" for i in range(120)]
+    write_corpus(tmp_path / "in" / "c.parquet", ids, mixed_texts(len(ids), seed=4))
+    planned = plan_job(str(tmp_path / "in"), str(tiny_model), str(tmp_path / "out"), JobOptions(shard_tokens=800))
+    job, (unit,) = planned.job, planned.units
+    registry = JobRegistry.from_url(redis_server)
+    registry.start(job, 1)
+    settings = ProducerSettings(plan_lock_s=2)
+    sent: list = []
+
+    def stalling(message) -> None:
+        sent.append(message)
+        time.sleep(2.5)  # past the hold
+
+    with planned.counter:
+        prepare(planned, settings.dedup_memory_mb)
+        ctx = planned.context()
+        assert plan_claimed(registry, job, lambda: ctx, unit, stalling, settings) is False
+        assert not registry.unit_is_planned(job.job_id, unit.index) and len(sent) == 1
+        assert plan_claimed(registry, job, lambda: ctx, unit, sent.append, settings) is True
+    assert registry.unit_is_planned(job.job_id, unit.index)
+    shards = sorted(m.shard for m in sent)
+    assert len(shards) > 2 and shards == list(range(len(shards))), "each shard queued once"
+    assert registry.status(job.job_id).state == "running"
