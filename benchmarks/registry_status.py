@@ -3,8 +3,8 @@
     python benchmarks/registry_status.py --shards 1000000
 
 Starts its own redis-server and registers two jobs through JobRegistry (start, every unit planned, planning closed):
-one of 10 shards and one of `--shards`, all written (results written into the done hash as workers leave them, the
-counters through one last shard_done). Then, for each job: the median and worst time of 200 `status` polls, the
+one of 10 shards and one of `--shards`, all written (results written into the done hash and deliveries counted as workers leave them,
+the counters through one last shard_done). Then, for each job: the median and worst time of 200 `status` polls, the
 Redis commands and bytes one poll costs (INFO stats), and the Redis memory the job holds per shard (MEMORY USAGE of
 its keys). Finally the big job is finalized with a 2-second retention and its keys are counted again after it.
 """
@@ -51,6 +51,7 @@ def make_job(registry: JobRegistry, out: Path, name: str, shards: int) -> str:
             result = ShardResult(shard=shard, key=keys.shard_output(shard), rows=1000, tokens=65000,
                                  sha256=f"{shard:064x}", seconds=1.0)
             pipe.hset(done, str(shard), result.model_dump_json())
+            pipe.hincrby(keys.REDIS_JOB_ATTEMPTS.format(job_id=spec.job_id), str(shard), 1)  # its delivery
             if count % 10_000 == 0:
                 pipe.execute()
         pipe.execute()

@@ -199,9 +199,16 @@ def test_the_gpu_worker_reserves_one_nvidia_gpu(services):
     assert "deploy" not in services["worker-cpu"]
 
 
-def test_workers_get_time_to_finish_their_shard(services):
+def test_the_planner_reads_a_local_input_where_the_producer_was_given_it(services):
+    """submit queues units by the path it was given; the planner opens them by that path: both must mount the same
+    folder at the same place (a folder on the producer alone failed every job at its first unit)."""
+    producer, planner = set(volume_mounts(services["producer"])), set(volume_mounts(services["planner"]))
+    assert producer <= planner, f"mounted on the producer, not on the planner: {producer - planner}"
+
+
+def test_workers_and_planners_get_time_to_finish_their_task(services):
     for name, service in built(services).items():
-        if role(service) == "worker":
+        if role(service) in ("worker", "planner"):
             grace = duration_s(service.get("stop_grace_period", "10s"))
             assert grace >= MIN_STOP_GRACE_S, f"{name}: stop_grace_period {grace}s; Docker's default is 10s"
 
