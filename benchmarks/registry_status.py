@@ -3,10 +3,11 @@
     python benchmarks/registry_status.py --shards 1000000
 
 Starts its own redis-server and registers two jobs through JobRegistry (start, every unit planned, planning closed):
-one of 10 shards and one of `--shards`, all written (results written into the done hash and deliveries counted as workers leave them,
-the counters through one last shard_done). Then, for each job: the median and worst time of 200 `status` polls, the
-Redis commands and bytes one poll costs (INFO stats), and the Redis memory the job holds per shard (MEMORY USAGE of
-its keys). Finally the big job is finalized with a 2-second retention and its keys are counted again after it.
+one of 10 shards and one of `--shards`, all written (results written into the done hash and deliveries counted as
+workers leave them, the counters through one last shard_done). Then, for each job: the median and worst time of 200
+`status` polls, the Redis commands and bytes one poll costs (INFO stats), and the Redis memory the job holds per shard
+(MEMORY USAGE of its keys). Finally the big job is finalized with a 2-second retention and its keys are counted again
+after it.
 """
 
 from __future__ import annotations

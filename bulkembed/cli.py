@@ -141,15 +141,15 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
     from bulkembed.contract.queue import PLAN_QUEUE, TASK_PLAN_UNIT, celery_app, shard_sender
     from bulkembed.contract.registry import JobRegistry
-    from bulkembed.producer.submit import forget_outputs, submit_job
+    from bulkembed.producer.submit import claim_out, submit_job
 
     settings = ProducerSettings()
     planned = _plan(args)
     job = planned.job
     registry = JobRegistry.from_url(settings.redis_url.get_secret_value(), retention_s=settings.job_retention_s)
+    claim_out(planned, args.force)
     if args.force:
         registry.forget(job.job_id)
-        forget_outputs(planned.store)
     print(job.job_id, flush=True)  # before planning: `status` follows it from now on
     app: Celery = celery_app(settings, "bulkembed-producer")
     with app.producer_or_acquire() as producer:

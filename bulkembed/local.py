@@ -15,7 +15,7 @@ from bulkembed.contract.job import ShardMessage
 from bulkembed.contract.manifest import write_manifest
 from bulkembed.contract.registry import ShardResult, deleting_inputs
 from bulkembed.contract.store import Store
-from bulkembed.producer.submit import PlannedJob, forget_outputs, produce
+from bulkembed.producer.submit import PlannedJob, claim_out, produce
 from bulkembed.worker.engines import EnginePool, EngineSetup
 from bulkembed.worker.shard import OpenShard, open_shard, write_shard
 
@@ -44,9 +44,9 @@ def embed_shards(pool: EnginePool, messages: list[ShardMessage], store: Store) -
 def run_local(planned: PlannedJob, model_path: str, setup: EngineSetup, progress: bool = True,
               force: bool = False) -> dict:
     """Plan every shard first (so the progress bar knows the total), then embed them in the engines.
-    Shards written by an earlier, interrupted run of the same job are kept, unless `force`."""
-    if force:
-        forget_outputs(planned.store)
+    Shards written by an earlier, interrupted run of the same job are kept, unless `force`; another job's output in
+    OUT is refused, unless `force` deletes it."""
+    claim_out(planned, force)
     messages: list[ShardMessage] = []
     results: list[ShardResult] = []
     totals, reused = produce(planned, messages.append, results.append)

@@ -512,6 +512,29 @@ def queued_again(store: Store, job: JobSpec, shard: int) -> ShardMessage:
     return ShardMessage.of(job, shard, lengths)
 
 
+def claim_out(planned: PlannedJob, force: bool) -> None:
+    """OUT holds one job's files. Another job's output there (another input, model or option) is refused: a shard
+    file found written is taken as this job's, so old vectors would pass for new ones. `force` deletes it first; the
+    same job's output is resumed."""
+    store, job = planned.store, planned.job
+    if force:
+        forget_outputs(store)
+        return
+    if not store.exists(keys.JOB_KEY):
+        return
+    raw = store.get(keys.JOB_KEY)
+    try:
+        earlier = JobSpec.model_validate_json(raw)
+    except ValueError:  # written by another version of bulkembed: not this job
+        earlier = None
+    if earlier is not None and earlier.job_id == job.job_id:
+        return
+    what = (f"job {earlier.job_id} (input {earlier.input}, model {earlier.model.file_name})" if earlier is not None
+            else "a job of another bulkembed version")
+    raise InputError(f"{store.uri} holds the output of {what}, not of this job ({job.job_id}): its files would pass "
+                     f"for this job's. Pass --force to delete that output first, or choose another --out")
+
+
 def forget_outputs(store: Store) -> int:
     """--force: delete what a job wrote under OUT (and nothing else that lives there)."""
     doomed = [key for key, _ in store.list() if keys.JOB_OUTPUT_KEY.match(key)]

@@ -161,6 +161,35 @@ def test_rerun_resumes_and_force_starts_over(tmp_path, run_cli, tiny_model):
     assert ds.dataset(out, format="arrow").to_table().num_rows == 60
 
 
+def test_another_jobs_output_in_out_is_refused_unless_forced(tmp_path, run_cli, tiny_model):
+    """OUT holds one job's files. A job of an edited corpus, or with other options, into an OUT that holds another
+    job's output is refused before anything is written, by run and by submit; --force replaces that output whole.
+    Before, shard files found there were taken as the new job's: old vectors passed for new ones, and the spec and
+    manifest claimed options the files did not have."""
+    ids = [f"d{i}" for i in range(40)]
+    texts = mixed_texts(len(ids), seed=6)
+    first = write_corpus(tmp_path / "v1" / "a.parquet", ids[:20], texts[:20])
+    write_corpus(tmp_path / "v1" / "b.parquet", ids[20:], texts[20:])
+    out = tmp_path / "out"
+    common = ("--model", tiny_model, "--out", out, "--shard-tokens", "400")
+    assert run_cli("run", first.parent, *common).returncode == 0
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    edited = write_corpus(tmp_path / "v2" / "a.parquet", ids[:20], ["an edited first text"] + texts[1:20])
+    for argv in (("run", edited, *common), ("run", first.parent, *common, "--dims", "32"),
+                 ("submit", edited, *common)):
+        refused = run_cli(*argv)
+        assert refused.returncode == 2, refused.stderr[-2000:]
+        assert "holds the output of job" in refused.stderr and "--force" in refused.stderr, refused.stderr
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before, "nothing written"
+    assert run_cli("run", first.parent, *common).returncode == 0, "the same job resumes"
+
+    forced = run_cli("run", edited, *common, "--force")
+    assert forced.returncode == 0, forced.stderr[-2000:]
+    table = ds.dataset(out, format="arrow").to_table()
+    assert sorted(table.column("id").to_pylist()) == sorted(ids[:20]), "only the new job's rows"
+    assert json.loads((out / "_manifest.json").read_text())["rows"] == 20
+
+
 def test_documents_longer_than_the_ubatch_through_two_workers(tmp_path, bucket, workers, run_cli, tiny_model,
                                                                reference_embedder):
     """Workers with a 64-token ubatch and documents up to ~8 ubatches long: each long document is
