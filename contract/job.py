@@ -105,6 +105,15 @@ class Span:
         return self.stop - self.start + self.tail + (prefix_tokens - self.tail if self.chunk > 0 else 0)
 
 
+def check_room(max_tokens: int, prefix_tokens: int) -> None:
+    """A cut row keeps at least one token of its own text: max_tokens above the prefix framed as a text alone. Below
+    it, every truncated row would be the prefix alone (one vector for every text) and no chunk would fit."""
+    if max_tokens <= prefix_tokens:
+        raise InputError(f"--max-tokens {max_tokens} leaves no room for text: the prefix takes {prefix_tokens} tokens "
+                         f"with the tokenizer's framing, so a cut row would be the prefix alone. Use --max-tokens "
+                         f"{prefix_tokens + 1} or more")
+
+
 def document_spans(n_tokens: int, max_tokens: int, policy: Overlength, prefix_tokens: int,
                    tail: int = 0) -> list[Span] | None:
     """The rows a document becomes; None when the policy rejects it. Shared by producer and worker.

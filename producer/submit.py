@@ -34,6 +34,7 @@ from bulkembed.contract.job import (
     ShardMessage,
     Span,
     Task,
+    check_room,
     choose_prefix,
     document_spans,
     task_from_model_name,
@@ -130,6 +131,7 @@ def plan_job(input_uri: str, model: str, out: str, options: JobOptions = JobOpti
             normalize=options.normalize and pooling is not Pooling.NONE,
             close_cut_rows=counter.tail > 0,
         )
+        check_room(job.max_tokens, counter.count(prefix))
         previous = None
         if options.reuse is not None:
             try:

@@ -74,6 +74,24 @@ def test_error_quarantines_over_length_rows(run_cli, corpus, tmp_path, tiny_mode
     assert [(r["id"], r["reason"].split(":")[0]) for r in rejected] == [("long", "over-length")]
 
 
+def test_max_tokens_must_leave_room_for_text_after_the_prefix(run_cli, corpus, tmp_path, tiny_model, engine):
+    """--max-tokens at or below the prefix's tokens (with the tokenizer's framing) is refused by run, chunk or not, and
+    by embed: every truncated row would have been the prefix alone, one vector for every text (chunk crashed
+    mid-planning). One token more is accepted: each cut row keeps a token of its own."""
+    prefix, query = (len(engine.vocab.tokenize(p)) for p in ("Passage: ", "Query: "))
+    for argv in (("run", corpus, "--model", tiny_model, "--out", tmp_path / "o", "--max-tokens", prefix),
+                 ("run", corpus, "--model", tiny_model, "--out", tmp_path / "o", "--max-tokens", 3,
+                  "--overlength", "chunk"),
+                 ("embed", "--model", tiny_model, "--max-tokens", query, "alpha", "beta gamma")):
+        refused = run_cli(*argv)
+        assert refused.returncode == 2, refused.stderr[-2000:]
+        assert "leaves no room for text" in refused.stderr and "Traceback" not in refused.stderr, refused.stderr
+    assert not (tmp_path / "o").exists(), "refused before anything is written"
+    table = run_table(run_cli, corpus, tmp_path / "fits", tiny_model, "--max-tokens", str(prefix + 1))
+    assert table.num_rows == len(TEXTS) and max(table.column("n_tokens").to_pylist()) == prefix + 1
+    assert len({v.tobytes() for v in vectors(table)}) > 1, "rows cut to the prefix and a token of their own"
+
+
 def test_matryoshka_dims_dtype_and_normalization(run_cli, corpus, tmp_path, models_dir, engine):
     model = write_qwen2vl_gguf(models_dir / "tiny-mrl-text-retrieval.gguf", TINY, seed=0, matryoshka_dims=(16, 32))
     full = run_table(run_cli, corpus, tmp_path / "full", model)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from bulkembed.contract.errors import EngineError, InputError, ShardError
-from bulkembed.contract.job import Overlength, Pooling, document_spans
+from bulkembed.contract.job import Overlength, Pooling, check_room, document_spans
 from bulkembed.contract.vocab import NO_TOKENS
 from bulkembed.worker.engine import Engine, l2_normalize
 
@@ -51,6 +51,7 @@ def query_rows(engine: Engine, texts: list[str], prefix: str, pooling: Pooling, 
     the tokenizer's framing, truncation at max_tokens), so they embed to what the bulk job gives the same text."""
     vocab = engine.vocab
     prefix_tokens, tail = len(vocab.tokenize(prefix)), vocab.tail
+    check_room(max_tokens, prefix_tokens)
     prefixed = [prefix + text for text in texts]
     spans = []
     for i, text in enumerate(prefixed):
