@@ -18,7 +18,7 @@ import argparse
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NamedTuple
+from typing import BinaryIO, NamedTuple
 
 import numpy as np
 
@@ -51,6 +51,18 @@ class Index(NamedTuple):
     out: str
     job: JobSpec
     decoded_by: dict
+
+
+def _check_text(row: int, text: object) -> None:
+    """A text llama.cpp's tokenizer can take: a str that encodes as UTF-8 (a command-line argument of undecodable
+    bytes arrives as lone surrogates)."""
+    if not isinstance(text, str):
+        raise InputError(f"text {row} is a {type(text).__name__}, not a str")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InputError(f"text {row} is not valid Unicode ({exc.reason} at character {exc.start}: bytes that "
+                         f"were not UTF-8?)") from None
 
 
 class Embedder:
@@ -115,6 +127,8 @@ class Embedder:
         if isinstance(texts, str):
             raise TypeError("embed takes a list of texts, not one string")
         prefix = choose_prefix(self.task, Role(role), self.prefix, self.path.name)
+        for row, text in enumerate(texts):
+            _check_text(row, text)
         if not texts:
             return np.zeros((0, self.dims), np.float32)
         embedded = self.engine.embed_queries(list(texts), prefix, self.pooling, self.max_tokens)
@@ -199,6 +213,17 @@ def add_embed_parser(commands) -> None:
     parser.set_defaults(func=cmd_embed)
 
 
+def stdin_lines(stream: BinaryIO) -> list[str]:
+    """One text a line, UTF-8; a line's end is LF or CRLF (a file from Windows embeds as the same texts)."""
+    texts = []
+    for number, line in enumerate(stream, 1):
+        try:
+            texts.append(line.decode("utf-8").removesuffix("\n").removesuffix("\r"))
+        except UnicodeDecodeError as exc:
+            raise InputError(f"standard input, line {number}: not UTF-8 ({exc.reason} at byte {exc.start})") from None
+    return texts
+
+
 def cmd_embed(args) -> int:
     import json
     import sys
@@ -206,11 +231,13 @@ def cmd_embed(args) -> int:
     from bulkembed.contract.model import DEFAULT_MODEL
     from bulkembed.contract.settings import WorkerSettings
 
-    texts = args.texts or ([] if sys.stdin is None or sys.stdin.isatty() else [line.rstrip("\n") for line in sys.stdin])
+    texts = args.texts or ([] if sys.stdin is None or sys.stdin.isatty() else stdin_lines(sys.stdin.buffer))
     if not texts:
         raise InputError("no texts: pass them as arguments or one a line on standard input")
     if args.out is not None and args.out.suffix not in (".npy", ".jsonl"):
         raise InputError(f"--out {args.out}: a .npy or .jsonl file")
+    if args.out is not None and not args.out.parent.is_dir():  # found out now, not after embedding
+        raise InputError(f"--out {args.out}: no folder {args.out.parent}")
     if args.batch < 1:
         raise InputError(f"--batch {args.batch}: at least 1")
     options = EngineOptions.from_settings(WorkerSettings(), ubatch="auto", gpu_layers=args.gpu_layers,

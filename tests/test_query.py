@@ -133,6 +133,29 @@ def test_embed_writes_npy_and_refuses_what_a_job_would(outlier_models, tmp_path)
         embed(["the sea", "  "], outlier_models["Q4_K_M"])
 
 
+def test_embed_reads_windows_lines_and_says_what_it_cannot_read(outlier_models, tmp_path):
+    """Lines on standard input that end in CRLF (a file from Windows) embed as the same texts as with LF: the CR had
+    become part of the text (cos 0.96 to the text without it). Bytes that are not UTF-8, on standard input or as an
+    argument, and an --out in no folder get one line that says so and exit 2, before any embedding (they were
+    tracebacks, the last after the whole embedding)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BULKEMBED_")} | {"HF_HUB_OFFLINE": "1"}
+
+    def embed(*args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "bulkembed.cli", "embed", "--model", str(outlier_models["Q8_0"]),
+                               "--threads", "2", *args], cwd=REPO, env=env, input=stdin, capture_output=True,
+                              timeout=300)
+
+    windows, unix = embed(stdin=b"the sea\r\na river\r\n"), embed(stdin=b"the sea\na river\n")
+    assert windows.returncode == unix.returncode == 0, windows.stderr[-2000:]
+    assert windows.stdout == unix.stdout and len(json_vectors(unix)) == 2
+    for args, stdin, says in (((), b"ok\n\xff\xfe bad\n", "standard input, line 2: not UTF-8"),
+                              ((os.fsdecode(b"caf\xe9"),), None, "text 0 is not valid Unicode"),
+                              (("the sea", "--out", str(tmp_path / "nowhere" / "v.npy")), None, "no folder")):
+        refused = embed(*args, stdin=stdin)
+        stderr = refused.stderr.decode()
+        assert refused.returncode == 2 and says in stderr and "Traceback" not in stderr, stderr[-2000:]
+
+
 # --isolate on kernels that move a packed text's vector with its decode's size and its cells' place, as llama.cpp's
 # CUDA kernels do: the CPU's without padding and with the KV tiles cut from cell 0 (an emulation of such a backend,
 # tests/worker/test_batch_invariance.py). Isolated, a job's rows and a text embedded alone are the same bits.
