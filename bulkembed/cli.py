@@ -179,6 +179,10 @@ def wait_for(registry, job_id: str, poll_s: float = 1.0) -> int:
     with tqdm(unit="tok", unit_scale=True, desc=f"job {job_id}") as bar:
         while True:
             status = registry.status(job_id)
+            if status is None:
+                print(f"job {job_id} is gone from Redis (forgotten by another submit --force, or expired)",
+                      file=sys.stderr)
+                return 1
             bar.total = status.planned.tokens  # grows while units are planned
             bar.update(status.tokens_done - bar.n)
             if status.planned.reused_rows:
@@ -226,6 +230,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"job {status.job_id}: {status.state}; units planned {status.units_planned}/{status.units}; "
           f"shards {status.shards_done}/{totals.shards}{more}; tokens {status.tokens_done}/{totals.tokens}{more}; "
           f"failed {status.failed}; rejected rows {totals.rejected}{more}; reused rows {totals.reused_rows}")
+    if status.error:
+        print(f"  failed while planning: {status.error}")
     for shard, error in sorted(status.failures.items()):
         print(f"  shard {shard}: {error}")
     if status.failed > len(status.failures):

@@ -20,7 +20,7 @@ from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 
-from bulkembed.contract.errors import TransientError
+from bulkembed.contract.errors import InputError, TransientError
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +51,10 @@ class Store(Protocol):
 
     def arrow_fs(self) -> tuple[pafs.FileSystem, str]:
         """A pyarrow filesystem and the base path in it, for streaming reads."""
+
+    def check(self) -> None:
+        """InputError where nothing can be written here at all (no such bucket): found before a job is registered,
+        not at its first write."""
 
 
 class LocalStore:
@@ -107,6 +111,10 @@ class LocalStore:
 
     def exists(self, key: str) -> bool:
         return self._path(key).exists()
+
+    def check(self) -> None:
+        if self.root.exists() and not self.root.is_dir():
+            raise InputError(f"--out {self.uri} is a file, not a folder")
 
     def list(self, prefix: str = "") -> list[tuple[str, int]]:
         """As S3 lists: every key that starts with `prefix`, a folder or not ("000012-" finds a unit's shards)."""
@@ -223,6 +231,17 @@ class S3Store:
                 if _error_code(exc) in ("404", "NoSuchKey", "NotFound"):
                     return False
                 raise
+
+    def check(self) -> None:
+        from botocore.exceptions import ClientError
+
+        with _transient_errors("HEAD bucket", self.bucket):
+            try:
+                self.client.head_bucket(Bucket=self.bucket)
+            except ClientError as exc:
+                if _error_code(exc) in ("404", "NoSuchBucket", "NotFound"):
+                    raise InputError(f"{self.uri}: there is no bucket {self.bucket!r} (create it first)") from None
+                # Anything else (403 where a policy allows writes but not HeadBucket): the writes will tell.
 
     def list(self, prefix: str = "") -> list[tuple[str, int]]:
         full = self._key(prefix)

@@ -75,6 +75,8 @@ def _s3_etags(uri: str) -> dict[str, str]:
 
 def open_corpus(uri: str, id_column: str, text_column: str) -> Corpus:
     """List the input and check every file's schema before anything is queued."""
+    if id_column == text_column:
+        raise InputError(f"--id-column and --text-column both name {id_column!r}: the id and the text are two columns")
     fs, files = _list_files(uri)
     id_type = None
     total_rows = 0

@@ -519,6 +519,7 @@ def claim_out(planned: PlannedJob, force: bool) -> None:
     file found written is taken as this job's, so old vectors would pass for new ones. `force` deletes it first; the
     same job's output is resumed."""
     store, job = planned.store, planned.job
+    store.check()
     if force:
         forget_outputs(store)
         return

@@ -13,6 +13,7 @@ import pytest
 from bulkembed.contract.manifest import manifest_shards
 from bulkembed.contract.schema import read_metadata
 from bulkembed.contract.store import open_store
+from bulkembed.producer.submit import plan_job
 from tests.conftest import cosines, mixed_texts, write_corpus
 
 N_ROWS = 3000
@@ -130,6 +131,16 @@ def test_input_errors_are_clear_before_anything_is_queued(tmp_path, run_cli, tin
     assert done.returncode == 2 and "cannot read" in done.stderr
     done = run_cli("run", path, "--model", "nobody-xyz/missing-GGUF:Q8_0", "--out", tmp_path / "o")
     assert done.returncode == 2 and "--model /path/to/model.gguf" in done.stderr
+    done = run_cli("run", path, "--model", tiny_model, "--out", tmp_path / "o", "--id-column", "text")
+    assert done.returncode == 2 and "both name 'text'" in done.stderr, done.stderr[-2000:]
+    # No such bucket: said before the job is registered (it was a traceback, and the job stayed `planning`).
+    for command in ("run", "submit"):
+        done = run_cli(command, path, "--model", tiny_model, "--out", "s3://no-such-bucket/o")
+        assert done.returncode == 2 and "there is no bucket 'no-such-bucket'" in done.stderr, done.stderr[-2000:]
+        assert "Traceback" not in done.stderr
+    planned = plan_job(str(path), str(tiny_model), "s3://no-such-bucket/o")
+    planned.counter.close()
+    assert "no job" in run_cli("status", planned.job.job_id).stderr, "submit registered nothing"
 
 
 def test_integer_ids_keep_their_type(tmp_path, run_cli, tiny_model):

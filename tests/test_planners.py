@@ -181,6 +181,10 @@ def test_a_unit_that_cannot_be_planned_fails_the_job_with_its_reason(tmp_path, p
     assert submit.wait(120) == 1
     assert re.search(r"failed while planning: unit [01]: ArrowInvalid: Parquet magic bytes", submit.stderr), \
         submit.stderr[-2000:]
+    job_id = submit.stdout.split()[0]
+    plain = cli(env, "status", job_id)  # says why, as --json and --wait do
+    assert plain.returncode == 0 and re.search(r"failed while planning: unit [01]: ArrowInvalid", plain.stdout), \
+        plain.stdout
     # Failed is finished: the job's keys go after the retention, as a done job's do (they stayed for ever).
     client = redis.Redis.from_url(env["BULKEMBED_REDIS_URL"])
-    assert client.ttl(keys.REDIS_JOB.format(job_id=submit.stdout.split()[0])) > 0
+    assert client.ttl(keys.REDIS_JOB.format(job_id=job_id)) > 0
