@@ -13,6 +13,7 @@ import redis
 from bulkembed.contract import keys
 from bulkembed.synthetic import TINY, write_qwen2vl_gguf
 from tests.conftest import REPO, Workers, _wait_for_port, free_port, mixed_texts, write_corpus
+from tests.faults_support import check_exactly_once, wait_until
 
 PASSWORD = "s3cr3t-redis-pw-7f1c"
 AWS_SECRET = "aws-secret-key-that-must-not-leak-9c2e"
@@ -76,18 +77,25 @@ def test_wrong_redis_password_is_a_clear_error_without_the_password(tls_redis, c
     assert "Traceback" not in done.stderr, done.stderr[-2000:]
 
 
-def test_worker_with_another_model_refuses_the_shard(cli_env, tmp_path, workers, run_cli, tiny_model):
-    """Same file name (same queue), other weights: the sha256 differs and nothing is written."""
+def test_worker_with_another_model_hands_the_shard_back_to_a_worker_of_the_right_one(cli_env, tmp_path, workers,
+                                                                                      tiny_model):
+    """Same file name (same queue), other weights: the sha256 differs, the impostor writes nothing and hands each
+    shard back, and a worker of the job's model completes the job. Before, the impostor failed every shard it took
+    for good: one such worker in a fleet (a repository updated under it) failed whole jobs."""
     impostor_dir = tmp_path / "impostor"
     impostor_dir.mkdir()
-    impostor = write_qwen2vl_gguf(impostor_dir / tiny_model.name, TINY, seed=42)
-    workers.start(impostor)
-    corpus = write_corpus(tmp_path / "c.parquet", ["a", "b"], ["alpha", "beta"])
+    impostor = workers.start(write_qwen2vl_gguf(impostor_dir / tiny_model.name, TINY, seed=42))
+    ids = [f"d{i}" for i in range(40)]
+    corpus = write_corpus(tmp_path / "c.parquet", ids, mixed_texts(len(ids), seed=8))
     out = tmp_path / "out"
-    done = run_cli("submit", corpus, "--model", tiny_model, "--out", out, "--wait", timeout=120)
-    assert done.returncode == 1
-    assert "is not the job's" in done.stderr and "sha256" in done.stderr
+    submit = subprocess.Popen([sys.executable, "-m", "bulkembed.cli", "submit", str(corpus), "--model",
+                               str(tiny_model), "--out", str(out), "--shard-tokens", "400", "--wait"], env=cli_env,
+                              cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_until(lambda: "is not the job's" in impostor.log.read_text(), 120, "the impostor to refuse a shard")
     assert not list(out.glob("0*.arrow")), "no vectors from the wrong model"
+    workers.start(tiny_model)
+    assert submit.wait(240) == 0, submit.stderr.read()[-3000:]
+    check_exactly_once(str(out), ids)
 
 
 def test_rediss_refuses_an_untrusted_certificate_by_default(tls_redis):

@@ -204,6 +204,12 @@ def _embed(self: ModelTask, shard: ShardMessage, model: ResidentModel, unreachab
     if not model.engine.alive:
         # It died between shards (the OOM killer): this shard is not to blame, so no attempt is counted for it.
         _engine_lost(shard, f"llama.cpp process {model.engine.pid} died before this shard")
+    if model.sha256 != shard.job.model.sha256:
+        # Another file of the same name (a repository updated under a running fleet): neither the shard's fault nor
+        # this worker's to fail; a worker of the job's model takes it.
+        _give_back(f"job {shard.job_id} shard {shard.shard}", f"this worker's {model.path.name} (sha256 "
+                   f"{model.sha256[:12]}) is not the job's ({shard.job.model.sha256[:12]}); left to a worker of that "
+                   f"model")
     registry = self.registry
     attempt = registry.attempt(shard.job_id, shard.shard)
     name = model.path.name
