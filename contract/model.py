@@ -10,7 +10,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from bulkembed.contract.errors import ModelError
+from bulkembed.contract.errors import InputError, ModelError
 from bulkembed.contract.job import V4_MATRYOSHKA_DIMS, V4_MAX_TOKENS, ModelRef, Pooling
 
 log = logging.getLogger(__name__)
@@ -142,6 +142,10 @@ def choose_pooling(info: ModelInfo, requested: Pooling | None, file_name: str) -
         raise ModelError(f"{file_name} declares pooling type {info.pooling_type}, which bulkembed does not know; "
                          f"it embeds with none, mean, cls or last")
     pooling = requested or info.declared_pooling or Pooling.MEAN
+    if pooling is Pooling.CLS and info.causal:
+        raise InputError(f"{file_name} is causal: its first token sees only itself, so cls pooling would give every "
+                         f"text the vector of its first token (one vector for all, with a prefix or BOS); use mean "
+                         f"or last")
     if pooling is Pooling.CLS and not info.add_bos:
         log.warning("%s: cls pooling takes each text's first token, and its tokenizer puts no BOS/[CLS] there",
                     file_name)

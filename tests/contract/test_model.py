@@ -2,7 +2,7 @@
 
 import pytest
 
-from bulkembed.contract.errors import ModelError
+from bulkembed.contract.errors import InputError, ModelError
 from bulkembed.contract.job import V4_MAX_TOKENS, Pooling
 from bulkembed.contract.model import choose_max_tokens, choose_pooling, model_info
 from bulkembed.synthetic import write_qwen2vl_gguf
@@ -52,5 +52,12 @@ def test_a_pooled_token_the_tokenizer_does_not_add_is_warned_about(kind_models, 
     choose_pooling(model_info(kind_models["bert-cls"]), None, "bert.gguf")
     assert not caplog.records, "both tokenizers add the token their pooling takes"
     choose_pooling(model_info(tiny_model), Pooling.LAST, "v4.gguf")
-    choose_pooling(model_info(tiny_model), Pooling.CLS, "v4.gguf")
-    assert [r.getMessage().split(":")[1].strip().split()[0] for r in caplog.records] == ["last", "cls"]
+    assert [r.getMessage().split(":")[1].strip().split()[0] for r in caplog.records] == ["last"]
+
+
+def test_cls_pooling_of_a_causal_model_is_refused(tiny_model, kind_models):
+    """A causal model's first token sees only itself: cls pooling gave every text the vector of its first token, one
+    vector for a whole corpus behind a prefix. A non-causal model's first token sees the whole text."""
+    with pytest.raises(InputError, match="is causal: its first token sees only itself"):
+        choose_pooling(model_info(tiny_model), Pooling.CLS, "v4.gguf")
+    assert choose_pooling(model_info(kind_models["bert-mean"]), Pooling.CLS, "bert.gguf") is Pooling.CLS
