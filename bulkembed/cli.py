@@ -219,6 +219,8 @@ def cmd_status(args: argparse.Namespace) -> int:
               f"_manifest.json stays)", file=sys.stderr)
         return 2
     if args.failures:  # every one, a page of Redis at a time
+        if not status.failed:
+            print(f"job {args.job}: no failed shards", file=sys.stderr)
         for shard, error in registry.failures(args.job):
             print(f"shard {shard}: {error}")
         return 0

@@ -158,12 +158,13 @@ def plan_units(corpus: Corpus, unit_rows: int) -> list[Unit]:
 
 def read_batches(fs: pafs.FileSystem, unit: Unit, id_column: str,
                  text_column: str) -> Iterator[tuple[str, int, pa.RecordBatch]]:
-    """(source path, row number in its file of the batch's first row, batch with columns id and text) of one unit,
+    """(source file, row number in its file of the batch's first row, batch with columns id and text) of one unit,
     a bounded batch at a time."""
     path = unit.path
     parquet = pq.ParquetFile(fs.open_input_file(path))
+    source = f"s3://{path}" if isinstance(fs, pafs.S3FileSystem) else path  # as the user names it
     row = unit.first_row
     for batch in parquet.iter_batches(batch_size=BATCH_ROWS, columns=[id_column, text_column],
                                       row_groups=range(unit.first_group, unit.stop_group)):
-        yield path, row, batch.rename_columns(["id", "text"])
+        yield source, row, batch.rename_columns(["id", "text"])
         row += batch.num_rows

@@ -85,6 +85,8 @@ def test_submit_wait_with_two_workers(corpus, bucket, workers, run_cli, tiny_mod
     state = json.loads(status.stdout)
     assert state["state"] == "done" and state["shards_done"] == shards
     assert state["tokens_done"] == manifest["tokens"]
+    failures = run_cli("status", job_id, "--failures")
+    assert failures.returncode == 0 and not failures.stdout and "no failed shards" in failures.stderr
 
 
 def test_run_embedded_mode_local_and_s3(corpus, bucket, tmp_path, run_cli, tiny_model, reference_embedder):
@@ -105,20 +107,22 @@ def test_run_embedded_mode_local_and_s3(corpus, bucket, tmp_path, run_cli, tiny_
     check_output(read_output(s3_out), part0, reference_embedder)
 
 
-def test_bad_rows_are_quarantined_never_lost(tmp_path, run_cli, tiny_model):
+def test_bad_rows_are_quarantined_never_lost(tmp_path, bucket, run_cli, tiny_model):
     ids = ["a", "b", None, "c", "d", "b", "e", "f"]
     texts = ["fine text", "also fine", "no id", None, "   ", "duplicate of b", "", "last one"]
-    path = write_corpus(tmp_path / "bad.parquet", ids, texts)
-    out = tmp_path / "out"
-    done = run_cli("run", path, "--model", tiny_model, "--out", out)
-    assert done.returncode == 0, done.stderr[-3000:]
-    written = ds.dataset(out, format="arrow").to_table().column("id").to_pylist()
-    rejected = ds.dataset(out / "_rejected", format="arrow").to_table()
-    reasons = dict(zip(rejected.column("row").to_pylist(), rejected.column("reason").to_pylist(), strict=True))
-    assert sorted(written) == ["a", "b", "f"]
-    assert reasons == {2: "null id", 3: "null text", 4: "empty text", 5: "duplicate id", 6: "empty text"}
-    assert len(written) + len(reasons) == len(ids), "every input row is written or rejected"
-    assert json.loads((out / "_manifest.json").read_text())["rejected_rows"] == 5
+    path = write_corpus(tmp_path / "in" / "bad.parquet", ids, texts)
+    for source, out in ((path, tmp_path / "out"), (upload_folder(path.parent, bucket, "in") + "/bad.parquet",
+                                                   tmp_path / "from-s3")):
+        done = run_cli("run", source, "--model", tiny_model, "--out", out)
+        assert done.returncode == 0, done.stderr[-3000:]
+        written = ds.dataset(out, format="arrow").to_table().column("id").to_pylist()
+        rejected = ds.dataset(out / "_rejected", format="arrow").to_table()
+        reasons = dict(zip(rejected.column("row").to_pylist(), rejected.column("reason").to_pylist(), strict=True))
+        assert sorted(written) == ["a", "b", "f"]
+        assert reasons == {2: "null id", 3: "null text", 4: "empty text", 5: "duplicate id", 6: "empty text"}
+        assert len(written) + len(reasons) == len(ids), "every input row is written or rejected"
+        assert json.loads((out / "_manifest.json").read_text())["rejected_rows"] == 5
+        assert set(rejected.column("source").to_pylist()) == {str(source)}, "the file as the user named it"
 
 
 def test_input_errors_are_clear_before_anything_is_queued(tmp_path, run_cli, tiny_model):
