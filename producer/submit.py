@@ -186,6 +186,7 @@ class PlanContext:
             if previous.source != job.reuse:
                 raise InputError(f"--reuse {job.reuse.uri} changed since job {job.job_id} was submitted (its "
                                  f"manifest differs); submit the job again")
+            previous.load_index()  # now, before a unit's hold is taken (plan_claimed): it may take minutes
         return cls(job, open_store(job.out), input_fs(job.input)[0], counter, previous)
 
     def prefix_length(self) -> int:
