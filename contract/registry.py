@@ -213,11 +213,14 @@ class JobRegistry:
         self.redis.delete(keys.REDIS_JOB_FAILED.format(job_id=job.job_id),
                           keys.REDIS_JOB_ATTEMPTS.format(job_id=job.job_id))
         self._open(job)
+        with self.redis.pipeline() as pipe:  # MULTI: listed once, however often it is submitted
+            pipe.lrem(keys.REDIS_PLANNING_JOBS, 0, job.job_id).rpush(keys.REDIS_PLANNING_JOBS, job.job_id).execute()
         return failed
 
     def forget(self, job_id: str) -> None:
         """Drop everything Redis knows of a job (--force)."""
         self._close(job_id)
+        self.redis.lrem(keys.REDIS_PLANNING_JOBS, 0, job_id)
         self.redis.delete(*self._keys(job_id))
 
     def attempt(self, job_id: str, shard: int) -> int:
@@ -276,6 +279,7 @@ class JobRegistry:
         self.redis.hset(key, mapping={f: getattr(reused, f) for f in REUSED_FIELDS} | {"shards": shards,
                                                                                         "state": "running"})
         self.redis.delete(keys.REDIS_JOB_QUEUED.format(job_id=job_id))  # only planning needed it
+        self.redis.lrem(keys.REDIS_PLANNING_JOBS, 0, job_id)
         complete = self._complete(job_id)
         if not complete and self._settled(job_id):  # its last shards failed while it was being planned
             self._close(job_id)
@@ -288,6 +292,7 @@ class JobRegistry:
         self.redis.hset(keys.REDIS_JOB.format(job_id=job_id), mapping={"state": "failed",
                                                                         "error": f"unit {unit}: {error}"[:2000]})
         self._close(job_id)
+        self.redis.lrem(keys.REDIS_PLANNING_JOBS, 0, job_id)
         self._expire(job_id)
 
     def totals(self, job_id: str) -> JobTotals:

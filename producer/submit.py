@@ -408,15 +408,23 @@ def produce(planned: PlannedJob, emit: Callable[[ShardMessage], None],
     return totals.plus(JobTotals.of_reused(files)), files
 
 
+class PlannerStopping(Exception):
+    """The planner is asked to stop while held back inside a unit: the unit goes back to the plan queue."""
+
+
 class Backpressure:
     """Holds a planner back while its model's queue holds more shards than the engines serving it will soon take
     (ProducerSettings.queue_per_engine a reported engine, at least queue_min), so Redis holds what the fleet is about
-    to embed, not the corpus. Keeps the planner's unit lock alive meanwhile (`tick`)."""
+    to embed, not the corpus. Keeps the planner's unit lock alive meanwhile (`tick`). A planner asked to stop
+    (`stopping`: a scale-down) stops waiting: held back, it may wait for hours, and its pod would be killed with the
+    unit, which would then come back only after the visibility timeout."""
 
     REFRESH_S = 10.0  # how often the engine count is read again
 
-    def __init__(self, registry: JobRegistry, queue: str, per_engine: int, minimum: int, lock: Lock):
+    def __init__(self, registry: JobRegistry, queue: str, per_engine: int, minimum: int, lock: Lock,
+                 stopping: Callable[[], bool] = lambda: False):
         self.registry, self.queue, self.per_engine, self.minimum, self.lock = registry, queue, per_engine, minimum, lock
+        self.stopping = stopping
         self._limit, self._limit_at, self._ticked = minimum, -self.REFRESH_S, time.monotonic()
 
     def limit(self) -> int:
@@ -427,6 +435,8 @@ class Backpressure:
 
     def wait(self) -> None:
         while self.registry.queue_length(self.queue) >= self.limit():
+            if self.stopping():
+                raise PlannerStopping
             self.tick()
             time.sleep(1.0)
 
@@ -438,10 +448,12 @@ class Backpressure:
 
 
 def plan_claimed(registry: JobRegistry, job: JobSpec, context: Callable[[], PlanContext], unit: Unit,
-                 send: Callable[[ShardMessage], None], settings: ProducerSettings) -> bool:
+                 send: Callable[[ShardMessage], None], settings: ProducerSettings,
+                 stopping: Callable[[], bool] = lambda: False) -> bool:
     """Plan `unit` if no other planner holds it, queue its shards, record it planned once; the planner of a job's
-    last unit closes its planning. False when the unit is not planned here and now: another planner holds it, or
-    this one lost its hold mid-unit (it stalled past BULKEMBED_PLAN_LOCK_S): look again later."""
+    last unit closes its planning. False when the unit is not planned here and now: another planner holds it, this
+    one lost its hold mid-unit (it stalled past BULKEMBED_PLAN_LOCK_S), or it was asked to stop while held back
+    (`stopping`): look again later. The shards it queued are not queued again."""
     if not registry.unit_is_planned(job.job_id, unit.index):
         context()  # built before the hold is taken: a planner's first unit may fetch the model
     lock = registry.plan_lock(job.job_id, unit.index, settings.plan_lock_s)
@@ -449,7 +461,8 @@ def plan_claimed(registry: JobRegistry, job: JobSpec, context: Callable[[], Plan
         return False
     try:
         if not registry.unit_is_planned(job.job_id, unit.index):
-            hold = Backpressure(registry, job.model.queue, settings.queue_per_engine, settings.queue_min, lock)
+            hold = Backpressure(registry, job.model.queue, settings.queue_per_engine, settings.queue_min, lock,
+                                stopping)
 
             def emit(message: ShardMessage) -> None:
                 hold.wait()
@@ -464,6 +477,10 @@ def plan_claimed(registry: JobRegistry, job: JobSpec, context: Callable[[], Plan
             except LockNotOwnedError:  # stalled past the lock: another planner may have the unit now, or none
                 log.warning("job %s unit %d: its hold lapsed mid-unit; it is looked at again later", job.job_id,
                             unit.index)
+                return False
+            except PlannerStopping:
+                log.warning("job %s unit %d: this planner is stopping; the unit goes back to the plan queue",
+                            job.job_id, unit.index)
                 return False
             registry.unit_planned(job.job_id, unit.index, totals)
         close_if_planned(registry, job, context)

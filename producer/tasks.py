@@ -9,9 +9,13 @@ the unit named in its task.
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
+from pathlib import Path
 
 from celery import Task
 from celery.exceptions import Retry
+from celery.signals import worker_shutting_down
 
 from bulkembed.contract.errors import TransientError
 from bulkembed.contract.job import JobSpec
@@ -32,6 +36,22 @@ app = celery_app(settings, "bulkembed-planner")
 # its unit's hold after BULKEMBED_PLAN_LOCK_S, and another takes the unit.
 app.conf.task_time_limit = None
 LOCKED_RETRY_S = 15  # a unit another planner holds: look again (it is planned by then, or its lock has lapsed)
+
+
+def _stop_marker(pid: int) -> Path:
+    return Path(tempfile.gettempdir()) / f"bulkembed-planner-{pid}.stopping"
+
+
+@worker_shutting_down.connect
+def _stopping(**_: object) -> None:
+    """In the planner's main process, on SIGTERM (a scale-down): tell its pool processes, which Celery would otherwise
+    leave to finish their units, however long back-pressure holds them."""
+    _stop_marker(os.getpid()).touch()
+
+
+def planner_stopping() -> bool:
+    """In a pool process: is its planner shutting down?"""
+    return _stop_marker(os.getppid()).exists()
 
 
 class PlannerTask(Task):
@@ -79,8 +99,10 @@ def _plan(self: PlannerTask, job_id: str, unit: Unit) -> None:
     if job is None:  # forgotten by --force, or expired: a unit task left over from it has nothing to plan
         log.warning("job %s is not in Redis: unit %d not planned", job_id, unit.index)
         return
-    if not plan_claimed(self.registry, job, lambda: self.context(job), unit, shard_sender(app), settings):
-        raise self.retry(countdown=LOCKED_RETRY_S)
+    if not plan_claimed(self.registry, job, lambda: self.context(job), unit, shard_sender(app), settings,
+                        planner_stopping):
+        # Back on the plan queue: at once for another planner where this one stops, later where a planner holds it.
+        raise self.retry(countdown=0 if planner_stopping() else LOCKED_RETRY_S)
 
 
 @app.task(name=TASK_FINALIZE_JOB, base=PlannerTask, bind=True, autoretry_for=(TransientError,), retry_backoff=True,
@@ -92,6 +114,14 @@ def finalize_job_task(self: PlannerTask, job_id: str) -> None:
 
 
 def serve(concurrency: int) -> int:
+    _stop_marker(os.getpid()).unlink(missing_ok=True)  # a dead planner's of the same pid
+    try:
+        return _serve(concurrency)
+    finally:
+        _stop_marker(os.getpid()).unlink(missing_ok=True)
+
+
+def _serve(concurrency: int) -> int:
     app.worker_main(["worker", "--queues", PLAN_QUEUE, "--concurrency", str(concurrency), "--pool", "prefork",
                      "--loglevel", settings.log_level, "--without-gossip", "--without-mingle"])
     return 0

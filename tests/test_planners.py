@@ -144,6 +144,35 @@ def test_a_planner_held_back_past_the_shard_time_limit_keeps_its_unit(tmp_path, 
     assert set(attempts(url, job_id).values()) == {1}, "every shard queued once and embedded once"
 
 
+def test_a_planner_stopped_while_held_back_hands_its_unit_back(tmp_path, pool, background, fault_env, tiny_model):
+    """SIGTERM to a planner held back inside a unit (KEDA scaling planners down at a job's tail, with the plan queue
+    empty): it hands the unit back to the plan queue and exits at once, and another planner finishes the unit without
+    queueing a shard twice. Before, Celery's warm shutdown waited for the unit (for hours, held back) until the pod
+    was killed, and the unit came back only after the visibility timeout. While the job is planned it is listed for
+    KEDA, which keeps a planner up to take such a unit."""
+    url = fault_env["BULKEMBED_REDIS_URL"]
+    env = fault_env | {"BULKEMBED_QUEUE_MIN": "4"}
+    ids = write_files(tmp_path / "in", [600], row_group=600)
+    out = tmp_path / "out"
+    first = pool.start_planner(env=env)
+    submit = background(["submit", tmp_path / "in", "--model", tiny_model, "--out", out, "--shard-tokens", "1500",
+                         "--queue-only", "--wait"], env, "submit")
+    job_id = wait_until(lambda: submit.stdout.split()[:1], 60, "submit to print the job id")[0]
+    wait_until(lambda: queue_length(url) == 4, 60, "the planner held back")
+    client = redis.Redis.from_url(url, decode_responses=True)
+    assert client.lrange(keys.REDIS_PLANNING_JOBS, 0, -1) == [job_id], "listed while it is planned"
+    first.send_signal(signal.SIGTERM)
+    assert first.wait(30) == 0, first.log.read_text()[-3000:]
+    assert "the unit goes back to the plan queue" in first.log.read_text()
+    second = pool.start_planner(env=env)
+    pool.start(tiny_model)
+    assert submit.wait(180) == 0, submit.stderr[-3000:]
+    manifest = check_exactly_once(str(out), ids)
+    assert list(planned_units(second.log.read_text())) == [0] and manifest["shard_count"] > 4
+    assert set(attempts(url, job_id).values()) == {1}, "every shard queued once and embedded once"
+    assert client.lrange(keys.REDIS_PLANNING_JOBS, 0, -1) == [], "no longer listed once planned"
+
+
 def test_the_submitting_process_killed_mid_plan_leaves_its_units_to_planners(tmp_path, pool, background, fault_env,
                                                                              tiny_model):
     """`submit` plans units itself (beside planners); killed with SIGKILL while planning, the units it had queued for

@@ -9,6 +9,7 @@ from urllib.parse import urlparse
 import pytest
 import yaml
 
+from bulkembed.contract import keys
 from bulkembed.contract.model import queue_name
 from bulkembed.contract.settings import WorkerSettings
 from tests.infra.manifests import (
@@ -241,8 +242,6 @@ def test_keda_scales_the_worker_to_zero_on_its_models_queue(documents, deploymen
 def test_one_worker_stays_while_a_job_has_unfinished_shards(deployment, scaled_object):
     """An orphaned shard waits in kombu's unacked hash for a running worker to restore it: the
     second trigger counts the registry's open jobs on the model's queue and asks for one pod."""
-    from bulkembed.contract import keys
-
     queue = queue_name(model_file_name(worker_model(deployment)))
     [open_jobs] = [t for t in scaled_object["spec"]["triggers"] if t.get("name") == "open-jobs"]
     assert open_jobs["metadata"]["listName"] == keys.REDIS_QUEUE_OPEN_JOBS.format(queue=queue)
@@ -316,5 +315,7 @@ def test_planners_run_bulkembed_planner_and_scale_on_the_plan_queue(documents):
     assert args.command == "planner" and args.concurrency >= 1
     scaled = one(documents, "ScaledObject", "bulkembed-planner")
     assert scaled["spec"]["scaleTargetRef"]["name"] == "bulkembed-planner" and scaled["spec"]["minReplicaCount"] == 0
-    assert [t["metadata"]["listName"] for t in scaled["spec"]["triggers"]] == [PLAN_QUEUE]
+    # Queued units, and a planner kept while a job is planned: one stopped inside a unit hands it back to it.
+    assert [t["metadata"]["listName"] for t in scaled["spec"]["triggers"]] == [PLAN_QUEUE, keys.REDIS_PLANNING_JOBS]
+    assert all(t["authenticationRef"]["name"] == "bulkembed-redis" for t in scaled["spec"]["triggers"])
     assert planner["spec"]["replicas"] == 0, "KEDA starts planners when units are queued"
