@@ -14,6 +14,7 @@ from bulkembed.contract import keys
 from bulkembed.synthetic import TINY, write_qwen2vl_gguf
 from tests.conftest import REPO, Workers, _wait_for_port, free_port, mixed_texts, write_corpus
 from tests.faults_support import check_exactly_once, wait_until
+from tests.worker.test_metrics import scrape
 
 PASSWORD = "s3cr3t-redis-pw-7f1c"
 AWS_SECRET = "aws-secret-key-that-must-not-leak-9c2e"
@@ -84,7 +85,10 @@ def test_worker_with_another_model_hands_the_shard_back_to_a_worker_of_the_right
     for good: one such worker in a fleet (a repository updated under it) failed whole jobs."""
     impostor_dir = tmp_path / "impostor"
     impostor_dir.mkdir()
+    port = free_port()
+    workers.env = cli_env | {"BULKEMBED_METRICS_PORT": str(port)}
     impostor = workers.start(write_qwen2vl_gguf(impostor_dir / tiny_model.name, TINY, seed=42))
+    workers.env = cli_env
     ids = [f"d{i}" for i in range(40)]
     corpus = write_corpus(tmp_path / "c.parquet", ids, mixed_texts(len(ids), seed=8))
     out = tmp_path / "out"
@@ -93,6 +97,8 @@ def test_worker_with_another_model_hands_the_shard_back_to_a_worker_of_the_right
                               cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_until(lambda: "is not the job's" in impostor.log.read_text(), 120, "the impostor to refuse a shard")
     assert not list(out.glob("0*.arrow")), "no vectors from the wrong model"
+    handed_back = f'bulkembed_shards_total{{model="{tiny_model.name}",outcome="handed_back"}}'
+    wait_until(lambda: scrape(port).get(handed_back, 0) >= 1, 30, "the hand-back counted in the metrics")
     workers.start(tiny_model)
     assert submit.wait(240) == 0, submit.stderr.read()[-3000:]
     check_exactly_once(str(out), ids)

@@ -162,6 +162,7 @@ def _give_back(what: str, why: str) -> NoReturn:
     _given_back += 1
     delay = backoff_s(_given_back, GIVE_BACK_MAX_S)
     log.error("%s: %s; handed back to the queue in %.1fs", what, why, delay)
+    metrics.shard_handed_back(MODEL.path.name if MODEL else "")
     time.sleep(delay)
     raise Reject(why, requeue=True)
 

@@ -45,6 +45,11 @@ def shard_failed(model: str) -> None:
     SHARDS.labels(model, "failed").inc()
 
 
+def shard_handed_back(model: str) -> None:
+    """A shard given back to the queue unembedded: Redis failing, the engine not starting, another model's job."""
+    SHARDS.labels(model, "handed_back").inc()
+
+
 def worker_started(model: str, engines: int, ubatch: int, lm_head_skipped: bool) -> None:
     ENGINES.labels(model).set(engines)
     UBATCH.labels(model).set(ubatch)
