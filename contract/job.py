@@ -187,6 +187,10 @@ class JobSpec(BaseModel):
         "special tokens (document_spans' tail). The producer sets it where the model's tokenizer closes texts; "
         "False is also what a job planned before this rule says, so a worker can refuse such a job's shards.",
     )
+    id_type: str | None = Field(
+        None, description="The Arrow type every file's ids are cast to, where the input's files differ in width "
+        "(string and large_string, int32 and int64). None: the files agree, and their type is kept.",
+    )
 
     def vector_options(self) -> dict[str, str | int | bool | None]:
         """What decides a row's vector besides its text. Two jobs that agree on these give the same vector
@@ -199,8 +203,9 @@ class JobSpec(BaseModel):
 
     @property
     def job_id(self) -> str:
-        # close_cut_rows enters only when set: jobs of models whose tokenizer closes no text keep their ids.
-        exclude = {"model"} if self.close_cut_rows else {"model", "close_cut_rows"}
+        # close_cut_rows and id_type enter only when set: jobs from before them keep their ids.
+        exclude = {"model"} | ({"close_cut_rows"} if not self.close_cut_rows else set()) | \
+            ({"id_type"} if self.id_type is None else set())
         identity = self.model_dump(mode="json", exclude=exclude) | {"model_sha256": self.model.sha256}
         digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
         return digest[:16]

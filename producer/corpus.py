@@ -28,8 +28,9 @@ BATCH_ROWS = 8192
 class Corpus:
     fs: pafs.FileSystem
     files: list[tuple[str, int, str]]  # (path in fs, size, version: S3 ETag or local mtime in ns)
-    id_type: pa.DataType
+    id_type: pa.DataType  # every file's, or the one their ids are cast to where files differ in width
     row_groups: tuple[tuple[int, ...], ...] = ()  # rows of each row group, per file
+    mixed_ids: bool = False  # the files' id types differ (string and large_string, int32 and int64)
 
     @property
     def fingerprint(self) -> str:
@@ -78,7 +79,7 @@ def open_corpus(uri: str, id_column: str, text_column: str) -> Corpus:
     if id_column == text_column:
         raise InputError(f"--id-column and --text-column both name {id_column!r}: the id and the text are two columns")
     fs, files = _list_files(uri)
-    id_type = None
+    id_type, mixed = None, False
     total_rows = 0
     row_groups = []
     for path, *_ in files:
@@ -100,12 +101,26 @@ def open_corpus(uri: str, id_column: str, text_column: str) -> Corpus:
         this_id = schema.field(id_column).type
         if not (pa.types.is_integer(this_id) or pa.types.is_string(this_id) or pa.types.is_large_string(this_id)):
             raise InputError(f"{path}: id column {id_column!r} is {this_id}; use an integer or string id")
-        if id_type is not None and this_id != id_type:
+        common = this_id if id_type is None else common_id_type(id_type, this_id)
+        if common is None:
             raise InputError(f"{path}: id column is {this_id} but earlier files have {id_type}")
-        id_type = this_id
+        mixed = mixed or (id_type is not None and this_id != id_type)
+        id_type = common
     if total_rows == 0:
         raise InputError(f"input {uri} has no rows")
-    return Corpus(fs=fs, files=files, id_type=id_type, row_groups=tuple(row_groups))
+    return Corpus(fs=fs, files=files, id_type=id_type, row_groups=tuple(row_groups), mixed_ids=mixed)
+
+
+def common_id_type(a: pa.DataType, b: pa.DataType) -> pa.DataType | None:
+    """The type two files' ids are read as: strings of either offset width as string, integers as int64 (uint64 where
+    both are unsigned; an id that does not fit fails its unit, named); None for strings beside integers."""
+    if a == b:
+        return a
+    if all(pa.types.is_string(t) or pa.types.is_large_string(t) for t in (a, b)):
+        return pa.string()
+    if all(pa.types.is_integer(t) for t in (a, b)):
+        return pa.uint64() if all(pa.types.is_unsigned_integer(t) for t in (a, b)) else pa.int64()
+    return None
 
 
 def decode_texts(column: pa.Array) -> tuple[list[str | None], dict[int, str]]:
@@ -156,8 +171,8 @@ def plan_units(corpus: Corpus, unit_rows: int) -> list[Unit]:
     return units
 
 
-def read_batches(fs: pafs.FileSystem, unit: Unit, id_column: str,
-                 text_column: str) -> Iterator[tuple[str, int, pa.RecordBatch]]:
+def read_batches(fs: pafs.FileSystem, unit: Unit, id_column: str, text_column: str,
+                 id_type: pa.DataType | None = None) -> Iterator[tuple[str, int, pa.RecordBatch]]:
     """(source file, row number in its file of the batch's first row, batch with columns id and text) of one unit,
     a bounded batch at a time."""
     path = unit.path
@@ -166,5 +181,6 @@ def read_batches(fs: pafs.FileSystem, unit: Unit, id_column: str,
     row = unit.first_row
     for batch in parquet.iter_batches(batch_size=BATCH_ROWS, columns=[id_column, text_column],
                                       row_groups=range(unit.first_group, unit.stop_group)):
-        yield source, row, batch.rename_columns(["id", "text"])
+        ids = batch.column(0) if id_type is None else batch.column(0).cast(id_type)  # the job's, where files differ
+        yield source, row, pa.RecordBatch.from_arrays([ids, batch.column(1)], names=["id", "text"])
         row += batch.num_rows

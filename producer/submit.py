@@ -130,6 +130,7 @@ def plan_job(input_uri: str, model: str, out: str, options: JobOptions = JobOpti
             # Token vectors are raw hidden states for the user to pool; normalizing each would break that.
             normalize=options.normalize and pooling is not Pooling.NONE,
             close_cut_rows=counter.tail > 0,
+            id_type=str(corpus.id_type) if corpus.mixed_ids else None,
         )
         check_room(job.max_tokens, counter.count(prefix))
         previous = None
@@ -307,7 +308,8 @@ def plan_unit(ctx: PlanContext, unit: Unit, sink: ShardSink) -> JobTotals:
     unit, write each one's input and hand its message to the sink. Planning a unit again plans the same shards (same
     job, same rows, same order): a shard whose output is already there goes to `sink.written` instead."""
     job, store = ctx.job, ctx.store
-    id_type = pq.ParquetFile(ctx.fs.open_input_file(unit.path)).schema_arrow.field(job.id_column).type
+    cast = pa.type_for_alias(job.id_type) if job.id_type else None  # files whose ids differ in width
+    id_type = cast or pq.ParquetFile(ctx.fs.open_input_file(unit.path)).schema_arrow.field(job.id_column).type
     planner = ShardPlanner(job.shard_tokens)
     rejects = _Rejects(store, id_type, unit.index)
     input_schema = shard_input_schema(id_type)
@@ -344,7 +346,7 @@ def plan_unit(ctx: PlanContext, unit: Unit, sink: ShardSink) -> JobTotals:
         sink.tick()
 
     truncated = 0  # a plain int: JobTotals is a pydantic model, slow to add to a row at a time
-    for source, first_row, batch in read_batches(ctx.fs, unit, job.id_column, job.text_column):
+    for source, first_row, batch in read_batches(ctx.fs, unit, job.id_column, job.text_column, cast):
         at = ordinal(unit.file, first_row)
         lo, hi = np.searchsorted(duplicates, [at, at + batch.num_rows])
         accepted = _accept(ctx, batch, source, first_row, rejects, set((duplicates[lo:hi] - at).tolist()))

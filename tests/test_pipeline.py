@@ -156,6 +156,29 @@ def test_integer_ids_keep_their_type(tmp_path, run_cli, tiny_model):
     assert sorted(table.column("id").to_pylist()) == [10, 20, 30]
 
 
+@pytest.mark.parametrize(("first", "second", "common"), [(pa.string(), pa.large_string(), pa.string()),
+                                                        (pa.int32(), pa.int64(), pa.int64())])
+def test_files_whose_ids_differ_in_width_are_one_corpus(tmp_path, run_cli, tiny_model, first, second, common):
+    """Files written by different tools (pandas' object strings and pyarrow's large strings, int32 and int64 ids) are
+    one corpus: their ids are read as one type, duplicates are found across them, and the job id of a corpus whose
+    files agree is unchanged. Before, such a corpus was refused."""
+    make = (lambda i: f"d{i}") if pa.types.is_string(common) else (lambda i: i)
+    write_corpus(tmp_path / "in" / "a.parquet", [make(i) for i in range(30)], mixed_texts(30, seed=1), id_type=first)
+    write_corpus(tmp_path / "in" / "b.parquet", [make(i) for i in range(25, 60)], mixed_texts(35, seed=2),
+                 id_type=second)
+    done = run_cli("run", tmp_path / "in", "--model", tiny_model, "--out", tmp_path / "o")
+    assert done.returncode == 0, done.stderr[-2000:]
+    table = ds.dataset(tmp_path / "o", format="arrow").to_table()
+    assert table.schema.field("id").type == common
+    assert sorted(table.column("id").to_pylist()) == sorted(make(i) for i in range(60)), "ids 25-29 once: the first"
+    rejected = ds.dataset(tmp_path / "o" / "_rejected", format="arrow").to_table()
+    assert rejected.num_rows == 5 and set(rejected.column("reason").to_pylist()) == {"duplicate id"}
+    assert rejected.schema.field("id").type == common
+    alone = plan_job(str(tmp_path / "in" / "a.parquet"), str(tiny_model), str(tmp_path / "a"))
+    alone.counter.close()
+    assert alone.job.id_type is None and "id_type" not in json.dumps(alone.job.model_dump(exclude_none=True))
+
+
 def test_rerun_resumes_and_force_starts_over(tmp_path, run_cli, tiny_model):
     path = write_corpus(tmp_path / "c.parquet", [f"d{i}" for i in range(60)], mixed_texts(60, seed=2))
     out = tmp_path / "out"

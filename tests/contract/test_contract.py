@@ -111,3 +111,12 @@ def test_closed_cut_rows_are_part_of_the_job_and_of_what_reuse_compares():
     assert closed.job_id != spec.job_id, "a job planned by the old rules is not resumed by the new ones"
     assert closed.vector_options() != spec.vector_options(), "nor are its vectors reused"
     assert spec.vector_options()["cut rows closed"] is False
+
+
+def test_a_cast_of_ids_is_part_of_the_job_and_leaves_other_jobs_their_ids():
+    spec = JobSpec(input="in", input_fingerprint="f", out="out", task=Task.RETRIEVAL, role=Role.PASSAGE, prefix="",
+                   shard_tokens=100, model=ModelRef(spec="m.gguf", file_name="m.gguf", sha256="0" * 64, queue="q"))
+    # The ids this spec had before JobSpec knew id_type (and close_cut_rows): jobs planned then are resumed now.
+    assert (spec.job_id, spec.model_copy(update={"close_cut_rows": True}).job_id) == \
+        ("699247554cb72e85", "ea1dfd86a82077d4")
+    assert spec.model_copy(update={"id_type": "int64"}).job_id not in (spec.job_id, "ea1dfd86a82077d4")
