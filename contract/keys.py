@@ -39,8 +39,8 @@ REDIS_SHARD_LOCK = "bulkembed:lock:{job_id}:{shard}"  # for stores without condi
 # list: ids of the jobs on a model's queue that still have unfinished shards. KEDA's second trigger
 # reads its length: while it is not empty a worker stays up to restore an orphaned shard.
 REDIS_QUEUE_OPEN_JOBS = "bulkembed:open-jobs:{queue}"
-# list: ids of the jobs being planned (registered, planning not yet closed). KEDA keeps a planner up while it is not
-# empty: a planner stopped inside a unit hands the unit back, and one must be there to take it.
+# list: ids of the jobs whose units are queued for planners and whose planning is not closed. KEDA keeps a planner up
+# while it is not empty: a planner stopped inside a unit hands the unit back, and one must be there to take it.
 REDIS_PLANNING_JOBS = "bulkembed:planning-jobs"
 
 

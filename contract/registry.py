@@ -213,9 +213,13 @@ class JobRegistry:
         self.redis.delete(keys.REDIS_JOB_FAILED.format(job_id=job.job_id),
                           keys.REDIS_JOB_ATTEMPTS.format(job_id=job.job_id))
         self._open(job)
-        with self.redis.pipeline() as pipe:  # MULTI: listed once, however often it is submitted
-            pipe.lrem(keys.REDIS_PLANNING_JOBS, 0, job.job_id).rpush(keys.REDIS_PLANNING_JOBS, job.job_id).execute()
         return failed
+
+    def units_queued(self, job_id: str) -> None:
+        """The job's units wait on the plan queue for planners: it is listed for KEDA until its planning is closed
+        (or fails, or the job is forgotten)."""
+        with self.redis.pipeline() as pipe:  # MULTI: listed once, however often it is submitted
+            pipe.lrem(keys.REDIS_PLANNING_JOBS, 0, job_id).rpush(keys.REDIS_PLANNING_JOBS, job_id).execute()
 
     def forget(self, job_id: str) -> None:
         """Drop everything Redis knows of a job (--force)."""
@@ -356,21 +360,33 @@ class JobRegistry:
                 pipe.expire(key, int(self.retention_s))
             pipe.execute()
 
-    def report_engines(self, queue: str, worker: str, engines: int, ttl_s: float = ENGINES_TTL_S) -> None:
-        """A worker's engines serve `queue` for the next `ttl_s` (it reports again before then while it runs)."""
-        self.redis.hset(keys.REDIS_QUEUE_ENGINES.format(queue=queue), worker, f"{engines} {time.time() + ttl_s:.0f}")
+    def report_engines(self, queue: str, worker: str, engines: int, sha256: str = "",
+                       ttl_s: float = ENGINES_TTL_S) -> None:
+        """A worker's engines serve `queue` with the model of `sha256` for the next `ttl_s` (it reports again before
+        then while it runs)."""
+        self.redis.hset(keys.REDIS_QUEUE_ENGINES.format(queue=queue), worker,
+                        f"{engines} {time.time() + ttl_s:.0f} {sha256}".rstrip())
 
-    def engines_serving(self, queue: str) -> int:
-        """Engines of the workers on `queue` that reported lately; those silent past their time are dropped."""
+    def _serving(self, queue: str) -> list[tuple[int, str]]:
+        """(engines, model sha256) of each worker on `queue` that reported lately; those silent past their time are
+        dropped. An older worker reports no sha256 ("")."""
         key = keys.REDIS_QUEUE_ENGINES.format(queue=queue)
-        engines, now = 0, time.time()
+        serving, now = [], time.time()
         for worker, value in self.redis.hgetall(key).items():
-            count, until = value.split()
+            count, until, *sha = value.split()
             if float(until) < now:
                 self.redis.hdel(key, worker)
             else:
-                engines += int(count)
-        return engines
+                serving.append((int(count), sha[0] if sha else ""))
+        return serving
+
+    def engines_serving(self, queue: str) -> int:
+        """Engines of the workers on `queue` that reported lately."""
+        return sum(count for count, _ in self._serving(queue))
+
+    def model_served(self, queue: str, sha256: str) -> bool:
+        """Whether a worker on `queue` reported lately that it embeds with the model of `sha256`."""
+        return any(sha == sha256 for _, sha in self._serving(queue))
 
     def queue_length(self, queue: str) -> int:
         """Shards waiting on a model's Celery queue (kombu keeps a queue as a Redis list of its name)."""

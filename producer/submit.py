@@ -517,6 +517,8 @@ def submit_job(planned: PlannedJob, registry: JobRegistry, send: Callable[[Shard
         left = registry.units_left(job.job_id, len(planned.units))
         for index in left:
             send_unit(planned.units[index])
+        if left:
+            registry.units_queued(job.job_id)
         log.info("job %s: %d units, %d to plan", job.job_id, len(planned.units), len(left))
         ctx = planned.context()
         while plan_here and left:

@@ -445,10 +445,13 @@ def test_redis_refusing_writes_as_a_shard_commits_hands_the_shard_back(tmp_path,
         client.config_set("maxmemory", 1)  # below what it holds: every write refused
         holds.release(shard, pid)
         wait_until(lambda: "OutOfMemoryError" in worker.log.read_text(), 60, "the commit to meet Redis refusing it")
+        # Refusing writes for longer than the worker's first backoff: a hand-back then would be refused too (one
+        # Redis transaction), the shard would wait for the 120 s visibility timeout and its prefetch slot stay taken.
+        time.sleep(4)
         client.config_set("maxmemory", 0)
         assert (out / keys.shard_output(shard)).exists(), "the output was written before Redis refused its count"
         holds.auto_release()
-        assert submit.wait(120) == 0, submit.stderr[-3000:]
+        assert submit.wait(60) == 0, submit.stderr[-3000:]
     finally:
         client.config_set("maxmemory", 0)
         holds.stop()

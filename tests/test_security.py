@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -13,7 +14,7 @@ import redis
 from bulkembed.contract import keys
 from bulkembed.synthetic import TINY, write_qwen2vl_gguf
 from tests.conftest import REPO, Workers, _wait_for_port, free_port, mixed_texts, write_corpus
-from tests.faults_support import check_exactly_once, wait_until
+from tests.faults_support import Holds, check_exactly_once, wait_until
 from tests.worker.test_metrics import scrape
 
 PASSWORD = "s3cr3t-redis-pw-7f1c"
@@ -78,30 +79,45 @@ def test_wrong_redis_password_is_a_clear_error_without_the_password(tls_redis, c
     assert "Traceback" not in done.stderr, done.stderr[-2000:]
 
 
-def test_worker_with_another_model_hands_the_shard_back_to_a_worker_of_the_right_one(cli_env, tmp_path, workers,
-                                                                                      tiny_model):
-    """Same file name (same queue), other weights: the sha256 differs, the impostor writes nothing and hands each
-    shard back, and a worker of the job's model completes the job. Before, the impostor failed every shard it took
-    for good: one such worker in a fleet (a repository updated under it) failed whole jobs."""
-    impostor_dir = tmp_path / "impostor"
-    impostor_dir.mkdir()
+def test_worker_with_another_model_leaves_shards_to_the_right_one_or_fails_them(cli_env, tmp_path, workers,
+                                                                                 tiny_model, run_cli):
+    """Same file name (same queue), other weights: the sha256 differs and the impostor writes nothing. While a worker
+    of the job's model serves the queue, the impostor hands the shards it takes back to it, and the job completes.
+    Before, it failed every shard it took for good: one such worker in a fleet (a repository updated under it) failed
+    whole jobs. Alone, it fails them, saying why, rather than passing them round for ever."""
+    holds = Holds(tmp_path / "held")
+    workers.env = cli_env | holds.env
+    right = workers.start(tiny_model)  # it holds its first shard: the impostor takes the next ones meanwhile
     port = free_port()
     workers.env = cli_env | {"BULKEMBED_METRICS_PORT": str(port)}
+    impostor_dir = tmp_path / "impostor"
+    impostor_dir.mkdir()
     impostor = workers.start(write_qwen2vl_gguf(impostor_dir / tiny_model.name, TINY, seed=42))
-    workers.env = cli_env
     ids = [f"d{i}" for i in range(40)]
     corpus = write_corpus(tmp_path / "c.parquet", ids, mixed_texts(len(ids), seed=8))
     out = tmp_path / "out"
     submit = subprocess.Popen([sys.executable, "-m", "bulkembed.cli", "submit", str(corpus), "--model",
                                str(tiny_model), "--out", str(out), "--shard-tokens", "400", "--wait"], env=cli_env,
                               cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    wait_until(lambda: "is not the job's" in impostor.log.read_text(), 120, "the impostor to refuse a shard")
-    assert not list(out.glob("0*.arrow")), "no vectors from the wrong model"
-    handed_back = f'bulkembed_shards_total{{model="{tiny_model.name}",outcome="handed_back"}}'
-    wait_until(lambda: scrape(port).get(handed_back, 0) >= 1, 30, "the hand-back counted in the metrics")
-    workers.start(tiny_model)
-    assert submit.wait(240) == 0, submit.stderr.read()[-3000:]
+    try:
+        holds.wait()
+        wait_until(lambda: "left to a worker of that model" in impostor.log.read_text(), 120,
+                   "the impostor to hand a shard back")
+        assert not list(out.glob("0*.arrow")), "no vectors from the wrong model"
+        handed_back = f'bulkembed_shards_total{{model="{tiny_model.name}",outcome="handed_back"}}'
+        wait_until(lambda: scrape(port).get(handed_back, 0) >= 1, 30, "the hand-back counted in the metrics")
+        holds.auto_release()
+        assert submit.wait(240) == 0, submit.stderr.read()[-3000:]
+    finally:
+        holds.stop()
     check_exactly_once(str(out), ids)
+
+    right.send_signal(signal.SIGTERM)  # a worker that stops withdraws its model from the queue's report
+    assert right.wait(60) == 0
+    done = run_cli("submit", corpus, "--model", tiny_model, "--out", tmp_path / "alone", "--wait", timeout=120)
+    assert done.returncode == 1
+    assert "is not the job's" in done.stderr and "no worker of that model serves its queue" in done.stderr
+    assert not list((tmp_path / "alone").glob("0*.arrow")), "no vectors from the wrong model"
 
 
 def test_rediss_refuses_an_untrusted_certificate_by_default(tls_redis):

@@ -196,22 +196,45 @@ def embed_shard_task(self: ModelTask, message: list | dict, unreachable_since: f
             _give_back(what, f"the engine cannot start ({type(exc).__name__}: {exc})")
         result = _embed(self, shard, model, unreachable_since)
     except REDIS_FAILED as exc:
+        log.error("%s: Redis failed (%s: %s); waiting for it to take writes", what, type(exc).__name__, exc)
+        _await_redis_writes(settings.task_time_limit / 2)
         _give_back(what, f"Redis failed ({type(exc).__name__}: {exc})")
     _given_back = 0
     return result
+
+
+def _await_redis_writes(cap_s: float) -> None:
+    """Until Redis takes a write again (at most `cap_s`): handing a shard back is one Redis transaction, which a Redis
+    refusing writes (out of memory under noeviction) refuses whole. The shard would then come back only after the
+    visibility timeout, and the prefetch slot it held would stay taken."""
+    deadline, delay = time.monotonic() + cap_s, 0.5
+    while True:
+        try:
+            JobRegistry.of_process(settings).redis.set(f"bulkembed:write-probe:{os.getpid()}", 1, ex=60)
+            return
+        except REDIS_FAILED:
+            if time.monotonic() + delay > deadline:
+                return
+            time.sleep(delay)
+            delay = min(2 * delay, 30.0)
 
 
 def _embed(self: ModelTask, shard: ShardMessage, model: ResidentModel, unreachable_since: float | None) -> dict | None:
     if not model.engine.alive:
         # It died between shards (the OOM killer): this shard is not to blame, so no attempt is counted for it.
         _engine_lost(shard, f"llama.cpp process {model.engine.pid} died before this shard")
-    if model.sha256 != shard.job.model.sha256:
-        # Another file of the same name (a repository updated under a running fleet): neither the shard's fault nor
-        # this worker's to fail; a worker of the job's model takes it.
-        _give_back(f"job {shard.job_id} shard {shard.shard}", f"this worker's {model.path.name} (sha256 "
-                   f"{model.sha256[:12]}) is not the job's ({shard.job.model.sha256[:12]}); left to a worker of that "
-                   f"model")
     registry = self.registry
+    if model.sha256 != shard.job.model.sha256:
+        # Another file of the same name (a repository updated under a running fleet): a worker of the job's model
+        # takes the shard where one serves the queue; where none does, the shard fails, said, rather than going round.
+        why = (f"this worker's {model.path.name} (sha256 {model.sha256[:12]}) is not the job's "
+               f"({shard.job.model.sha256[:12]})")
+        if registry.model_served(shard.job.model.queue, shard.job.model.sha256):
+            _give_back(f"job {shard.job_id} shard {shard.shard}", f"{why}; left to a worker of that model")
+        log.error("job %s shard %d: %s, and no worker of that model serves the queue", shard.job_id, shard.shard, why)
+        registry.shard_failed(shard.job_id, shard.shard, f"{why}, and no worker of that model serves its queue")
+        metrics.shard_failed(model.path.name)
+        return None
     attempt = registry.attempt(shard.job_id, shard.shard)
     name = model.path.name
     if attempt > settings.shard_max_attempts:

@@ -15,8 +15,10 @@ import socket
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
+from bulkembed.contract import keys
 from bulkembed.contract.job import ModelRef
 from bulkembed.contract.llama_process import LlamaProcessDied
 from bulkembed.contract.settings import WorkerSettings
@@ -26,10 +28,11 @@ from bulkembed.worker.selftest import SelfTestError
 log = logging.getLogger(__name__)
 
 
-def _report_engines(settings: WorkerSettings, queue: str, worker: str, engines: int) -> None:
+def _report_engines(settings: WorkerSettings, queue: str, worker: str, engines: int, sha256: str) -> Callable[[], None]:
     """Tell planners, while this worker lives, how many engines serve its queue: they let the queue grow to a few
-    shards an engine (back-pressure), not to the whole corpus. A thread of this (parent) process; Redis hiccups are
-    ridden out (the report lapses after ENGINES_TTL_S, then planners assume fewer engines)."""
+    shards an engine (back-pressure), not to the whole corpus; and workers of another model (same file name) which
+    model serves it. A thread of this (parent) process; Redis hiccups are ridden out (the report lapses after
+    ENGINES_TTL_S, then planners assume fewer engines). Returns what withdraws the report, for a worker that stops."""
     from bulkembed.contract.registry import ENGINES_TTL_S, JobRegistry
 
     registry = JobRegistry.from_url(settings.redis_url.get_secret_value(), check=False)
@@ -37,12 +40,20 @@ def _report_engines(settings: WorkerSettings, queue: str, worker: str, engines: 
     def run() -> None:
         while True:
             try:
-                registry.report_engines(queue, worker, engines)
+                registry.report_engines(queue, worker, engines, sha256)
             except Exception as exc:  # noqa: BLE001 - a report missed is a smaller queue allowed, nothing more
                 log.warning("could not report engines to Redis: %s", exc)
             time.sleep(ENGINES_TTL_S / 3)
 
     threading.Thread(target=run, name="report-engines", daemon=True).start()
+
+    def withdraw() -> None:
+        try:
+            registry.redis.hdel(keys.REDIS_QUEUE_ENGINES.format(queue=queue), worker)
+        except Exception as exc:  # noqa: BLE001 - it lapses after ENGINES_TTL_S anyway
+            log.warning("could not withdraw this worker's engines from Redis: %s", exc)
+
+    return withdraw
 
 
 def serve(ref: ModelRef, path: Path, setup: EngineSetup, settings: WorkerSettings) -> int:
@@ -66,10 +77,13 @@ def serve(ref: ModelRef, path: Path, setup: EngineSetup, settings: WorkerSetting
     metrics.worker_started(ref.file_name, engines, plan.options.ubatch, plan.lm_head_skipped)
     worker_app.MODEL = worker_app.ResidentModel(path=path, sha256=ref.sha256, options=plan.options)
     hostname = f"bulkembed-{os.getpid()}@{socket.gethostname()}"
-    _report_engines(settings, ref.queue, hostname, engines)
-    worker_app.app.worker_main([
-        "worker", "--queues", ref.queue, "--concurrency", str(engines), "--pool", "prefork",
-        "--hostname", hostname,
-        "--loglevel", settings.log_level, "--without-gossip", "--without-mingle",
-    ])
+    withdraw = _report_engines(settings, ref.queue, hostname, engines, ref.sha256)
+    try:
+        worker_app.app.worker_main([
+            "worker", "--queues", ref.queue, "--concurrency", str(engines), "--pool", "prefork",
+            "--hostname", hostname,
+            "--loglevel", settings.log_level, "--without-gossip", "--without-mingle",
+        ])
+    finally:
+        withdraw()
     return 0

@@ -318,4 +318,5 @@ def test_planners_run_bulkembed_planner_and_scale_on_the_plan_queue(documents):
     # Queued units, and a planner kept while a job is planned: one stopped inside a unit hands it back to it.
     assert [t["metadata"]["listName"] for t in scaled["spec"]["triggers"]] == [PLAN_QUEUE, keys.REDIS_PLANNING_JOBS]
     assert all(t["authenticationRef"]["name"] == "bulkembed-redis" for t in scaled["spec"]["triggers"])
+    assert int(scaled["spec"]["triggers"][1]["metadata"]["listLength"]) >= 10_000, "one pod, however many jobs"
     assert planner["spec"]["replicas"] == 0, "KEDA starts planners when units are queued"
