@@ -119,6 +119,20 @@ def test_a_planner_killed_mid_unit_is_taken_over_and_finished_units_are_not_plan
         "every shard queued once and embedded once"
 
 
+def held_back(tmp_path: Path, pool, background, model: Path, env: dict[str, str]) -> tuple:
+    """A planner held back inside the one unit of a 600-row job (the queue at BULKEMBED_QUEUE_MIN = 4, no worker):
+    (planner, submit --wait, job id, ids, OUT)."""
+    env = env | {"BULKEMBED_QUEUE_MIN": "4"}
+    ids = write_files(tmp_path / "in", [600], row_group=600)
+    out = tmp_path / "out"
+    planner = pool.start_planner(env=env)
+    submit = background(["submit", tmp_path / "in", "--model", model, "--out", out, "--shard-tokens", "1500",
+                         "--queue-only", "--wait"], env, "submit")
+    job_id = wait_until(lambda: submit.stdout.split()[:1], 60, "submit to print the job id")[0]
+    wait_until(lambda: queue_length(env["BULKEMBED_REDIS_URL"]) == 4, 60, "the planner held back")
+    return planner, submit, job_id, ids, out
+
+
 def test_a_planner_held_back_past_the_shard_time_limit_keeps_its_unit(tmp_path, pool, background, fault_env,
                                                                       tiny_model):
     """BULKEMBED_TASK_TIME_LIMIT bounds one shard on a worker; a planner's unit waits on back-pressure for as long as
@@ -126,14 +140,8 @@ def test_a_planner_held_back_past_the_shard_time_limit_keeps_its_unit(tmp_path, 
     Before, Celery killed it at the limit, and the unit came back only after the visibility timeout, to be read again
     from its first row."""
     url = fault_env["BULKEMBED_REDIS_URL"]
-    env = fault_env | {"BULKEMBED_QUEUE_MIN": "4", "BULKEMBED_TASK_TIME_LIMIT": "3"}
-    ids = write_files(tmp_path / "in", [600], row_group=600)
-    out = tmp_path / "out"
-    planner = pool.start_planner(env=env)
-    submit = background(["submit", tmp_path / "in", "--model", tiny_model, "--out", out, "--shard-tokens", "1500",
-                         "--queue-only", "--wait"], env, "submit")
-    job_id = wait_until(lambda: submit.stdout.split()[:1], 60, "submit to print the job id")[0]
-    wait_until(lambda: queue_length(url) == 4, 60, "the planner held back")
+    planner, submit, job_id, ids, out = held_back(tmp_path, pool, background, tiny_model,
+                                                  fault_env | {"BULKEMBED_TASK_TIME_LIMIT": "3"})
     time.sleep(6)
     log = planner.log.read_text()
     assert "Hard time limit" not in log and "WorkerLostError" not in log, log[-3000:]
@@ -151,20 +159,13 @@ def test_a_planner_stopped_while_held_back_hands_its_unit_back(tmp_path, pool, b
     was killed, and the unit came back only after the visibility timeout. While the job is planned it is listed for
     KEDA, which keeps a planner up to take such a unit."""
     url = fault_env["BULKEMBED_REDIS_URL"]
-    env = fault_env | {"BULKEMBED_QUEUE_MIN": "4"}
-    ids = write_files(tmp_path / "in", [600], row_group=600)
-    out = tmp_path / "out"
-    first = pool.start_planner(env=env)
-    submit = background(["submit", tmp_path / "in", "--model", tiny_model, "--out", out, "--shard-tokens", "1500",
-                         "--queue-only", "--wait"], env, "submit")
-    job_id = wait_until(lambda: submit.stdout.split()[:1], 60, "submit to print the job id")[0]
-    wait_until(lambda: queue_length(url) == 4, 60, "the planner held back")
+    first, submit, job_id, ids, out = held_back(tmp_path, pool, background, tiny_model, fault_env)
     client = redis.Redis.from_url(url, decode_responses=True)
     assert client.lrange(keys.REDIS_PLANNING_JOBS, 0, -1) == [job_id], "listed while it is planned"
     first.send_signal(signal.SIGTERM)
     assert first.wait(30) == 0, first.log.read_text()[-3000:]
     assert "the unit goes back to the plan queue" in first.log.read_text()
-    second = pool.start_planner(env=env)
+    second = pool.start_planner(env=fault_env | {"BULKEMBED_QUEUE_MIN": "4"})
     pool.start(tiny_model)
     assert submit.wait(180) == 0, submit.stderr[-3000:]
     manifest = check_exactly_once(str(out), ids)
