@@ -204,8 +204,7 @@ class JobSpec(BaseModel):
     @property
     def job_id(self) -> str:
         # close_cut_rows and id_type enter only when set: jobs from before them keep their ids.
-        exclude = {"model"} | ({"close_cut_rows"} if not self.close_cut_rows else set()) | \
-            ({"id_type"} if self.id_type is None else set())
+        exclude = {"model", *(name for name in ("close_cut_rows", "id_type") if not getattr(self, name))}
         identity = self.model_dump(mode="json", exclude=exclude) | {"model_sha256": self.model.sha256}
         digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
         return digest[:16]

@@ -367,6 +367,10 @@ class JobRegistry:
         self.redis.hset(keys.REDIS_QUEUE_ENGINES.format(queue=queue), worker,
                         f"{engines} {time.time() + ttl_s:.0f} {sha256}".rstrip())
 
+    def withdraw_engines(self, queue: str, worker: str) -> None:
+        """A worker that stops: its engines no longer serve `queue` (without it, the report lapses after its ttl)."""
+        self.redis.hdel(keys.REDIS_QUEUE_ENGINES.format(queue=queue), worker)
+
     def _serving(self, queue: str) -> list[tuple[int, str]]:
         """(engines, model sha256) of each worker on `queue` that reported lately; those silent past their time are
         dropped. An older worker reports no sha256 ("")."""

@@ -35,6 +35,8 @@ from tests.conftest import cosines
 
 T = TypeVar("T")
 REPO = Path(__file__).resolve().parents[1]
+# Celery's log line for a shard a worker took (each delivery, redeliveries too); the group is the task id.
+RECEIVED = re.compile(r"Task bulkembed\.embed_shard\[([0-9a-f-]+)\] received")
 
 
 def wait_until(predicate: Callable[[], T], timeout_s: float, what: str, interval_s: float = 0.05,

@@ -24,6 +24,7 @@ from bulkembed.contract.schema import from_ipc_bytes
 from bulkembed.contract.store import open_store
 from tests.conftest import Workers, free_port, mixed_texts, write_corpus
 from tests.faults_support import (
+    RECEIVED,
     Background,
     FaultPlan,
     FaultyS3Proxy,
@@ -43,7 +44,6 @@ from tests.faults_support import (
 )
 
 QUEUE = "bulkembed.tiny-embeddings-text-retrieval-f32"
-RECEIVED = re.compile(r"Task bulkembed\.embed_shard\[([0-9a-f-]+)\] received")
 WORDS = ["alpha", "beta", "gamma", "delta", "the", "river", "model", "token", "embed", "over", "and", "sea"]
 
 

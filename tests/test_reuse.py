@@ -5,7 +5,6 @@ worker killed during a reuse run."""
 from __future__ import annotations
 
 import json
-import re
 import signal
 import time
 from pathlib import Path
@@ -20,7 +19,7 @@ from bulkembed.contract.schema import content_hash, from_ipc_bytes, read_decoded
 from bulkembed.contract.store import open_store
 from bulkembed.producer.reuse import row_keys
 from tests.conftest import Workers, cosines, mixed_texts, write_corpus
-from tests.faults_support import attempts, kill_tree, wait_until
+from tests.faults_support import RECEIVED, attempts, kill_tree, wait_until
 
 PREFIX = "Passage: "
 CHUNKED = ("--max-tokens", "120", "--overlength", "chunk")  # long documents become several rows
@@ -182,7 +181,6 @@ def test_an_interrupted_reuse_run_resumes_and_writes_each_row_once(tmp_path, run
 
 # --- a worker killed during a reuse run, PREV_OUT and OUT on S3 ------------------------------------------
 
-RECEIVED = re.compile(r"Task bulkembed\.embed_shard\[([0-9a-f-]+)\] received")
 
 
 def busy_with(worker) -> str | None:

@@ -18,7 +18,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from bulkembed.contract import keys
 from bulkembed.contract.job import ModelRef
 from bulkembed.contract.llama_process import LlamaProcessDied
 from bulkembed.contract.settings import WorkerSettings
@@ -49,7 +48,7 @@ def _report_engines(settings: WorkerSettings, queue: str, worker: str, engines: 
 
     def withdraw() -> None:
         try:
-            registry.redis.hdel(keys.REDIS_QUEUE_ENGINES.format(queue=queue), worker)
+            registry.withdraw_engines(queue, worker)
         except Exception as exc:  # noqa: BLE001 - it lapses after ENGINES_TTL_S anyway
             log.warning("could not withdraw this worker's engines from Redis: %s", exc)
 

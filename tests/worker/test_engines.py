@@ -24,10 +24,8 @@ from bulkembed.worker.engines import EnginePool, EngineSetup
 from bulkembed.worker.hold import ENGINE_STARTS
 from bulkembed.worker.selftest import MIN_COSINE
 from tests.conftest import REPO, cosines, free_port, mixed_texts, write_corpus
-from tests.faults_support import Holds, alive, check_exactly_once, wait_until
+from tests.faults_support import RECEIVED, Holds, alive, check_exactly_once, wait_until
 from tests.worker.test_metrics import scrape
-
-RECEIVED = re.compile(r"Task bulkembed\.embed_shard\[[0-9a-f-]+\] received")
 
 
 def engine_pids(log: str) -> list[int]:
