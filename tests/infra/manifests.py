@@ -62,9 +62,9 @@ def env_name_problem(name: str, settings_cls: type[Settings]) -> str | None:
         if field_name in settings_cls.model_fields:
             return None
         return f"{name} is not a field of {settings_cls.__name__} (it would be ignored silently)"
-    if name.startswith(FOREIGN_ENV_PREFIXES):
+    if name.startswith(FOREIGN_ENV_PREFIXES) or name == "TMPDIR":  # TMPDIR: Python's tempfile (DuckDB's spill)
         return None
-    return f"{name} is neither a {prefix}* setting nor an AWS_*/HF_* variable"
+    return f"{name} is neither a {prefix}* setting nor an AWS_*/HF_* variable nor TMPDIR"
 
 
 def model_file_name(spec: str) -> str:

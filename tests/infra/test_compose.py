@@ -206,6 +206,16 @@ def test_the_planner_reads_a_local_input_where_the_producer_was_given_it(service
     assert producer <= planner, f"mounted on the producer, not on the planner: {producer - planner}"
 
 
+def test_a_dead_containers_shard_or_unit_comes_back_within_the_hour(services, monkeypatch):
+    """A container killed mid-shard or mid-unit (OOM, a restart) leaves its message unacknowledged until the
+    visibility timeout: the default (7200 s) would stall a single-node job for two hours."""
+    for name, service in built(services).items():
+        with monkeypatch.context() as env:
+            for key, value in service["environment"].items():
+                env.setenv(key, str(value))
+            assert settings_class(role(service))().visibility_timeout <= 3600, name
+
+
 def test_workers_and_planners_get_time_to_finish_their_task(services):
     for name, service in built(services).items():
         if role(service) in ("worker", "planner"):

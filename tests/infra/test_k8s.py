@@ -301,6 +301,17 @@ def test_redis_refuses_writes_below_its_memory_limit(documents):
     assert 0.6 * limit <= maxmemory <= 0.8 * limit, (maxmemory, limit)
 
 
+def test_redis_is_evicted_last_and_may_take_minutes_to_load_its_aof(documents):
+    """Redis holds every job's queue and state: it requests the memory it may use (a pod under its request is the
+    last the kubelet evicts), and reading its AOF back (LOADING, seconds per GB) is not taken for a dead Redis."""
+    redis = container(one(documents, "StatefulSet", "redis"))
+    resources = redis["resources"]
+    assert memory_bytes(resources["requests"]["memory"]) == memory_bytes(resources["limits"]["memory"])
+    startup = redis["startupProbe"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 300
+    assert startup["exec"] == redis["livenessProbe"]["exec"]
+
+
 def test_each_submit_is_a_new_job_with_a_generated_name(job):
     assert "name" not in job["metadata"], "a fixed name makes the second `kubectl create` fail"
     assert job["metadata"]["generateName"].endswith("-")
