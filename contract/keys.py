@@ -12,6 +12,7 @@ SHARDS_PER_UNIT = 1_000_000
 SHARD_INPUT_KEY = "_shards/{name}.arrow"
 SHARD_OUTPUT_KEY = "{name}.arrow"
 REUSED_OUTPUT_KEY = "reused-{index:06d}.arrow"  # rows copied from the index-th embedding file of PREV_OUT
+REUSED_OUTPUT_PREFIX = REUSED_OUTPUT_KEY.split("{")[0]  # "reused-": one listing finds the copies
 REJECTED_KEY = "_rejected/{name}.arrow"
 MANIFEST_KEY = "_manifest.json"  # a small summary; the shards are listed in MANIFEST_SHARDS_KEY
 MANIFEST_SHARDS_KEY = "_manifest/shards.parquet"  # one row per written shard (ShardResult's fields)
@@ -39,8 +40,9 @@ REDIS_SHARD_LOCK = "bulkembed:lock:{job_id}:{shard}"  # for stores without condi
 # list: ids of the jobs on a model's queue that still have unfinished shards. KEDA's second trigger
 # reads its length: while it is not empty a worker stays up to restore an orphaned shard.
 REDIS_QUEUE_OPEN_JOBS = "bulkembed:open-jobs:{queue}"
-# list: ids of the jobs whose units are queued for planners and whose planning is not closed. KEDA keeps a planner up
-# while it is not empty: a planner stopped inside a unit hands the unit back, and one must be there to take it.
+# list: ids of the jobs whose units are queued for planners and whose planning is not closed, or whose manifest is
+# being written. KEDA keeps a planner up while it is not empty: a planner stopped inside a unit hands the unit back,
+# and one must be there to take it; the planner writing a manifest must not be scaled away.
 REDIS_PLANNING_JOBS = "bulkembed:planning-jobs"
 
 

@@ -15,6 +15,7 @@ TASK_PLAN_UNIT = "bulkembed.plan_unit"  # on PLAN_QUEUE, served by `bulkembed pl
 TASK_FINALIZE_JOB = "bulkembed.finalize_job"  # on PLAN_QUEUE: the manifest is written off the GPU workers
 PLAN_QUEUE = "bulkembed-plan"
 WORKER_PROC_ALIVE_TIMEOUT_S = 900
+BROKER_SOCKET_TIMEOUT_S = 30.0  # far above any Redis answer; kombu's blocking pop waits 1 s at a time
 
 
 def celery_app(settings: Settings, name: str) -> Celery:
@@ -42,6 +43,11 @@ def celery_app(settings: Settings, name: str) -> Celery:
             "visibility_timeout": settings.visibility_timeout,
             "unacked_restore_interval": max(1, min(10, settings.visibility_timeout // 4)),
             "unacked_restore_throttle": 1,
+            # A half-open connection (a Redis failed over or its node gone, no RST): without a timeout a publish or
+            # an acknowledgement waits on it for ever (kombu passes None), and the worker with it.
+            "socket_timeout": BROKER_SOCKET_TIMEOUT_S,
+            "socket_connect_timeout": BROKER_SOCKET_TIMEOUT_S,
+            "socket_keepalive": True,
         },
         broker_connection_retry_on_startup=True,
         # A pool process is ready once its engine has loaded the model (seconds to minutes for a big GGUF); Celery's

@@ -13,6 +13,7 @@ from urllib.parse import urlparse
 import pyarrow as pa
 import pyarrow.compute as pc
 import redis
+from kombu.exceptions import OperationalError
 from pydantic import BaseModel, Field
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
@@ -81,6 +82,8 @@ def reused_files(store: Store) -> list[ReusedFile]:
     return [ReusedFile.model_validate(f) for f in json.loads(store.get(keys.REUSED_FILES_KEY))]
 
 
+# Redis failing: the registry's client (past its retries) or Celery's publishing through kombu.
+REDIS_FAILED = (redis.RedisError, OperationalError)
 ENGINES_TTL_S = 90  # a worker reports its engines every third of this
 FAILURES_PAGE = 20  # failed shards a status carries; JobRegistry.failures pages through the rest
 
@@ -218,6 +221,10 @@ class JobRegistry:
     def units_queued(self, job_id: str) -> None:
         """The job's units wait on the plan queue for planners: it is listed for KEDA until its planning is closed
         (or fails, or the job is forgotten)."""
+        self._needs_planner(job_id)
+
+    def _needs_planner(self, job_id: str) -> None:
+        """List the job for KEDA, which keeps a planner up while the list is not empty."""
         with self.redis.pipeline() as pipe:  # MULTI: listed once, however often it is submitted
             pipe.lrem(keys.REDIS_PLANNING_JOBS, 0, job_id).rpush(keys.REDIS_PLANNING_JOBS, job_id).execute()
 
@@ -256,6 +263,36 @@ class JobRegistry:
     def unit_count(self, job_id: str) -> int:
         """How many units the job was cut into (start)."""
         return int(self.redis.hget(keys.REDIS_JOB.format(job_id=job_id), "units") or 0)
+
+    def planned_units(self, job_id: str) -> dict[int, JobTotals]:
+        """Each planned unit's totals (one HGETALL: a job has thousands of units, not millions)."""
+        raw = self.redis.hgetall(keys.REDIS_JOB_UNITS.format(job_id=job_id))
+        return {int(unit): JobTotals.model_validate_json(totals) for unit, totals in raw.items()}
+
+    def plan_again(self, job_id: str, unit: int, lost: list[int], always: bool = False) -> int:
+        """Of a unit's shards `lost` (files OUT does not hold), those recorded written are written no more, and the
+        unit is planned no more, so that submitting the job again plans it again: a done job's shard inputs are
+        deleted, and planning a unit queues exactly its shards not found written. `always`: the unit is planned again
+        even when none of them was written (a lost --reuse copy needs every unit's matches). Returns how many of
+        `lost` were recorded written; nothing changes when none was and not `always`."""
+        job, done, units = (k.format(job_id=job_id) for k in (keys.REDIS_JOB, keys.REDIS_JOB_DONE,
+                                                               keys.REDIS_JOB_UNITS))
+        written = [(shard, ShardResult.model_validate_json(result))
+                   for shard, result in zip(lost, self.redis.hmget(done, lost) if lost else [], strict=True) if result]
+        planned = self.redis.hget(units, str(unit))
+        if not (written or always) or planned is None:
+            return len(written)
+        totals = JobTotals.model_validate_json(planned)
+        with self.redis.pipeline() as pipe:  # MULTI: the counters stay the sums of what is recorded
+            if written:
+                pipe.hdel(done, *(shard for shard, _ in written))
+            pipe.hincrby(job, "rows_done", -sum(result.rows for _, result in written))
+            pipe.hincrby(job, "tokens_done", -sum(result.tokens for _, result in written))
+            pipe.hdel(units, str(unit))
+            for field in PLAN_FIELDS:
+                pipe.hincrby(job, field, -getattr(totals, field.removeprefix(PLANNED)))
+            pipe.execute()
+        return len(written)
 
     def all_units_planned(self, job_id: str) -> bool:
         return self.redis.hlen(keys.REDIS_JOB_UNITS.format(job_id=job_id)) >= self.unit_count(job_id)
@@ -345,11 +382,17 @@ class JobRegistry:
         if spec is None or not self._complete(job_id):
             return None
         store = open_store(spec.out)
-        manifest = write_manifest(store, spec, self.totals(job_id), deleting_inputs(store, self.results(job_id)),
-                                  reused_files(store))
-        self.redis.hset(keys.REDIS_JOB.format(job_id=job_id), "state", "done")
-        self._close(job_id)
-        self._expire(job_id)
+        # Listed while the manifest is written (minutes at 10^9 rows: a shard a row, and every input deleted): the
+        # plan queue is empty by then, and KEDA would otherwise scale the planner that writes it away mid-way.
+        self._needs_planner(job_id)
+        try:
+            manifest = write_manifest(store, spec, self.totals(job_id), deleting_inputs(store, self.results(job_id)),
+                                      reused_files(store))
+            self.redis.hset(keys.REDIS_JOB.format(job_id=job_id), "state", "done")
+            self._close(job_id)
+            self._expire(job_id)
+        finally:
+            self.redis.lrem(keys.REDIS_PLANNING_JOBS, 0, job_id)
         return manifest
 
     def _expire(self, job_id: str) -> None:
@@ -359,6 +402,21 @@ class JobRegistry:
             for key in self._keys(job_id):
                 pipe.expire(key, int(self.retention_s))
             pipe.execute()
+
+    def await_writes(self, cap_s: float) -> None:
+        """Until Redis takes a write again (at most `cap_s`): handing a message back is one Redis transaction, which a
+        Redis refusing writes (out of memory under noeviction) refuses whole. The message would then come back only
+        after the visibility timeout, and the prefetch slot it held would stay taken."""
+        deadline, delay = time.monotonic() + cap_s, 0.5
+        while True:
+            try:
+                self.redis.set(f"bulkembed:write-probe:{os.getpid()}", 1, ex=60)
+                return
+            except REDIS_FAILED:
+                if time.monotonic() + delay > deadline:
+                    return
+                time.sleep(delay)
+                delay = min(2 * delay, 30.0)
 
     def report_engines(self, queue: str, worker: str, engines: int, sha256: str = "",
                        ttl_s: float = ENGINES_TTL_S) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import glob
 import logging
 import os
+import re
 import shutil
 import tempfile
 import uuid
@@ -189,7 +190,7 @@ class S3Store:
                 self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data, IfNoneMatch="*")
                 return True
             except ClientError as exc:
-                if _error_code(exc) in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
+                if _error_code(exc) in ("PreconditionFailed", "412"):  # 409 (a write racing this one): retried
                     return False
                 raise
 
@@ -254,8 +255,13 @@ class S3Store:
         return sorted(found)
 
     def arrow_fs(self) -> tuple[pafs.FileSystem, str]:
+        from botocore.credentials import RefreshableCredentials
+
         creds = self._session.get_credentials()
-        frozen = creds.get_frozen_credentials() if creds else None
+        # Credentials that expire (IRSA, EKS Pod Identity, an assumed role, SSO) are left to pyarrow's own provider
+        # chain, which renews them: frozen here, a planner that keeps this filesystem for a job would fail an hour on.
+        renewed = isinstance(creds, RefreshableCredentials)
+        frozen = creds.get_frozen_credentials() if creds and not renewed else None
         endpoint = self.client.meta.endpoint_url
         parsed = urlparse(endpoint)
         is_aws = parsed.hostname is not None and parsed.hostname.endswith("amazonaws.com")
@@ -267,7 +273,9 @@ class S3Store:
             region=self.client.meta.region_name or "us-east-1",
             endpoint_override=None if is_aws else f"{parsed.hostname}:{port}",
             scheme=parsed.scheme or "https",
-            anonymous=frozen is None,
+            anonymous=creds is None,
+            # As many tries as boto3's: pyarrow's default of 3 gives up on a throttled read within about a second.
+            retry_strategy=pafs.AwsStandardS3RetryStrategy(self.client.meta.config.retries["total_max_attempts"]),
         )
         return fs, f"{self.bucket}/{self.prefix}".rstrip("/")
 
@@ -279,8 +287,13 @@ TRANSIENT_CODES = frozenset({
     "TooManyRequestsException", "RequestThrottled", "RequestLimitExceeded", "BandwidthLimitExceeded",
     "ProvisionedThroughputExceededException", "TransactionInProgressException", "LimitExceededException",
     "EC2ThrottledException",
+    "ConditionalRequestConflict",  # 409 to a conditional write racing another: S3 says try again (not in botocore's)
 })
 TRANSIENT_STATUS = frozenset({429, 500, 502, 503, 504})
+# The same failures as pyarrow's S3 filesystem (the AWS C++ SDK) names them once its retries are spent: the SDK's
+# error names for throttling, 5xx and the network, or an unnamed error with such a status.
+ARROW_TRANSIENT = re.compile(r"AWS Error (SLOW_DOWN|THROTTLING|SERVICE_UNAVAILABLE|INTERNAL_FAILURE|NETWORK_CONNECTION"
+                             r"|REQUEST_TIMEOUT|UNKNOWN \(HTTP status (429|5\d\d)\))")
 
 
 def _error_code(exc: Exception) -> str:
@@ -292,6 +305,8 @@ def is_transient(exc: Exception) -> bool:
     (access denied, no such bucket, no credentials, bad parameters) is permanent."""
     from botocore.exceptions import ClientError, ConnectionError, HTTPClientError, IncompleteReadError
 
+    if type(exc) is OSError:  # pyarrow's S3 filesystem (input files, the duplicates file)
+        return ARROW_TRANSIENT.search(str(exc)) is not None
     if isinstance(exc, ClientError):
         status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
         return status in TRANSIENT_STATUS or _error_code(exc) in TRANSIENT_CODES

@@ -384,8 +384,12 @@ def copy_reused_rows(ctx: PlanContext, units: int) -> list[ReusedFile]:
     list the copies in the store (REUSED_FILES_KEY). Idempotent: a copy is written once."""
     if ctx.previous is None:
         return []
-    if not ctx.store.exists(keys.reused_keys(0)) and ctx.store.exists(keys.REUSED_FILES_KEY):  # copied, keys dropped
-        return reused_files(ctx.store)
+    if ctx.store.exists(keys.REUSED_FILES_KEY):  # copied before (a resumed job, or units planned again)
+        copies = reused_files(ctx.store)
+        present = {key for key, _ in ctx.store.list(keys.REUSED_OUTPUT_PREFIX)}
+        if all(copy.key in present for copy in copies):  # else one was lost: copied again from every unit's matches
+            ctx.store.delete_many([keys.reused_keys(unit) for unit in range(units)])
+            return copies
     reused = SeenIds()
     for unit in range(units):
         reused.add(np.array(from_ipc_bytes(ctx.store.get(keys.reused_keys(unit))).column("key").to_pylist(), ROW_KEY))
@@ -509,6 +513,7 @@ def submit_job(planned: PlannedJob, registry: JobRegistry, send: Callable[[Shard
     plan units here beside any `bulkembed planner`, until every unit is planned. A resubmitted job skips the units
     planned before, and queues again the shards that had failed for good."""
     job = planned.job
+    plan_lost_outputs_again(registry, planned)
     failed = registry.start(job, len(planned.units))
     for shard in failed:  # their units are planned, so they are queued again here, from their inputs
         send(queued_again(planned.store, job, shard))
@@ -528,6 +533,31 @@ def submit_job(planned: PlannedJob, registry: JobRegistry, send: Callable[[Shard
             if left:  # planned by planners right now (or by one that died: its lock lapses, then a unit is ours)
                 time.sleep(1.0)
         close_if_planned(registry, job, lambda: ctx)
+
+
+def plan_lost_outputs_again(registry: JobRegistry, planned: PlannedJob) -> None:
+    """A finished job submitted again writes what OUT has lost since (files deleted by hand or by a lifecycle rule)
+    instead of reporting done over files that are gone. The units of lost shards are planned again: they queue their
+    shards not found written (a done job's shard inputs are deleted). A lost --reuse copy has every unit planned again,
+    each unit's matches being needed to copy. One listing of OUT a unit; written files are read again only in the
+    units planned again."""
+    job, store = planned.job, planned.store
+    status = registry.status(job.job_id)
+    if status is None or not status.finished:
+        return
+    copies = reused_files(store)
+    present = {key for key, _ in store.list(keys.REUSED_OUTPUT_PREFIX)} if copies else set()
+    copies_lost = [copy.key for copy in copies if copy.key not in present]
+    lost = units = 0
+    for unit, totals in sorted(registry.planned_units(job.job_id).items()):
+        written = {key for key, _ in store.list(keys.unit_outputs(unit))}
+        shards = [keys.shard_number(unit, place) for place in range(totals.shards)]
+        count = registry.plan_again(job.job_id, unit, [s for s in shards if keys.shard_output(s) not in written],
+                                    always=bool(copies_lost))
+        lost, units = lost + count, units + bool(count or copies_lost)
+    if lost or copies_lost:
+        log.warning("job %s: OUT lost %d shard files and %d reused files written before (%s); planning %d units "
+                    "again to write them", job.job_id, lost, len(copies_lost), store.uri, units)
 
 
 def queued_again(store: Store, job: JobSpec, shard: int) -> ShardMessage:

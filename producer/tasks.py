@@ -12,17 +12,19 @@ import logging
 import os
 import tempfile
 from pathlib import Path
+from typing import NoReturn
 
 from celery import Task
-from celery.exceptions import Retry
+from celery.exceptions import Reject, Retry
 from celery.signals import worker_shutting_down
 
 from bulkembed.contract.errors import TransientError
 from bulkembed.contract.job import JobSpec
 from bulkembed.contract.model import resolve_path
 from bulkembed.contract.queue import PLAN_QUEUE, TASK_FINALIZE_JOB, TASK_PLAN_UNIT, celery_app, shard_sender
-from bulkembed.contract.registry import JobRegistry
+from bulkembed.contract.registry import REDIS_FAILED, JobRegistry
 from bulkembed.contract.settings import ProducerSettings
+from bulkembed.contract.store import is_transient
 from bulkembed.contract.vocab import TokenCounter
 from bulkembed.producer.corpus import Unit
 from bulkembed.producer.submit import PlanContext, plan_claimed
@@ -83,17 +85,37 @@ class PlannerTask(Task):
 @app.task(name=TASK_PLAN_UNIT, base=PlannerTask, bind=True, max_retries=None)
 def plan_unit_task(self: PlannerTask, job_id: str, unit: list) -> None:
     """Plan one unit (its fields in Unit's order). Acknowledged late: a planner killed mid-unit hands it back; the
-    next planner skips the shards already queued. S3 or Redis failing is retried with backoff; any other error
-    fails the job with its reason (planning it again would fail again)."""
+    next planner skips the shards already queued. The store failing past its client's retries (boto3's, or pyarrow's
+    for the input) is retried with backoff; Redis failing (a restart, a failover, writes refused) hands the unit back
+    once Redis takes writes; any other error fails the job with its reason (planning it again would fail again)."""
     try:
-        _plan(self, job_id, Unit(*unit))
-    except TransientError as exc:
-        raise self.retry(exc=exc, countdown=min(120, 2 ** min(self.request.retries, 7))) from exc
-    except Retry:
-        raise
-    except Exception as exc:
-        log.exception("job %s unit %s could not be planned", job_id, unit[0])
-        self.registry.planning_failed(job_id, unit[0], f"{type(exc).__name__}: {exc}")
+        try:
+            _plan(self, job_id, Unit(*unit))
+        except (Retry, *REDIS_FAILED):
+            raise
+        except Exception as exc:
+            if not isinstance(exc, TransientError) and not is_transient(exc):
+                log.exception("job %s unit %s could not be planned", job_id, unit[0])
+                self.registry.planning_failed(job_id, unit[0], f"{type(exc).__name__}: {exc}")
+                return
+            delay = min(120, 2 ** min(self.request.retries, 7))
+            log.warning("job %s unit %s: the store failed (%s: %s); retry %d in %ds", job_id, unit[0],
+                        type(exc).__name__, exc, self.request.retries + 1, delay)
+            raise self.retry(exc=exc, countdown=delay) from exc
+    except REDIS_FAILED as exc:
+        _hand_back(self, job_id, unit[0], f"Redis failed ({type(exc).__name__}: {exc})")
+    except Reject as dropped:  # Celery drops a message whose retry it could not publish: hand it back instead
+        if dropped.requeue:
+            raise
+        _hand_back(self, job_id, unit[0], f"its retry could not be queued ({dropped.reason})")
+
+
+def _hand_back(self: PlannerTask, job_id: str, unit: int, why: str) -> NoReturn:
+    """Neither planned nor failed: back to the plan queue (Celery's Reject with requeue, one Redis transaction), once
+    Redis takes writes again; the unit's shards queued so far are not queued again."""
+    log.error("job %s unit %s: %s; handed back to the plan queue once Redis takes writes", job_id, unit, why)
+    self.registry.await_writes(settings.redis_wait_s)
+    raise Reject(why, requeue=True)
 
 
 def _plan(self: PlannerTask, job_id: str, unit: Unit) -> None:

@@ -166,3 +166,32 @@ def test_a_store_failing_past_the_outage_limit_fails_the_shard(tmp_path, s3_serv
     status = json.loads(cli(env, "status", job_id, "--json").stdout)
     assert status["state"] == "failed" and list(status["failures"]) == ["1"]
     assert status["shards_done"] == status["totals"]["shards"] - 1
+
+
+def test_a_planner_rides_out_an_input_read_failing_past_pyarrows_retries(tmp_path, s3_server, bucket, outage_env,
+                                                                          tiny_model):
+    """The corpus on S3 answers 503 to GETs (throttling) once its units are queued, past the retries of pyarrow's S3
+    filesystem, which planners read the input with: the planner backs off and plans the unit, the job is done.
+    Before, pyarrow's OSError failed the whole job ("failed while planning")."""
+    texts, ids = texts_and_ids(200, seed=23)
+    input_uri = upload_corpus(tmp_path, bucket, ids, texts)
+    plan = FailingKey("input/corpus.parquet", 0)  # healthy until the units are queued
+    with FaultyS3Proxy(s3_server, plan) as proxy:
+        env = outage_env | {"AWS_ENDPOINT_URL_S3": proxy.endpoint}
+        workers = Workers(env, tmp_path)
+        try:
+            workers.start(tiny_model)
+            submit = Background(["submit", input_uri, "--model", tiny_model, "--out", tmp_path / "out",
+                                 "--shard-tokens", "1000", "--queue-only", "--wait"], env, tmp_path, "submit")
+            wait_until(lambda: "1 units, 1 to plan" in submit.stderr, 60, "the unit queued")
+            plan.times = BOTO3_ATTEMPTS * 2 + 1  # AWS_MAX_ATTEMPTS, which pyarrow's filesystem now follows too
+            planner = workers.start_planner()
+            assert submit.wait(120) == 0, submit.stderr[-3000:]
+        finally:
+            workers.stop_all()
+            submit.stop()
+    assert plan.failed == plan.times
+    log = planner.log.read_text()
+    assert "the store failed (OSError: " in log and "AWS Error SLOW_DOWN" in log, log[-3000:]
+    assert "retry 2 in" in log
+    check_exactly_once(str(tmp_path / "out"), ids)

@@ -218,3 +218,64 @@ def test_a_unit_that_cannot_be_planned_fails_the_job_with_its_reason(tmp_path, p
     # Failed is finished: the job's keys go after the retention, as a done job's do (they stayed for ever).
     client = redis.Redis.from_url(env["BULKEMBED_REDIS_URL"])
     assert client.ttl(keys.REDIS_JOB.format(job_id=job_id)) > 0
+
+
+def test_a_done_job_submitted_again_writes_what_out_lost(tmp_path, pool, fault_env, tiny_model, reference_embedder):
+    """A done job whose output lost files since (deleted by hand, by a lifecycle rule) is submitted again while Redis
+    still knows it: only the lost shards are embedded again (their units are planned again: a done job's shard inputs
+    are gone), the files still there are not touched, and the manifest and counters are whole. Before, the second
+    submit reported the job done at once, over the missing files."""
+    env = fault_env | {"BULKEMBED_UNIT_ROWS": "100"}
+    ids = write_files(tmp_path / "in", [300])  # 3 units
+    out = tmp_path / "out"
+    pool.start(tiny_model)
+    args = ("submit", tmp_path / "in", "--model", tiny_model, "--out", out, "--shard-tokens", "1500", "--wait")
+    first = cli(env, *args, timeout_s=180)
+    assert first.returncode == 0, first.stderr[-3000:]
+    job_id = first.stdout.split()[0]
+    files = sorted(out.glob("0*.arrow"))
+    lost = [files[1], next(p for p in files if p.name.startswith("000002-"))]
+    kept = {p: p.stat().st_mtime_ns for p in files if p not in lost}
+    for path in lost:
+        path.unlink()
+
+    again = cli(env, *args, timeout_s=180)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "OUT lost 2 shard files and 0 reused files" in again.stderr and "planning 2 units again" in again.stderr
+    assert all(path.exists() for path in lost)
+    assert {p: p.stat().st_mtime_ns for p in kept} == kept, "the files still there are not written again"
+    check_exactly_once(str(out), ids)
+    check_vectors(str(out), tmp_path / "in", reference_embedder)
+    embedded = set(attempts(env["BULKEMBED_REDIS_URL"], job_id))  # deliveries since the second submit
+    assert {keys.shard_name(shard) for shard in embedded} == {path.stem for path in lost}, \
+        "only the lost shards were embedded again"
+    done = status(env, job_id)
+    assert done["state"] == "done" and done["rows_done"] == len(ids) and done["shards_done"] == len(files)
+    assert done["totals"]["docs"] == len(ids) and done["totals"]["shards"] == len(files), "planned counted once"
+    assert cli(env, *args, timeout_s=180).stderr.count("OUT lost") == 0, "nothing lost: nothing planned again"
+
+
+def test_a_planner_hands_its_unit_back_when_redis_refuses_writes(tmp_path, pool, background, fault_env, tiny_model):
+    """Redis refuses writes (at maxmemory under noeviction, as in a failover or a full instance) while a planner
+    queues a unit's shards: the planner waits until Redis takes writes again and hands the unit back, and the unit
+    is finished without a shard queued twice. Before, the publish error failed the job, and recording that failure
+    was refused too: the unit's message was acknowledged and lost, and the job stayed `planning` for ever."""
+    url = fault_env["BULKEMBED_REDIS_URL"]
+    env = fault_env | {"BULKEMBED_PLAN_LOCK_S": "3"}
+    planner, submit, job_id, ids, out = held_back(tmp_path, pool, background, tiny_model, env)
+    client = redis.Redis.from_url(url, decode_responses=True)
+    with client.pipeline() as pipe:  # one step: the planner is let go, and its next write is refused
+        registry = keys.REDIS_QUEUE_ENGINES.format(queue=QUEUE)
+        pipe.hset(registry, "a-test", f"100 {time.time() + 600:.0f}").config_set("maxmemory", 1).execute()
+    wait_until(lambda: "handed back to the plan queue once Redis takes writes" in planner.log.read_text(), 60,
+               "the planner to meet the refused write")
+    time.sleep(2)
+    assert status(env, job_id)["state"] == "planning"
+    client.config_set("maxmemory", 0)
+    client.hdel(registry, "a-test")
+    pool.start(tiny_model)
+    assert submit.wait(180) == 0, submit.stderr[-3000:]
+    manifest = check_exactly_once(str(out), ids)
+    assert manifest["shard_count"] > 4
+    assert set(attempts(url, job_id).values()) == {1}, "every shard queued once and embedded once"
+    assert "command not allowed when used memory > 'maxmemory'" in planner.log.read_text()

@@ -25,8 +25,10 @@ PREFIX = "Passage: "
 CHUNKED = ("--max-tokens", "120", "--overlength", "chunk")  # long documents become several rows
 
 
-def two_versions(folder: Path, n: int = 300, seed: int = 5) -> tuple[Path, Path, dict, dict]:
-    """v1, and v2 with every kind of change; returns both files and what each version's output must hold."""
+def two_versions(folder: Path, n: int = 300, seed: int = 5,
+                 row_group: int | None = None) -> tuple[Path, Path, dict, dict]:
+    """v1, and v2 with every kind of change (in row groups of `row_group` rows); returns both files and what each
+    version's output must hold."""
     texts = mixed_texts(n, seed=seed, long_every=8)
     ids = [f"doc-{i:04d}" for i in range(n)]
     v1 = dict(zip(ids, texts, strict=True))
@@ -41,7 +43,8 @@ def two_versions(folder: Path, n: int = 300, seed: int = 5) -> tuple[Path, Path,
     rows = [first] + rows + [(ids[2], "a duplicate id, quarantined"), (None, "no id")]
     v2[ids[1]] = first[1]
     path1 = write_corpus(folder / "v1" / "corpus.parquet", ids, texts)
-    path2 = write_corpus(folder / "v2" / "corpus.parquet", [r[0] for r in rows], [r[1] for r in rows])
+    path2 = write_corpus(folder / "v2" / "corpus.parquet", [r[0] for r in rows], [r[1] for r in rows],
+                         row_group_size=row_group)
     return path1, path2, v1, v2
 
 
@@ -177,6 +180,43 @@ def test_an_interrupted_reuse_run_resumes_and_writes_each_row_once(tmp_path, run
     run_ok(run_cli, *args, "--force")
     assert all(p.stat().st_mtime_ns != stamps[p] for p in stamps if p not in (reused[1], shards[0])), "rewritten"
     assert read_rows(out).keys() == before.keys()
+
+
+def test_a_done_reuse_job_submitted_again_copies_and_embeds_what_out_lost(tmp_path, run_cli, fault_env, pool,
+                                                                            tiny_model):
+    """submit, the job done and still known to Redis, then a reused copy and a shard file deleted: submitting again
+    copies the lost rows from PREV_OUT again (every unit planned again: its matches are needed to copy) and embeds
+    the lost shard, touching nothing else. Before, the second submit reported done over the missing files."""
+    from tests.faults_support import cli
+
+    path1, path2, _, v2 = two_versions(tmp_path, n=120, row_group=25)
+    common = ("--model", tiny_model, "--shard-tokens", "800")
+    run_ok(run_cli, path1, "--out", tmp_path / "prev", *common)
+    env = fault_env | {"BULKEMBED_UNIT_ROWS": "50"}  # 3 units
+    out = tmp_path / "out"
+    args = ("submit", path2, "--out", out, "--reuse", tmp_path / "prev", *common, "--wait")
+    pool.start(tiny_model)
+    first = cli(env, *args, timeout_s=180)
+    assert first.returncode == 0, first.stderr[-3000:]
+    before = read_rows(out)
+    reused, shards = sorted(out.glob("reused-*.arrow")), sorted(out.glob("0*.arrow"))
+    assert len(reused) > 2 and shards
+    stamps = {p: p.stat().st_mtime_ns for p in reused + shards}
+    lost = (reused[1], shards[-1])
+    for path in lost:
+        path.unlink()
+
+    again = cli(env, *args, timeout_s=180)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "OUT lost 1 shard files and 1 reused files" in again.stderr and "planning 3 units again" in again.stderr, \
+        again.stderr[-3000:]
+    assert {k: r["vector"].tobytes() for k, r in read_rows(out).items()} == \
+        {k: r["vector"].tobytes() for k, r in before.items()}, "the same rows, each once"
+    assert all(p.stat().st_mtime_ns == stamps[p] for p in stamps if p not in lost), "the files still there kept"
+    assert manifest(out)["rows"] == len(before) == len(v2)
+    job_id = first.stdout.split()[0]
+    assert {keys.shard_name(s) for s in attempts(env["BULKEMBED_REDIS_URL"], job_id)} == {shards[-1].stem}
+    assert not list(out.glob("_plan/reused-keys/*")), "the matches are dropped once copied"
 
 
 # --- a worker killed during a reuse run, PREV_OUT and OUT on S3 ------------------------------------------

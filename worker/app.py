@@ -20,15 +20,13 @@ from typing import NoReturn
 from celery import Task
 from celery.exceptions import Reject
 from celery.signals import worker_process_init, worker_process_shutdown
-from kombu.exceptions import OperationalError
-from redis.exceptions import RedisError
 
 from bulkembed.contract import keys
 from bulkembed.contract.errors import ShardError, TransientError
 from bulkembed.contract.job import JobSpec, ShardMessage
 from bulkembed.contract.llama_process import LlamaProcessDied
 from bulkembed.contract.queue import PLAN_QUEUE, TASK_EMBED_SHARD, TASK_FINALIZE_JOB, celery_app
-from bulkembed.contract.registry import JobRegistry
+from bulkembed.contract.registry import REDIS_FAILED, JobRegistry
 from bulkembed.contract.settings import WorkerSettings
 from bulkembed.contract.store import Store, has_conditional_writes, open_store
 from bulkembed.worker import metrics
@@ -54,7 +52,6 @@ class ResidentModel:
 MODEL: ResidentModel | None = None  # set by `bulkembed worker` before the pool starts
 # Redis failing past redis-py's own retries (out of memory under noeviction, a long outage), as the registry or as
 # the broker: a shard whose bookkeeping cannot be written is handed back, never acknowledged as if it had run.
-REDIS_FAILED = (RedisError, OperationalError)
 GIVE_BACK_MAX_S = 60.0
 _given_back = 0  # shards this pool process handed back in a row (its backoff)
 
@@ -197,26 +194,10 @@ def embed_shard_task(self: ModelTask, message: list | dict, unreachable_since: f
         result = _embed(self, shard, model, unreachable_since)
     except REDIS_FAILED as exc:
         log.error("%s: Redis failed (%s: %s); waiting for it to take writes", what, type(exc).__name__, exc)
-        _await_redis_writes(settings.task_time_limit / 2)
+        JobRegistry.of_process(settings).await_writes(settings.task_time_limit / 2)
         _give_back(what, f"Redis failed ({type(exc).__name__}: {exc})")
     _given_back = 0
     return result
-
-
-def _await_redis_writes(cap_s: float) -> None:
-    """Until Redis takes a write again (at most `cap_s`): handing a shard back is one Redis transaction, which a Redis
-    refusing writes (out of memory under noeviction) refuses whole. The shard would then come back only after the
-    visibility timeout, and the prefetch slot it held would stay taken."""
-    deadline, delay = time.monotonic() + cap_s, 0.5
-    while True:
-        try:
-            JobRegistry.of_process(settings).redis.set(f"bulkembed:write-probe:{os.getpid()}", 1, ex=60)
-            return
-        except REDIS_FAILED:
-            if time.monotonic() + delay > deadline:
-                return
-            time.sleep(delay)
-            delay = min(2 * delay, 30.0)
 
 
 def _embed(self: ModelTask, shard: ShardMessage, model: ResidentModel, unreachable_since: float | None) -> dict | None:

@@ -113,3 +113,28 @@ def test_a_job_whose_manifest_cannot_be_written_is_failed_not_finishing_forever(
     registry.shard_failed(spec.job_id, 1, "the store kept failing for 1800s and 8 retries: ...")
     status = registry.status(spec.job_id)
     assert status.state == "failed" and status.finished and status.failures == {1: status.failures[1]}
+
+
+def test_a_job_keeps_a_planner_while_its_manifest_is_written(registry, redis_server, queue, tmp_path, monkeypatch):
+    """KEDA keeps a planner up while bulkembed:planning-jobs is not empty. Writing a big job's manifest takes minutes
+    with the plan queue empty: the job is listed meanwhile, so the planner writing it is not scaled away, and only
+    then. Before, the list was empty then."""
+    from bulkembed.contract import registry as registry_module
+
+    spec = job(tmp_path, queue)
+    registry.start(spec, 1)
+    plan(registry, spec.job_id, JobTotals(shards=1))
+    assert registry.shard_done(spec.job_id, result(0))
+    client = redis.Redis.from_url(redis_server, decode_responses=True)
+    assert spec.job_id not in client.lrange(keys.REDIS_PLANNING_JOBS, 0, -1)
+    seen: list[list[str]] = []
+    write = registry_module.write_manifest
+
+    def writing(*args, **kwargs):
+        seen.append(client.lrange(keys.REDIS_PLANNING_JOBS, 0, -1))
+        return write(*args, **kwargs)
+
+    monkeypatch.setattr(registry_module, "write_manifest", writing)
+    registry.finalize(spec.job_id)
+    assert seen and spec.job_id in seen[0], "listed while the manifest is written"
+    assert spec.job_id not in client.lrange(keys.REDIS_PLANNING_JOBS, 0, -1), "and no longer once it is"

@@ -68,3 +68,32 @@ def test_a_wrong_redis_url_is_refused_without_showing_it(monkeypatch):
 def test_log_level_is_case_insensitive(monkeypatch):
     monkeypatch.setenv("BULKEMBED_LOG_LEVEL", "debug")
     assert ProducerSettings().log_level == "DEBUG"
+
+
+def test_a_publish_to_a_redis_that_never_answers_gives_up(monkeypatch):
+    """A Redis that takes the connection and never answers, as a half-open connection does after a failover: the
+    publish fails after the broker's socket timeout (and is retried or handed back by its caller). Before, kombu
+    waited for ever, and the planner or worker with it."""
+    import socket
+    import threading
+
+    from bulkembed.contract import queue
+
+    monkeypatch.setattr(queue, "BROKER_SOCKET_TIMEOUT_S", 0.5)
+    listener = socket.create_server(("127.0.0.1", 0))  # accepted by the kernel, never read or answered
+    monkeypatch.setenv("BULKEMBED_REDIS_URL", f"redis://127.0.0.1:{listener.getsockname()[1]}/0")
+    app = celery_app(WorkerSettings(), "half-open-test")
+    raised: list[Exception] = []
+
+    def publish() -> None:
+        try:
+            app.send_task("bulkembed.test", queue="half-open", retry=False)
+        except Exception as exc:  # noqa: BLE001 - what it raises is the point
+            raised.append(exc)
+
+    thread = threading.Thread(target=publish, daemon=True)
+    thread.start()
+    thread.join(20)
+    listener.close()
+    assert not thread.is_alive(), "the publish still waits on a Redis that never answers"
+    assert raised and "Timeout" in f"{type(raised[0]).__name__} {raised[0]}", raised

@@ -32,6 +32,7 @@ def client_error(status: int, code: str) -> ClientError:
     (client_error(429, "TooManyRequests"), True),
     (client_error(400, "RequestTimeout"), True),
     (client_error(400, "ThrottlingException"), True),
+    (client_error(409, "ConditionalRequestConflict"), True),  # the other write may yet fail: not "written"
     (EndpointConnectionError(endpoint_url="http://x"), True),
     (ConnectionClosedError(endpoint_url="http://x"), True),
     (ReadTimeoutError(endpoint_url="http://x"), True),
@@ -39,6 +40,15 @@ def client_error(status: int, code: str) -> ClientError:
     (client_error(404, "NoSuchBucket"), False),
     (NoCredentialsError(), False),
     (ParamValidationError(report="bad"), False),
+    # pyarrow's S3 filesystem (planners read the input with it), its retries spent; the first two as seen through
+    # tests.faults_support.FaultyS3Proxy.
+    (OSError("AWS Error SLOW_DOWN during GetObject operation: Please reduce your request rate."), True),
+    (OSError("When getting information for key 'in/c.parquet' in bucket 'b': AWS Error NETWORK_CONNECTION during "
+             "HeadObject operation: curlCode: 52, Server returned nothing"), True),
+    (OSError("AWS Error UNKNOWN (HTTP status 503) during GetObject operation: "), True),
+    (OSError("AWS Error ACCESS_DENIED during GetObject operation: Access Denied"), False),
+    (OSError("AWS Error UNKNOWN (HTTP status 404) during HeadObject operation"), False),
+    (FileNotFoundError("in/c.parquet"), False),
 ])
 def test_what_is_transient(exc, transient):
     assert is_transient(exc) is transient
@@ -48,6 +58,36 @@ def test_boto3_retry_variables_are_honoured(s3_server, bucket, monkeypatch):
     assert open_store(f"s3://{bucket}/o").client.meta.config.retries["total_max_attempts"] == 9
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")
     assert open_store(f"s3://{bucket}/o").client.meta.config.retries["total_max_attempts"] == 2
+
+
+def arrow_credentials(store) -> dict:
+    """What pyarrow's S3 filesystem of `store` was built with (it pickles its options)."""
+    options = store.arrow_fs()[0].__reduce__()[1][0]
+    return {k: options[k] for k in ("access_key", "secret_key", "session_token", "anonymous")}
+
+
+def test_expiring_credentials_are_left_to_pyarrow_to_renew(s3_server, monkeypatch, tmp_path):
+    """IRSA (a web identity token), EKS Pod Identity, an assumed role: credentials that expire, typically within the
+    hour. Frozen into pyarrow's filesystem, which a planner keeps for a whole job, they would fail its input reads an
+    hour on; left out, pyarrow's own provider chain (the AWS C++ SDK's) finds and renews them. Static keys are passed
+    on as they are. pyarrow follows boto3's AWS_MAX_ATTEMPTS too (test_outage)."""
+    for name, value in s3_env(s3_server).items():
+        monkeypatch.setenv(name, value)
+    static = arrow_credentials(open_store("s3://b/p"))
+    assert static == {"access_key": "testing", "secret_key": "testing", "session_token": "", "anonymous": False}
+    (tmp_path / "token").write_text("a-web-identity-token")
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("AWS_ROLE_ARN", "arn:aws:iam::123456789012:role/bulkembed")
+    monkeypatch.setenv("AWS_WEB_IDENTITY_TOKEN_FILE", str(tmp_path / "token"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_STS_REGIONAL_ENDPOINTS", "regional")
+    monkeypatch.setenv("AWS_ENDPOINT_URL_STS", "http://127.0.0.1:9")  # nothing there: freezing them would fail
+    store = open_store("s3://b/p")
+    assert type(store._session.get_credentials()).__name__ == "DeferredRefreshableCredentials"
+    assert arrow_credentials(store) == {"access_key": None, "secret_key": None, "session_token": None,
+                                        "anonymous": False}
 
 
 def every_call(store) -> dict:
