@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import base64
+import json
 import ssl
 from collections.abc import Callable
 
+import redis
 from celery import Celery
 
 from bulkembed.contract.job import ShardMessage
@@ -15,6 +18,7 @@ TASK_PLAN_UNIT = "bulkembed.plan_unit"  # on PLAN_QUEUE, served by `bulkembed pl
 TASK_FINALIZE_JOB = "bulkembed.finalize_job"  # on PLAN_QUEUE: the manifest is written off the GPU workers
 PLAN_QUEUE = "bulkembed-plan"
 WORKER_PROC_ALIVE_TIMEOUT_S = 900
+KOMBU_UNACKED = "unacked"  # kombu's hash of the messages delivered and not acknowledged yet, every queue's
 BROKER_SOCKET_TIMEOUT_S = 30.0  # far above any Redis answer; kombu's blocking pop waits 1 s at a time
 
 
@@ -64,3 +68,24 @@ def shard_sender(app: Celery, producer: object = None) -> Callable[[ShardMessage
     their repr, in the message's headers."""
     return lambda m: app.send_task(TASK_EMBED_SHARD, args=[m.wire()], queue=m.job.model.queue, producer=producer,
                                    argsrepr=f"shard {m.shard}")
+
+
+def shards_held(client: redis.Redis, queue: str, job_id: str) -> set[int]:
+    """The job's shards Redis holds a message of: waiting on `queue`, or delivered and not acknowledged (a shard in a
+    worker's hands, or waiting out a retry's countdown there). One snapshot of both; the queue is short (planners
+    hold back), and so is the unacked hash (a message a worker's process)."""
+    with client.pipeline() as pipe:  # MULTI
+        waiting, delivered = pipe.lrange(queue, 0, -1).hvals(KOMBU_UNACKED).execute()
+    held = set()
+    for raw in [*waiting, *(json.loads(value)[0] for value in delivered)]:
+        message = json.loads(raw) if isinstance(raw, (str, bytes)) else raw
+        if message.get("headers", {}).get("task") != TASK_EMBED_SHARD:
+            continue
+        body = message["body"]
+        if message.get("properties", {}).get("body_encoding") == "base64":
+            body = base64.b64decode(body)
+        shard = json.loads(body)[0][0]  # args[0]: ShardMessage.wire(), or the dict an older producer queued
+        shard_job, number = (shard["job_id"], shard["shard"]) if isinstance(shard, dict) else shard[:2]
+        if shard_job == job_id:
+            held.add(int(number))
+    return held

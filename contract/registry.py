@@ -269,6 +269,11 @@ class JobRegistry:
         raw = self.redis.hgetall(keys.REDIS_JOB_UNITS.format(job_id=job_id))
         return {int(unit): JobTotals.model_validate_json(totals) for unit, totals in raw.items()}
 
+    def unwritten(self, job_id: str, shards: list[int]) -> list[int]:
+        """Those of `shards` not recorded written."""
+        done = self.redis.hmget(keys.REDIS_JOB_DONE.format(job_id=job_id), shards) if shards else []
+        return [shard for shard, result in zip(shards, done, strict=True) if result is None]
+
     def plan_again(self, job_id: str, unit: int, lost: list[int], always: bool = False) -> int:
         """Of a unit's shards `lost` (files OUT does not hold), those recorded written are written no more, and the
         unit is planned no more, so that submitting the job again plans it again: a done job's shard inputs are

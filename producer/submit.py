@@ -40,6 +40,7 @@ from bulkembed.contract.job import (
     task_from_model_name,
 )
 from bulkembed.contract.model import check_dims, choose_max_tokens, choose_pooling, model_info, model_ref
+from bulkembed.contract.queue import shards_held
 from bulkembed.contract.registry import JobRegistry, JobTotals, ReusedFile, ShardResult, reused_files, stored_result
 from bulkembed.contract.schema import (
     content_hash,
@@ -517,6 +518,7 @@ def submit_job(planned: PlannedJob, registry: JobRegistry, send: Callable[[Shard
     failed = registry.start(job, len(planned.units))
     for shard in failed:  # their units are planned, so they are queued again here, from their inputs
         send(queued_again(planned.store, job, shard))
+    queue_lost_shards_again(registry, planned, send)
     with planned.counter:
         prepare(planned, settings.dedup_memory_mb)
         left = registry.units_left(job.job_id, len(planned.units))
@@ -558,6 +560,24 @@ def plan_lost_outputs_again(registry: JobRegistry, planned: PlannedJob) -> None:
     if lost or copies_lost:
         log.warning("job %s: OUT lost %d shard files and %d reused files written before (%s); planning %d units "
                     "again to write them", job.job_id, lost, len(copies_lost), store.uri, units)
+
+
+def queue_lost_shards_again(registry: JobRegistry, planned: PlannedJob, send: Callable[[ShardMessage], None]) -> None:
+    """A job submitted again while it runs: a shard of a planned unit that is neither written nor held by Redis (on
+    the queue, or in a worker's hands) was lost with its message (a Redis crash losing its last second of writes, a
+    purged queue), and the job would wait for it for ever. It is queued again from its input. A shard taken by a
+    worker between the two reads here may be queued twice: its second delivery finds it written."""
+    job = planned.job
+    held = shards_held(registry.redis, job.model.queue, job.job_id)  # first: a message goes once its shard is recorded
+    lost = []
+    for unit, totals in sorted(registry.planned_units(job.job_id).items()):
+        shards = [keys.shard_number(unit, place) for place in range(totals.shards)]
+        lost += [shard for shard in registry.unwritten(job.job_id, shards) if shard not in held]
+    for shard in lost:
+        send(queued_again(planned.store, job, shard))
+    if lost:
+        log.warning("job %s: %d shards were neither written nor queued (their messages lost by Redis), e.g. %s; "
+                    "queued again", job.job_id, len(lost), keys.shard_name(lost[0]))
 
 
 def queued_again(store: Store, job: JobSpec, shard: int) -> ShardMessage:

@@ -16,8 +16,9 @@ import redis
 from bulkembed.contract import keys
 from bulkembed.contract.schema import from_ipc_bytes, to_ipc_bytes
 from bulkembed.contract.store import open_store
-from tests.conftest import mixed_texts, write_corpus
+from tests.conftest import Workers, mixed_texts, write_corpus
 from tests.faults_support import (
+    Holds,
     attempts,
     check_exactly_once,
     check_vectors,
@@ -279,3 +280,37 @@ def test_a_planner_hands_its_unit_back_when_redis_refuses_writes(tmp_path, pool,
     assert manifest["shard_count"] > 4
     assert set(attempts(url, job_id).values()) == {1}, "every shard queued once and embedded once"
     assert "command not allowed when used memory > 'maxmemory'" in planner.log.read_text()
+
+
+def test_a_running_job_submitted_again_queues_the_shards_whose_messages_redis_lost(tmp_path, fault_env, tiny_model):
+    """Two queued shard messages vanish (a Redis crash losing its last second of writes, a purged queue): the job
+    would wait for them for ever. Submitted again while a worker holds a third shard and the rest wait on the queue,
+    it queues again exactly the two (from their inputs), and the job is done with every shard embedded once. Before,
+    a resubmission queued again only failed shards, and the job waited for ever (KEDA keeping a GPU worker up)."""
+    url = fault_env["BULKEMBED_REDIS_URL"]
+    ids = write_files(tmp_path / "in", [300])
+    args = ("submit", tmp_path / "in", "--model", tiny_model, "--out", tmp_path / "out", "--shard-tokens", "1500")
+    first = cli(fault_env, *args, timeout_s=120)  # no worker yet: every shard waits on the queue
+    assert first.returncode == 0, first.stderr[-3000:]
+    job_id = first.stdout.split()[0]
+    client = redis.Redis.from_url(url)
+    shards = client.llen(QUEUE)
+    assert shards > 4 and client.lpop(QUEUE) and client.rpop(QUEUE)
+    holds = Holds(tmp_path / "holds")
+    workers = Workers(fault_env | holds.env, tmp_path)
+    try:
+        workers.start(tiny_model)
+        held, _ = holds.wait()  # in the worker's hands: delivered, not acknowledged
+
+        again = cli(fault_env, *args, timeout_s=120)
+        assert again.returncode == 0, again.stderr[-3000:]
+        assert f"job {job_id}: 2 shards were neither written nor queued" in again.stderr, again.stderr[-3000:]
+        workers.start_planner()  # it writes the manifest
+        holds.auto_release()
+        wait_until(lambda: status(fault_env, job_id)["state"] == "done", 120, "the job done")
+    finally:
+        holds.stop()
+        workers.stop_all()
+    check_exactly_once(str(tmp_path / "out"), ids)
+    counts = attempts(url, job_id)  # deliveries since the second submit: all but the held shard, once each
+    assert held not in counts and len(counts) == shards - 1 and set(counts.values()) == {1}, counts
