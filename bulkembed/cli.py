@@ -190,7 +190,7 @@ def wait_for(registry, job_id: str, poll_s: float = 1.0) -> int:
             if status.finished:
                 break
             if status.state == "finishing":  # a planner writes the manifest; this (CPU) process may as well, first
-                registry.finalize(job_id)
+                registry.finalize(job_id, keep_planner=False)
                 continue
             time.sleep(poll_s)
     if status.state == "done":

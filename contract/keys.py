@@ -19,6 +19,7 @@ MANIFEST_SHARDS_KEY = "_manifest/shards.parquet"  # one row per written shard (S
 JOB_KEY = "_job.json"
 PLAN_PREFIX = "_plan/"  # what planning leaves for planners and the manifest: duplicate ids, reused files
 DUPLICATES_KEY = "_plan/duplicates.parquet"  # every row whose id an earlier row has (ordinal, first), by ordinal
+REUSED_KEYS_PREFIX = "_plan/reused-keys/"  # each unit's --reuse matches (reused_keys)
 REUSED_FILES_KEY = "_plan/reused.json"  # the files copied from PREV_OUT (--reuse), as ReusedFile records
 
 # Every key a job writes under OUT, for --force to delete exactly those (and nothing else there). Unit numbers are
@@ -64,8 +65,9 @@ def unit_outputs(unit: int) -> str:
 
 
 def reused_keys(unit: int) -> str:
-    """A unit's --reuse matches (16-byte row keys), kept until every unit is planned and PREV_OUT's rows copied."""
-    return f"{PLAN_PREFIX}reused-keys/{unit:06d}.arrow"
+    """A unit's --reuse matches (16-byte row keys): PREV_OUT's rows are copied from them once every unit is planned,
+    and again should OUT lose a copy."""
+    return f"{REUSED_KEYS_PREFIX}{unit:06d}.arrow"
 
 
 def shard_input(shard: int) -> str:

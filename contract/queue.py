@@ -73,19 +73,25 @@ def shard_sender(app: Celery, producer: object = None) -> Callable[[ShardMessage
 def shards_held(client: redis.Redis, queue: str, job_id: str) -> set[int]:
     """The job's shards Redis holds a message of: waiting on `queue`, or delivered and not acknowledged (a shard in a
     worker's hands, or waiting out a retry's countdown there). One snapshot of both; the queue is short (planners
-    hold back), and so is the unacked hash (a message a worker's process)."""
+    hold back), and so is the unacked hash (a message a worker's process). A message kombu has popped and not yet
+    put in the unacked hash is in neither: a caller that queues such a shard again makes a duplicate delivery."""
     with client.pipeline() as pipe:  # MULTI
         waiting, delivered = pipe.lrange(queue, 0, -1).hvals(KOMBU_UNACKED).execute()
     held = set()
-    for raw in [*waiting, *(json.loads(value)[0] for value in delivered)]:
-        message = json.loads(raw) if isinstance(raw, (str, bytes)) else raw
-        if message.get("headers", {}).get("task") != TASK_EMBED_SHARD:
+    for raw in [*waiting, *delivered]:
+        try:
+            message = json.loads(raw)
+            if isinstance(message, list):  # an unacked entry: [message, exchange, routing key]
+                message = json.loads(message[0]) if isinstance(message[0], str) else message[0]
+            if message.get("headers", {}).get("task") != TASK_EMBED_SHARD:
+                continue
+            body = message["body"]
+            if message.get("properties", {}).get("body_encoding") == "base64":
+                body = base64.b64decode(body)
+            shard = json.loads(body)[0][0]  # args[0]: ShardMessage.wire(), or the dict an older producer queued
+            shard_job, number = (shard["job_id"], shard["shard"]) if isinstance(shard, dict) else shard[:2]
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError):  # not a message of ours: not a shard
             continue
-        body = message["body"]
-        if message.get("properties", {}).get("body_encoding") == "base64":
-            body = base64.b64decode(body)
-        shard = json.loads(body)[0][0]  # args[0]: ShardMessage.wire(), or the dict an older producer queued
-        shard_job, number = (shard["job_id"], shard["shard"]) if isinstance(shard, dict) else shard[:2]
         if shard_job == job_id:
             held.add(int(number))
     return held

@@ -280,26 +280,35 @@ class JobRegistry:
         """Of a unit's shards `lost` (files OUT does not hold), those recorded written are written no more, and the
         unit is planned no more, so that submitting the job again plans it again: a done job's shard inputs are
         deleted, and planning a unit queues exactly its shards not found written. `always`: the unit is planned again
-        even when none of them was written (a lost --reuse copy needs every unit's matches). Returns how many of
-        `lost` were recorded written; nothing changes when none was and not `always`."""
-        job, done, units = (k.format(job_id=job_id) for k in (keys.REDIS_JOB, keys.REDIS_JOB_DONE,
-                                                               keys.REDIS_JOB_UNITS))
-        written = [(shard, ShardResult.model_validate_json(result))
-                   for shard, result in zip(lost, self.redis.hmget(done, lost) if lost else [], strict=True) if result]
-        planned = self.redis.hget(units, str(unit))
-        if not (written or always) or planned is None:
-            return len(written)
-        totals = JobTotals.model_validate_json(planned)
-        with self.redis.pipeline() as pipe:  # MULTI: the counters stay the sums of what is recorded
+        even when none of them was written. Returns how many of `lost` were recorded written; nothing changes when
+        none was and not `always`. One transaction (WATCH): two submits at once take each count off once."""
+        job, done, units, queued = (k.format(job_id=job_id) for k in (keys.REDIS_JOB, keys.REDIS_JOB_DONE,
+                                                                       keys.REDIS_JOB_UNITS, keys.REDIS_JOB_QUEUED))
+        found = 0
+
+        def apply(pipe: redis.client.Pipeline) -> None:
+            nonlocal found
+            written = [ShardResult.model_validate_json(r) for r in (pipe.hmget(done, lost) if lost else []) if r]
+            planned = pipe.hget(units, str(unit))
+            found = len(written)
+            if not (written or always) or planned is None:
+                return
+            totals = JobTotals.model_validate_json(planned)
+            pipe.multi()  # the counters stay the sums of what is recorded
             if written:
-                pipe.hdel(done, *(shard for shard, _ in written))
-            pipe.hincrby(job, "rows_done", -sum(result.rows for _, result in written))
-            pipe.hincrby(job, "tokens_done", -sum(result.tokens for _, result in written))
-            pipe.hdel(units, str(unit))
+                pipe.hdel(done, *(result.shard for result in written))
+            pipe.hincrby(job, "rows_done", -sum(result.rows for result in written))
+            pipe.hincrby(job, "tokens_done", -sum(result.tokens for result in written))
+            # A unit of a job whose planning failed may keep its queued count: planned again it must queue anew.
+            pipe.hdel(units, str(unit)).hdel(queued, str(unit))
             for field in PLAN_FIELDS:
                 pipe.hincrby(job, field, -getattr(totals, field.removeprefix(PLANNED)))
-            pipe.execute()
-        return len(written)
+
+        self.redis.transaction(apply, done, units)
+        return found
+
+    def is_written(self, job_id: str, shard: int) -> bool:
+        return bool(self.redis.hexists(keys.REDIS_JOB_DONE.format(job_id=job_id), str(shard)))
 
     def all_units_planned(self, job_id: str) -> bool:
         return self.redis.hlen(keys.REDIS_JOB_UNITS.format(job_id=job_id)) >= self.unit_count(job_id)
@@ -382,16 +391,18 @@ class JobRegistry:
         for _, value in self.redis.hscan_iter(keys.REDIS_JOB_DONE.format(job_id=job_id), count=10_000):
             yield ShardResult.model_validate_json(value)
 
-    def finalize(self, job_id: str) -> dict | None:
+    def finalize(self, job_id: str, keep_planner: bool = True) -> dict | None:
         """Write the manifest of a complete job, streamed from Redis, and delete the shards' inputs (every shard is
         written: none will be read again). Idempotent: planners and the producer may both call it."""
         spec = self.spec(job_id)
         if spec is None or not self._complete(job_id):
             return None
         store = open_store(spec.out)
-        # Listed while the manifest is written (minutes at 10^9 rows: a shard a row, and every input deleted): the
-        # plan queue is empty by then, and KEDA would otherwise scale the planner that writes it away mid-way.
-        self._needs_planner(job_id)
+        # A planner writing it is listed meanwhile (minutes at 10^9 rows: a shard a row, every input deleted): the plan
+        # queue is empty by then, and KEDA would otherwise scale it away mid-way. One entry a writer, each taking its
+        # own off, so a second writer that ends first leaves the first listed; `submit --wait` is not a pod to keep.
+        if keep_planner:
+            self.redis.rpush(keys.REDIS_PLANNING_JOBS, job_id)
         try:
             manifest = write_manifest(store, spec, self.totals(job_id), deleting_inputs(store, self.results(job_id)),
                                       reused_files(store))
@@ -399,7 +410,8 @@ class JobRegistry:
             self._close(job_id)
             self._expire(job_id)
         finally:
-            self.redis.lrem(keys.REDIS_PLANNING_JOBS, 0, job_id)
+            if keep_planner:
+                self.redis.lrem(keys.REDIS_PLANNING_JOBS, 1, job_id)
         return manifest
 
     def _expire(self, job_id: str) -> None:

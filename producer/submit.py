@@ -203,7 +203,7 @@ class ShardSink:
     are not sent again. `tick` runs between batches and shards (a planner keeps its unit's lock alive there)."""
 
     emit: Callable[[ShardMessage], None]
-    written: Callable[[ShardResult], None]  # a shard found already written (a resumed job)
+    written: Callable[[ShardMessage], None]  # a shard found already written (a resumed job)
     queued: int = 0
     on_queued: Callable[[int], None] = lambda place: None
     tick: Callable[[], None] = lambda: None
@@ -340,7 +340,7 @@ def plan_unit(ctx: PlanContext, unit: Unit, sink: ShardSink) -> JobTotals:
         store.put_if_absent(keys.shard_input(shard), to_ipc_bytes(table, "zstd"))  # same job id, same content
         message = ShardMessage.of(job, shard, lengths)
         if message.output_key in written:
-            sink.written(stored_result(message, store))
+            sink.written(message)
         else:
             sink.emit(message)
         sink.on_queued(totals.shards - 1)
@@ -382,14 +382,19 @@ def _unit_duplicates(ctx: PlanContext, first: int, rows: int) -> np.ndarray:
 
 def copy_reused_rows(ctx: PlanContext, units: int) -> list[ReusedFile]:
     """--reuse, once every unit is planned: copy PREV_OUT's rows that the units matched (16 bytes a row of keys) and
-    list the copies in the store (REUSED_FILES_KEY). Idempotent: a copy is written once."""
+    list the copies in the store (REUSED_FILES_KEY). Idempotent: a copy is written once. The matches are kept, so a
+    copy lost later (a file deleted from OUT) is copied again from them when the job is submitted again."""
     if ctx.previous is None:
         return []
     if ctx.store.exists(keys.REUSED_FILES_KEY):  # copied before (a resumed job, or units planned again)
         copies = reused_files(ctx.store)
         present = {key for key, _ in ctx.store.list(keys.REUSED_OUTPUT_PREFIX)}
-        if all(copy.key in present for copy in copies):  # else one was lost: copied again from every unit's matches
-            ctx.store.delete_many([keys.reused_keys(unit) for unit in range(units)])
+        lost = [copy.key for copy in copies if copy.key not in present]
+        if not lost:
+            return copies
+        if not all(reused_matches_kept(ctx.store, units)):  # dropped by an older bulkembed: plan_lost_outputs_again
+            log.warning("job %s: OUT lost %s, and the matches to copy it again are gone; submit the job again once "
+                        "it is done", ctx.job.job_id, ", ".join(lost))
             return copies
     reused = SeenIds()
     for unit in range(units):
@@ -397,8 +402,13 @@ def copy_reused_rows(ctx: PlanContext, units: int) -> list[ReusedFile]:
     ctx.previous.index = None  # matching is over: free it before copying
     files = copy_reused(ctx.previous, reused, ctx.store, ctx.job)
     ctx.store.put(keys.REUSED_FILES_KEY, json.dumps([f.model_dump() for f in files], indent=1).encode())
-    ctx.store.delete_many([keys.reused_keys(unit) for unit in range(units)])  # matched: 16 bytes a row no one needs
     return files
+
+
+def reused_matches_kept(store: Store, units: int) -> list[bool]:
+    """Whether each unit's --reuse matches are in the store (one listing)."""
+    kept = {key for key, _ in store.list(keys.REUSED_KEYS_PREFIX)}
+    return [keys.reused_keys(unit) in kept for unit in range(units)]
 
 
 def produce(planned: PlannedJob, emit: Callable[[ShardMessage], None],
@@ -410,7 +420,7 @@ def produce(planned: PlannedJob, emit: Callable[[ShardMessage], None],
     totals = JobTotals()
     with planned.counter:  # counting is over when planning is
         for unit in planned.units:
-            totals = totals.plus(plan_unit(ctx, unit, ShardSink(emit, written)))
+            totals = totals.plus(plan_unit(ctx, unit, ShardSink(emit, lambda m: written(stored_result(m, ctx.store)))))
     files = copy_reused_rows(ctx, len(planned.units))
     return totals.plus(JobTotals.of_reused(files)), files
 
@@ -475,7 +485,12 @@ def plan_claimed(registry: JobRegistry, job: JobSpec, context: Callable[[], Plan
                 hold.wait()
                 send(message)
 
-            sink = ShardSink(emit, lambda result: registry.shard_done(job.job_id, result),
+            def found_written(message: ShardMessage) -> None:
+                # Recorded already where a unit is planned again (a lost file): not read again, a GET of every file.
+                if not registry.is_written(job.job_id, message.shard):
+                    registry.shard_done(job.job_id, stored_result(message, context().store))
+
+            sink = ShardSink(emit, found_written,
                              queued=registry.queued_shards(job.job_id, unit.index),
                              on_queued=lambda place: registry.shard_queued(job.job_id, unit.index, place),
                              tick=hold.tick)
@@ -514,10 +529,11 @@ def submit_job(planned: PlannedJob, registry: JobRegistry, send: Callable[[Shard
     plan units here beside any `bulkembed planner`, until every unit is planned. A resubmitted job skips the units
     planned before, and queues again the shards that had failed for good."""
     job = planned.job
-    plan_lost_outputs_again(registry, planned)
+    planned_again = plan_lost_outputs_again(registry, planned)
     failed = registry.start(job, len(planned.units))
-    for shard in failed:  # their units are planned, so they are queued again here, from their inputs
-        send(queued_again(planned.store, job, shard))
+    for shard in failed:  # queued again here, from their inputs, unless their unit is to be planned again
+        if shard // keys.SHARDS_PER_UNIT not in planned_again:
+            send(queued_again(planned.store, job, shard))
     queue_lost_shards_again(registry, planned, send)
     with planned.counter:
         prepare(planned, settings.dedup_memory_mb)
@@ -537,29 +553,35 @@ def submit_job(planned: PlannedJob, registry: JobRegistry, send: Callable[[Shard
         close_if_planned(registry, job, lambda: ctx)
 
 
-def plan_lost_outputs_again(registry: JobRegistry, planned: PlannedJob) -> None:
+def plan_lost_outputs_again(registry: JobRegistry, planned: PlannedJob) -> set[int]:
     """A finished job submitted again writes what OUT has lost since (files deleted by hand or by a lifecycle rule)
     instead of reporting done over files that are gone. The units of lost shards are planned again: they queue their
-    shards not found written (a done job's shard inputs are deleted). A lost --reuse copy has every unit planned again,
-    each unit's matches being needed to copy. One listing of OUT a unit; written files are read again only in the
-    units planned again."""
+    shards not found written (a done job's shard inputs are deleted). Lost --reuse copies are copied again from the
+    matches the job kept (copy_reused_rows); a job whose matches were dropped (by an older bulkembed) has every unit
+    planned again. One listing of OUT a unit; a unit planned again reads its input again, not its written files.
+    Returns the units to be planned again."""
     job, store = planned.job, planned.store
     status = registry.status(job.job_id)
     if status is None or not status.finished:
-        return
+        return set()
+    units = registry.planned_units(job.job_id)
     copies = reused_files(store)
     present = {key for key, _ in store.list(keys.REUSED_OUTPUT_PREFIX)} if copies else set()
     copies_lost = [copy.key for copy in copies if copy.key not in present]
-    lost = units = 0
-    for unit, totals in sorted(registry.planned_units(job.job_id).items()):
+    plan_all = bool(copies_lost) and not all(reused_matches_kept(store, registry.unit_count(job.job_id)))
+    lost, again = 0, set()
+    for unit, totals in sorted(units.items()):
         written = {key for key, _ in store.list(keys.unit_outputs(unit))}
         shards = [keys.shard_number(unit, place) for place in range(totals.shards)]
         count = registry.plan_again(job.job_id, unit, [s for s in shards if keys.shard_output(s) not in written],
-                                    always=bool(copies_lost))
-        lost, units = lost + count, units + bool(count or copies_lost)
+                                    always=plan_all)
+        lost += count
+        if count or plan_all:
+            again.add(unit)
     if lost or copies_lost:
         log.warning("job %s: OUT lost %d shard files and %d reused files written before (%s); planning %d units "
-                    "again to write them", job.job_id, lost, len(copies_lost), store.uri, units)
+                    "again to write them", job.job_id, lost, len(copies_lost), store.uri, len(again))
+    return again
 
 
 def queue_lost_shards_again(registry: JobRegistry, planned: PlannedJob, send: Callable[[ShardMessage], None]) -> None:

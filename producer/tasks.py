@@ -91,7 +91,7 @@ def plan_unit_task(self: PlannerTask, job_id: str, unit: list) -> None:
     try:
         try:
             _plan(self, job_id, Unit(*unit))
-        except (Retry, *REDIS_FAILED):
+        except (Retry, Reject, *REDIS_FAILED):  # Reject: a retry (a unit held elsewhere) that could not be queued
             raise
         except Exception as exc:
             if not isinstance(exc, TransientError) and not is_transient(exc):

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as ds
+import pytest
 
 from bulkembed.contract import keys
 from bulkembed.contract.manifest import manifest_shards
@@ -19,7 +20,7 @@ from bulkembed.contract.schema import content_hash, from_ipc_bytes, read_decoded
 from bulkembed.contract.store import open_store
 from bulkembed.producer.reuse import row_keys
 from tests.conftest import Workers, cosines, mixed_texts, write_corpus
-from tests.faults_support import RECEIVED, attempts, kill_tree, wait_until
+from tests.faults_support import RECEIVED, attempts, kill_tree, redis_hash, wait_until
 
 PREFIX = "Passage: "
 CHUNKED = ("--max-tokens", "120", "--overlength", "chunk")  # long documents become several rows
@@ -182,11 +183,14 @@ def test_an_interrupted_reuse_run_resumes_and_writes_each_row_once(tmp_path, run
     assert read_rows(out).keys() == before.keys()
 
 
+@pytest.mark.parametrize("matches_kept", [True, False])
 def test_a_done_reuse_job_submitted_again_copies_and_embeds_what_out_lost(tmp_path, run_cli, fault_env, pool,
-                                                                            tiny_model):
+                                                                            tiny_model, matches_kept):
     """submit, the job done and still known to Redis, then a reused copy and a shard file deleted: submitting again
-    copies the lost rows from PREV_OUT again (every unit planned again: its matches are needed to copy) and embeds
-    the lost shard, touching nothing else. Before, the second submit reported done over the missing files."""
+    copies the lost rows from PREV_OUT again (from the matches the job kept: no unit planned again for it) and
+    embeds the lost shard (its unit planned again), touching nothing else. Before, the second submit reported done
+    over the missing files. An output whose matches are gone (written by a bulkembed that dropped them) has every
+    unit planned again instead."""
     from tests.faults_support import cli
 
     path1, path2, _, v2 = two_versions(tmp_path, n=120, row_group=25)
@@ -205,10 +209,14 @@ def test_a_done_reuse_job_submitted_again_copies_and_embeds_what_out_lost(tmp_pa
     lost = (reused[1], shards[-1])
     for path in lost:
         path.unlink()
+    if not matches_kept:
+        for path in out.glob("_plan/reused-keys/*"):
+            path.unlink()
 
     again = cli(env, *args, timeout_s=180)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "OUT lost 1 shard files and 1 reused files" in again.stderr and "planning 3 units again" in again.stderr, \
+    replanned = "planning 1 units again" if matches_kept else "planning 3 units again"
+    assert "OUT lost 1 shard files and 1 reused files" in again.stderr and replanned in again.stderr, \
         again.stderr[-3000:]
     assert {k: r["vector"].tobytes() for k, r in read_rows(out).items()} == \
         {k: r["vector"].tobytes() for k, r in before.items()}, "the same rows, each once"
@@ -216,7 +224,7 @@ def test_a_done_reuse_job_submitted_again_copies_and_embeds_what_out_lost(tmp_pa
     assert manifest(out)["rows"] == len(before) == len(v2)
     job_id = first.stdout.split()[0]
     assert {keys.shard_name(s) for s in attempts(env["BULKEMBED_REDIS_URL"], job_id)} == {shards[-1].stem}
-    assert not list(out.glob("_plan/reused-keys/*")), "the matches are dropped once copied"
+    assert len(list(out.glob("_plan/reused-keys/*"))) == 3, "each unit's matches are kept"
 
 
 # --- a worker killed during a reuse run, PREV_OUT and OUT on S3 ------------------------------------------
@@ -252,11 +260,18 @@ def test_a_worker_killed_during_a_reuse_run_loses_nothing(tmp_path, fault_env, b
         submit = Background(["submit", path2, "--model", tiny_model, "--out", out, "--reuse", prev,
                              "--shard-tokens", "12000", "--wait"], fault_env, tmp_path, "submit")
         try:
-            wait_until(lambda: busy_with(victim), 120, "the worker to take a shard")
-            time.sleep(0.5)  # inside the shard: one takes seconds
+            job_id = wait_until(lambda: (submit.stdout.split() or [None])[0], 120, "the job id")
+            url = fault_env["BULKEMBED_REDIS_URL"]
+            done = keys.REDIS_JOB_DONE.format(job_id=job_id)
+
+            def embedding() -> bool:  # a shard started (its attempt counted) and not written: inside it
+                return busy_with(victim) is not None and bool(set(attempts(url, job_id)) - set(map(int, redis_hash(
+                    url, done))))
+
+            wait_until(embedding, 120, "the worker inside a shard", interval_s=0.01)
+            time.sleep(0.2)  # one takes seconds
             kill_tree(victim, signal.SIGKILL)
             killed_at = time.monotonic()
-            job_id = wait_until(lambda: (submit.stdout.split() or [None])[0], 120, "the job id")
             visibility = int(fault_env["BULKEMBED_VISIBILITY_TIMEOUT"])
             wait_until(lambda: time.monotonic() > killed_at + visibility + 1, visibility + 5, "the visibility timeout")
             workers.start(tiny_model)  # restores the orphaned shard when it starts

@@ -3,6 +3,8 @@ pages its failures, and a finished job's keys expire after the retention."""
 
 from __future__ import annotations
 
+import base64
+import json
 import time
 import uuid
 from pathlib import Path
@@ -116,3 +118,68 @@ def test_once_expired_nothing_of_the_job_is_left(fresh_redis, tmp_path):
     while client.keys(f"*{spec.job_id}*") and time.monotonic() < deadline:
         time.sleep(0.1)
     assert client.keys(f"*{spec.job_id}*") == []
+
+
+def test_planning_a_unit_again_takes_its_counts_off_once_whoever_asks(registry, tmp_path, monkeypatch):
+    """Two submits of a done job that lost a file, at once: both read the unit's records before either writes. Each
+    count is taken off once (a WATCH transaction), the unit's queued count goes too, and what is left plus the unit
+    planned again adds up. Before, both took their counts off: planned shards 3 went to -3, and the job would have
+    been complete with a unit short."""
+    import threading
+
+    spec = job(tmp_path, f"bulkembed.test-{uuid.uuid4().hex[:8]}")
+    registry.start(spec, 1)
+    plan(registry, spec.job_id, JobTotals(shards=3, docs=30, tokens=90))
+    for shard in range(3):
+        registry.shard_done(spec.job_id, result(shard))
+    registry.redis.hset(keys.REDIS_JOB_QUEUED.format(job_id=spec.job_id), "0", 3)  # as a job whose planning failed
+    both_read = threading.Barrier(2, timeout=5)
+    reads = []
+    parse = JobTotals.model_validate_json
+
+    def read_together(raw, *args, **kwargs):
+        reads.append(raw)
+        if len(reads) <= 2:
+            both_read.wait()
+        return parse(raw, *args, **kwargs)
+
+    monkeypatch.setattr(JobTotals, "model_validate_json", read_together)
+    found: list[int] = []
+    threads = [threading.Thread(target=lambda: found.append(registry.plan_again(spec.job_id, 0, [1]))) for _ in "ab"]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    monkeypatch.undo()
+    assert sorted(found) == [0, 1], "one of them found shard 1 written"
+    fields = registry.redis.hgetall(keys.REDIS_JOB.format(job_id=spec.job_id))
+    assert (int(fields["planned_shards"]), int(fields["planned_docs"]), int(fields["rows_done"])) == (0, 0, 2)
+    assert registry.unwritten(spec.job_id, [0, 1, 2]) == [1]
+    assert registry.planned_units(spec.job_id) == {}
+    assert registry.redis.hget(keys.REDIS_JOB_QUEUED.format(job_id=spec.job_id), "0") is None, "queues it anew"
+
+
+def test_shards_held_reads_its_own_shards_and_skips_any_other_message(registry):
+    """What a resubmission asks before queueing a shard again: is its message on the queue, or delivered and not
+    acknowledged? Messages of other jobs, other tasks, older producers' dicts and garbage (another client's list, a
+    body of another shape) are told apart or skipped, never raised on."""
+    from celery import Celery
+
+    from bulkembed.contract.queue import KOMBU_UNACKED, TASK_EMBED_SHARD, shards_held
+
+    queue = f"bulkembed.test-{uuid.uuid4().hex[:8]}"
+    app = Celery("held-test", broker=f"redis://127.0.0.1:{registry.redis.connection_pool.connection_kwargs['port']}/0")
+    app.conf.task_serializer = "json"
+    app.send_task("bulkembed.plan_unit", args=["job-a", [6]], queue=queue)
+    for args in ([["job-b", 4, 1, 1, 1, 0.0]], [{"job_id": "job-a", "shard": 5}], [], [["job-a", 3, 1, 1, 1, 0.0]]):
+        app.send_task(TASK_EMBED_SHARD, args=args, queue=queue)
+    registry.redis.rpush(queue, "not json", json.dumps({"headers": {"task": TASK_EMBED_SHARD}, "body": "%%%",
+                                                        "properties": {"body_encoding": "base64"}}))
+    delivered = json.loads(registry.redis.lpop(queue))  # shard 3, as kombu keeps a message a worker holds
+    assert json.loads(base64.b64decode(delivered["body"]))[0] == [["job-a", 3, 1, 1, 1, 0.0]]
+    registry.redis.hset(KOMBU_UNACKED, "tag-1", json.dumps([delivered, "", queue]))
+    try:
+        assert shards_held(registry.redis, queue, "job-a") == {3, 5}
+        assert shards_held(registry.redis, queue, "job-b") == {4}
+    finally:
+        registry.redis.hdel(KOMBU_UNACKED, "tag-1")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 
 import pyarrow.parquet as pq
+import pytest
 
 from bulkembed.contract import keys
 from bulkembed.contract.registry import JobRegistry
@@ -83,3 +84,23 @@ def test_a_planner_whose_hold_lapses_mid_unit_leaves_the_unit_to_be_planned_agai
     shards = sorted(m.shard for m in sent)
     assert len(shards) > 2 and shards == list(range(len(shards))), "each shard queued once"
     assert registry.status(job.job_id).state == "running"
+
+
+def test_a_planners_retry_that_could_not_be_queued_hands_the_unit_back(redis_server, monkeypatch):
+    """A unit held by another planner is retried later; should that retry not be queued (Redis blinking: Celery then
+    raises Reject without requeue), the unit goes back to the plan queue once Redis takes writes. Before, the Reject
+    was taken for the unit's own error and failed the job. Run in this process: Celery's side is what raises."""
+    from celery.exceptions import Reject
+
+    from bulkembed.producer import tasks
+
+    def retry_not_queued(self, job_id, unit):
+        raise Reject("OperationalError: Error 111 connecting to redis", requeue=False)
+
+    registry = JobRegistry.from_url(redis_server)
+    monkeypatch.setattr(tasks, "_plan", retry_not_queued)
+    monkeypatch.setattr(tasks.PlannerTask, "registry", property(lambda self: registry))
+    with pytest.raises(Reject) as handed_back:
+        tasks.plan_unit_task.run("job-of-a-blink", [0, 0, "part-0.parquet", 0, 1, 0, 100])
+    assert handed_back.value.requeue, "back to the plan queue"
+    assert registry.status("job-of-a-blink") is None, "the job is not failed"
