@@ -124,11 +124,14 @@ def _schema_differences(store: Store, key: str, job: JobSpec, id_type: pa.DataTy
     return found
 
 
-def copy_reused(previous: PreviousOutput, reused: SeenIds, store: Store, job: JobSpec) -> list[ReusedFile]:
-    """Copy the rows whose keys are in `reused` into OUT, one file per PREV_OUT file that has some. A file
-    found already written (a resumed job) is checked and kept."""
+def copy_reused(previous: PreviousOutput, reused: SeenIds, store: Store, job: JobSpec,
+                sources: set[str] | None = None) -> list[ReusedFile]:
+    """Copy the rows whose keys are in `reused` into OUT, one file per PREV_OUT file that has some (of `sources`
+    only, where given: copies OUT lost). A file found already written (a resumed job) is checked and kept."""
     copied = []
     for index, source in enumerate(previous.files):
+        if sources is not None and source not in sources:
+            continue
         table = from_ipc_bytes(previous.store.get(source))
         mask = reused.contains(row_keys(table.column("id").to_pylist(), table.column("content_hash").to_pylist()))
         if not mask.any():

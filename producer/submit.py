@@ -386,21 +386,24 @@ def copy_reused_rows(ctx: PlanContext, units: int) -> list[ReusedFile]:
     copy lost later (a file deleted from OUT) is copied again from them when the job is submitted again."""
     if ctx.previous is None:
         return []
+    copies, lost = [], None
     if ctx.store.exists(keys.REUSED_FILES_KEY):  # copied before (a resumed job, or units planned again)
         copies = reused_files(ctx.store)
         present = {key for key, _ in ctx.store.list(keys.REUSED_OUTPUT_PREFIX)}
-        lost = [copy.key for copy in copies if copy.key not in present]
+        lost = [copy for copy in copies if copy.key not in present]
         if not lost:
             return copies
         if not all(reused_matches_kept(ctx.store, units)):  # dropped by an older bulkembed: plan_lost_outputs_again
             log.warning("job %s: OUT lost %s, and the matches to copy it again are gone; submit the job again once "
-                        "it is done", ctx.job.job_id, ", ".join(lost))
+                        "it is done", ctx.job.job_id, ", ".join(copy.key for copy in lost))
             return copies
     reused = SeenIds()
     for unit in range(units):
         reused.add(np.array(from_ipc_bytes(ctx.store.get(keys.reused_keys(unit))).column("key").to_pylist(), ROW_KEY))
     ctx.previous.index = None  # matching is over: free it before copying
-    files = copy_reused(ctx.previous, reused, ctx.store, ctx.job)
+    sources = {copy.source for copy in lost} if lost else None  # only the lost: each copy reads its PREV_OUT file
+    again = {f.key: f for f in copy_reused(ctx.previous, reused, ctx.store, ctx.job, sources)}
+    files = [again.get(copy.key, copy) for copy in copies] if lost else list(again.values())
     ctx.store.put(keys.REUSED_FILES_KEY, json.dumps([f.model_dump() for f in files], indent=1).encode())
     return files
 
@@ -527,7 +530,8 @@ def submit_job(planned: PlannedJob, registry: JobRegistry, send: Callable[[Shard
                send_unit: Callable[[Unit], None], settings: ProducerSettings, plan_here: bool = True) -> None:
     """Register the job, find its duplicate ids, queue a planning task per unit left, and (unless not `plan_here`)
     plan units here beside any `bulkembed planner`, until every unit is planned. A resubmitted job skips the units
-    planned before, and queues again the shards that had failed for good."""
+    planned before, and queues again the shards that had failed for good and those whose messages Redis lost; a
+    finished one also writes again what OUT has lost."""
     job = planned.job
     planned_again = plan_lost_outputs_again(registry, planned)
     failed = registry.start(job, len(planned.units))
