@@ -399,8 +399,9 @@ class JobRegistry:
             return None
         store = open_store(spec.out)
         # A planner writing it is listed meanwhile (minutes at 10^9 rows: a shard a row, every input deleted): the plan
-        # queue is empty by then, and KEDA would otherwise scale it away mid-way. One entry a writer, each taking its
-        # own off, so a second writer that ends first leaves the first listed; `submit --wait` is not a pod to keep.
+        # queue is empty by then, and KEDA would otherwise scale it away mid-way. One entry a writer; a writer that
+        # fails takes its own off, one that succeeds every one (the job is done: no other writer is needed, and a
+        # killed writer's entry would keep a pod up). `submit --wait` is not a pod to keep.
         if keep_planner:
             self.redis.rpush(keys.REDIS_PLANNING_JOBS, job_id)
         try:
@@ -409,9 +410,11 @@ class JobRegistry:
             self.redis.hset(keys.REDIS_JOB.format(job_id=job_id), "state", "done")
             self._close(job_id)
             self._expire(job_id)
-        finally:
+        except BaseException:
             if keep_planner:
                 self.redis.lrem(keys.REDIS_PLANNING_JOBS, 1, job_id)
+            raise
+        self.redis.lrem(keys.REDIS_PLANNING_JOBS, 0, job_id)
         return manifest
 
     def _expire(self, job_id: str) -> None:

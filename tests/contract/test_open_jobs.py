@@ -117,9 +117,10 @@ def test_a_job_whose_manifest_cannot_be_written_is_failed_not_finishing_forever(
 
 def test_a_job_keeps_a_planner_while_its_manifest_is_written(registry, redis_server, queue, tmp_path, monkeypatch):
     """KEDA keeps a planner up while bulkembed:planning-jobs is not empty. Writing a big job's manifest takes minutes
-    with the plan queue empty: the job is listed meanwhile, so the planner writing it is not scaled away, and only
-    then. A second writer (the manifest may be written twice at once) that ends first leaves the first listed;
-    `submit --wait`, not a pod, lists nothing. Before, the list was empty then."""
+    with the plan queue empty: the job is listed meanwhile, once per writer, so the planner writing it is not scaled
+    away. A writer that fails takes its entry off; once one succeeds the job is done and every entry goes, a killed
+    writer's too. `submit --wait`, not a pod, lists nothing. Before, the list was empty while the manifest was
+    written."""
     from bulkembed.contract import registry as registry_module
 
     spec = job(tmp_path, queue)
@@ -137,13 +138,19 @@ def test_a_job_keeps_a_planner_while_its_manifest_is_written(registry, redis_ser
 
     def writing(*args, **kwargs):
         seen.append(listed_now())
-        if len(seen) == 1:  # a second writer starts and ends while the first writes
-            registry.finalize(spec.job_id)
-            seen.append(listed_now())
-            registry.finalize(spec.job_id, keep_planner=False)
+        if len(seen) == 1:
+            raise OSError("the store failed")
         return write(*args, **kwargs)
 
     monkeypatch.setattr(registry_module, "write_manifest", writing)
+    client.rpush(keys.REDIS_PLANNING_JOBS, spec.job_id)  # a writer killed mid-way (SIGKILL) left its entry
+    with pytest.raises(OSError):
+        registry.finalize(spec.job_id)
+    assert listed_now() == 1, "a failed writer takes its own entry off, not another's"
+    registry.finalize(spec.job_id, keep_planner=False)
     registry.finalize(spec.job_id)
-    assert seen == [1, 2, 1, 1], "listed by each planner while it writes, and by nobody else"
-    assert listed_now() == 0, "and no longer once it is written"
+    # The killed writer's entry and the first planner's; the killed writer's only (--wait lists nothing); the last
+    # planner's only (the --wait write, done, took the killed writer's off).
+    assert seen == [2, 1, 1]
+    assert listed_now() == 0, "the job done: no entry left, the killed writer's neither"
+    assert registry.status(spec.job_id).state == "done"
