@@ -290,7 +290,7 @@ class JobRegistry:
             nonlocal found
             written = [ShardResult.model_validate_json(r) for r in (pipe.hmget(done, lost) if lost else []) if r]
             planned = pipe.hget(units, str(unit))
-            found = len(written)
+            found = len(written) if planned is not None else 0  # no unit to plan again: nothing changes
             if not (written or always) or planned is None:
                 return
             totals = JobTotals.model_validate_json(planned)

@@ -403,7 +403,9 @@ def copy_reused_rows(ctx: PlanContext, units: int) -> list[ReusedFile]:
     ctx.previous.index = None  # matching is over: free it before copying
     sources = {copy.source for copy in lost} if lost else None  # only the lost: each copy reads its PREV_OUT file
     again = {f.key: f for f in copy_reused(ctx.previous, reused, ctx.store, ctx.job, sources)}
-    files = [again.get(copy.key, copy) for copy in copies] if lost else list(again.values())
+    files = list(again.values())
+    if lost:  # the copies kept, and those written again (a lost one its source no longer gives is no longer listed)
+        files = [again.get(copy.key, copy) for copy in copies if copy.key in again or copy not in lost]
     ctx.store.put(keys.REUSED_FILES_KEY, json.dumps([f.model_dump() for f in files], indent=1).encode())
     return files
 
@@ -469,11 +471,12 @@ class Backpressure:
 
 def plan_claimed(registry: JobRegistry, job: JobSpec, context: Callable[[], PlanContext], unit: Unit,
                  send: Callable[[ShardMessage], None], settings: ProducerSettings,
-                 stopping: Callable[[], bool] = lambda: False) -> bool:
+                 stopping: Callable[[], bool] = lambda: False, keep_planner: bool = True) -> bool:
     """Plan `unit` if no other planner holds it, queue its shards, record it planned once; the planner of a job's
     last unit closes its planning. False when the unit is not planned here and now: another planner holds it, this
     one lost its hold mid-unit (it stalled past BULKEMBED_PLAN_LOCK_S), or it was asked to stop while held back
-    (`stopping`): look again later. The shards it queued are not queued again."""
+    (`stopping`): look again later. The shards it queued are not queued again. `keep_planner`: this process is a
+    planner pod, to be kept up by KEDA should it write the job's manifest."""
     if not registry.unit_is_planned(job.job_id, unit.index):
         context()  # built before the hold is taken: a planner's first unit may fetch the model
     lock = registry.plan_lock(job.job_id, unit.index, settings.plan_lock_s)
@@ -508,7 +511,7 @@ def plan_claimed(registry: JobRegistry, job: JobSpec, context: Callable[[], Plan
                             job.job_id, unit.index)
                 return False
             registry.unit_planned(job.job_id, unit.index, totals)
-        close_if_planned(registry, job, context)
+        close_if_planned(registry, job, context, keep_planner)
     finally:
         try:
             lock.release()
@@ -517,13 +520,14 @@ def plan_claimed(registry: JobRegistry, job: JobSpec, context: Callable[[], Plan
     return True
 
 
-def close_if_planned(registry: JobRegistry, job: JobSpec, context: Callable[[], PlanContext]) -> None:
+def close_if_planned(registry: JobRegistry, job: JobSpec, context: Callable[[], PlanContext],
+                     keep_planner: bool = True) -> None:
     """Once every unit is planned: copy what --reuse matched, let the job run, and write its manifest if every shard
     was already written (a resubmitted job). Idempotent: a planner and the submitting process may both get here."""
     if registry.planning_open(job.job_id) and registry.all_units_planned(job.job_id):
         files = copy_reused_rows(context(), registry.unit_count(job.job_id))
         if registry.close_planning(job.job_id, JobTotals.of_reused(files)):
-            registry.finalize(job.job_id)
+            registry.finalize(job.job_id, keep_planner)
 
 
 def submit_job(planned: PlannedJob, registry: JobRegistry, send: Callable[[ShardMessage], None],
@@ -536,7 +540,8 @@ def submit_job(planned: PlannedJob, registry: JobRegistry, send: Callable[[Shard
     planned_again = plan_lost_outputs_again(registry, planned)
     failed = registry.start(job, len(planned.units))
     for shard in failed:  # queued again here, from their inputs, unless their unit is to be planned again
-        if shard // keys.SHARDS_PER_UNIT not in planned_again:
+        # A written shard reported failed (its job's manifest could not be written): written, its input maybe gone.
+        if shard // keys.SHARDS_PER_UNIT not in planned_again and not registry.is_written(job.job_id, shard):
             send(queued_again(planned.store, job, shard))
     queue_lost_shards_again(registry, planned, send)
     with planned.counter:
@@ -550,11 +555,11 @@ def submit_job(planned: PlannedJob, registry: JobRegistry, send: Callable[[Shard
         ctx = planned.context()
         while plan_here and left:
             for index in left:
-                plan_claimed(registry, job, lambda: ctx, planned.units[index], send, settings)
+                plan_claimed(registry, job, lambda: ctx, planned.units[index], send, settings, keep_planner=False)
             left = registry.units_left(job.job_id, len(planned.units))
             if left:  # planned by planners right now (or by one that died: its lock lapses, then a unit is ours)
                 time.sleep(1.0)
-        close_if_planned(registry, job, lambda: ctx)
+        close_if_planned(registry, job, lambda: ctx, keep_planner=False)  # this process is no planner pod to keep
 
 
 def plan_lost_outputs_again(registry: JobRegistry, planned: PlannedJob) -> set[int]:

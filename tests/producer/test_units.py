@@ -104,3 +104,34 @@ def test_a_planners_retry_that_could_not_be_queued_hands_the_unit_back(redis_ser
         tasks.plan_unit_task.run("job-of-a-blink", [0, 0, "part-0.parquet", 0, 1, 0, 100])
     assert handed_back.value.requeue, "back to the plan queue"
     assert registry.status("job-of-a-blink") is None, "the job is not failed"
+
+
+def test_a_written_shard_failed_by_its_manifest_is_not_queued_again(tmp_path, tiny_model, redis_server):
+    """The last shard written, then its job's manifest failing for good after some inputs were deleted: the worker
+    reports the written shard failed. Submitted again, the job does not queue that shard from its deleted input: it
+    is written; the job closes and its manifest is written. Before, the resubmission crashed reading the input."""
+    from bulkembed.contract.registry import ShardResult
+    from bulkembed.producer.submit import submit_job
+
+    write_corpus(tmp_path / "in" / "c.parquet", [f"d{i}" for i in range(60)], mixed_texts(60, seed=5))
+    options = JobOptions(shard_tokens=800)
+    planned = plan_job(str(tmp_path / "in"), str(tiny_model), str(tmp_path / "out"), options)
+    job, store = planned.job, planned.store
+    registry = JobRegistry.from_url(redis_server)
+    sent: list = []
+    settings = ProducerSettings()
+    submit_job(planned, registry, sent.append, lambda unit: None, settings)
+    assert len(sent) > 2
+    for message in sent:  # every shard written, as workers would have
+        store.put(message.output_key, b"an embedding file")
+        registry.shard_done(job.job_id, ShardResult(shard=message.shard, key=message.output_key,
+                                                    rows=message.n_docs, tokens=message.n_tokens))
+    store.delete(keys.shard_input(sent[-1].shard))  # deleted by the manifest that then failed
+    registry.shard_failed(job.job_id, sent[-1].shard, "the store kept failing for 1800s: ...")
+    assert registry.status(job.job_id).state == "failed"
+
+    again: list = []
+    submit_job(plan_job(str(tmp_path / "in"), str(tiny_model), str(tmp_path / "out"), options), registry,
+               again.append, lambda unit: None, settings)
+    assert again == [], "nothing to embed"
+    assert registry.status(job.job_id).state == "done" and store.exists(keys.MANIFEST_KEY)
