@@ -11,8 +11,9 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import NoReturn
 
 from celery import Task
 from celery.exceptions import Reject, Retry
@@ -40,6 +41,7 @@ app = celery_app(settings, "bulkembed-planner")
 # LOCKED_RETRY_S until it is planned: churn, never a shard queued twice.
 app.conf.task_time_limit = None
 LOCKED_RETRY_S = 15  # a unit another planner holds: look again (it is planned by then, or its lock has lapsed)
+FINALIZE_RETRIES = 30  # the store failing a manifest, with backoff up to 120 s: about 50 minutes
 
 
 def _stop_marker(pid: int) -> Path:
@@ -86,9 +88,9 @@ class PlannerTask(Task):
 def plan_unit_task(self: PlannerTask, job_id: str, unit: list) -> None:
     """Plan one unit (its fields in Unit's order). Acknowledged late: a planner killed mid-unit hands it back; the
     next planner skips the shards already queued. The store failing past its client's retries (boto3's, or pyarrow's
-    for the input) is retried with backoff; Redis failing (a restart, a failover, writes refused) hands the unit back
-    once Redis takes writes; any other error fails the job with its reason (planning it again would fail again)."""
-    try:
+    for the input) is retried with backoff; Redis failing hands the unit back (_handing_back); any other error fails
+    the job with its reason (planning it again would fail again)."""
+    with _handing_back(self, f"job {job_id} unit {unit[0]}"):
         try:
             _plan(self, job_id, Unit(*unit))
         except (Retry, Reject, *REDIS_FAILED):  # Reject: a retry (a unit held elsewhere) that could not be queued
@@ -102,18 +104,24 @@ def plan_unit_task(self: PlannerTask, job_id: str, unit: list) -> None:
             log.warning("job %s unit %s: the store failed (%s: %s); retry %d in %ds", job_id, unit[0],
                         type(exc).__name__, exc, self.request.retries + 1, delay)
             raise self.retry(exc=exc, countdown=delay) from exc
+
+
+@contextmanager
+def _handing_back(self: PlannerTask, what: str) -> Iterator[None]:
+    """Redis failing (a restart, a failover, writes refused at maxmemory), or a retry that could not be queued (Celery
+    then raises Reject without requeue): neither done nor failed, the message goes back to the plan queue (Celery's
+    Reject with requeue, one Redis transaction) once Redis takes writes again."""
+    try:
+        yield
     except REDIS_FAILED as exc:
-        _hand_back(self, job_id, unit[0], f"Redis failed ({type(exc).__name__}: {exc})")
-    except Reject as dropped:  # Celery drops a message whose retry it could not publish: hand it back instead
+        why = f"Redis failed ({type(exc).__name__}: {exc})"
+    except Reject as dropped:
         if dropped.requeue:
             raise
-        _hand_back(self, job_id, unit[0], f"its retry could not be queued ({dropped.reason})")
-
-
-def _hand_back(self: PlannerTask, job_id: str, unit: int, why: str) -> NoReturn:
-    """Neither planned nor failed: back to the plan queue (Celery's Reject with requeue, one Redis transaction), once
-    Redis takes writes again; the unit's shards queued so far are not queued again."""
-    log.error("job %s unit %s: %s; handed back to the plan queue once Redis takes writes", job_id, unit, why)
+        why = f"its retry could not be queued ({dropped.reason})"
+    else:
+        return
+    log.error("%s: %s; handed back to the plan queue once Redis takes writes", what, why)
     self.registry.await_writes(settings.redis_wait_s)
     raise Reject(why, requeue=True)
 
@@ -129,12 +137,16 @@ def _plan(self: PlannerTask, job_id: str, unit: Unit) -> None:
         raise self.retry(countdown=0 if planner_stopping() else LOCKED_RETRY_S)
 
 
-@app.task(name=TASK_FINALIZE_JOB, base=PlannerTask, bind=True, autoretry_for=(TransientError,), retry_backoff=True,
-          retry_backoff_max=120, max_retries=30)
+@app.task(name=TASK_FINALIZE_JOB, base=PlannerTask, bind=True, max_retries=FINALIZE_RETRIES)
 def finalize_job_task(self: PlannerTask, job_id: str) -> None:
     """Write a complete job's manifest, streamed from Redis (idempotent: sent again, it writes the same). The store
-    failing past the retries leaves the job `finishing`: submitting it again writes the manifest."""
-    self.registry.finalize(job_id)
+    failing is retried with backoff; past the retries the job stays `finishing`, and submitting it again writes the
+    manifest. Redis failing hands the task back (_handing_back)."""
+    with _handing_back(self, f"job {job_id}: its manifest"):
+        try:
+            self.registry.finalize(job_id)
+        except TransientError as exc:
+            raise self.retry(exc=exc, countdown=min(120, 2 ** min(self.request.retries, 7))) from exc
 
 
 def serve(concurrency: int) -> int:

@@ -135,3 +135,24 @@ def test_a_written_shard_failed_by_its_manifest_is_not_queued_again(tmp_path, ti
                again.append, lambda unit: None, settings)
     assert again == [], "nothing to embed"
     assert registry.status(job.job_id).state == "done" and store.exists(keys.MANIFEST_KEY)
+
+
+def test_a_manifest_that_meets_a_redis_failure_is_handed_back(redis_server, monkeypatch):
+    """The planner writing a job's manifest meets Redis failing (a restart, writes refused): the task goes back to
+    the plan queue once Redis takes writes. Before, it failed and was acknowledged: the job stayed `finishing` until
+    someone submitted it again."""
+    import redis as redis_client
+    from celery.exceptions import Reject
+
+    from bulkembed.producer import tasks
+
+    registry = JobRegistry.from_url(redis_server)
+
+    def redis_fails(job_id: str, keep_planner: bool = True) -> None:
+        raise redis_client.ConnectionError("Error 111 connecting to redis:6379. Connection refused.")
+
+    monkeypatch.setattr(registry, "finalize", redis_fails)
+    monkeypatch.setattr(tasks.PlannerTask, "registry", property(lambda self: registry))
+    with pytest.raises(Reject) as handed_back:
+        tasks.finalize_job_task.run("job-of-a-restart")
+    assert handed_back.value.requeue, "back to the plan queue"
