@@ -217,7 +217,6 @@ class JobRegistry:
         self.redis.hdel(key, "shards", "error")  # shards: set again when planning is closed
         self.redis.delete(keys.REDIS_JOB_FAILED.format(job_id=job.job_id),
                           keys.REDIS_JOB_ATTEMPTS.format(job_id=job.job_id))
-        self._open(job)
         return failed
 
     def units_queued(self, job_id: str) -> None:
@@ -480,7 +479,11 @@ class JobRegistry:
         """Jobs on this queue with unfinished shards (what KEDA counts to keep a worker up)."""
         return self.redis.lrange(keys.REDIS_QUEUE_OPEN_JOBS.format(queue=queue), 0, -1)
 
-    def _open(self, job: JobSpec) -> None:
+    def open(self, job: JobSpec) -> None:
+        """The job is about to queue work for its model's workers: listed for KEDA, which keeps a worker up while
+        any job is (one may have to restore an orphaned shard), until its last shard is written or failed for good.
+        Not before: a submit that dies before queueing anything (in the duplicate-id pass, minutes at 10^9 rows)
+        would keep a GPU pod up for a job with nothing to embed."""
         key = keys.REDIS_QUEUE_OPEN_JOBS.format(queue=job.model.queue)
         with self.redis.pipeline() as pipe:  # MULTI: the job is listed once, however often it is submitted
             pipe.lrem(key, 0, job.job_id).rpush(key, job.job_id).execute()

@@ -539,13 +539,14 @@ def submit_job(planned: PlannedJob, registry: JobRegistry, send: Callable[[Shard
     job = planned.job
     planned_again = plan_lost_outputs_again(registry, planned)
     failed = registry.start(job, len(planned.units))
-    for shard in failed:  # queued again here, from their inputs, unless their unit is to be planned again
-        # A written shard reported failed (its job's manifest could not be written): written, its input maybe gone.
-        if shard // keys.SHARDS_PER_UNIT not in planned_again and not registry.is_written(job.job_id, shard):
-            send(queued_again(planned.store, job, shard))
-    queue_lost_shards_again(registry, planned, send)
     with planned.counter:
         prepare(planned, settings.dedup_memory_mb)
+        registry.open(job)  # from here on work is queued for the workers
+        for shard in failed:  # queued again here, from their inputs, unless their unit is to be planned again
+            # A written shard reported failed (its job's manifest could not be written): written, its input maybe gone.
+            if shard // keys.SHARDS_PER_UNIT not in planned_again and not registry.is_written(job.job_id, shard):
+                send(queued_again(planned.store, job, shard))
+        queue_lost_shards_again(registry, planned, send)
         left = registry.units_left(job.job_id, len(planned.units))
         for index in left:
             send_unit(planned.units[index])

@@ -1,5 +1,6 @@
 """The registry's list of open jobs per queue, which KEDA's second trigger counts (infra/k8s/keda.yaml),
-against a real Redis: a job is listed from submit until its last shard is written or failed for good."""
+against a real Redis: a job is listed from when its submit queues work until its last shard is written or failed for
+good."""
 
 from __future__ import annotations
 
@@ -45,10 +46,16 @@ def listed(redis_url: str, queue: str) -> int:
     return redis.Redis.from_url(redis_url).llen(keys.REDIS_QUEUE_OPEN_JOBS.format(queue=queue))
 
 
+def submitted(registry: JobRegistry, spec: JobSpec) -> None:
+    """What submit does before it queues anything: register the job, then list it as open."""
+    registry.start(spec, 1)
+    registry.open(spec)
+
+
 def test_a_job_is_open_from_submit_until_its_last_shard_is_written(registry, redis_server, queue, tmp_path):
     spec = job(tmp_path, queue)
-    registry.start(spec, 1)
-    registry.start(spec, 1)  # submitted again: still listed once
+    submitted(registry, spec)
+    submitted(registry, spec)  # submitted again: still listed once
     assert registry.open_jobs(queue) == [spec.job_id] and listed(redis_server, queue) == 1
     assert not plan(registry, spec.job_id, JobTotals(shards=2))
     assert not registry.shard_done(spec.job_id, result(0))
@@ -60,19 +67,19 @@ def test_a_job_is_open_from_submit_until_its_last_shard_is_written(registry, red
 
 def test_a_job_failed_for_good_is_closed_and_reopened_when_resubmitted(registry, queue, tmp_path):
     spec, other = job(tmp_path, queue, "a"), job(tmp_path, queue, "b")
-    registry.start(spec, 1)
-    registry.start(other, 1)
+    submitted(registry, spec)
+    submitted(registry, other)
     plan(registry, spec.job_id, JobTotals(shards=2))
     registry.shard_done(spec.job_id, result(0))
     registry.shard_failed(spec.job_id, 1, "poison")
     assert registry.open_jobs(queue) == [other.job_id]
-    registry.start(spec, 1)
+    submitted(registry, spec)
     assert registry.open_jobs(queue) == [other.job_id, spec.job_id]
 
 
 def test_failures_before_the_job_is_fully_queued_close_it_when_it_is(registry, queue, tmp_path):
     spec = job(tmp_path, queue)
-    registry.start(spec, 1)
+    submitted(registry, spec)
     registry.shard_failed(spec.job_id, 0, "poison")
     assert registry.open_jobs(queue) == [spec.job_id], "more shards may still be queued"
     assert not plan(registry, spec.job_id, JobTotals(shards=1))
@@ -81,7 +88,7 @@ def test_failures_before_the_job_is_fully_queued_close_it_when_it_is(registry, q
 
 def test_a_forgotten_job_is_closed(registry, queue, tmp_path):
     spec = job(tmp_path, queue)
-    registry.start(spec, 1)
+    submitted(registry, spec)
     registry.forget(spec.job_id)
     assert registry.open_jobs(queue) == []
 

@@ -156,3 +156,30 @@ def test_a_manifest_that_meets_a_redis_failure_is_handed_back(redis_server, monk
     with pytest.raises(Reject) as handed_back:
         tasks.finalize_job_task.run("job-of-a-restart")
     assert handed_back.value.requeue, "back to the plan queue"
+
+
+def test_a_submit_that_dies_before_queueing_anything_holds_no_worker(tmp_path, tiny_model, redis_server, monkeypatch):
+    """KEDA keeps a GPU worker up while a model's queue has an open job. A submit killed in the duplicate-id pass
+    (minutes at 10^9 rows, before any unit or shard is queued) leaves its job registered but not open; submitted again
+    it runs. Before, the job was opened at registration and kept a GPU pod up for ever with nothing to embed."""
+    from bulkembed.producer import submit
+    from bulkembed.producer.submit import submit_job
+
+    write_corpus(tmp_path / "in" / "c.parquet", [f"d{i}" for i in range(40)], mixed_texts(40, seed=6))
+    planned = plan_job(str(tmp_path / "in"), str(tiny_model), str(tmp_path / "out"), JobOptions(shard_tokens=800))
+    registry = JobRegistry.from_url(redis_server)
+    queue = planned.job.model.queue
+    registry.redis.delete(keys.REDIS_QUEUE_OPEN_JOBS.format(queue=queue))
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # Ctrl-C, or the pod deleted, mid-pass
+
+    monkeypatch.setattr(submit, "find_duplicates", killed)
+    sent: list = []
+    with pytest.raises(KeyboardInterrupt):
+        submit_job(planned, registry, sent.append, sent.append, ProducerSettings())
+    assert sent == [] and registry.open_jobs(queue) == [], "nothing queued, no worker held"
+    monkeypatch.undo()
+    submit_job(plan_job(str(tmp_path / "in"), str(tiny_model), str(tmp_path / "out"), JobOptions(shard_tokens=800)),
+               registry, sent.append, lambda unit: None, ProducerSettings())
+    assert sent and registry.open_jobs(queue) == [planned.job.job_id], "open once its shards are queued"
