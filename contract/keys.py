@@ -54,6 +54,11 @@ def shard_number(unit: int, place: int) -> int:
     return unit * SHARDS_PER_UNIT + place
 
 
+def unit_shards(unit: int, count: int) -> list[int]:
+    """The numbers of a unit's `count` shards."""
+    return [shard_number(unit, place) for place in range(count)]
+
+
 def shard_name(shard: int) -> str:
     unit, place = divmod(shard, SHARDS_PER_UNIT)
     return f"{unit:06d}-{place:06d}"

@@ -84,7 +84,8 @@ def reused_files(store: Store) -> list[ReusedFile]:
     return [ReusedFile.model_validate(f) for f in json.loads(store.get(keys.REUSED_FILES_KEY))]
 
 
-# Redis failing: the registry's client (past its retries) or Celery's publishing through kombu.
+# Redis failing past redis-py's own retries (out of memory under noeviction, a long outage), as the registry's client
+# or as Celery's broker through kombu.
 REDIS_FAILED = (redis.RedisError, OperationalError)
 ENGINES_TTL_S = 90  # a worker reports its engines every third of this
 FAILURES_PAGE = 20  # failed shards a status carries; JobRegistry.failures pages through the rest
@@ -229,10 +230,14 @@ class JobRegistry:
         with self.redis.pipeline() as pipe:  # MULTI: listed once, however often it is submitted
             pipe.lrem(keys.REDIS_PLANNING_JOBS, 0, job_id).rpush(keys.REDIS_PLANNING_JOBS, job_id).execute()
 
+    def _needs_no_planner(self, job_id: str) -> None:
+        """Every entry of the job off the list: planned, failed, forgotten or done."""
+        self.redis.lrem(keys.REDIS_PLANNING_JOBS, 0, job_id)
+
     def forget(self, job_id: str) -> None:
         """Drop everything Redis knows of a job (--force)."""
         self._close(job_id)
-        self.redis.lrem(keys.REDIS_PLANNING_JOBS, 0, job_id)
+        self._needs_no_planner(job_id)
         self.redis.delete(*self._keys(job_id))
 
     def attempt(self, job_id: str, shard: int) -> int:
@@ -335,7 +340,7 @@ class JobRegistry:
         self.redis.hset(key, mapping={f: getattr(reused, f) for f in REUSED_FIELDS} | {"shards": shards,
                                                                                         "state": "running"})
         self.redis.delete(keys.REDIS_JOB_QUEUED.format(job_id=job_id))  # only planning needed it
-        self.redis.lrem(keys.REDIS_PLANNING_JOBS, 0, job_id)
+        self._needs_no_planner(job_id)
         complete = self._complete(job_id)
         if not complete and self._settled(job_id):  # its last shards failed while it was being planned
             self._close(job_id)
@@ -348,7 +353,7 @@ class JobRegistry:
         self.redis.hset(keys.REDIS_JOB.format(job_id=job_id), mapping={"state": "failed",
                                                                         "error": f"unit {unit}: {error}"[:2000]})
         self._close(job_id)
-        self.redis.lrem(keys.REDIS_PLANNING_JOBS, 0, job_id)
+        self._needs_no_planner(job_id)
         self._expire(job_id)
 
     def totals(self, job_id: str) -> JobTotals:
@@ -413,7 +418,7 @@ class JobRegistry:
             if keep_planner:
                 self.redis.lrem(keys.REDIS_PLANNING_JOBS, 1, job_id)
             raise
-        self.redis.lrem(keys.REDIS_PLANNING_JOBS, 0, job_id)
+        self._needs_no_planner(job_id)
         return manifest
 
     def _expire(self, job_id: str) -> None:

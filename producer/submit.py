@@ -314,8 +314,7 @@ def plan_unit(ctx: PlanContext, unit: Unit, sink: ShardSink) -> JobTotals:
     planner = ShardPlanner(job.shard_tokens)
     rejects = _Rejects(store, id_type, unit.index)
     input_schema = shard_input_schema(id_type)
-    # One listing finds the unit's written shards (a resumed job), instead of a HEAD per shard.
-    written = {key for key, _ in store.list(keys.unit_outputs(unit.index))}
+    written = written_outputs(store, unit.index)
     duplicates = np.sort(_unit_duplicates(ctx, ordinal(unit.file, unit.first_row), unit.rows))  # ordinals
     reusing: list[np.ndarray] = []
     totals = JobTotals()
@@ -389,11 +388,10 @@ def copy_reused_rows(ctx: PlanContext, units: int) -> list[ReusedFile]:
     copies, lost = [], None
     if ctx.store.exists(keys.REUSED_FILES_KEY):  # copied before (a resumed job, or units planned again)
         copies = reused_files(ctx.store)
-        present = {key for key, _ in ctx.store.list(keys.REUSED_OUTPUT_PREFIX)}
-        lost = [copy for copy in copies if copy.key not in present]
+        lost = lost_copies(ctx.store, copies)
         if not lost:
             return copies
-        if not all(reused_matches_kept(ctx.store, units)):  # dropped by an older bulkembed: plan_lost_outputs_again
+        if not reused_matches_kept(ctx.store, units):  # dropped by an older bulkembed: plan_lost_outputs_again
             log.warning("job %s: OUT lost %s, and the matches to copy it again are gone; submit the job again once "
                         "it is done", ctx.job.job_id, ", ".join(copy.key for copy in lost))
             return copies
@@ -410,10 +408,21 @@ def copy_reused_rows(ctx: PlanContext, units: int) -> list[ReusedFile]:
     return files
 
 
-def reused_matches_kept(store: Store, units: int) -> list[bool]:
-    """Whether each unit's --reuse matches are in the store (one listing)."""
+def reused_matches_kept(store: Store, units: int) -> bool:
+    """Whether every unit's --reuse matches are in the store (one listing)."""
     kept = {key for key, _ in store.list(keys.REUSED_KEYS_PREFIX)}
-    return [keys.reused_keys(unit) in kept for unit in range(units)]
+    return all(keys.reused_keys(unit) in kept for unit in range(units))
+
+
+def lost_copies(store: Store, copies: list[ReusedFile]) -> list[ReusedFile]:
+    """Those of a job's --reuse copies that OUT no longer holds (one listing)."""
+    present = {key for key, _ in store.list(keys.REUSED_OUTPUT_PREFIX)} if copies else set()
+    return [copy for copy in copies if copy.key not in present]
+
+
+def written_outputs(store: Store, unit: int) -> set[str]:
+    """The embedding files of a unit's shards that OUT holds: one listing, instead of a HEAD per shard."""
+    return {key for key, _ in store.list(keys.unit_outputs(unit))}
 
 
 def produce(planned: PlannedJob, emit: Callable[[ShardMessage], None],
@@ -574,17 +583,13 @@ def plan_lost_outputs_again(registry: JobRegistry, planned: PlannedJob) -> set[i
     status = registry.status(job.job_id)
     if status is None or not status.finished:
         return set()
-    units = registry.planned_units(job.job_id)
-    copies = reused_files(store)
-    present = {key for key, _ in store.list(keys.REUSED_OUTPUT_PREFIX)} if copies else set()
-    copies_lost = [copy.key for copy in copies if copy.key not in present]
-    plan_all = bool(copies_lost) and not all(reused_matches_kept(store, registry.unit_count(job.job_id)))
+    copies_lost = lost_copies(store, reused_files(store))
+    plan_all = bool(copies_lost) and not reused_matches_kept(store, registry.unit_count(job.job_id))
     lost, again = 0, set()
-    for unit, totals in sorted(units.items()):
-        written = {key for key, _ in store.list(keys.unit_outputs(unit))}
-        shards = [keys.shard_number(unit, place) for place in range(totals.shards)]
-        count = registry.plan_again(job.job_id, unit, [s for s in shards if keys.shard_output(s) not in written],
-                                    always=plan_all)
+    for unit, totals in sorted(registry.planned_units(job.job_id).items()):
+        written = written_outputs(store, unit)
+        count = registry.plan_again(job.job_id, unit, [s for s in keys.unit_shards(unit, totals.shards)
+                                                       if keys.shard_output(s) not in written], always=plan_all)
         lost += count
         if count or plan_all:
             again.add(unit)
@@ -600,11 +605,14 @@ def queue_lost_shards_again(registry: JobRegistry, planned: PlannedJob, send: Ca
     purged queue), and the job would wait for it for ever. It is queued again from its input. A shard taken by a
     worker between the two reads here may be queued twice: its second delivery finds it written."""
     job = planned.job
-    held = shards_held(registry.redis, job.model.queue, job.job_id)  # first: a message goes once its shard is recorded
+    units = registry.planned_units(job.job_id)
+    if not units:  # a new job: no queue to read
+        return
+    # Read before what is written: a shard's message goes only once the shard is recorded.
+    held = shards_held(registry.redis, job.model.queue, job.job_id)
     lost = []
-    for unit, totals in sorted(registry.planned_units(job.job_id).items()):
-        shards = [keys.shard_number(unit, place) for place in range(totals.shards)]
-        lost += [shard for shard in registry.unwritten(job.job_id, shards) if shard not in held]
+    for unit, totals in sorted(units.items()):
+        lost += [s for s in registry.unwritten(job.job_id, keys.unit_shards(unit, totals.shards)) if s not in held]
     for shard in lost:
         send(queued_again(planned.store, job, shard))
     if lost:

@@ -100,10 +100,15 @@ def plan_unit_task(self: PlannerTask, job_id: str, unit: list) -> None:
                 log.exception("job %s unit %s could not be planned", job_id, unit[0])
                 self.registry.planning_failed(job_id, unit[0], f"{type(exc).__name__}: {exc}")
                 return
-            delay = min(120, 2 ** min(self.request.retries, 7))
+            delay = _backoff_s(self)
             log.warning("job %s unit %s: the store failed (%s: %s); retry %d in %ds", job_id, unit[0],
                         type(exc).__name__, exc, self.request.retries + 1, delay)
             raise self.retry(exc=exc, countdown=delay) from exc
+
+
+def _backoff_s(self: PlannerTask) -> int:
+    """Before a task's next try after the store failed: doubling from 1 s, up to 2 minutes."""
+    return min(120, 2 ** min(self.request.retries, 7))
 
 
 @contextmanager
@@ -146,7 +151,7 @@ def finalize_job_task(self: PlannerTask, job_id: str) -> None:
         try:
             self.registry.finalize(job_id)
         except TransientError as exc:
-            raise self.retry(exc=exc, countdown=min(120, 2 ** min(self.request.retries, 7))) from exc
+            raise self.retry(exc=exc, countdown=_backoff_s(self)) from exc
 
 
 def serve(concurrency: int) -> int:

@@ -50,8 +50,7 @@ class ResidentModel:
 
 
 MODEL: ResidentModel | None = None  # set by `bulkembed worker` before the pool starts
-# Redis failing past redis-py's own retries (out of memory under noeviction, a long outage), as the registry or as
-# the broker: a shard whose bookkeeping cannot be written is handed back, never acknowledged as if it had run.
+# A shard whose bookkeeping cannot be written (REDIS_FAILED) is handed back, never acknowledged as if it had run.
 GIVE_BACK_MAX_S = 60.0
 _given_back = 0  # shards this pool process handed back in a row (its backoff)
 
