@@ -89,6 +89,7 @@ def reused_files(store: Store) -> list[ReusedFile]:
 REDIS_FAILED = (redis.RedisError, OperationalError)
 ENGINES_TTL_S = 90  # a worker reports its engines every third of this
 FAILURES_PAGE = 20  # failed shards a status carries; JobRegistry.failures pages through the rest
+PAGE = 10_000  # hash fields one command asks for or scans: a job may have millions of shards
 
 
 class JobStatus(BaseModel):
@@ -276,9 +277,12 @@ class JobRegistry:
         return {int(unit): JobTotals.model_validate_json(totals) for unit, totals in raw.items()}
 
     def unwritten(self, job_id: str, shards: list[int]) -> list[int]:
-        """Those of `shards` not recorded written."""
-        done = self.redis.hmget(keys.REDIS_JOB_DONE.format(job_id=job_id), shards) if shards else []
-        return [shard for shard, result in zip(shards, done, strict=True) if result is None]
+        """Those of `shards` not recorded written (asked a page at a time: there may be millions)."""
+        key, left = keys.REDIS_JOB_DONE.format(job_id=job_id), []
+        for first in range(0, len(shards), PAGE):
+            page = shards[first:first + PAGE]
+            left += [shard for shard, result in zip(page, self.redis.hmget(key, page), strict=True) if result is None]
+        return left
 
     def plan_again(self, job_id: str, unit: int, lost: list[int], always: bool = False) -> int:
         """Of a unit's shards `lost` (files OUT does not hold), those recorded written are written no more, and the
@@ -392,7 +396,7 @@ class JobRegistry:
 
     def results(self, job_id: str) -> Iterator[ShardResult]:
         """Every written shard's result, a page of Redis at a time (HSCAN), in no order."""
-        for _, value in self.redis.hscan_iter(keys.REDIS_JOB_DONE.format(job_id=job_id), count=10_000):
+        for _, value in self.redis.hscan_iter(keys.REDIS_JOB_DONE.format(job_id=job_id), count=PAGE):
             yield ShardResult.model_validate_json(value)
 
     def finalize(self, job_id: str, keep_planner: bool = True) -> dict | None:
@@ -535,7 +539,7 @@ class JobRegistry:
 
     def failures(self, job_id: str) -> Iterator[tuple[int, str]]:
         """Every failed shard and its error, a page at a time (HSCAN): for `status --failures`."""
-        for shard, error in self.redis.hscan_iter(keys.REDIS_JOB_FAILED.format(job_id=job_id), count=1000):
+        for shard, error in self.redis.hscan_iter(keys.REDIS_JOB_FAILED.format(job_id=job_id), count=PAGE):
             yield int(shard), error
 
 

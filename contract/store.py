@@ -9,14 +9,17 @@ from __future__ import annotations
 import glob
 import logging
 import os
+import random
 import re
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeVar
 from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
@@ -24,6 +27,9 @@ import pyarrow.fs as pafs
 from bulkembed.contract.errors import InputError, TransientError
 
 log = logging.getLogger(__name__)
+
+Item, Answer = TypeVar("Item"), TypeVar("Answer")
+REQUESTS_AT_ONCE = 8  # store requests of one bulk pass at once: a 10^9-row job has ~7,600 units to list
 
 
 class Store(Protocol):
@@ -300,6 +306,12 @@ def _error_code(exc: Exception) -> str:
     return exc.response.get("Error", {}).get("Code", "")  # type: ignore[attr-defined]
 
 
+def backoff_s(retries: int, cap_s: float) -> float:
+    """The wait before a retry after the store (or Redis) failed: doubling from 1 s up to `cap_s`, jittered so the
+    shards or units that failed together do not come back together."""
+    return min(cap_s, 2.0 ** min(retries, 30)) * random.uniform(0.5, 1.0)
+
+
 def is_transient(exc: Exception) -> bool:
     """Connection trouble, timeouts, throttling and 5xx answers: worth retrying later. The rest
     (access denied, no such bucket, no credentials, bad parameters) is permanent."""
@@ -344,3 +356,17 @@ def open_store(uri: str) -> Store:
     if uri.startswith("s3://"):
         return S3Store(uri)
     return LocalStore(uri)
+
+
+def at_once(request: Callable[[Item], Answer], items: Iterable[Item], threads: int = REQUESTS_AT_ONCE
+            ) -> Iterator[Answer]:
+    """`request` of each of `items`, `threads` at a time, the answers in order. At most twice `threads` answers wait
+    to be read: a long pass (a listing a unit) neither runs one request at a time nor holds every answer."""
+    with ThreadPoolExecutor(threads, thread_name_prefix="store-requests") as pool:
+        pending: deque[Future[Answer]] = deque()
+        for item in items:
+            pending.append(pool.submit(request, item))
+            if len(pending) > 2 * threads:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()

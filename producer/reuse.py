@@ -36,7 +36,7 @@ from bulkembed.contract.schema import (
     stored_schema,
     to_ipc_bytes,
 )
-from bulkembed.contract.store import Store, open_store
+from bulkembed.contract.store import Store, at_once, open_store
 from bulkembed.producer.dedup import SeenIds
 
 log = logging.getLogger(__name__)
@@ -127,15 +127,13 @@ def _schema_differences(store: Store, key: str, job: JobSpec, id_type: pa.DataTy
 def copy_reused(previous: PreviousOutput, reused: SeenIds, store: Store, job: JobSpec,
                 sources: set[str] | None = None) -> list[ReusedFile]:
     """Copy the rows whose keys are in `reused` into OUT, one file per PREV_OUT file that has some (of `sources`
-    only, where given: copies OUT lost). A file found already written (a resumed job) is checked and kept."""
-    copied = []
-    for index, source in enumerate(previous.files):
-        if sources is not None and source not in sources:
-            continue
+    only, where given: copies OUT lost), several files at once. A file found already written (a resumed job) is
+    checked and kept."""
+    def copy(index: int, source: str) -> ReusedFile | None:
         table = from_ipc_bytes(previous.store.get(source))
         mask = reused.contains(row_keys(table.column("id").to_pylist(), table.column("content_hash").to_pylist()))
         if not mask.any():
-            continue
+            return None
         taken = table.filter(pa.array(mask))
         id_type = table.schema.field("id").type  # the new corpus's: open_previous checked they agree
         # The vectors keep the record of how they were decoded (they were, by the earlier job's workers).
@@ -148,11 +146,14 @@ def copy_reused(previous: PreviousOutput, reused: SeenIds, store: Store, job: Jo
             if from_ipc_bytes(data).num_rows != taken.num_rows:
                 raise ShardError(f"job {job.job_id}: {key} exists with other rows than {source} gives; "
                                  f"start over with --force")
-        copied.append(ReusedFile(key=key, source=source, rows=taken.num_rows,
-                                 tokens=int(pc.sum(taken.column("n_tokens")).as_py()),
-                                 truncated=int(pc.sum(pc.and_(taken.column("truncated"),
-                                                              pc.equal(taken.column("chunk"), 0))).as_py()),
-                                 sha256=hashlib.sha256(data).hexdigest(), decoding=decoding_digest(decoded_by)))
+        return ReusedFile(key=key, source=source, rows=taken.num_rows,
+                          tokens=int(pc.sum(taken.column("n_tokens")).as_py()),
+                          truncated=int(pc.sum(pc.and_(taken.column("truncated"),
+                                                       pc.equal(taken.column("chunk"), 0))).as_py()),
+                          sha256=hashlib.sha256(data).hexdigest(), decoding=decoding_digest(decoded_by))
+
+    chosen = [(index, source) for index, source in enumerate(previous.files) if sources is None or source in sources]
+    copied = [file for file in at_once(lambda pair: copy(*pair), chosen) if file is not None]
     log.info("job %s: %d rows reused from %s in %d files", job.job_id, sum(f.rows for f in copied),
              previous.source.uri, len(copied))
     return copied

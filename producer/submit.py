@@ -50,7 +50,7 @@ from bulkembed.contract.schema import (
     to_ipc_bytes,
 )
 from bulkembed.contract.settings import ProducerSettings
-from bulkembed.contract.store import Store, open_store
+from bulkembed.contract.store import Store, at_once, open_store
 from bulkembed.contract.vocab import NO_TOKENS, TokenCounter
 from bulkembed.producer.corpus import Corpus, Unit, decode_texts, input_fs, open_corpus, plan_units, read_batches
 from bulkembed.producer.dedup import SeenIds, duplicates_between, find_duplicates, id_batches, ordinal
@@ -396,8 +396,8 @@ def copy_reused_rows(ctx: PlanContext, units: int) -> list[ReusedFile]:
                         "it is done", ctx.job.job_id, ", ".join(copy.key for copy in lost))
             return copies
     reused = SeenIds()
-    for unit in range(units):
-        reused.add(np.array(from_ipc_bytes(ctx.store.get(keys.reused_keys(unit))).column("key").to_pylist(), ROW_KEY))
+    for matched in at_once(lambda unit: from_ipc_bytes(ctx.store.get(keys.reused_keys(unit))), range(units)):
+        reused.add(np.array(matched.column("key").to_pylist(), ROW_KEY))
     ctx.previous.index = None  # matching is over: free it before copying
     sources = {copy.source for copy in lost} if lost else None  # only the lost: each copy reads its PREV_OUT file
     again = {f.key: f for f in copy_reused(ctx.previous, reused, ctx.store, ctx.job, sources)}
@@ -551,10 +551,10 @@ def submit_job(planned: PlannedJob, registry: JobRegistry, send: Callable[[Shard
     with planned.counter:
         prepare(planned, settings.dedup_memory_mb)
         registry.open(job)  # from here on work is queued for the workers
-        for shard in failed:  # queued again here, from their inputs, unless their unit is to be planned again
-            # A written shard reported failed (its job's manifest could not be written): written, its input maybe gone.
-            if shard // keys.SHARDS_PER_UNIT not in planned_again and not registry.is_written(job.job_id, shard):
-                send(queued_again(planned.store, job, shard))
+        # Queued again here unless their unit is to be planned again. A written shard reported failed (its job's
+        # manifest could not be written) is not: written, its input maybe gone.
+        queue_again(planned, registry.unwritten(job.job_id, [s for s in failed
+                                                             if s // keys.SHARDS_PER_UNIT not in planned_again]), send)
         queue_lost_shards_again(registry, planned, send)
         left = registry.units_left(job.job_id, len(planned.units))
         for index in left:
@@ -577,8 +577,8 @@ def plan_lost_outputs_again(registry: JobRegistry, planned: PlannedJob) -> set[i
     instead of reporting done over files that are gone. The units of lost shards are planned again: they queue their
     shards not found written (a done job's shard inputs are deleted). Lost --reuse copies are copied again from the
     matches the job kept (copy_reused_rows); a job whose matches were dropped (by an older bulkembed) has every unit
-    planned again. One listing of OUT a unit; a unit planned again reads its input again, not its written files.
-    Returns the units to be planned again."""
+    planned again. One listing of OUT a unit, several at once; a unit planned again reads its input again, not its
+    written files. Returns the units to be planned again."""
     job, store = planned.job, planned.store
     status = registry.status(job.job_id)
     if status is None or not status.finished:
@@ -586,8 +586,9 @@ def plan_lost_outputs_again(registry: JobRegistry, planned: PlannedJob) -> set[i
     copies_lost = lost_copies(store, reused_files(store))
     plan_all = bool(copies_lost) and not reused_matches_kept(store, registry.unit_count(job.job_id))
     lost, again = 0, set()
-    for unit, totals in sorted(registry.planned_units(job.job_id).items()):
-        written = written_outputs(store, unit)
+    units = sorted(registry.planned_units(job.job_id).items())
+    listings = at_once(lambda unit: written_outputs(store, unit), [unit for unit, _ in units])
+    for (unit, totals), written in zip(units, listings, strict=True):
         count = registry.plan_again(job.job_id, unit, [s for s in keys.unit_shards(unit, totals.shards)
                                                        if keys.shard_output(s) not in written], always=plan_all)
         lost += count
@@ -613,17 +614,21 @@ def queue_lost_shards_again(registry: JobRegistry, planned: PlannedJob, send: Ca
     lost = []
     for unit, totals in sorted(units.items()):
         lost += [s for s in registry.unwritten(job.job_id, keys.unit_shards(unit, totals.shards)) if s not in held]
-    for shard in lost:
-        send(queued_again(planned.store, job, shard))
+    queue_again(planned, lost, send)
     if lost:
         log.warning("job %s: %d shards were neither written nor queued (their messages lost by Redis), e.g. %s; "
                     "queued again", job.job_id, len(lost), keys.shard_name(lost[0]))
 
 
-def queued_again(store: Store, job: JobSpec, shard: int) -> ShardMessage:
-    """The message of a shard planned before (a failed one, resubmitted), rebuilt from its input."""
-    lengths = from_ipc_bytes(store.get(keys.shard_input(shard))).column("n_tokens").to_pylist()
-    return ShardMessage.of(job, shard, lengths)
+def queue_again(planned: PlannedJob, shards: list[int], send: Callable[[ShardMessage], None]) -> None:
+    """Shards planned before (failed ones, resubmitted; lost messages) queued again, each message rebuilt from its
+    shard's input: several reads at once, as a store outage may have failed millions of shards."""
+    def message(shard: int) -> ShardMessage:
+        lengths = from_ipc_bytes(planned.store.get(keys.shard_input(shard))).column("n_tokens").to_pylist()
+        return ShardMessage.of(planned.job, shard, lengths)
+
+    for queued in at_once(message, shards):
+        send(queued)
 
 
 def claim_out(planned: PlannedJob, force: bool) -> None:

@@ -25,7 +25,7 @@ from bulkembed.contract.model import resolve_path
 from bulkembed.contract.queue import PLAN_QUEUE, TASK_FINALIZE_JOB, TASK_PLAN_UNIT, celery_app, shard_sender
 from bulkembed.contract.registry import REDIS_FAILED, JobRegistry
 from bulkembed.contract.settings import ProducerSettings
-from bulkembed.contract.store import is_transient
+from bulkembed.contract.store import backoff_s, is_transient
 from bulkembed.contract.vocab import TokenCounter
 from bulkembed.producer.corpus import Unit
 from bulkembed.producer.submit import PlanContext, plan_claimed
@@ -41,7 +41,8 @@ app = celery_app(settings, "bulkembed-planner")
 # LOCKED_RETRY_S until it is planned: churn, never a shard queued twice.
 app.conf.task_time_limit = None
 LOCKED_RETRY_S = 15  # a unit another planner holds: look again (it is planned by then, or its lock has lapsed)
-FINALIZE_RETRIES = 30  # the store failing a manifest, with backoff up to 120 s: about 50 minutes
+FINALIZE_RETRIES = 40  # the store failing a manifest, with backoff up to BACKOFF_MAX_S: 35 to 70 minutes
+BACKOFF_MAX_S = 120  # the longest wait before a planner task's next try after the store failed
 
 
 def _stop_marker(pid: int) -> Path:
@@ -100,15 +101,10 @@ def plan_unit_task(self: PlannerTask, job_id: str, unit: list) -> None:
                 log.exception("job %s unit %s could not be planned", job_id, unit[0])
                 self.registry.planning_failed(job_id, unit[0], f"{type(exc).__name__}: {exc}")
                 return
-            delay = _backoff_s(self)
-            log.warning("job %s unit %s: the store failed (%s: %s); retry %d in %ds", job_id, unit[0],
+            delay = backoff_s(self.request.retries, BACKOFF_MAX_S)
+            log.warning("job %s unit %s: the store failed (%s: %s); retry %d in %.1fs", job_id, unit[0],
                         type(exc).__name__, exc, self.request.retries + 1, delay)
             raise self.retry(exc=exc, countdown=delay) from exc
-
-
-def _backoff_s(self: PlannerTask) -> int:
-    """Before a task's next try after the store failed: doubling from 1 s, up to 2 minutes."""
-    return min(120, 2 ** min(self.request.retries, 7))
 
 
 @contextmanager
@@ -151,7 +147,7 @@ def finalize_job_task(self: PlannerTask, job_id: str) -> None:
         try:
             self.registry.finalize(job_id)
         except TransientError as exc:
-            raise self.retry(exc=exc, countdown=_backoff_s(self)) from exc
+            raise self.retry(exc=exc, countdown=backoff_s(self.request.retries, BACKOFF_MAX_S)) from exc
 
 
 def serve(concurrency: int) -> int:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import random
 import time
 from contextlib import nullcontext, suppress
 from dataclasses import dataclass
@@ -28,7 +27,7 @@ from bulkembed.contract.llama_process import LlamaProcessDied
 from bulkembed.contract.queue import PLAN_QUEUE, TASK_EMBED_SHARD, TASK_FINALIZE_JOB, celery_app
 from bulkembed.contract.registry import REDIS_FAILED, JobRegistry
 from bulkembed.contract.settings import WorkerSettings
-from bulkembed.contract.store import Store, has_conditional_writes, open_store
+from bulkembed.contract.store import Store, backoff_s, has_conditional_writes, open_store
 from bulkembed.worker import metrics
 from bulkembed.worker.engine import EngineOptions
 from bulkembed.worker.engines import EngineProcess
@@ -169,11 +168,6 @@ def _engine_lost(shard: ShardMessage, why: str) -> NoReturn:
     log.critical("job %s shard %d: %s; this pool process exits", shard.job_id, shard.shard, why)
     logging.shutdown()
     os._exit(70)
-
-
-def backoff_s(retries: int, cap_s: float) -> float:
-    """Doubling from 1 s up to `cap_s`, jittered so shards that failed together do not return together."""
-    return min(cap_s, 2.0 ** retries) * random.uniform(0.5, 1.0)
 
 
 @app.task(name=TASK_EMBED_SHARD, base=ModelTask, bind=True, max_retries=None)

@@ -3,7 +3,9 @@ call, permanent ones stay what they are."""
 
 from __future__ import annotations
 
+import threading
 import time
+from collections.abc import Iterator
 
 import pytest
 from botocore.exceptions import (
@@ -17,7 +19,7 @@ from botocore.exceptions import (
 
 from bulkembed.contract import keys
 from bulkembed.contract.errors import TransientError
-from bulkembed.contract.store import is_transient, open_store
+from bulkembed.contract.store import at_once, is_transient, open_store
 from tests.conftest import s3_env
 from tests.faults_support import FaultPlan, FaultyS3Proxy
 
@@ -204,3 +206,35 @@ def test_list_takes_any_prefix_as_s3_does(where, tmp_path, s3_server, bucket, mo
     assert [k for k, _ in store.list("_shards/")] == ["_shards/000001-000000.arrow"]
     assert store.list("000001-000001.arrow") == [("000001-000001.arrow", 2)] and store.list("nothing") == []
     assert len(store.list()) == 6
+
+
+def test_at_once_answers_in_order_with_requests_in_parallel_and_a_bounded_lookahead():
+    """A long pass (a listing a unit of a 10^9-row job) runs several requests at once, gives the answers in order,
+    reads its items only a few ahead of what was consumed, and raises a request's error where its answer would be."""
+    running, most, read = 0, 0, []
+    lock = threading.Lock()
+
+    def items() -> Iterator[int]:
+        for item in range(40):
+            read.append(item)
+            yield item
+
+    def request(item: int) -> int:
+        nonlocal running, most
+        with lock:
+            running += 1
+            most = max(most, running)
+        time.sleep(0.02)
+        with lock:
+            running -= 1
+        if item == 30:
+            raise ValueError("item 30")
+        return item * 10
+
+    answers = at_once(request, items(), threads=4)
+    assert [next(answers) for _ in range(3)] == [0, 10, 20]
+    assert len(read) <= 3 + 2 * 4 + 1, "items are read only a few ahead of the answers consumed"
+    assert [next(answers) for _ in range(27)] == [10 * i for i in range(3, 30)]
+    with pytest.raises(ValueError, match="item 30"):
+        next(answers)
+    assert most > 1, "requests ran one at a time"
