@@ -346,7 +346,9 @@ class JobRegistry:
         self.redis.delete(keys.REDIS_JOB_QUEUED.format(job_id=job_id))  # only planning needed it
         self._needs_no_planner(job_id)
         complete = self._complete(job_id)
-        if not complete and self._settled(job_id):  # its last shards failed while it was being planned
+        if complete:  # written whole already (a resubmitted job): no worker needs to stay up for it
+            self._close(job_id)
+        elif self._settled(job_id):  # its last shards failed while it was being planned
             self._close(job_id)
             self._expire(job_id)
         return complete
@@ -371,7 +373,10 @@ class JobRegistry:
                                                                 keys.REDIS_JOB_FAILED))
         self._shard_done(keys=[job, done, failed], args=[result.shard, result.model_dump_json(), result.rows,
                                                          result.tokens])
-        return self._complete(job_id)
+        complete = self._complete(job_id)
+        if complete:  # nothing left to embed: no worker needs to stay up for it, even should its manifest fail
+            self._close(job_id)
+        return complete
 
     def shard_failed(self, job_id: str, shard: int, error: str) -> None:
         job, done, failed = (k.format(job_id=job_id) for k in (keys.REDIS_JOB, keys.REDIS_JOB_DONE,

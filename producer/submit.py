@@ -531,12 +531,18 @@ def plan_claimed(registry: JobRegistry, job: JobSpec, context: Callable[[], Plan
 
 def close_if_planned(registry: JobRegistry, job: JobSpec, context: Callable[[], PlanContext],
                      keep_planner: bool = True) -> None:
-    """Once every unit is planned: copy what --reuse matched, let the job run, and write its manifest if every shard
-    was already written (a resubmitted job). Idempotent: a planner and the submitting process may both get here."""
-    if registry.planning_open(job.job_id) and registry.all_units_planned(job.job_id):
+    """Once every unit is planned: copy what --reuse matched and let the job run. A job whose every shard is written
+    by then (a resubmitted one: no worker will send its manifest task) has its manifest written here, and again on the
+    next call while it is not (the store or Redis failed it: this task's retry, or its delivery again, writes it).
+    Idempotent: a planner and the submitting process may both get here."""
+    if registry.planning_open(job.job_id):
+        if not registry.all_units_planned(job.job_id):
+            return
         files = copy_reused_rows(context(), registry.unit_count(job.job_id))
-        if registry.close_planning(job.job_id, JobTotals.of_reused(files)):
-            registry.finalize(job.job_id, keep_planner)
+        registry.close_planning(job.job_id, JobTotals.of_reused(files))
+    status = registry.status(job.job_id)
+    if status is not None and status.state == "finishing":
+        registry.finalize(job.job_id, keep_planner)
 
 
 def submit_job(planned: PlannedJob, registry: JobRegistry, send: Callable[[ShardMessage], None],

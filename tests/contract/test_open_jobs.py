@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import uuid
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import redis
@@ -61,8 +62,43 @@ def test_a_job_is_open_from_submit_until_its_last_shard_is_written(registry, red
     assert not registry.shard_done(spec.job_id, result(0))
     assert registry.open_jobs(queue) == [spec.job_id], "a shard is still unfinished (queued or orphaned)"
     assert registry.shard_done(spec.job_id, result(1))
+    assert listed(redis_server, queue) == 0, "nothing left to embed: the manifest is a planner's, not a GPU pod's"
     registry.finalize(spec.job_id)
     assert listed(redis_server, queue) == 0
+
+
+def test_a_job_written_whole_before_its_planning_closes_gets_its_manifest_though_the_first_try_fails(
+        registry, redis_server, queue, tmp_path, monkeypatch):
+    """Workers wrote every shard while the last unit was still being planned (a resubmitted job; a small one): no
+    worker sends the manifest task, so the planner that closes planning writes it. Should that fail (the store
+    blinking: the planner's task is retried; Redis failing: it is handed back), the next try writes it, and no GPU
+    pod is kept meanwhile. Before, the next try found planning closed and did nothing: the job stayed `finishing`
+    and listed for KEDA for ever."""
+    from bulkembed.contract import registry as registry_module
+    from bulkembed.contract.errors import TransientError
+    from bulkembed.contract.settings import ProducerSettings
+    from bulkembed.producer.corpus import Unit
+    from bulkembed.producer.submit import plan_claimed
+
+    spec = job(tmp_path, queue)
+    submitted(registry, spec)
+    registry.unit_planned(spec.job_id, 0, JobTotals(shards=2, docs=2, tokens=6))
+    for shard in (0, 1):
+        assert not registry.shard_done(spec.job_id, result(shard)), "planning is open: not complete yet"
+    unit, write = Unit(0, 0, "c.parquet", 0, 1, 0, 2), registry_module.write_manifest
+    context = SimpleNamespace(previous=None)  # what closing planning reads of a planner's context: no --reuse
+
+    def store_blinks(*args, **kwargs):
+        raise TransientError("PUT _manifest.json: SlowDown")
+
+    monkeypatch.setattr(registry_module, "write_manifest", store_blinks)
+    with pytest.raises(TransientError):
+        plan_claimed(registry, spec, lambda: context, unit, lambda message: None, ProducerSettings())
+    assert registry.status(spec.job_id).state == "finishing" and listed(redis_server, queue) == 0
+    monkeypatch.setattr(registry_module, "write_manifest", write)
+    assert plan_claimed(registry, spec, lambda: context, unit, lambda message: None, ProducerSettings())  # the retry
+    assert registry.status(spec.job_id).state == "done"
+    assert (tmp_path / spec.input / keys.MANIFEST_KEY).exists()
 
 
 def test_a_job_failed_for_good_is_closed_and_reopened_when_resubmitted(registry, queue, tmp_path):
