@@ -499,6 +499,73 @@ def test_lock_fallback_where_the_store_ignores_conditional_writes(tmp_path, buck
     assert not registry.redis.exists(name), "released after the commit"
 
 
+def shard_of_two_rows(store, queue: str = "q"):
+    """A shard message of two rows in `store`'s job, and a delivery that writes it with vectors of a value and a
+    ubatch (as another GPU or setting would)."""
+    import pyarrow as pa
+
+    from bulkembed.contract.job import JobSpec, ModelRef, Role, ShardMessage, Task
+    from bulkembed.contract.schema import shard_input_schema
+    from bulkembed.worker.rows import EmbeddedRows, ShardRows
+    from bulkembed.worker.shard import OpenShard, write_shard
+
+    spec = JobSpec(input="a", input_fingerprint="f", out=store.uri, task=Task.RETRIEVAL, role=Role.PASSAGE,
+                   prefix="", shard_tokens=1000, model=ModelRef(spec="m.gguf", file_name="m.gguf", sha256="0" * 64,
+                                                                queue=queue))
+    message = ShardMessage.of(spec, 7, [3, 3])
+    table = pa.table({"id": [1, 2], "text": ["a", "b"], "n_tokens": [3, 3], "chunk": [0, 0], "start": [0, 0],
+                      "stop": [3, 3], "truncated": [False, False], "content_hash": [b"0" * 16, b"1" * 16]},
+                     schema=shard_input_schema(pa.int64()))
+    rows = ShardRows(label="shard 7", prefix="", pooling=spec.pooling, close_cut_rows=False, texts=["a", "b"],
+                     starts=[0, 0], stops=[3, 3], chunks=[0, 0], n_tokens=[3, 3])
+
+    def delivered(value: float, ubatch: int):
+        vectors = np.full((2, 4), value, np.float32)
+        return write_shard(OpenShard(message, table, rows, time.perf_counter()),
+                           EmbeddedRows(vectors, {}, 4, {"device": "GPU", "ubatch": ubatch}), store)
+
+    return message, delivered
+
+
+def test_a_second_delivery_keeps_the_first_ones_file_where_the_store_ignores_conditional_writes(tmp_path):
+    """Under the lock, a duplicate delivery of a shard to a store that overwrites on if-absent writes finds the file
+    written and reports it, rather than overwriting it with its own vectors (another GPU, ubatch or build gives other
+    bytes): the registry keeps the first result, so the manifest's sha256 would no longer match the file."""
+    import hashlib
+
+    store = OverwritingStore(tmp_path / "out")
+    message, delivered = shard_of_two_rows(store)
+    first, second = delivered(1.0, 512), delivered(2.0, 2048)
+    on_disk = hashlib.sha256((tmp_path / "out" / message.output_key).read_bytes()).hexdigest()
+    assert first.sha256 == on_disk == second.sha256, "the file the registry recorded first is the one kept"
+    assert first.seconds and not second.seconds, "the second delivery reports the file found written"
+
+
+def test_a_written_shard_delivered_again_past_its_attempts_is_not_failed_as_poison(tmp_path, redis_server):
+    """A shard killed its worker twice and was written by its third delivery; a duplicate message of it comes after
+    (a planner killed between send and record, a resubmit). Past its attempts, it is found written, not recorded
+    failed: before, the job turned `failed` and `submit --wait` exited 1 with every shard written."""
+    from bulkembed.contract.registry import JobRegistry, JobTotals
+    from bulkembed.contract.store import LocalStore
+    from bulkembed.worker import app as worker_app
+
+    store = LocalStore(tmp_path / "out")
+    message, delivered = shard_of_two_rows(store, queue=f"q-{time.monotonic_ns()}")
+    job_id, registry = message.job_id, JobRegistry.from_url(redis_server)
+    registry.start(message.job, 1)
+    registry.unit_planned(job_id, 0, JobTotals(shards=2, docs=4, tokens=12))  # one more shard: not complete
+    registry.close_planning(job_id)
+    for _ in range(worker_app.settings.shard_max_attempts):
+        registry.attempt(job_id, message.shard)  # two that died, then the one that wrote it
+    assert not registry.shard_done(job_id, delivered(1.0, 512))
+    model = SimpleNamespace(engine=SimpleNamespace(alive=True, pid=1, embed_rows=None), sha256="0" * 64,
+                            path=Path("m.gguf"))  # no engine to embed with: the shard must be found written
+    task = SimpleNamespace(registry=registry, write_guard=lambda *args: nullcontext)
+    result = worker_app._embed(task, message, model, None)
+    status = registry.status(job_id)
+    assert result is not None and status.failed == 0 and status.state == "running" and status.shards_done == 1
+
+
 def test_conditional_write_probe_survives_a_lost_answer(s3_server, bucket, monkeypatch):
     """The probe's first write takes effect but its answer is lost (connection reset); boto3 retries."""
     from bulkembed.contract.store import has_conditional_writes, open_store

@@ -211,7 +211,8 @@ def _embed(self: ModelTask, shard: ShardMessage, model: ResidentModel, unreachab
         return None
     attempt = registry.attempt(shard.job_id, shard.shard)
     name = model.path.name
-    if attempt > settings.shard_max_attempts:
+    # A written shard delivered again (a duplicate message) is found written below, not failed as poison.
+    if attempt > settings.shard_max_attempts and not registry.is_written(shard.job_id, shard.shard):
         error = (f"gave up after {attempt - 1} attempts that ended without a result (the worker process died or "
                  f"hit the {settings.task_time_limit}s limit); the shard may be poison")
         log.error("job %s shard %d: %s", shard.job_id, shard.shard, error)

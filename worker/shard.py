@@ -87,7 +87,9 @@ def write_shard(shard: OpenShard, embedded: EmbeddedRows, store: Store, guard: G
                            embedded.decoded_by)
     data = to_ipc_bytes(output)
     with guard():
-        if not store.put_if_absent(message.output_key, data):
+        # Looked for first: a store that ignores if-absent writes (the guard is then a Redis lock) would let this
+        # delivery overwrite what another one wrote and recorded.
+        if store.exists(message.output_key) or not store.put_if_absent(message.output_key, data):
             log.info("job %s shard %d: another delivery wrote it first", message.job_id, message.shard)
             return stored_result(message, store)
     seconds = time.perf_counter() - shard.started
