@@ -258,8 +258,25 @@ class _Accepted:
     spans: list[Span] | None
 
 
+COUNT_CHARS = 4_000_000  # characters counted in one call, about a second: a planner's lock is kept alive between
+
+
+def _counted(counter: TokenCounter, texts: list[str], tick: Callable[[], None]) -> list[int]:
+    """Each text's token count, COUNT_CHARS at a call with a `tick` after each: a batch of 8,192 long documents
+    takes minutes to count, past the unit's lock (BULKEMBED_PLAN_LOCK_S) were it counted in one call."""
+    counted: list[int] = []
+    start, size = 0, 0
+    for end, text in enumerate(texts, 1):
+        size += len(text)
+        if size >= COUNT_CHARS:
+            counted += counter.count_many(texts[start:end])
+            tick()
+            start, size = end, 0
+    return counted + counter.count_many(texts[start:])
+
+
 def _accept(ctx: PlanContext, batch: pa.RecordBatch, source: str, first_row: int, rejects: _Rejects,
-            duplicates: set[int]) -> list[_Accepted]:
+            duplicates: set[int], tick: Callable[[], None]) -> list[_Accepted]:
     """The rows of a batch that can be embedded or reused, in order; the rest quarantined with their reason.
     A row PREV_OUT has (same id, same content) is taken as is: its tokens were counted when it was embedded."""
     job, counter, prefix_tokens = ctx.job, ctx.counter, ctx.prefix_length()
@@ -282,7 +299,7 @@ def _accept(ctx: PlanContext, batch: pa.RecordBatch, source: str, first_row: int
     else:  # no --reuse: no keys to compute
         row_key, reusable = np.zeros(len(candidates), ROW_KEY), np.zeros(len(candidates), bool)
     to_count = [text for (_, _, text), reuse in zip(candidates, reusable, strict=True) if not reuse]
-    counted = counter.count_many(to_count)
+    counted = _counted(counter, to_count, tick)
     # No more tokens than the prefix and framing alone: the text may have none of its own (rare; counted again bare).
     maybe_empty = [text for text, n in zip(to_count, counted, strict=True) if n <= prefix_tokens]
     empty = {text for text, n in zip(maybe_empty, counter.count_many(
@@ -327,20 +344,20 @@ def plan_unit(ctx: PlanContext, unit: Unit, sink: ShardSink) -> JobTotals:
         totals.tokens += sum(lengths)
         if totals.shards <= sink.queued:  # queued by an earlier try at this unit
             return
-        table = pa.table(
-            {"id": [d.id for d in documents], "text": [d.text for d in documents],
-             "n_tokens": lengths, "chunk": [d.span.chunk for d in documents],
-             "start": [d.span.start for d in documents], "stop": [d.span.stop for d in documents],
-             "truncated": [d.span.truncated for d in documents],
-             "content_hash": [d.content_hash for d in documents]},
-            schema=input_schema,
-        )
-        # zstd: a shard's input is a copy of its text (~440 KiB uncompressed at 65,536 tokens): a fraction of that.
-        store.put_if_absent(keys.shard_input(shard), to_ipc_bytes(table, "zstd"))  # same job id, same content
         message = ShardMessage.of(job, shard, lengths)
-        if message.output_key in written:
+        if message.output_key in written:  # no input needed (a done job's were deleted: not written again)
             sink.written(message)
         else:
+            table = pa.table(
+                {"id": [d.id for d in documents], "text": [d.text for d in documents],
+                 "n_tokens": lengths, "chunk": [d.span.chunk for d in documents],
+                 "start": [d.span.start for d in documents], "stop": [d.span.stop for d in documents],
+                 "truncated": [d.span.truncated for d in documents],
+                 "content_hash": [d.content_hash for d in documents]},
+                schema=input_schema,
+            )
+            # zstd: a shard's input is a copy of its text (~440 KiB uncompressed at 65,536 tokens): a fraction of it.
+            store.put_if_absent(keys.shard_input(shard), to_ipc_bytes(table, "zstd"))  # same job id, same content
             sink.emit(message)
         sink.on_queued(totals.shards - 1)
         sink.tick()
@@ -349,7 +366,8 @@ def plan_unit(ctx: PlanContext, unit: Unit, sink: ShardSink) -> JobTotals:
     for source, first_row, batch in read_batches(ctx.fs, unit, job.id_column, job.text_column, cast):
         at = ordinal(unit.file, first_row)
         lo, hi = np.searchsorted(duplicates, [at, at + batch.num_rows])
-        accepted = _accept(ctx, batch, source, first_row, rejects, set((duplicates[lo:hi] - at).tolist()))
+        accepted = _accept(ctx, batch, source, first_row, rejects, set((duplicates[lo:hi] - at).tolist()),
+                           sink.tick)
         for row in accepted:
             if row.spans is None:
                 reusing.append(row.key)

@@ -47,11 +47,15 @@ def test_planning_again_reports_written_shards_instead_of_queueing_them(tmp_path
         done = list(embed_shards(pool, written, planned.store))
     assert len(done) == len(written)
 
+    planned.store.delete_many([keys.shard_input(m.shard) for m in first])  # as a finished job's are
+
     again = plan_job(str(tmp_path / "in"), str(tiny_model), str(tmp_path / "out"), options)
     queued, reported = [], []
     produce(again, queued.append, reported.append)
     assert sorted(r.shard for r in reported) == sorted(m.shard for m in written), "found by one listing a unit"
     assert sorted(m.shard for m in queued) == sorted(m.shard for m in first if m not in written)
+    inputs = {key for key, _ in again.store.list("_shards/")}
+    assert inputs == {keys.shard_input(m.shard) for m in queued}, "an input only for each shard to embed"
     assert [(m.shard, m.n_docs, m.n_tokens) for m in sorted(queued + written, key=lambda m: m.shard)] == \
         [(m.shard, m.n_docs, m.n_tokens) for m in sorted(first, key=lambda m: m.shard)], "the same shards"
 
@@ -84,6 +88,37 @@ def test_a_planner_whose_hold_lapses_mid_unit_leaves_the_unit_to_be_planned_agai
     shards = sorted(m.shard for m in sent)
     assert len(shards) > 2 and shards == list(range(len(shards))), "each shard queued once"
     assert registry.status(job.job_id).state == "running"
+
+
+def test_a_batch_of_long_documents_keeps_the_planners_hold(tmp_path, tiny_model, redis_server, monkeypatch):
+    """Counting a batch of 8,192 long documents takes minutes: the planner keeps its unit's lock alive between
+    parts of the count. Here counting is slowed to 40 ms a document and the lock is 2 s (4.8 s to count). Before,
+    the batch was counted in one call, the hold lapsed, and every try at the unit lapsed at the same batch: the job
+    stayed `planning` for ever."""
+    from bulkembed.contract.vocab import TokenCounter
+    from bulkembed.producer import submit
+
+    ids = [f"d{i}" for i in range(120)]
+    write_corpus(tmp_path / "in" / "c.parquet", ids, mixed_texts(len(ids), seed=7))
+    planned = plan_job(str(tmp_path / "in"), str(tiny_model), str(tmp_path / "out"), JobOptions(shard_tokens=800))
+    job, (unit,) = planned.job, planned.units
+    registry = JobRegistry.from_url(redis_server)
+    registry.start(job, 1)
+    count_many = TokenCounter.count_many
+
+    def slow(self, texts, special=True):
+        time.sleep(0.04 * len(texts))
+        return count_many(self, texts, special)
+
+    monkeypatch.setattr(TokenCounter, "count_many", slow)
+    monkeypatch.setattr(submit, "COUNT_CHARS", 400)  # a few documents a call
+    sent: list = []
+    with planned.counter:
+        prepare(planned, ProducerSettings().dedup_memory_mb)
+        ctx = planned.context()
+        assert plan_claimed(registry, job, lambda: ctx, unit, sent.append, ProducerSettings(plan_lock_s=2)) is True
+    shards = sorted(m.shard for m in sent)
+    assert len(shards) > 2 and shards == list(range(len(shards))), "each shard queued once"
 
 
 def test_a_planners_retry_that_could_not_be_queued_hands_the_unit_back(redis_server, monkeypatch):
