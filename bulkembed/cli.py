@@ -68,7 +68,8 @@ def _job_arguments(parser: argparse.ArgumentParser, model_default: str | None) -
     parser.add_argument("--dtype", choices=[d.value for d in Dtype], default=Dtype.FLOAT32.value)
     parser.add_argument("--no-normalize", action="store_true", help="write raw means, not L2-normalized")
     parser.add_argument("--force", action="store_true",
-                        help="start over: delete this job's earlier output instead of resuming it")
+                        help="start over: delete the output OUT holds (this job's, instead of resuming it; another "
+                        "job's, stopped first where it still runs, instead of refusing)")
     parser.add_argument("--pooling", choices=[p.value for p in Pooling], default=None,
                         help="mean, cls (first token) or last (last token): one vector per row; none: every token's "
                         "vector (late chunking). Default: what the model declares (mean where it declares nothing)")
@@ -141,13 +142,13 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
     from bulkembed.contract.queue import PLAN_QUEUE, TASK_PLAN_UNIT, celery_app, shard_sender
     from bulkembed.contract.registry import JobRegistry
-    from bulkembed.producer.submit import claim_out, submit_job
+    from bulkembed.producer.submit import claim_out, stop_job, submit_job
 
     settings = ProducerSettings()
     planned = _plan(args)
     job = planned.job
     registry = JobRegistry.from_url(settings.redis_url.get_secret_value(), retention_s=settings.job_retention_s)
-    claim_out(planned, args.force)
+    claim_out(planned, args.force, lambda earlier: stop_job(registry, earlier, settings))
     if args.force:
         registry.forget(job.job_id)
     print(job.job_id, flush=True)  # before planning: `status` follows it from now on

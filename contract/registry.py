@@ -236,10 +236,16 @@ class JobRegistry:
         self.redis.lrem(keys.REDIS_PLANNING_JOBS, 0, job_id)
 
     def forget(self, job_id: str) -> None:
-        """Drop everything Redis knows of a job (--force)."""
+        """Drop everything Redis knows of a job (--force), its planners' holds too: a planner of it stops when it
+        next renews its hold, and its workers drop its shards (is_registered)."""
         self._close(job_id)
         self._needs_no_planner(job_id)
-        self.redis.delete(*self._keys(job_id))
+        holds = list(self.redis.scan_iter(match=keys.REDIS_PLAN_LOCK.format(job_id=job_id, unit="*"), count=PAGE))
+        self.redis.delete(*self._keys(job_id), *holds)
+
+    def is_registered(self, job_id: str) -> bool:
+        """Whether Redis knows the job (not forgotten by --force, not expired)."""
+        return bool(self.redis.hexists(keys.REDIS_JOB.format(job_id=job_id), "spec"))
 
     def attempt(self, job_id: str, shard: int) -> int:
         """Count a delivery of a shard; the count survives the process that took it."""

@@ -655,28 +655,49 @@ def queue_again(planned: PlannedJob, shards: list[int], send: Callable[[ShardMes
         send(queued)
 
 
-def claim_out(planned: PlannedJob, force: bool) -> None:
+def claim_out(planned: PlannedJob, force: bool, stop: Callable[[str], None] = lambda job_id: None) -> None:
     """OUT holds one job's files. Another job's output there (another input, model or option) is refused: a shard
-    file found written is taken as this job's, so old vectors would pass for new ones. `force` deletes it first; the
-    same job's output is resumed."""
+    file found written is taken as this job's, so old vectors would pass for new ones. `force` deletes it first (once
+    `stop` has stopped that job, where it may still run); the same job's output is resumed."""
     store, job = planned.store, planned.job
     store.check()
-    if force:
-        forget_outputs(store)
-        return
     if not store.exists(keys.JOB_KEY):
+        if force:
+            forget_outputs(store)
         return
     raw = store.get(keys.JOB_KEY)
     try:
         earlier = JobSpec.model_validate_json(raw)
     except ValueError:  # written by another version of bulkembed: not this job
         earlier = None
+    if force:
+        if earlier is not None and earlier.job_id != job.job_id:
+            stop(earlier.job_id)
+        forget_outputs(store)
+        return
     if earlier is not None and earlier.job_id == job.job_id:
         return
     what = (f"job {earlier.job_id} (input {earlier.input}, model {earlier.model.file_name})" if earlier is not None
             else "a job of another bulkembed version")
     raise InputError(f"{store.uri} holds the output of {what}, not of this job ({job.job_id}): its files would pass "
                      f"for this job's. Pass --force to delete that output first, or choose another --out")
+
+
+STOPPING_S = 15  # beyond a quarter of PLAN_LOCK_S: a planner notices its job is gone when it renews its hold
+
+
+def stop_job(registry: JobRegistry, job_id: str, settings: ProducerSettings) -> None:
+    """--force over the output of a job that may still run: forget it in Redis first, so that its workers drop its
+    shards (they look before embedding and again just before writing) and its planners stop (their holds are gone:
+    at their next renewal, a quarter of BULKEMBED_PLAN_LOCK_S). Its files are deleted only after that: its late
+    writes would otherwise land among the new job's files, under the same names."""
+    status = registry.status(job_id)
+    registry.forget(job_id)
+    if status is not None and not status.finished:
+        wait_s = settings.plan_lock_s / 4 + STOPPING_S
+        log.warning("job %s, whose output is to be replaced, is still %s: forgotten, so its workers and planners "
+                    "stop; its files are deleted in %.0fs", job_id, status.state, wait_s)
+        time.sleep(wait_s)
 
 
 def forget_outputs(store: Store) -> int:

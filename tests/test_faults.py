@@ -500,12 +500,12 @@ def test_lock_fallback_where_the_store_ignores_conditional_writes(tmp_path, buck
 
 
 def shard_of_two_rows(store, queue: str = "q"):
-    """A shard message of two rows in `store`'s job, and a delivery that writes it with vectors of a value and a
-    ubatch (as another GPU or setting would)."""
+    """A shard message of two rows in `store`'s job (its input written there), and a delivery that writes it with
+    vectors of a value and a ubatch (as another GPU or setting would)."""
     import pyarrow as pa
 
     from bulkembed.contract.job import JobSpec, ModelRef, Role, ShardMessage, Task
-    from bulkembed.contract.schema import shard_input_schema
+    from bulkembed.contract.schema import shard_input_schema, to_ipc_bytes
     from bulkembed.worker.rows import EmbeddedRows, ShardRows
     from bulkembed.worker.shard import OpenShard, write_shard
 
@@ -516,6 +516,7 @@ def shard_of_two_rows(store, queue: str = "q"):
     table = pa.table({"id": [1, 2], "text": ["a", "b"], "n_tokens": [3, 3], "chunk": [0, 0], "start": [0, 0],
                       "stop": [3, 3], "truncated": [False, False], "content_hash": [b"0" * 16, b"1" * 16]},
                      schema=shard_input_schema(pa.int64()))
+    store.put(message.input_key, to_ipc_bytes(table))
     rows = ShardRows(label="shard 7", prefix="", pooling=spec.pooling, close_cut_rows=False, texts=["a", "b"],
                      starts=[0, 0], stops=[3, 3], chunks=[0, 0], n_tokens=[3, 3])
 
@@ -564,6 +565,41 @@ def test_a_written_shard_delivered_again_past_its_attempts_is_not_failed_as_pois
     result = worker_app._embed(task, message, model, None)
     status = registry.status(job_id)
     assert result is not None and status.failed == 0 and status.state == "running" and status.shards_done == 1
+
+
+def test_a_shard_of_a_job_forgotten_by_force_is_dropped_not_written(tmp_path, redis_server):
+    """submit --force hands a running job's OUT to another job: the old job is forgotten in Redis, and its shards
+    are dropped by workers that had its spec cached, whether it was forgotten before a shard was taken or while it
+    was embedded. Nothing of it is written under the new job's names, and no key of it comes back to Redis (an
+    attempt counted would be a key without expiry). Before, they were embedded and written into the new job's OUT."""
+    from bulkembed.contract.registry import JobRegistry, JobTotals
+    from bulkembed.contract.store import LocalStore
+    from bulkembed.worker import app as worker_app
+    from bulkembed.worker.rows import EmbeddedRows
+
+    store = LocalStore(tmp_path / "out")
+    message, _ = shard_of_two_rows(store, queue=f"q-{time.monotonic_ns()}")
+    job_id, registry = message.job_id, JobRegistry.from_url(redis_server)
+
+    def registered() -> None:
+        registry.start(message.job, 1)
+        registry.unit_planned(job_id, 0, JobTotals(shards=2, docs=4, tokens=12))
+        registry.close_planning(job_id)
+
+    def forgotten_meanwhile(rows):
+        registry.forget(job_id)  # submit --force, while this shard is embedded
+        return EmbeddedRows(np.ones((2, 4), np.float32), {}, 4, {})
+
+    task = SimpleNamespace(registry=registry, write_guard=lambda *args: nullcontext)
+    for embed_rows, forget_first in ((forgotten_meanwhile, False), (None, True)):
+        registered()
+        if forget_first:
+            registry.forget(job_id)
+        model = SimpleNamespace(engine=SimpleNamespace(alive=True, pid=1, embed_rows=embed_rows), sha256="0" * 64,
+                                path=Path("m.gguf"))
+        assert worker_app._embed(task, message, model, None) is None
+        assert not store.exists(message.output_key), "nothing written into the OUT the job no longer owns"
+        assert not [k for k in registry.redis.scan_iter(f"*{job_id}*")], "no key of the forgotten job comes back"
 
 
 def test_conditional_write_probe_survives_a_lost_answer(s3_server, bucket, monkeypatch):

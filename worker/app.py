@@ -11,7 +11,8 @@ from __future__ import annotations
 import logging
 import os
 import time
-from contextlib import nullcontext, suppress
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
@@ -162,6 +163,30 @@ def _give_back(what: str, why: str) -> NoReturn:
     raise Reject(why, requeue=True)
 
 
+class JobForgotten(Exception):
+    """The shard's job left Redis while it was embedded (submit --force handed its OUT to another job)."""
+
+
+def registered(registry: JobRegistry, shard: ShardMessage, guard: Guard) -> Guard:
+    """`guard`, then a last look that the shard's job is still in Redis, just before its file is written: the OUT
+    of a job forgotten by submit --force is another job's now, under the same file names."""
+    @contextmanager
+    def checked() -> Iterator[None]:
+        with guard():
+            if not registry.is_registered(shard.job_id):
+                raise JobForgotten
+            yield
+
+    return checked
+
+
+def _dropped(shard: ShardMessage) -> None:
+    """A shard of a job no longer in Redis: acknowledged, neither written nor recorded (its keys are gone)."""
+    log.warning("job %s shard %d: the job is no longer in Redis (forgotten by submit --force): dropped, not written",
+                shard.job_id, shard.shard)
+    return None
+
+
 def _engine_lost(shard: ShardMessage, why: str) -> NoReturn:
     """As if this pool process had died (it is the engine's other half): Celery hands the shard back (reject on
     worker lost) and starts a new pool process with a new engine."""
@@ -198,6 +223,8 @@ def _embed(self: ModelTask, shard: ShardMessage, model: ResidentModel, unreachab
         # It died between shards (the OOM killer): this shard is not to blame, so no attempt is counted for it.
         _engine_lost(shard, f"llama.cpp process {model.engine.pid} died before this shard")
     registry = self.registry
+    if not registry.is_registered(shard.job_id):  # its spec is cached here: forgotten since, by submit --force
+        return _dropped(shard)
     if model.sha256 != shard.job.model.sha256:
         # Another file of the same name (a repository updated under a running fleet): a worker of the job's model
         # takes the shard where one serves the queue; where none does, the shard fails, said, rather than going round.
@@ -223,12 +250,15 @@ def _embed(self: ModelTask, shard: ShardMessage, model: ResidentModel, unreachab
     if shard.queued_at and unreachable_since is None:
         metrics.QUEUE_WAIT.labels(name).observe(max(0.0, time.time() - shard.queued_at))
     try:
-        guard = holding(settings.test_hold_dir, shard, self.write_guard(store, registry, shard))
+        guard = registered(registry, shard, holding(settings.test_hold_dir, shard,
+                                                    self.write_guard(store, registry, shard)))
         result = embed_shard(shard, model.engine.embed_rows, model.sha256, store, guard)
         if registry.shard_done(shard.job_id, result):  # the last shard: a planner writes the manifest, off the GPU
             # Redelivered after this failed, the shard is found written and this is sent again (complete is
             # complete however often it is asked).
             app.send_task(TASK_FINALIZE_JOB, args=[shard.job_id], queue=PLAN_QUEUE, argsrepr=f"job {shard.job_id}")
+    except JobForgotten:
+        return _dropped(shard)
     except LlamaProcessDied as exc:
         _engine_lost(shard, str(exc))  # counted as an attempt: this shard may be what killed it
     except TransientError as exc:

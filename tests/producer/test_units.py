@@ -218,3 +218,45 @@ def test_a_submit_that_dies_before_queueing_anything_holds_no_worker(tmp_path, t
     submit_job(plan_job(str(tmp_path / "in"), str(tiny_model), str(tmp_path / "out"), JobOptions(shard_tokens=800)),
                registry, sent.append, lambda unit: None, ProducerSettings())
     assert sent and registry.open_jobs(queue) == [planned.job.job_id], "open once its shards are queued"
+
+
+def test_force_over_a_running_job_stops_it_before_its_files_go(tmp_path, tiny_model, redis_server, monkeypatch):
+    """submit --force into an OUT that holds another job still running: that job is forgotten in Redis, its
+    planners' holds too (a planner of it stops at its next renewal), and its files are deleted only once a planner
+    has had the time to notice. The same job forced again stops nothing. Before, --force forgot only the new job:
+    the old one's planners and workers went on writing into the new job's OUT under the same names."""
+    from redis.exceptions import LockNotOwnedError
+
+    from bulkembed.producer import submit
+    from bulkembed.producer.submit import claim_out, stop_job, submit_job
+
+    write_corpus(tmp_path / "v1" / "c.parquet", [f"d{i}" for i in range(60)], mixed_texts(60, seed=8))
+    write_corpus(tmp_path / "v2" / "c.parquet", [f"d{i}" for i in range(60)], mixed_texts(60, seed=9))
+    options, out = JobOptions(shard_tokens=800), str(tmp_path / "out")
+    old = plan_job(str(tmp_path / "v1"), str(tiny_model), out, options)
+    registry = JobRegistry.from_url(redis_server)
+    submit_job(old, registry, lambda message: None, lambda unit: None, ProducerSettings())
+    assert registry.status(old.job.job_id).state == "running"
+    hold = registry.plan_lock(old.job.job_id, 7, 60)  # a planner of it, mid-unit
+    assert hold.acquire()
+
+    settings = ProducerSettings(plan_lock_s=4)
+    monkeypatch.setattr(submit, "STOPPING_S", 0.5)
+    stopped: list[str] = []
+
+    def stop(job_id: str) -> None:
+        stopped.append(job_id)
+        stop_job(registry, job_id, settings)
+
+    new = plan_job(str(tmp_path / "v2"), str(tiny_model), out, options)
+    started = time.monotonic()
+    claim_out(new, True, stop)
+    assert stopped == [old.job.job_id] and time.monotonic() - started >= 1.5, "waited for its planners"
+    assert registry.status(old.job.job_id) is None
+    with pytest.raises(LockNotOwnedError):
+        hold.reacquire()
+    assert not [key for key, _ in new.store.list() if keys.JOB_OUTPUT_KEY.match(key)], "its files deleted"
+    claim_out(old, True, stop)  # nothing of the job in OUT
+    new.store.put(keys.JOB_KEY, new.job.model_dump_json().encode())
+    claim_out(new, True, stop)
+    assert stopped == [old.job.job_id], "the same job is not stopped"
