@@ -464,13 +464,14 @@ class PlannerStopping(Exception):
 class Backpressure:
     """Holds a planner back while its model's queue holds more shards than the engines serving it will soon take
     (ProducerSettings.queue_per_engine a reported engine, at least queue_min), so Redis holds what the fleet is about
-    to embed, not the corpus. Keeps the planner's unit lock alive meanwhile (`tick`). A planner asked to stop
+    to embed, not the corpus. Keeps the planner's unit lock alive meanwhile (`tick`; none where no unit is held, as
+    when a resubmit queues failed shards again). A planner asked to stop
     (`stopping`: a scale-down) stops waiting: held back, it may wait for hours, and its pod would be killed with the
     unit, which would then come back only after the visibility timeout."""
 
     REFRESH_S = 10.0  # how often the engine count is read again
 
-    def __init__(self, registry: JobRegistry, queue: str, per_engine: int, minimum: int, lock: Lock,
+    def __init__(self, registry: JobRegistry, queue: str, per_engine: int, minimum: int, lock: Lock | None,
                  stopping: Callable[[], bool] = lambda: False):
         self.registry, self.queue, self.per_engine, self.minimum, self.lock = registry, queue, per_engine, minimum, lock
         self.stopping = stopping
@@ -491,7 +492,7 @@ class Backpressure:
 
     def tick(self) -> None:
         """Extend the unit's lock (raises LockNotOwnedError if it lapsed: another planner has the unit now)."""
-        if time.monotonic() - self._ticked > self.lock.timeout / 4:
+        if self.lock is not None and time.monotonic() - self._ticked > self.lock.timeout / 4:
             self.lock.reacquire()
             self._ticked = time.monotonic()
 
@@ -575,11 +576,19 @@ def submit_job(planned: PlannedJob, registry: JobRegistry, send: Callable[[Shard
     with planned.counter:
         prepare(planned, settings.dedup_memory_mb)
         registry.open(job)  # from here on work is queued for the workers
+        # Held back as a planner is: a store outage may have failed millions of shards, more than Redis would hold.
+        hold = Backpressure(registry, job.model.queue, settings.queue_per_engine, settings.queue_min, None)
+
+        def send_held(message: ShardMessage) -> None:
+            hold.wait()
+            send(message)
+
         # Queued again here unless their unit is to be planned again. A written shard reported failed (its job's
         # manifest could not be written) is not: written, its input maybe gone.
         queue_again(planned, registry.unwritten(job.job_id, [s for s in failed
-                                                             if s // keys.SHARDS_PER_UNIT not in planned_again]), send)
-        queue_lost_shards_again(registry, planned, send)
+                                                             if s // keys.SHARDS_PER_UNIT not in planned_again]),
+                    send_held)
+        queue_lost_shards_again(registry, planned, send_held)
         left = registry.units_left(job.job_id, len(planned.units))
         for index in left:
             send_unit(planned.units[index])

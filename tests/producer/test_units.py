@@ -172,6 +172,57 @@ def test_a_written_shard_failed_by_its_manifest_is_not_queued_again(tmp_path, ti
     assert registry.status(job.job_id).state == "done" and store.exists(keys.MANIFEST_KEY)
 
 
+def test_failed_shards_queued_again_are_held_back_as_planned_ones(tmp_path, tiny_model, redis_server):
+    """A store outage can fail millions of shards; submitted again, they are queued again no faster than the
+    engines take them (the planners' back-pressure), not all at once into Redis's memory. Here no engine serves
+    the queue and the floor is 3: the queue never holds more than 3 while a slow consumer drains it."""
+    import json
+    import threading
+
+    from bulkembed.contract.queue import KOMBU_UNACKED, TASK_EMBED_SHARD
+    from bulkembed.producer.submit import submit_job
+
+    write_corpus(tmp_path / "in" / "c.parquet", [f"d{i}" for i in range(80)], mixed_texts(80, seed=10))
+    options = JobOptions(shard_tokens=400)
+    planned = plan_job(str(tmp_path / "in"), str(tiny_model), str(tmp_path / "out"), options)
+    job, registry = planned.job, JobRegistry.from_url(redis_server)
+    first: list = []
+    submit_job(planned, registry, first.append, lambda unit: None, ProducerSettings())
+    assert len(first) > 8
+    for message in first:
+        registry.shard_failed(job.job_id, message.shard, "the store kept failing for 1800s")
+    queue, again, longest, done = job.model.queue, [], 0, threading.Event()
+    tags: list[str] = []  # of the messages taken
+
+    def send(message) -> None:  # as kombu queues it, so that a shard waiting is seen held, not lost
+        again.append(message.shard)
+        registry.redis.rpush(queue, json.dumps({"headers": {"task": TASK_EMBED_SHARD},
+                                                "body": json.dumps([[message.wire()], {}, {}])}))
+
+    def engine() -> None:  # takes a shard as a worker does: into kombu's unacknowledged hash, still held
+        nonlocal longest
+        while not done.is_set():
+            longest = max(longest, registry.queue_length(queue))
+            taken = registry.redis.lpop(queue)
+            if taken is not None:
+                tags.append(f"{job.job_id}-{len(tags)}")
+                registry.redis.hset(KOMBU_UNACKED, tags[-1], json.dumps([taken, "", queue]))
+            time.sleep(0.05)
+
+    consumer = threading.Thread(target=engine, daemon=True)
+    consumer.start()
+    try:
+        submit_job(plan_job(str(tmp_path / "in"), str(tiny_model), str(tmp_path / "out"), options), registry, send,
+                   lambda unit: None, ProducerSettings(queue_min=3, queue_per_engine=1))
+    finally:
+        done.set()
+        consumer.join(5)
+        if tags:
+            registry.redis.hdel(KOMBU_UNACKED, *tags)
+    assert sorted(again) == sorted(m.shard for m in first), "every failed shard queued again, once"
+    assert longest <= 3, f"the queue held {longest}"
+
+
 def test_a_manifest_that_meets_a_redis_failure_is_handed_back(redis_server, monkeypatch):
     """The planner writing a job's manifest meets Redis failing (a restart, writes refused): the task goes back to
     the plan queue once Redis takes writes. Before, it failed and was acknowledged: the job stayed `finishing` until
