@@ -25,5 +25,9 @@ class TransientError(BulkEmbedError):
     """A failure worth retrying (storage or network hiccup)."""
 
 
+class StoreRefused(BulkEmbedError):
+    """The store refused a request for good (access denied, say), where boto3 raises nothing of its own."""
+
+
 class SettingsError(BulkEmbedError):
     """A BULKEMBED_* environment variable holds a value bulkembed cannot use."""

@@ -21,7 +21,7 @@ from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 from bulkembed.contract import keys
-from bulkembed.contract.errors import BulkEmbedError, ShardError
+from bulkembed.contract.errors import BulkEmbedError, ShardError, StoreRefused
 from bulkembed.contract.job import JobSpec, ShardMessage
 from bulkembed.contract.manifest import write_manifest
 from bulkembed.contract.schema import decoding_digest, from_ipc_bytes, read_decoded_by, read_metadata
@@ -560,21 +560,36 @@ DELETE_THREADS = 8  # DeleteObjects requests at once: a 10^9-row job's inputs ta
 def deleting_inputs(store: Store, results: Iterable[ShardResult]) -> Iterator[ShardResult]:
     """`results`, deleting the input of each shard as the manifest streams them, a thousand keys a request and
     DELETE_THREADS requests at once (a few more batches wait, no more): once a job is done no shard's input will be
-    read again (a resubmission finds every shard written). A failed delete raises, here or at the end."""
+    read again (a resubmission finds every shard written). A delete that failed for now raises, here or at the end
+    (the manifest is written again); one the store refuses for good (no delete permission) stops the deleting, said,
+    and not the manifest: the inputs are copies, the vectors are whole."""
     doomed: list[str] = []
+    refused: list[StoreRefused] = []
+
+    def delete(batch: list[str]) -> None:
+        if refused:  # refused once, refused again: no more requests
+            return
+        try:
+            store.delete_many(batch)
+        except StoreRefused as exc:
+            refused.append(exc)
+
     with ThreadPoolExecutor(DELETE_THREADS, thread_name_prefix="delete-inputs") as pool:
         pending: deque[Future] = deque()
         for result in results:
             doomed.append(keys.shard_input(result.shard))
             if len(doomed) == S3_DELETE_BATCH:
-                pending.append(pool.submit(store.delete_many, doomed))
+                pending.append(pool.submit(delete, doomed))
                 doomed = []
                 while len(pending) > 2 * DELETE_THREADS or (pending and pending[0].done()):
                     pending.popleft().result()
             yield result
-        pending.append(pool.submit(store.delete_many, doomed))
+        pending.append(pool.submit(delete, doomed))
         for future in pending:
             future.result()
+    if refused:
+        log.warning("the store refused to delete the shards' inputs (%s): they stay under %s; delete them by hand",
+                    refused[0], keys.SHARD_INPUT_KEY.split("/")[0] + "/")
 
 
 STATUS_FIELDS = ("state", "shards", "units", "error", "rows_done", "tokens_done", "failed_only")

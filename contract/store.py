@@ -24,7 +24,7 @@ from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 
-from bulkembed.contract.errors import InputError, TransientError
+from bulkembed.contract.errors import InputError, StoreRefused, TransientError
 
 log = logging.getLogger(__name__)
 
@@ -223,9 +223,10 @@ class S3Store:
             with _transient_errors("DELETE", f"{len(batch)} keys from {batch[0]}"):
                 answer = self.client.delete_objects(Bucket=self.bucket, Delete={
                     "Objects": [{"Key": self._key(key)} for key in batch], "Quiet": True})
-            if errors := answer.get("Errors"):
-                raise TransientError(f"S3 DELETE of {len(errors)} keys failed, the first {errors[0].get('Key')}: "
-                                     f"{errors[0].get('Code')} {errors[0].get('Message')}")
+            if errors := answer.get("Errors"):  # per key, in a 200 answer: transient or not by their codes
+                error = (TransientError if all(e.get("Code") in TRANSIENT_CODES for e in errors) else StoreRefused)
+                raise error(f"S3 DELETE of {len(errors)} keys failed, the first {errors[0].get('Key')}: "
+                            f"{errors[0].get('Code')} {errors[0].get('Message')}")
 
     def exists(self, key: str) -> bool:
         from botocore.exceptions import ClientError

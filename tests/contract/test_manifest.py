@@ -4,6 +4,7 @@ the inline manifest of bulkembed's first format held them; old inline manifests 
 from __future__ import annotations
 
 import json
+import logging
 import random
 import threading
 import time
@@ -15,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from bulkembed.contract import keys, manifest
-from bulkembed.contract.errors import TransientError
+from bulkembed.contract.errors import StoreRefused, TransientError
 from bulkembed.contract.manifest import manifest_shards, read_manifest, shards_schema, write_manifest
 from bulkembed.contract.registry import DELETE_THREADS, JobTotals, ReusedFile, ShardResult, deleting_inputs
 from bulkembed.contract.store import LocalStore, Store, open_store
@@ -192,11 +193,11 @@ def test_no_manifest(tmp_path: Path):
 class WatchedStore(LocalStore):
     """A folder that records its delete requests, how many run at once, and fails the `fail_at`-th."""
 
-    def __init__(self, root: Path, fail_at: int = 0):
+    def __init__(self, root: Path, fail_at: int = 0, error: Exception | None = None):
         super().__init__(root)
         self.requests: list[int] = []
         self.running = self.most = 0
-        self.fail_at = fail_at
+        self.fail_at, self.error = fail_at, error or TransientError("S3 DELETE failed")
         self.lock = threading.Lock()
 
     def delete_many(self, names: list[str]) -> None:
@@ -208,7 +209,7 @@ class WatchedStore(LocalStore):
         try:
             time.sleep(0.02)  # a request's round trip
             if failing:
-                raise TransientError("S3 DELETE failed")
+                raise self.error
             super().delete_many(names)
         finally:
             with self.lock:
@@ -231,3 +232,31 @@ def test_a_done_jobs_inputs_are_deleted_several_requests_at_once_and_a_failure_i
     failing = WatchedStore(tmp_path / "failing", fail_at=3)
     with pytest.raises(TransientError, match="S3 DELETE failed"):
         list(deleting_inputs(failing, results))
+
+
+def test_inputs_the_store_refuses_to_delete_for_good_stop_the_deleting_not_the_manifest(tmp_path, caplog):
+    """An output bucket that lets workers write but not delete: the inputs stay (said, once), every result still
+    reaches the manifest, and no more delete requests are sent. Before, a refusal was taken for a hiccup: the
+    manifest was retried for an hour, then the job stayed `finishing` for good."""
+    count = 40_500
+    store = WatchedStore(tmp_path / "out", fail_at=2, error=StoreRefused("S3 DELETE of 1000 keys failed: AccessDenied"))
+    for shard in range(count):
+        store.put(keys.shard_input(shard), b"x")
+    results = [ShardResult(shard=shard, key=keys.shard_output(shard), rows=1, tokens=1) for shard in range(count)]
+    with caplog.at_level(logging.WARNING):
+        assert [r.shard for r in deleting_inputs(store, results)] == list(range(count)), "every result, in order"
+    assert "refused to delete the shards' inputs" in caplog.text and "AccessDenied" in caplog.text
+    assert len(store.requests) <= 2 * DELETE_THREADS + 1 < 41, "none after a refusal but those already under way"
+
+
+@pytest.mark.parametrize("codes, raised", [(["SlowDown", "InternalError"], TransientError),
+                                           (["AccessDenied"], StoreRefused),
+                                           (["InternalError", "AccessDenied"], StoreRefused)])
+def test_per_key_delete_errors_are_transient_or_not_by_their_codes(bucket, codes, raised):
+    """DeleteObjects answers 200 with an error per key that it did not delete: retried only where every code says
+    try again."""
+    store = open_store(f"s3://{bucket}/out")
+    errors = [{"Key": f"out/_shards/{i}.arrow", "Code": code, "Message": "..."} for i, code in enumerate(codes)]
+    store.client.delete_objects = lambda **request: {"Errors": errors}  # what S3 answers; moto deletes them all
+    with pytest.raises(raised, match=codes[0]):
+        store.delete_many(["_shards/0.arrow", "_shards/1.arrow"])
