@@ -210,16 +210,18 @@ class JobRegistry:
         """Register a job of `units` planning units; a resubmitted one keeps what its units and shards already did.
         Returns the shards that had failed for good: they get a fresh set of attempts, and must be queued again
         (their units are planned)."""
-        key = keys.REDIS_JOB.format(job_id=job.job_id)
-        failed = [int(shard) for shard in self.redis.hkeys(keys.REDIS_JOB_FAILED.format(job_id=job.job_id))]
-        for name in self._keys(job.job_id):  # a resubmitted job that had finished: its keys expire no more
-            self.redis.persist(name)
-        self.redis.hset(key, mapping={"spec": job.model_dump_json(), "state": "planning", "started": time.time(),
-                                      "failed_only": 0, "units": units})
-        self.redis.hdel(key, "shards", "error")  # shards: set again when planning is closed
-        self.redis.delete(keys.REDIS_JOB_FAILED.format(job_id=job.job_id),
-                          keys.REDIS_JOB_ATTEMPTS.format(job_id=job.job_id))
-        return failed
+        key, failed = keys.REDIS_JOB.format(job_id=job.job_id), keys.REDIS_JOB_FAILED.format(job_id=job.job_id)
+        # MULTI: a shard that fails meanwhile is either returned here or still recorded failed, with its count.
+        with self.redis.pipeline() as pipe:
+            pipe.hkeys(failed)
+            for name in self._keys(job.job_id):  # a resubmitted job that had finished: its keys expire no more
+                pipe.persist(name)
+            pipe.hset(key, mapping={"spec": job.model_dump_json(), "state": "planning", "started": time.time(),
+                                    "failed_only": 0, "units": units})
+            pipe.hdel(key, "shards", "error")  # shards: set again when planning is closed
+            pipe.delete(failed, keys.REDIS_JOB_ATTEMPTS.format(job_id=job.job_id))
+            shards = pipe.execute()[0]
+        return [int(shard) for shard in shards]
 
     def units_queued(self, job_id: str) -> None:
         """The job's units wait on the plan queue for planners: it is listed for KEDA until its planning is closed

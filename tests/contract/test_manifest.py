@@ -252,11 +252,12 @@ def test_inputs_the_store_refuses_to_delete_for_good_stop_the_deleting_not_the_m
 @pytest.mark.parametrize("codes, raised", [(["SlowDown", "InternalError"], TransientError),
                                            (["AccessDenied"], StoreRefused),
                                            (["InternalError", "AccessDenied"], StoreRefused)])
-def test_per_key_delete_errors_are_transient_or_not_by_their_codes(bucket, codes, raised):
+def test_per_key_delete_errors_are_transient_or_not_by_their_codes(bucket, codes, raised, monkeypatch):
     """DeleteObjects answers 200 with an error per key that it did not delete: retried only where every code says
     try again."""
     store = open_store(f"s3://{bucket}/out")
     errors = [{"Key": f"out/_shards/{i}.arrow", "Code": code, "Message": "..."} for i, code in enumerate(codes)]
-    store.client.delete_objects = lambda **request: {"Errors": errors}  # what S3 answers; moto deletes them all
+    # What S3 answers (moto deletes them all). The client is every store's: put back after the test.
+    monkeypatch.setattr(store.client, "delete_objects", lambda **request: {"Errors": errors})
     with pytest.raises(raised, match=codes[0]):
         store.delete_many(["_shards/0.arrow", "_shards/1.arrow"])
