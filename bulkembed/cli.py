@@ -1,4 +1,4 @@
-"""The `bulkembed` command: submit, worker, status, run, embed."""
+"""The `bulkembed` command: run, submit, planner, worker, status, embed, eval, bench."""
 
 from __future__ import annotations
 
@@ -46,7 +46,8 @@ def at_least(minimum: int) -> Callable[[str], int]:
 def _job_arguments(parser: argparse.ArgumentParser, model_default: str | None) -> None:
     parser.add_argument("input", help="a Parquet file, a folder of them, or an s3:// prefix")
     parser.add_argument("--model", required=model_default is None, default=model_default,
-                        help=f"a local .gguf path or REPO:QUANT of a Hugging Face GGUF repo (default {model_default})")
+                        help="a local .gguf path or REPO:QUANT of a Hugging Face GGUF repo"
+                        + (f" (default {model_default})" if model_default else ""))
     parser.add_argument("--out", required=True, help="s3://bucket/prefix or a local folder")
     parser.add_argument("--task", choices=[t.value for t in Task], default=None,
                         help="v4 task; read from the model file name when it says it")
@@ -87,7 +88,8 @@ def _worker_arguments(parser: argparse.ArgumentParser) -> None:
                              "many as fit the GPU's free memory (at most 3), 1 on CPU")
     parser.add_argument("--ubatch", type=ubatch_spec, default=defaults.ubatch,
                         help="largest physical batch (n_ubatch): a number pins it; auto = measured at start on a GPU "
-                             "(cached per device, model and engines), 512 on CPU; probe = measured on CPU too")
+                             "(cached per device, model, engines, flash attention and isolation), 512 on CPU; "
+                             "probe = measured on CPU too")
     parser.add_argument("--gpu-layers", type=at_least(-1), default=defaults.gpu_layers,
                         help="layers on the GPU; -1 = all (when llama.cpp has a GPU backend)")
     parser.add_argument("--threads", type=at_least(0), default=defaults.threads,

@@ -203,10 +203,13 @@ def add_embed_parser(commands) -> None:
     parser.add_argument("--out", type=Path, default=None,
                         help="a .npy file (float32, one row per text) or a .jsonl file; default: JSON lines on stdout")
     parser.add_argument("--batch", type=int, default=256, help="texts per engine call")
-    parser.add_argument("--threads", type=int, default=0, help="CPU threads for llama.cpp; 0 = every core")
-    parser.add_argument("--gpu-layers", type=int, default=-1, help="layers on the GPU; -1 = all")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for llama.cpp; 0 = every core (default: BULKEMBED_THREADS, 0)")
+    parser.add_argument("--gpu-layers", type=int, default=None,
+                        help="layers on the GPU; -1 = all (default: BULKEMBED_GPU_LAYERS, -1)")
     parser.add_argument("--flash-attn", choices=["auto", "on", "off"], default=None,
-                        help="as the bulk job ran (it changes the last digits of a vector; default auto)")
+                        help="as the bulk job ran (it changes the last digits of a vector; default: "
+                             "BULKEMBED_FLASH_ATTN, auto)")
     parser.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
                         help="as the bulk job ran (default: BULKEMBED_ISOLATE); isolated texts get the bits of their "
                              "rows on any backend")
@@ -224,12 +227,24 @@ def stdin_lines(stream: BinaryIO) -> list[str]:
     return texts
 
 
+def embed_options(args) -> EngineOptions:
+    """The engine options of `bulkembed embed`: its own options, and what they leave unsaid from BULKEMBED_*, as a
+    worker would take it."""
+    from bulkembed.contract.settings import WorkerSettings
+
+    settings = WorkerSettings()
+    return EngineOptions.from_settings(
+        settings, ubatch="auto", isolate=args.isolate,
+        gpu_layers=settings.gpu_layers if args.gpu_layers is None else args.gpu_layers,
+        threads=settings.threads if args.threads is None else args.threads,
+        flash_attn=args.flash_attn or settings.flash_attn)
+
+
 def cmd_embed(args) -> int:
     import json
     import sys
 
     from bulkembed.contract.model import DEFAULT_MODEL
-    from bulkembed.contract.settings import WorkerSettings
 
     texts = args.texts or ([] if sys.stdin is None or sys.stdin.isatty() else stdin_lines(sys.stdin.buffer))
     if not texts:
@@ -240,9 +255,7 @@ def cmd_embed(args) -> int:
         raise InputError(f"--out {args.out}: no folder {args.out.parent}")
     if args.batch < 1:
         raise InputError(f"--batch {args.batch}: at least 1")
-    options = EngineOptions.from_settings(WorkerSettings(), ubatch="auto", gpu_layers=args.gpu_layers,
-                                          threads=args.threads, flash_attn=args.flash_attn or "auto",
-                                          isolate=args.isolate)
+    options = embed_options(args)
     if args.index:
         vector_options = {"--task": args.task, "--pooling": args.pooling, "--dims": args.dims,
                           "--no-normalize": args.no_normalize or None, "--max-tokens": args.max_tokens}

@@ -39,7 +39,7 @@ class ModelShape:
 
 
 TINY = ModelShape()
-# jina-embeddings-v4 text tower (Qwen2.5-VL-3B): NOTES.md item 8.
+# jina-embeddings-v4 text tower (Qwen2.5-VL-3B): docs/notes.md item 8.
 V4 = ModelShape(n_layer=36, n_embd=2048, n_head=16, n_head_kv=2, n_ff=11008, n_vocab=151936,
                 n_ctx_train=128000)
 
@@ -101,7 +101,7 @@ def write_qwen2vl_gguf(path: str | Path, shape: ModelShape = TINY, seed: int = 0
 
     `outlier_gain` > 0 gives it what trained decoders have and random weights lack: a few hidden features (4) with
     activations `outlier_gain` times the rest, in the token embeddings and fed again by every FFN. Real quantized
-    models show llama.cpp's kernel regimes through them (NOTES.md 30); plain random weights do not."""
+    models show llama.cpp's kernel regimes through them (docs/notes.md 30); plain random weights do not."""
     import gguf  # only the generator needs it
 
     path = Path(path)

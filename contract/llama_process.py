@@ -3,7 +3,7 @@
 On a CUDA image llama.cpp and pyarrow could not share a process in either order (docs/benchmarks.md, "the
 pyarrow crash"): an abort when pyarrow loaded second, a segfault in the model load when it loaded first. So
 the producer's token counter and every engine are child processes, `python -m bulkembed.contract.llama_process`,
-that load llama.cpp first (before numpy: NOTES.md 25) and refuse to import pyarrow; the parent reads and writes
+that load llama.cpp first (before numpy: docs/notes.md 25) and refuse to import pyarrow; the parent reads and writes
 Arrow, S3 and Redis and calls them over a socket pair: pickled calls of bulkembed functions, one at a time.
 
 A child lives as long as its parent: it is killed when the parent dies (PR_SET_PDEATHSIG), even by -9, and it
@@ -250,7 +250,7 @@ def main(argv: list[str]) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     sys.meta_path.insert(0, _NoArrow())
-    try:  # llama.cpp's libraries before numpy: the other order crashed model loads on a CUDA image (NOTES.md 25)
+    try:  # llama.cpp's libraries before numpy: the other order crashed model loads on a CUDA image (docs/notes.md 25)
         import llama_cpp  # noqa: F401
     except ImportError:
         pass

@@ -1,4 +1,6 @@
-"""Process settings from the environment (prefix BULKEMBED_); nothing else reads os.environ.
+"""Process settings from the environment (prefix BULKEMBED_). Outside them, only switches that must act before
+settings exist read os.environ: BULKEMBED_LLAMA_LOG (llama.cpp's own log, contract/vocab.py), the llama process's
+log level, and PROMETHEUS_MULTIPROC_DIR.
 
 S3 uses boto3's own standard variables (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION,
 AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL), so they are not repeated here.
@@ -71,7 +73,7 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _time_limit_below_visibility_timeout(self) -> Self:
-        # Redis redelivers a shard still running at the visibility timeout (NOTES.md 11), so the hard
+        # Redis redelivers a shard still running at the visibility timeout (docs/notes.md 11), so the hard
         # limit must end it first.
         if "task_time_limit" not in self.model_fields_set and "visibility_timeout" in self.model_fields_set:
             self.task_time_limit = self.visibility_timeout // 2
@@ -98,7 +100,8 @@ class Settings(BaseSettings):
         3, ge=1, description="Deliveries of one shard that may end without a result (a crashed process, a time "
         "limit) before it is reported failed instead of redelivered again.",
     )
-    transient_retries: int = Field(8, ge=0, description="Retries, with backoff, of S3/Redis hiccups in one shard.")
+    transient_retries: int = Field(8, ge=0, description="Retries, with backoff, of object-store failures in one "
+                                   "shard, after boto3's own (Redis failing hands the shard back instead).")
     log_level: str = Field("INFO", description="Python logging level.")
     job_retention_s: float = Field(
         7 * 24 * 3600, gt=0, description="How long a finished job's Redis keys (its state, shard results and "
@@ -130,8 +133,9 @@ class ProducerSettings(Settings):
         "of the first worker.",
     )
     plan_lock_s: int = Field(
-        60, ge=2, description="A planner's hold on the unit it plans, renewed while it works: a planner that dies "
-        "loses its unit to another planner this long after.",
+        60, ge=2, description="A planner's hold on the unit it plans, renewed while it works: a planner that stalls "
+        "loses its unit to another this long after (one that dies: once its task comes back, after the visibility "
+        "timeout).",
     )
     dedup_memory_mb: int = Field(
         1024, ge=64, description="Memory DuckDB may use to find duplicate ids before planning; it spills the rest "
@@ -150,7 +154,7 @@ class WorkerSettings(Settings):
     ubatch: UbatchSpec = Field(
         "auto", description="Largest physical batch (n_ubatch) a shard may use: a number (>= 32) pins it; auto "
         "measures the candidates on the resident model at start where a GPU is used (512 on CPU), cached per "
-        "device, model and engines; probe measures on CPU too.",
+        "device, model, engines, flash attention and isolation; probe measures on CPU too.",
     )
     engines: EngineSpec = Field(
         "auto", description="Engine processes per worker, each with the model resident and its own context, taking "
@@ -158,7 +162,7 @@ class WorkerSettings(Settings):
     )
     probe_cache: str = Field(
         "~/.cache/bulkembed/ubatch-probe.json", min_length=1, description="File of measured ubatch choices (one per "
-        "device, model sha256, engines and flash-attention setting), so restarts skip the probe.",
+        "device, model sha256, engines, flash-attention setting and isolation), so restarts skip the probe.",
     )
     gpu_layers: int = Field(-1, description="Layers offloaded to the GPU; -1 = all (when the build has a GPU).")
     threads: int = Field(0, description="CPU threads for llama.cpp per engine; 0 = the cores split between the "

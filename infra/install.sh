@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs bulkembed into the current Python environment with the llama.cpp it is meant to run on: the patched
-# llama-cpp-python that infra/llama-cpp/build.sh builds for this machine (embeddings without the LM head; no
-# AMX), then the project itself.
+# llama-cpp-python that infra/llama-cpp/build.sh builds for this machine (embeddings without the LM head, KV
+# cells that keep vectors batch-invariant; no AMX), then the project itself.
 #
 #   bash infra/install.sh           # bulkembed
 #   bash infra/install.sh --test    # bulkembed in editable mode with the test tools

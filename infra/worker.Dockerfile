@@ -25,8 +25,8 @@ RUN python3 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
 # llama.cpp first, in its own layer, by the project's one recipe (infra/llama-cpp/build.sh): llama-cpp-python at
-# the pinned version with the patch that leaves the LM head out of embedding decodes, for CUDA_ARCHS, portable CPU
-# code (GGML_NATIVE=OFF, no AMX). Redone only when the recipe, its patches or CUDA_ARCHS change.
+# the pinned version with its patches (the LM head left out of embedding decodes; KV cells that keep vectors
+# batch-invariant), for CUDA_ARCHS, portable CPU code (GGML_NATIVE=OFF, no AMX). Redone only when the recipe, its patches or CUDA_ARCHS change.
 COPY infra/constraints.txt infra/constraints.txt
 COPY infra/llama-cpp infra/llama-cpp
 RUN wheel=$(bash infra/llama-cpp/build.sh --cuda "${CUDA_ARCHS}" --out /tmp/wheels) \

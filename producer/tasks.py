@@ -35,8 +35,9 @@ log = logging.getLogger(__name__)
 settings = ProducerSettings()
 app = celery_app(settings, "bulkembed-planner")
 # No hard time limit (the workers' BULKEMBED_TASK_TIME_LIMIT is for one shard): a unit waits on back-pressure as long
-# as the fleet takes to embed its shards, and a big job's manifest takes minutes. A planner that dies or stalls loses
-# its unit's hold after BULKEMBED_PLAN_LOCK_S, and another takes the unit. A unit planned for longer than
+# as the fleet takes to embed its shards, and a big job's manifest takes minutes. A planner that stalls loses its
+# unit's hold after BULKEMBED_PLAN_LOCK_S, and another takes the unit; one that dies has its task come back after
+# the visibility timeout (acknowledged late), at once where only its pool process died. A unit planned for longer than
 # BULKEMBED_VISIBILITY_TIMEOUT is delivered to a second planner too, which finds it held and looks again every
 # LOCKED_RETRY_S until it is planned: churn, never a shard queued twice.
 app.conf.task_time_limit = None

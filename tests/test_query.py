@@ -264,3 +264,23 @@ def test_an_index_decoded_two_ways_says_so_and_queries_follow_most_rows(outlier_
     result = bulkembed("embed", "--index", str(out), "--role", "passage", "--threads", "2", extra[0], extra[1])
     assert "was embedded in 2 ways" in result.stderr, result.stderr[-2000:]
     assert np.array_equal(json_vectors(result), np.stack([index["e0"], index["e1"]]))
+
+
+def test_embed_takes_what_its_options_leave_unsaid_from_the_workers_environment(monkeypatch):
+    """`bulkembed embed` runs as a worker of the same environment would: BULKEMBED_THREADS, BULKEMBED_GPU_LAYERS and
+    BULKEMBED_FLASH_ATTN apply where no option says otherwise (flash attention changes a vector's last digits).
+    Before, embed ignored them."""
+    import argparse
+
+    from bulkembed.query import add_embed_parser, embed_options
+
+    parser = argparse.ArgumentParser()
+    add_embed_parser(parser.add_subparsers())
+    monkeypatch.setenv("BULKEMBED_THREADS", "1")
+    monkeypatch.setenv("BULKEMBED_GPU_LAYERS", "0")
+    monkeypatch.setenv("BULKEMBED_FLASH_ATTN", "off")
+    options = embed_options(parser.parse_args(["embed", "a text"]))
+    assert (options.threads, options.gpu_layers, options.flash_attn) == (1, 0, False)
+    options = embed_options(parser.parse_args(["embed", "--threads", "2", "--gpu-layers", "-1", "--flash-attn", "on",
+                                               "a text"]))
+    assert (options.threads, options.gpu_layers, options.flash_attn) == (2, -1, True), "an option wins"

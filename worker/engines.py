@@ -1,6 +1,6 @@
 """Several engines per device: N llama processes, each with the model resident and its own context.
 
-One engine leaves an H100 partly idle: its GPU waits on one host thread between decodes (NOTES.md 23). N
+One engine leaves an H100 partly idle: its GPU waits on one host thread between decodes (docs/notes.md 23). N
 engine processes on the same device overlap one engine's host work with the others' decodes. Threads in one
 process gained only 1.2-1.3x, processes 1.5-1.7x, so engines are processes: llama processes
 (contract.llama_process), which load llama.cpp and never Arrow; the process that reads and writes shards calls them.

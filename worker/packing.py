@@ -8,7 +8,7 @@ token-weighted mean of their means, the first piece's first token, the last piec
 A non-causal model's tokens see the whole document: it is never split, and the ubatch is made large
 enough to hold the shard's longest document.
 
-llama.cpp's kernels choose their path by the decode's token count (NOTES.md 30), so a text's vector would depend on
+llama.cpp's kernels choose their path by the decode's token count (docs/notes.md 30), so a text's vector would depend on
 how full its decode was. Every decode therefore carries at least `min_decode` tokens: one that the documents do not
 fill is topped up with padding, a sequence of its own that no one reads, so every decode runs in the same regime.
 
@@ -106,7 +106,7 @@ def choose_shape(lengths: Sequence[int], ubatch_cap: int, pooling: Pooling = Poo
     """Just enough context for the longest document, the biggest ubatch the shard can fill.
 
     n_seq_max must divide n_ubatch under mean pooling, or llama.cpp aborts the process
-    (NOTES.md 4), so it is the largest divisor of n_ubatch up to llama.cpp's 256. An n_batch above
+    (docs/notes.md 4), so it is the largest divisor of n_ubatch up to llama.cpp's 256. An n_batch above
     n_ubatch lets llama.cpp split decodes itself, as upstream tools do: pooled means then come back
     wrong for documents split across ubatches, which is why only benchmarks and the self-test use it.
     A non-causal model gets an ubatch that holds the longest document whole, above the cap if need be

@@ -1,6 +1,6 @@
 """Choose the ubatch cap per device by measuring it, and the number of engines per GPU by memory.
 
-The seed's L4 was fastest at ub 512, an H100 at 1024 (NOTES.md 22): a fixed default is right for one GPU and
+The seed's L4 was fastest at ub 512, an H100 at 1024 (docs/notes.md 22): a fixed default is right for one GPU and
 wrong for another. The probe decodes a few full packed ubatches of each candidate on the resident model, in
 every engine at once (so it measures what the worker will run), and keeps the fastest. Its choice is cached
 per (device, model sha256, engines, flash attention, --isolate), so a restart skips it.
@@ -32,7 +32,7 @@ PROBE_WARM_DECODES = 2  # untimed full ubatches first: a new context and its fir
 PROBE_DECODES = 6  # timed full ubatches per candidate, at least
 PROBE_MIN_S = 1.0  # and at least this long, so a fast device is not timed on a few milliseconds
 NEAR_BEST = 0.97  # a smaller ubatch within 3% of the fastest wins: less memory, same speed
-MAX_AUTO_ENGINES = 3  # on an H100, 3 engines gave 1.1x of 2 and more gave nothing (docs/benchmarks.md)
+MAX_AUTO_ENGINES = 3  # on an H100, 3 engines gave 1.33-1.55x one (docs/benchmarks.md); more were not measured
 CONTEXT_RESERVE_MIB = 1536  # per engine beside its weights: KV cache and compute buffers at ub 2048
 
 

@@ -1,6 +1,6 @@
 """`python -m bulkembed.bench`: how the bench runs on a GPU machine. Its in-process modes run llama.cpp in this
 process, so llama.cpp's libraries load before numpy: the other order crashed model loads on a CUDA image
-(NOTES.md 25). It imports pyarrow only to read a --corpus."""
+(docs/notes.md 25). It imports pyarrow only to read a --corpus."""
 
 import sys
 

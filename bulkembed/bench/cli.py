@@ -56,7 +56,8 @@ def add_bench_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     model = bench.add_mutually_exclusive_group(required=True)
     model.add_argument("--model", type=Path, help="a .gguf file")
     model.add_argument("--synthetic-model", choices=sorted(SHAPES),
-                       help="a random-weight model: qwen2vl (tiny, small, v4) or a non-causal bert (minilm)")
+                       help="a random-weight model: qwen2vl (tiny, small, small-v4vocab, v4) or a non-causal bert "
+                       "(minilm)")
     bench.add_argument("--quant", default="Q8_0", help="synthetic model's type: F32, F16, Q8_0, Q4_K_M, IQ3_S, ...")
     bench.add_argument("--work", type=Path, help="folder for synthetic models, reused by name (default: a temp dir)")
     corpus = bench.add_mutually_exclusive_group()
@@ -67,8 +68,8 @@ def add_bench_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     bench.add_argument("--max-doc-tokens", type=int, default=None, help="clip synthetic lengths to this")
     bench.add_argument("--seed", type=int, default=0)
     bench.add_argument("--modes", default=",".join(DEFAULT_MODES),
-                       help=f"comma list of {', '.join(MODES)} (default all but transformers; llama-embedding is "
-                            f"skipped with a note when its binary is not found)")
+                       help=f"comma list of {', '.join(MODES)} (default {','.join(DEFAULT_MODES)}; llama-embedding "
+                            f"is skipped with a note when its binary is not found)")
     bench.add_argument("--engines", type=int, default=0,
                        help="also run bulkembed in N engine processes side by side (the worker's --engines N)")
     bench.add_argument("--peer-binary", help="the llama-embedding binary (default: the one on PATH)")

@@ -25,7 +25,7 @@ SHAPES = {
     "small": synthetic.ModelShape(n_layer=6, n_embd=384, n_head=6, n_head_kv=2, n_ff=1536, n_vocab=8192,
                                   n_ctx_train=32768),
     "v4": synthetic.V4,
-    # `small` with v4's 151,936-token vocabulary: the LM head is most of a small model's work (NOTES.md 31).
+    # `small` with v4's 151,936-token vocabulary: the LM head is most of a small model's work (docs/notes.md 31).
     "small-v4vocab": synthetic.ModelShape(n_layer=6, n_embd=384, n_head=6, n_head_kv=2, n_ff=1536, n_vocab=151936,
                                           n_ctx_train=32768),
     # A MiniLM-shaped non-causal `bert` (mean pooling): documents are never split, so every ubatch holds whole ones.

@@ -27,7 +27,7 @@ bench() { # name, limit, args...
     "$OUT/$name.json" 2>/dev/null | tee -a "$LOG"
 }
 # A script or pytest with llama.cpp's libraries loaded before numpy: the other order crashed GPU model loads on the H100
-# image (NOTES.md 25).
+# image (docs/notes.md 25).
 LLAMA_FIRST=(python3 -c 'import runpy, sys, llama_cpp; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name="__main__")')
 PYTEST_LLAMA_FIRST=(python3 -c 'import sys, llama_cpp, pytest; sys.exit(pytest.main(sys.argv[1:]))')
 step() { # name, limit, command...: one step of the window, its output in the log, its time and status after it
@@ -110,7 +110,7 @@ check)
   # copy (/tmp/site) must win over the source folders, hence append mode and no extra pythonpath.
   timeout 240 python3 -m pytest -q -x -p no:cacheprovider --import-mode=append -o pythonpath= \
     $REPO/tests/worker/test_engine.py $REPO/tests/worker/test_selftest.py 2>&1 | tail -4 | tee "$OUT/cuda-tests.txt"
-  # NOTES.md 25 and the pyarrow crash: numpy before llama_cpp, then a GPU model load (crashed on the H100 image);
+  # docs/notes.md 25 and the pyarrow crash: numpy before llama_cpp, then a GPU model load (crashed on the H100 image);
   # then what bulkembed does: pyarrow in this process, the engine in a llama process (contract.llama_process).
   python3 -c "from bulkembed.synthetic import TINY, write_qwen2vl_gguf as w; w('$W/tiny.gguf', TINY)"
   { timeout 60 python3 -c "
@@ -141,7 +141,7 @@ f16)
   bench f16-ub512 200 --synthetic-model v4 --quant F16 --synthetic 3000 --ubatch 512 --engines 3 --modes bulkembed,raw
   ;;
 f16-ubs)
-  # The 30k target of issue 9: 3 engines at the ubatches one engine liked best on the H100 (NOTES.md 22).
+  # The 30k target of issue 9: 3 engines at the ubatches one engine liked best on the H100 (docs/notes.md 22).
   bench f16-ub1024 270 --synthetic-model v4 --quant F16 --synthetic 3000 --ubatch 1024 --engines 3 --modes bulkembed,raw
   bench f16-ub2048 270 --synthetic-model v4 --quant F16 --synthetic 3000 --ubatch 2048 --engines 3 --modes bulkembed,raw
   ;;

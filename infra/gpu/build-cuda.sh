@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run HERE (no GPU, 2 cores): llama.cpp's shared libraries for CUDA, patched by the project's recipe
 # (infra/llama-cpp/build.sh --source: LM head left out of embedding decodes), so a GPU session spends its device
-# time measuring, not building (NOTES.md 34: ~25 min on 2 cores, ~40 MB as tar.xz: it fits one call's 64 MiB).
+# time measuring, not building (docs/notes.md 34: ~25 min on 2 cores, ~40 MB as tar.xz: it fits one call's 64 MiB).
 #
 #   bash infra/gpu/build-cuda.sh [ARCHS]      # default 90 (H100/H200); 89 for an L4
 #

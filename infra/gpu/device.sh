@@ -36,7 +36,7 @@ fi
 # become bulkembed.*) with its console script into /tmp/site.
 python3 -m pip install -q --no-deps --no-build-isolation --no-compile --upgrade --target /tmp/site "$G/.." \
   >/tmp/pip-project.log 2>&1 || { tail -20 /tmp/pip-project.log; exit 1; }
-# The `bulkembed` command (bulkembed/__init__ loads llama_cpp before numpy, NOTES.md 25).
+# The `bulkembed` command (bulkembed/__init__ loads llama_cpp before numpy, docs/notes.md 25).
 mkdir -p /tmp/site/bin
 printf '#!/usr/bin/env python3\nimport sys\nfrom bulkembed.cli import main\nsys.exit(main())\n' > /tmp/site/bin/bulkembed
 chmod +x /tmp/site/bin/bulkembed

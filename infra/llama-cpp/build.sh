@@ -4,7 +4,7 @@
 # (0001: embeddings without the LM head and its logits copy; 0002: the CPU flash attention's KV tiles cut from each
 # sequence's own cells, so vectors do not depend on cache placement; 0003: a sequence's new KV cells placed after the
 # ones it holds, so a split document's cells stay in position order), and builds a wheel with flags that are safe on
-# every CPU it may meet (no AMX: llama.cpp's AMX path dies with SIGILL on Sapphire Rapids-class CPUs, NOTES.md 28).
+# every CPU it may meet (no AMX: llama.cpp's AMX path dies with SIGILL on Sapphire Rapids-class CPUs, docs/notes.md 28).
 #
 #   infra/llama-cpp/build.sh [--native | --portable | --cuda ARCHS] [--out DIR]   # builds (or reuses) the wheel, prints its path
 #   infra/llama-cpp/build.sh --source DIR                                        # only the patched source tree, into DIR

@@ -100,7 +100,7 @@ def test_a_call_a_llama_process_cannot_read_is_an_error_and_it_lives_on(tiny_mod
 
 
 def test_a_llama_process_dead_of_an_illegal_instruction_says_how_to_rebuild(tiny_model):
-    """What a build with instructions the CPU lacks (llama.cpp's AMX path, NOTES.md 28) looks like to a user: one
+    """What a build with instructions the CPU lacks (llama.cpp's AMX path, docs/notes.md 28) looks like to a user: one
     line naming the signal, what it means and the command that rebuilds."""
     counter = TokenCounter(tiny_model)
     os.kill(counter._process.pid, signal.SIGILL)

@@ -121,7 +121,7 @@ def test_the_constraints_pin_every_dependency_within_pyproject_and_the_tested_ll
     from packaging.utils import canonicalize_name
 
     pinned = pins()
-    assert pinned["llama-cpp-python"] == "0.3.36", "the version the tests and NOTES.md measured"
+    assert pinned["llama-cpp-python"] == "0.3.36", "the version the tests and docs/notes.md measured"
     for text in pyproject()["project"]["dependencies"]:
         requirement = Requirement(text)
         version = pinned.get(canonicalize_name(requirement.name))

@@ -1,7 +1,7 @@
 """A text's vector does not depend on its neighbours: batch invariance, on a model with the outlier activations of
 trained weights (tests/conftest.py: outlier_models), where llama.cpp's kernel regimes show.
 
-llama.cpp's CPU kernels choose their path by a decode's token count (NOTES.md 30): without padding the same text
+llama.cpp's CPU kernels choose their path by a decode's token count (docs/notes.md 30): without padding the same text
 gets one vector alone and another in a decode of 64 tokens or more. The engine pads every decode to
 MIN_DECODE_TOKENS, and then a text's vector is the same, to the fifth digit of its cosine, whatever shard, plan,
 ubatch cap or neighbours it gets, flash attention on or off. With flash attention on (the default), the project's
@@ -23,7 +23,7 @@ from tests.conftest import letter_texts
 # KV cells sit in the cache it shares with its neighbours (sums over cells group them by position in the cache).
 # README's contract on CPU there: cos >= 0.99999 for Q8_0 and K-quants (worst measured 1 - cos = 4.7e-6: Q8_0, no
 # flash attention, ubatch 256), >= 0.99998 for IQ types (IQ3_S: 1.0e-5), against 1.8e-4 without padding on this model
-# (benchmarks/batch_invariance.py) and 1.3e-2 on a real one (NOTES.md 30).
+# (benchmarks/batch_invariance.py) and 1.3e-2 on a real one (docs/notes.md 30).
 SAME = 0.99999
 BOUND = {"Q8_0": SAME, "Q4_K_M": SAME, "IQ3_S": 0.99998}
 QUANTS = list(BOUND)

@@ -63,7 +63,7 @@ def test_edge_lengths(tiny_model, reference_embedder):
 
 def test_one_decode_over_ubatch_is_wrong_upstream(tiny_model, reference_embedder):
     """Why the packer exists: one llama_decode holding more than n_ubatch tokens pools per ubatch
-    and returns the last piece's mean (NOTES.md 1). This is what our threshold must catch."""
+    and returns the last piece's mean (docs/notes.md 1). This is what our threshold must catch."""
     import llama_cpp
 
     text = ("the river and the sea over alpha beta gamma " * 20)[:600]
@@ -106,7 +106,7 @@ def test_context_is_reused_when_the_shape_repeats(tiny_model):
 
 
 def test_choose_shape_never_aborts_llama(tiny_model):
-    """n_seq_max must divide n_ubatch under MEAN pooling, or llama.cpp aborts the process (NOTES.md 4)."""
+    """n_seq_max must divide n_ubatch under MEAN pooling, or llama.cpp aborts the process (docs/notes.md 4)."""
     engine = Engine(tiny_model, EngineOptions(threads=2))
     try:
         for cap in (96, 100, 500, 768):
