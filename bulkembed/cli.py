@@ -150,7 +150,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     planned = _plan(args)
     job = planned.job
     registry = JobRegistry.from_url(settings.redis_url.get_secret_value(), retention_s=settings.job_retention_s)
-    claim_out(planned, args.force, lambda earlier: stop_job(registry, earlier, settings))
+    claim_out(planned, args.force, lambda earlier: stop_job(registry, earlier))
     if args.force:
         registry.forget(job.job_id)
     print(job.job_id, flush=True)  # before planning: `status` follows it from now on

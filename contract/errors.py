@@ -25,6 +25,10 @@ class TransientError(BulkEmbedError):
     """A failure worth retrying (storage or network hiccup)."""
 
 
+class JobGone(BulkEmbedError):
+    """The job is no longer in Redis (forgotten by submit --force, its OUT handed to another job; or expired)."""
+
+
 class StoreRefused(BulkEmbedError):
     """The store refused a request for good (access denied, say), where boto3 raises nothing of its own."""
 

@@ -37,7 +37,7 @@ REDIS_JOB_QUEUED = "bulkembed:job:{job_id}:queued"  # hash: unit -> how many of 
 REDIS_PLAN_LOCK = "bulkembed:plan-lock:{job_id}:{unit}"  # held by the one planner planning a unit
 # hash: worker -> "engines expiry": the engines serving a model's queue, which bound how long planners let it grow.
 REDIS_QUEUE_ENGINES = "bulkembed:engines:{queue}"
-REDIS_SHARD_LOCK = "bulkembed:lock:{job_id}:{shard}"  # for stores without conditional writes
+REDIS_WRITE_LOCK = "bulkembed:write-lock:{key}"  # a store URI/key written if absent where the store cannot
 # list: ids of the jobs on a model's queue that still have unfinished shards. KEDA's second trigger
 # reads its length: while it is not empty a worker stays up to restore an orphaned shard.
 REDIS_QUEUE_OPEN_JOBS = "bulkembed:open-jobs:{queue}"

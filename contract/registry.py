@@ -138,6 +138,7 @@ def stored_result(message: ShardMessage, store: Store) -> ShardResult:
 # failed_only is how many shards are settled.
 # KEYS: job hash, done hash, failed hash; ARGV: shard, result json, rows, tokens.
 _SHARD_DONE = """
+if redis.call('HEXISTS', KEYS[1], 'spec') == 0 then return end
 local new = redis.call('HSETNX', KEYS[2], ARGV[1], ARGV[2])
 if new == 1 then
   redis.call('HINCRBY', KEYS[1], 'rows_done', ARGV[3])
@@ -151,9 +152,17 @@ end
 # last shard, then redelivered): its totals join the job's in one step. KEYS: job hash, units hash; ARGV: unit,
 # totals json, then pairs of counter and increment.
 _UNIT_PLANNED = """
+if redis.call('HEXISTS', KEYS[1], 'spec') == 0 then return end
 if redis.call('HSETNX', KEYS[2], ARGV[1], ARGV[2]) == 1 then
   for i = 3, #ARGV, 2 do redis.call('HINCRBY', KEYS[1], ARGV[i], ARGV[i + 1]) end
 end
+"""
+# A unit's shard queued (ARGV: unit, shards queued so far), into the job's planning record (KEYS: job hash, queued
+# hash). Like every script here, it writes nothing for a job Redis no longer knows: a planner of a job forgotten by
+# submit --force would otherwise bring its keys back, without expiry.
+_SHARD_QUEUED = """
+if redis.call('HEXISTS', KEYS[1], 'spec') == 0 then return end
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
 """
 PLANNED = "planned_"  # job hash fields planned_shards, planned_docs, ...: what the planned units found, summed
 REUSED_FIELDS = ("reused_rows", "reused_tokens", "reused_truncated")  # set once, when planning is closed
@@ -161,6 +170,7 @@ PLAN_FIELDS = tuple(PLANNED + f for f in JobTotals.model_fields if f not in REUS
 # A shard failed for good (a written one too: its job's manifest could not be written). KEYS: job hash, done hash,
 # failed hash; ARGV: shard, error.
 _SHARD_FAILED = """
+if redis.call('HEXISTS', KEYS[1], 'spec') == 0 then return end
 if redis.call('HSET', KEYS[3], ARGV[1], ARGV[2]) == 1 and redis.call('HEXISTS', KEYS[2], ARGV[1]) == 0 then
   redis.call('HINCRBY', KEYS[1], 'failed_only', 1)
 end
@@ -182,6 +192,7 @@ class JobRegistry:
         self._shard_done = client.register_script(_SHARD_DONE)
         self._shard_failed = client.register_script(_SHARD_FAILED)
         self._unit_planned = client.register_script(_UNIT_PLANNED)
+        self._shard_queued = client.register_script(_SHARD_QUEUED)
 
     @classmethod
     def from_url(cls, url: str, check: bool = True, retention_s: float = 7 * 24 * 3600) -> JobRegistry:
@@ -218,7 +229,7 @@ class JobRegistry:
                 pipe.persist(name)
             pipe.hset(key, mapping={"spec": job.model_dump_json(), "state": "planning", "started": time.time(),
                                     "failed_only": 0, "units": units})
-            pipe.hdel(key, "shards", "error")  # shards: set again when planning is closed
+            pipe.hdel(key, "shards", "error", "manifest_due")  # shards: set again when planning is closed
             pipe.delete(failed, keys.REDIS_JOB_ATTEMPTS.format(job_id=job.job_id))
             shards = pipe.execute()[0]
         return [int(shard) for shard in shards]
@@ -244,6 +255,11 @@ class JobRegistry:
         self._needs_no_planner(job_id)
         holds = list(self.redis.scan_iter(match=keys.REDIS_PLAN_LOCK.format(job_id=job_id, unit="*"), count=PAGE))
         self.redis.delete(*self._keys(job_id), *holds)
+
+    def manifest_due(self, job_id: str) -> bool:
+        """The job was complete when its planning closed (no worker sends its manifest task) and its manifest is not
+        written yet: a planner's try failed, and the next one writes it."""
+        return bool(self.redis.hexists(keys.REDIS_JOB.format(job_id=job_id), "manifest_due"))
 
     def is_registered(self, job_id: str) -> bool:
         """Whether Redis knows the job (not forgotten by --force, not expired)."""
@@ -336,7 +352,8 @@ class JobRegistry:
     def shard_queued(self, job_id: str, unit: int, place: int) -> None:
         """The unit's shard `place` is queued. Recorded after the send: a planner killed in between has it queued
         twice, and the second delivery finds it written (embedded once, counted once)."""
-        self.redis.hset(keys.REDIS_JOB_QUEUED.format(job_id=job_id), str(unit), place + 1)
+        self._shard_queued(keys=[keys.REDIS_JOB.format(job_id=job_id), keys.REDIS_JOB_QUEUED.format(job_id=job_id)],
+                           args=[unit, place + 1])
 
     def unit_planned(self, job_id: str, unit: int, totals: JobTotals) -> None:
         """Record a unit whose shards are all queued (counted once)."""
@@ -354,7 +371,8 @@ class JobRegistry:
         self.redis.delete(keys.REDIS_JOB_QUEUED.format(job_id=job_id))  # only planning needed it
         self._needs_no_planner(job_id)
         complete = self._complete(job_id)
-        if complete:  # written whole already (a resubmitted job): no worker needs to stay up for it
+        if complete:  # written whole already (a resubmitted job): no worker needs to stay up for it, and none sends
+            self.redis.hset(key, "manifest_due", 1)  # its manifest task: the planners write it (manifest_due)
             self._close(job_id)
         elif self._settled(job_id):  # its last shards failed while it was being planned
             self._close(job_id)
@@ -428,7 +446,9 @@ class JobRegistry:
         try:
             manifest = write_manifest(store, spec, self.totals(job_id), deleting_inputs(store, self.results(job_id)),
                                       reused_files(store))
-            self.redis.hset(keys.REDIS_JOB.format(job_id=job_id), "state", "done")
+            with self.redis.pipeline() as pipe:
+                pipe.hset(keys.REDIS_JOB.format(job_id=job_id), "state", "done")
+                pipe.hdel(keys.REDIS_JOB.format(job_id=job_id), "manifest_due").execute()
             self._close(job_id)
             self._expire(job_id)
         except BaseException:

@@ -17,9 +17,9 @@ import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
@@ -341,6 +341,21 @@ def _transient_errors(method: str, key: str) -> Iterator[None]:
         raise
 
 
+class LockedWrites:
+    """A store that ignores if-absent writes (an old S3-compatible server), made to honour them: each such write
+    takes `lock(key)` (a Redis lock, every worker's) and looks for the key first. The rest is the store's own."""
+
+    def __init__(self, store: Store, lock: Callable[[str], AbstractContextManager]):
+        self.store, self.lock = store, lock
+
+    def put_if_absent(self, key: str, data: bytes) -> bool:
+        with self.lock(key):
+            return not self.store.exists(key) and self.store.put_if_absent(key, data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.store, name)
+
+
 def has_conditional_writes(store: Store) -> bool:
     """Probe once: does a second if-absent write of the same key fail, as it must? (Some older
     S3-compatible servers ignore If-None-Match and overwrite.)"""
@@ -362,12 +377,17 @@ def open_store(uri: str) -> Store:
 def at_once(request: Callable[[Item], Answer], items: Iterable[Item], threads: int = REQUESTS_AT_ONCE
             ) -> Iterator[Answer]:
     """`request` of each of `items`, `threads` at a time, the answers in order. At most twice `threads` answers wait
-    to be read: a long pass (a listing a unit) neither runs one request at a time nor holds every answer."""
-    with ThreadPoolExecutor(threads, thread_name_prefix="store-requests") as pool:
-        pending: deque[Future[Answer]] = deque()
+    to be read: a long pass (a listing a unit) neither runs one request at a time nor holds every answer. A request
+    that fails, or a caller that stops reading, cancels those not yet started (during an outage each would take
+    boto3's whole retry budget)."""
+    pool = ThreadPoolExecutor(threads, thread_name_prefix="store-requests")
+    pending: deque[Future[Answer]] = deque()
+    try:
         for item in items:
             pending.append(pool.submit(request, item))
             if len(pending) > 2 * threads:
                 yield pending.popleft().result()
         while pending:
             yield pending.popleft().result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)

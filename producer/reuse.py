@@ -24,7 +24,7 @@ import pyarrow.dataset as ds
 
 from bulkembed.contract import keys
 from bulkembed.contract.errors import InputError, ShardError
-from bulkembed.contract.job import JobSpec, ReuseSource
+from bulkembed.contract.job import JobSpec, Pooling, ReuseSource
 from bulkembed.contract.manifest import manifest_shards
 from bulkembed.contract.registry import ReusedFile
 from bulkembed.contract.schema import (
@@ -36,7 +36,7 @@ from bulkembed.contract.schema import (
     stored_schema,
     to_ipc_bytes,
 )
-from bulkembed.contract.store import Store, at_once, open_store
+from bulkembed.contract.store import REQUESTS_AT_ONCE, Store, at_once, open_store
 from bulkembed.producer.dedup import SeenIds
 
 log = logging.getLogger(__name__)
@@ -153,7 +153,9 @@ def copy_reused(previous: PreviousOutput, reused: SeenIds, store: Store, job: Jo
                           sha256=hashlib.sha256(data).hexdigest(), decoding=decoding_digest(decoded_by))
 
     chosen = [(index, source) for index, source in enumerate(previous.files) if sources is None or source in sources]
-    copied = [file for file in at_once(lambda pair: copy(*pair), chosen) if file is not None]
+    # A file of token vectors (--pooling none) is up to ~0.5 GB, held three times over while copied: one at a time.
+    threads = 1 if job.pooling is Pooling.NONE else REQUESTS_AT_ONCE
+    copied = [file for file in at_once(lambda pair: copy(*pair), chosen, threads) if file is not None]
     log.info("job %s: %d rows reused from %s in %d files", job.job_id, sum(f.rows for f in copied),
              previous.source.uri, len(copied))
     return copied

@@ -24,7 +24,7 @@ from redis.exceptions import LockError, LockNotOwnedError
 from redis.lock import Lock
 
 from bulkembed.contract import keys
-from bulkembed.contract.errors import InputError
+from bulkembed.contract.errors import InputError, JobGone
 from bulkembed.contract.job import (
     Dtype,
     JobSpec,
@@ -344,6 +344,7 @@ def plan_unit(ctx: PlanContext, unit: Unit, sink: ShardSink) -> JobTotals:
         totals.tokens += sum(lengths)
         if totals.shards <= sink.queued:  # queued by an earlier try at this unit
             return
+        sink.tick()  # still this planner's unit (and job) before anything of the shard is written
         message = ShardMessage.of(job, shard, lengths)
         if message.output_key in written:  # no input needed (a done job's were deleted: not written again)
             sink.written(message)
@@ -491,10 +492,15 @@ class Backpressure:
             time.sleep(1.0)
 
     def tick(self) -> None:
-        """Extend the unit's lock (raises LockNotOwnedError if it lapsed: another planner has the unit now)."""
-        if self.lock is not None and time.monotonic() - self._ticked > self.lock.timeout / 4:
+        """Raise LockNotOwnedError where the unit's lock is gone (it lapsed: another planner may have the unit now; or
+        its job was forgotten by submit --force), else extend it now and then. Asked before each shard is written."""
+        if self.lock is None:
+            return
+        if time.monotonic() - self._ticked > self.lock.timeout / 4:
             self.lock.reacquire()
             self._ticked = time.monotonic()
+        elif not self.lock.owned():
+            raise LockNotOwnedError(f"the hold on {self.lock.name} is gone")
 
 
 def plan_claimed(registry: JobRegistry, job: JobSpec, context: Callable[[], PlanContext], unit: Unit,
@@ -511,6 +517,9 @@ def plan_claimed(registry: JobRegistry, job: JobSpec, context: Callable[[], Plan
     if not lock.acquire():
         return False
     try:
+        if not registry.is_registered(job.job_id):  # forgotten by submit --force: its OUT is another job's now
+            raise JobGone(f"job {job.job_id} is no longer in Redis (forgotten by submit --force, or expired): "
+                          f"unit {unit.index} is not planned")
         if not registry.unit_is_planned(job.job_id, unit.index):
             hold = Backpressure(registry, job.model.queue, settings.queue_per_engine, settings.queue_min, lock,
                                 stopping)
@@ -552,15 +561,17 @@ def close_if_planned(registry: JobRegistry, job: JobSpec, context: Callable[[], 
                      keep_planner: bool = True) -> None:
     """Once every unit is planned: copy what --reuse matched and let the job run. A job whose every shard is written
     by then (a resubmitted one: no worker will send its manifest task) has its manifest written here, and again on the
-    next call while it is not (the store or Redis failed it: this task's retry, or its delivery again, writes it).
-    Idempotent: a planner and the submitting process may both get here."""
+    next call while it is not (the store or Redis failed it: this task's retry, or its delivery again, writes it);
+    other jobs' manifests are the workers' to ask for. Idempotent: a planner and the submitting process may both get
+    here."""
+    if not registry.is_registered(job.job_id):  # forgotten: nothing to close, and no keys of it to write back
+        return
     if registry.planning_open(job.job_id):
         if not registry.all_units_planned(job.job_id):
             return
         files = copy_reused_rows(context(), registry.unit_count(job.job_id))
         registry.close_planning(job.job_id, JobTotals.of_reused(files))
-    status = registry.status(job.job_id)
-    if status is not None and status.state == "finishing":
+    if registry.manifest_due(job.job_id):
         registry.finalize(job.job_id, keep_planner)
 
 
@@ -692,21 +703,20 @@ def claim_out(planned: PlannedJob, force: bool, stop: Callable[[str], None] = la
                      f"for this job's. Pass --force to delete that output first, or choose another --out")
 
 
-STOPPING_S = 15  # beyond a quarter of PLAN_LOCK_S: a planner notices its job is gone when it renews its hold
+STOPPING_S = 15.0  # for a forgotten job's planners to notice, between two shards or two parts of a count
 
 
-def stop_job(registry: JobRegistry, job_id: str, settings: ProducerSettings) -> None:
+def stop_job(registry: JobRegistry, job_id: str) -> None:
     """--force over the output of a job that may still run: forget it in Redis first, so that its workers drop its
-    shards (they look before embedding and again just before writing) and its planners stop (their holds are gone:
-    at their next renewal, a quarter of BULKEMBED_PLAN_LOCK_S). Its files are deleted only after that: its late
-    writes would otherwise land among the new job's files, under the same names."""
+    shards (they look before embedding and again just before writing) and its planners and submitting process stop
+    (their holds are gone: they look before each shard's input is written). Its files are deleted STOPPING_S after:
+    its late writes would otherwise land among the new job's files, under the same names."""
     status = registry.status(job_id)
     registry.forget(job_id)
     if status is not None and not status.finished:
-        wait_s = settings.plan_lock_s / 4 + STOPPING_S
         log.warning("job %s, whose output is to be replaced, is still %s: forgotten, so its workers and planners "
-                    "stop; its files are deleted in %.0fs", job_id, status.state, wait_s)
-        time.sleep(wait_s)
+                    "stop; its files are deleted in %.0fs", job_id, status.state, STOPPING_S)
+        time.sleep(STOPPING_S)
 
 
 def forget_outputs(store: Store) -> int:

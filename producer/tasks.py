@@ -19,7 +19,7 @@ from celery import Task
 from celery.exceptions import Reject, Retry
 from celery.signals import worker_shutting_down
 
-from bulkembed.contract.errors import TransientError
+from bulkembed.contract.errors import JobGone, TransientError
 from bulkembed.contract.job import JobSpec
 from bulkembed.contract.model import resolve_path
 from bulkembed.contract.queue import PLAN_QUEUE, TASK_FINALIZE_JOB, TASK_PLAN_UNIT, celery_app, shard_sender
@@ -97,6 +97,8 @@ def plan_unit_task(self: PlannerTask, job_id: str, unit: list) -> None:
             _plan(self, job_id, Unit(*unit))
         except (Retry, Reject, *REDIS_FAILED):  # Reject: a retry (a unit held elsewhere) that could not be queued
             raise
+        except JobGone as exc:  # forgotten mid-unit by submit --force: nothing to plan, nothing to record
+            log.warning("%s", exc)
         except Exception as exc:
             if not isinstance(exc, TransientError) and not is_transient(exc):
                 log.exception("job %s unit %s could not be planned", job_id, unit[0])

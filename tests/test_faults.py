@@ -10,7 +10,6 @@ import re
 import signal
 import threading
 import time
-from contextlib import nullcontext
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -462,9 +461,9 @@ def test_redis_refusing_writes_as_a_shard_commits_hands_the_shard_back(tmp_path,
 
 def test_lock_fallback_where_the_store_ignores_conditional_writes(tmp_path, bucket, redis_server):
     """A store whose if-absent writes overwrite (an old S3-compatible server) is detected, and shard
-    commits to it take a Redis lock; LocalStore and S3 (moto) need none."""
+    commits to it take a Redis lock and look for the file first; LocalStore and S3 (moto) need none."""
     from bulkembed.contract.registry import JobRegistry
-    from bulkembed.contract.store import LocalStore, has_conditional_writes, open_store
+    from bulkembed.contract.store import LocalStore, LockedWrites, has_conditional_writes, open_store
     from bulkembed.worker.app import ModelTask
 
     local, s3 = LocalStore(tmp_path / "local"), open_store(f"s3://{bucket}/out")
@@ -474,28 +473,24 @@ def test_lock_fallback_where_the_store_ignores_conditional_writes(tmp_path, buck
     assert old.list() == [] and local.list() == [] and s3.list() == [], "the probe cleans up"
 
     registry = JobRegistry.from_url(redis_server)
-    shard = SimpleNamespace(job_id="lockjob", shard=7)
     task = ModelTask()
-    assert task.write_guard(local, registry, shard) is nullcontext
-    assert task.write_guard(s3, registry, shard) is nullcontext
-    guard = task.write_guard(old, registry, shard)
-    assert guard is not nullcontext
-    name = keys.REDIS_SHARD_LOCK.format(job_id="lockjob", shard=7)
+    assert task.committing(local, registry) is local and task.committing(s3, registry) is s3
+    locked = task.committing(old, registry)
+    assert isinstance(locked, LockedWrites) and locked.uri == old.uri
+    name = keys.REDIS_WRITE_LOCK.format(key=f"{old.uri}/000000-000007.arrow")
 
     holder = registry.redis.lock(name, timeout=30)  # another delivery of the same shard, committing
     assert holder.acquire(blocking=False)
-    entered = threading.Event()
-
-    def commit() -> None:
-        with guard():
-            entered.set()
-
-    thread = threading.Thread(target=commit, daemon=True)
+    written: list[bool] = []
+    thread = threading.Thread(target=lambda: written.append(locked.put_if_absent("000000-000007.arrow", b"second")),
+                              daemon=True)
     thread.start()
-    assert not entered.wait(1.0), "the guard waits while another delivery holds the lock"
+    thread.join(1.0)
+    assert thread.is_alive(), "the commit waits while another delivery holds the lock"
+    old.put("000000-000007.arrow", b"first")  # what that delivery wrote
     holder.release()
-    assert entered.wait(10), "and goes on once it is released"
     thread.join(10)
+    assert written == [False] and old.get("000000-000007.arrow") == b"first", "found written, not overwritten"
     assert not registry.redis.exists(name), "released after the commit"
 
 
@@ -528,13 +523,17 @@ def shard_of_two_rows(store, queue: str = "q"):
     return message, delivered
 
 
-def test_a_second_delivery_keeps_the_first_ones_file_where_the_store_ignores_conditional_writes(tmp_path):
+def test_a_second_delivery_keeps_the_first_ones_file_where_the_store_ignores_conditional_writes(tmp_path,
+                                                                                                 redis_server):
     """Under the lock, a duplicate delivery of a shard to a store that overwrites on if-absent writes finds the file
     written and reports it, rather than overwriting it with its own vectors (another GPU, ubatch or build gives other
     bytes): the registry keeps the first result, so the manifest's sha256 would no longer match the file."""
     import hashlib
 
-    store = OverwritingStore(tmp_path / "out")
+    from bulkembed.contract.registry import JobRegistry
+    from bulkembed.worker.app import ModelTask
+
+    store = ModelTask().committing(OverwritingStore(tmp_path / "out"), JobRegistry.from_url(redis_server))
     message, delivered = shard_of_two_rows(store)
     first, second = delivered(1.0, 512), delivered(2.0, 2048)
     on_disk = hashlib.sha256((tmp_path / "out" / message.output_key).read_bytes()).hexdigest()
@@ -561,7 +560,7 @@ def test_a_written_shard_delivered_again_past_its_attempts_is_not_failed_as_pois
     assert not registry.shard_done(job_id, delivered(1.0, 512))
     model = SimpleNamespace(engine=SimpleNamespace(alive=True, pid=1, embed_rows=None), sha256="0" * 64,
                             path=Path("m.gguf"))  # no engine to embed with: the shard must be found written
-    task = SimpleNamespace(registry=registry, write_guard=lambda *args: nullcontext)
+    task = SimpleNamespace(registry=registry, committing=lambda store, registry: store)
     result = worker_app._embed(task, message, model, None)
     status = registry.status(job_id)
     assert result is not None and status.failed == 0 and status.state == "running" and status.shards_done == 1
@@ -572,6 +571,7 @@ def test_a_shard_of_a_job_forgotten_by_force_is_dropped_not_written(tmp_path, re
     are dropped by workers that had its spec cached, whether it was forgotten before a shard was taken or while it
     was embedded. Nothing of it is written under the new job's names, and no key of it comes back to Redis (an
     attempt counted would be a key without expiry). Before, they were embedded and written into the new job's OUT."""
+    from bulkembed.contract.errors import JobGone
     from bulkembed.contract.registry import JobRegistry, JobTotals
     from bulkembed.contract.store import LocalStore
     from bulkembed.worker import app as worker_app
@@ -590,14 +590,15 @@ def test_a_shard_of_a_job_forgotten_by_force_is_dropped_not_written(tmp_path, re
         registry.forget(job_id)  # submit --force, while this shard is embedded
         return EmbeddedRows(np.ones((2, 4), np.float32), {}, 4, {})
 
-    task = SimpleNamespace(registry=registry, write_guard=lambda *args: nullcontext)
+    task = SimpleNamespace(registry=registry, committing=lambda store, registry: store)
     for embed_rows, forget_first in ((forgotten_meanwhile, False), (None, True)):
         registered()
         if forget_first:
             registry.forget(job_id)
         model = SimpleNamespace(engine=SimpleNamespace(alive=True, pid=1, embed_rows=embed_rows), sha256="0" * 64,
                                 path=Path("m.gguf"))
-        assert worker_app._embed(task, message, model, None) is None
+        with pytest.raises(JobGone):  # acknowledged by the task, neither written nor recorded
+            worker_app._embed(task, message, model, None)
         assert not store.exists(message.output_key), "nothing written into the OUT the job no longer owns"
         assert not [k for k in registry.redis.scan_iter(f"*{job_id}*")], "no key of the forgotten job comes back"
 

@@ -22,13 +22,13 @@ from celery.exceptions import Reject
 from celery.signals import worker_process_init, worker_process_shutdown
 
 from bulkembed.contract import keys
-from bulkembed.contract.errors import ShardError, TransientError
+from bulkembed.contract.errors import JobGone, TransientError
 from bulkembed.contract.job import JobSpec, ShardMessage
 from bulkembed.contract.llama_process import LlamaProcessDied
 from bulkembed.contract.queue import PLAN_QUEUE, TASK_EMBED_SHARD, TASK_FINALIZE_JOB, celery_app
 from bulkembed.contract.registry import REDIS_FAILED, JobRegistry
 from bulkembed.contract.settings import WorkerSettings
-from bulkembed.contract.store import Store, backoff_s, has_conditional_writes, open_store
+from bulkembed.contract.store import LockedWrites, Store, backoff_s, has_conditional_writes, open_store
 from bulkembed.worker import metrics
 from bulkembed.worker.engine import EngineOptions
 from bulkembed.worker.engines import EngineProcess
@@ -94,8 +94,8 @@ class ModelTask(Task):
         if job_id not in self._specs:
             spec = self.registry.spec(job_id)
             if spec is None:
-                raise ShardError(f"job {job_id} is not in Redis (forgotten by --force, or expired after "
-                                 f"BULKEMBED_JOB_RETENTION_S): its shard cannot be embedded; resubmit the job")
+                raise JobGone(f"job {job_id} is not in Redis (forgotten by submit --force, or expired after "
+                              f"BULKEMBED_JOB_RETENTION_S): its shard is dropped; resubmit the job to embed it")
             if len(self._specs) >= 64:  # a long-lived worker sees many jobs: keep the recent ones
                 self._specs.pop(next(iter(self._specs)))
             self._specs[job_id] = spec
@@ -113,16 +113,17 @@ class ModelTask(Task):
             _load_model()
         return MODEL
 
-    def write_guard(self, store: Store, registry: JobRegistry, shard: ShardMessage) -> Guard:
-        """No guard where the store refuses a second if-absent write; a Redis lock where it does not."""
+    def committing(self, store: Store, registry: JobRegistry) -> Store:
+        """`store`, where it refuses a second if-absent write; where it overwrites, the store with a Redis lock (every
+        worker's) around each such write, which looks for the key first."""
         if store.uri not in self._conditional_writes:
             self._conditional_writes[store.uri] = has_conditional_writes(store)
             if not self._conditional_writes[store.uri]:
                 log.warning("%s ignores conditional writes: shard commits take a Redis lock", store.uri)
         if self._conditional_writes[store.uri]:
-            return nullcontext
-        name = keys.REDIS_SHARD_LOCK.format(job_id=shard.job_id, shard=shard.shard)
-        return lambda: registry.redis.lock(name, timeout=300, blocking_timeout=600)
+            return store
+        return LockedWrites(store, lambda key: registry.redis.lock(
+            keys.REDIS_WRITE_LOCK.format(key=f"{store.uri}/{key}"), timeout=300, blocking_timeout=600))
 
 
     def retry_later(self, shard: ShardMessage, exc: TransientError, unreachable_since: float | None) -> NoReturn:
@@ -163,10 +164,6 @@ def _give_back(what: str, why: str) -> NoReturn:
     raise Reject(why, requeue=True)
 
 
-class JobForgotten(Exception):
-    """The shard's job left Redis while it was embedded (submit --force handed its OUT to another job)."""
-
-
 def registered(registry: JobRegistry, shard: ShardMessage, guard: Guard) -> Guard:
     """`guard`, then a last look that the shard's job is still in Redis, just before its file is written: the OUT
     of a job forgotten by submit --force is another job's now, under the same file names."""
@@ -174,17 +171,10 @@ def registered(registry: JobRegistry, shard: ShardMessage, guard: Guard) -> Guar
     def checked() -> Iterator[None]:
         with guard():
             if not registry.is_registered(shard.job_id):
-                raise JobForgotten
+                raise JobGone(f"job {shard.job_id} is no longer in Redis (forgotten by submit --force)")
             yield
 
     return checked
-
-
-def _dropped(shard: ShardMessage) -> None:
-    """A shard of a job no longer in Redis: acknowledged, neither written nor recorded (its keys are gone)."""
-    log.warning("job %s shard %d: the job is no longer in Redis (forgotten by submit --force): dropped, not written",
-                shard.job_id, shard.shard)
-    return None
 
 
 def _engine_lost(shard: ShardMessage, why: str) -> NoReturn:
@@ -210,6 +200,9 @@ def embed_shard_task(self: ModelTask, message: list | dict, unreachable_since: f
         except Exception as exc:  # noqa: BLE001 - not the shard's fault: no attempt counted
             _give_back(what, f"the engine cannot start ({type(exc).__name__}: {exc})")
         result = _embed(self, shard, model, unreachable_since)
+    except JobGone as exc:  # its OUT may be another job's now: acknowledged, neither written nor recorded
+        log.warning("%s: %s; dropped, not written", what, exc)
+        return None
     except REDIS_FAILED as exc:
         log.error("%s: Redis failed (%s: %s); waiting for it to take writes", what, type(exc).__name__, exc)
         JobRegistry.of_process(settings).await_writes(settings.task_time_limit / 2)
@@ -224,7 +217,7 @@ def _embed(self: ModelTask, shard: ShardMessage, model: ResidentModel, unreachab
         _engine_lost(shard, f"llama.cpp process {model.engine.pid} died before this shard")
     registry = self.registry
     if not registry.is_registered(shard.job_id):  # its spec is cached here: forgotten since, by submit --force
-        return _dropped(shard)
+        raise JobGone(f"job {shard.job_id} is no longer in Redis (forgotten by submit --force, or expired)")
     if model.sha256 != shard.job.model.sha256:
         # Another file of the same name (a repository updated under a running fleet): a worker of the job's model
         # takes the shard where one serves the queue; where none does, the shard fails, said, rather than going round.
@@ -246,19 +239,18 @@ def _embed(self: ModelTask, shard: ShardMessage, model: ResidentModel, unreachab
         registry.shard_failed(shard.job_id, shard.shard, error)
         metrics.shard_failed(name)
         return None
-    store = open_store(shard.job.out)
+    store = self.committing(open_store(shard.job.out), registry)
     if shard.queued_at and unreachable_since is None:
         metrics.QUEUE_WAIT.labels(name).observe(max(0.0, time.time() - shard.queued_at))
     try:
-        guard = registered(registry, shard, holding(settings.test_hold_dir, shard,
-                                                    self.write_guard(store, registry, shard)))
+        guard = registered(registry, shard, holding(settings.test_hold_dir, shard, nullcontext))
         result = embed_shard(shard, model.engine.embed_rows, model.sha256, store, guard)
         if registry.shard_done(shard.job_id, result):  # the last shard: a planner writes the manifest, off the GPU
             # Redelivered after this failed, the shard is found written and this is sent again (complete is
             # complete however often it is asked).
             app.send_task(TASK_FINALIZE_JOB, args=[shard.job_id], queue=PLAN_QUEUE, argsrepr=f"job {shard.job_id}")
-    except JobForgotten:
-        return _dropped(shard)
+    except JobGone:
+        raise  # the job's, not the shard's: nothing is recorded
     except LlamaProcessDied as exc:
         _engine_lost(shard, str(exc))  # counted as an attempt: this shard may be what killed it
     except TransientError as exc:

@@ -78,18 +78,17 @@ def open_shard(message: ShardMessage, model_sha256: str, store: Store) -> OpenSh
 
 
 def write_shard(shard: OpenShard, embedded: EmbeddedRows, store: Store, guard: Guard = nullcontext) -> ShardResult:
-    """Write the vectors whole and once, and the rows the engine set aside to OUT/_rejected/."""
+    """Write the vectors whole and once, and the rows the engine set aside to OUT/_rejected/ (first: a file of
+    vectors is never without its rejected rows), both within `guard` (the worker's: the job still owns OUT)."""
     message, table = shard.message, shard.table
     good = np.array([i not in embedded.rejected for i in range(table.num_rows)], bool)
-    if not good.all():
-        _quarantine(store, message, table, embedded.rejected)
     output = _output_table(table.filter(pa.array(good)), embedded.vectors, message.job, embedded.n_embd,
                            embedded.decoded_by)
     data = to_ipc_bytes(output)
     with guard():
-        # Looked for first: a store that ignores if-absent writes (the guard is then a Redis lock) would let this
-        # delivery overwrite what another one wrote and recorded.
-        if store.exists(message.output_key) or not store.put_if_absent(message.output_key, data):
+        if not good.all():
+            _quarantine(store, message, table, embedded.rejected)
+        if not store.put_if_absent(message.output_key, data):
             log.info("job %s shard %d: another delivery wrote it first", message.job_id, message.shard)
             return stored_result(message, store)
     seconds = time.perf_counter() - shard.started

@@ -238,3 +238,20 @@ def test_at_once_answers_in_order_with_requests_in_parallel_and_a_bounded_lookah
     with pytest.raises(ValueError, match="item 30"):
         next(answers)
     assert most > 1, "requests ran one at a time"
+
+
+def test_at_once_cancels_the_requests_not_started_when_one_fails():
+    """During an outage each request takes boto3's whole retry budget: once one has failed, those queued behind it
+    are not sent."""
+    ran: list[int] = []
+
+    def request(item: int) -> int:
+        ran.append(item)
+        if item == 0:
+            raise ValueError("the store failed")
+        time.sleep(0.3)
+        return item
+
+    with pytest.raises(ValueError):
+        list(at_once(request, range(40), threads=4))
+    assert len(ran) <= 6, f"{len(ran)} requests ran: those queued behind the failure were sent too"

@@ -273,9 +273,9 @@ def test_a_submit_that_dies_before_queueing_anything_holds_no_worker(tmp_path, t
 
 def test_force_over_a_running_job_stops_it_before_its_files_go(tmp_path, tiny_model, redis_server, monkeypatch):
     """submit --force into an OUT that holds another job still running: that job is forgotten in Redis, its
-    planners' holds too (a planner of it stops at its next renewal), and its files are deleted only once a planner
-    has had the time to notice. The same job forced again stops nothing. Before, --force forgot only the new job:
-    the old one's planners and workers went on writing into the new job's OUT under the same names."""
+    planners' holds too, and its files are deleted only STOPPING_S later, once its planners have had the time to
+    notice. The same job forced again stops nothing. Before, --force forgot only the new job: the old one's planners
+    and workers went on writing into the new job's OUT under the same names."""
     from redis.exceptions import LockNotOwnedError
 
     from bulkembed.producer import submit
@@ -291,18 +291,23 @@ def test_force_over_a_running_job_stops_it_before_its_files_go(tmp_path, tiny_mo
     hold = registry.plan_lock(old.job.job_id, 7, 60)  # a planner of it, mid-unit
     assert hold.acquire()
 
-    settings = ProducerSettings(plan_lock_s=4)
-    monkeypatch.setattr(submit, "STOPPING_S", 0.5)
+    monkeypatch.setattr(submit, "STOPPING_S", 1.0)
+    events: list[tuple[str, float]] = []
+    forget, forget_outputs = registry.forget, submit.forget_outputs
+    monkeypatch.setattr(registry, "forget", lambda job_id: (events.append(("forget", time.monotonic())),
+                                                             forget(job_id)))
+    monkeypatch.setattr(submit, "forget_outputs", lambda store: (events.append(("delete", time.monotonic())),
+                                                                 forget_outputs(store))[1])
     stopped: list[str] = []
 
     def stop(job_id: str) -> None:
         stopped.append(job_id)
-        stop_job(registry, job_id, settings)
+        stop_job(registry, job_id)
 
     new = plan_job(str(tmp_path / "v2"), str(tiny_model), out, options)
-    started = time.monotonic()
     claim_out(new, True, stop)
-    assert stopped == [old.job.job_id] and time.monotonic() - started >= 1.5, "waited for its planners"
+    assert stopped == [old.job.job_id] and [name for name, _ in events] == ["forget", "delete"]
+    assert events[1][1] - events[0][1] >= 1.0, "its files deleted only once its planners have had the time to stop"
     assert registry.status(old.job.job_id) is None
     with pytest.raises(LockNotOwnedError):
         hold.reacquire()
@@ -311,3 +316,42 @@ def test_force_over_a_running_job_stops_it_before_its_files_go(tmp_path, tiny_mo
     new.store.put(keys.JOB_KEY, new.job.model_dump_json().encode())
     claim_out(new, True, stop)
     assert stopped == [old.job.job_id], "the same job is not stopped"
+
+
+def test_a_forgotten_jobs_submit_stops_planning_and_writes_nothing_more(tmp_path, tiny_model, redis_server):
+    """The old job's own submit process, planning its units, when another submit --force forgets the job: it stops
+    before its next shard's input is written (its hold is gone), sends nothing more, and brings none of the job's
+    keys back to Redis. Before, it planned the whole job again: its inputs landed in the new job's OUT."""
+    import threading
+
+    from bulkembed.contract.errors import JobGone
+    from bulkembed.producer.submit import submit_job
+
+    write_corpus(tmp_path / "in" / "c.parquet", [f"d{i}" for i in range(120)], mixed_texts(120, seed=11))
+    planned = plan_job(str(tmp_path / "in"), str(tiny_model), str(tmp_path / "out"), JobOptions(shard_tokens=400))
+    job_id, registry = planned.job.job_id, JobRegistry.from_url(redis_server)
+    sent, started, forgotten, raised = [], threading.Event(), threading.Event(), []
+
+    def send(message) -> None:
+        sent.append(message)
+        if len(sent) == 2:  # mid-unit, when the other submit forgets the job
+            started.set()
+            forgotten.wait(10)
+
+    def old_submit() -> None:
+        try:
+            submit_job(planned, registry, send, lambda unit: None, ProducerSettings())
+        except JobGone as exc:
+            raised.append(exc)
+
+    thread = threading.Thread(target=old_submit, daemon=True)
+    thread.start()
+    assert started.wait(30)
+    inputs_then = {key for key, _ in planned.store.list("_shards/")}
+    registry.forget(job_id)
+    forgotten.set()
+    thread.join(30)
+    assert raised and "no longer in Redis" in str(raised[0]), "the old submit says why it stopped"
+    assert len(sent) == 2, "nothing sent after the job was forgotten"
+    assert {key for key, _ in planned.store.list("_shards/")} == inputs_then, "no input written after"
+    assert not list(registry.redis.scan_iter(f"*{job_id}*")), "no key of the job comes back"
