@@ -157,6 +157,15 @@ if redis.call('HSETNX', KEYS[2], ARGV[1], ARGV[2]) == 1 then
   for i = 3, #ARGV, 2 do redis.call('HINCRBY', KEYS[1], ARGV[i], ARGV[i + 1]) end
 end
 """
+# Shards failed for good taken off the failed list (ARGV: the shards; KEYS: job hash, done hash, failed hash), the
+# count of those not written with them.
+_UNFAIL = """
+for i = 1, #ARGV do
+  if redis.call('HDEL', KEYS[3], ARGV[i]) == 1 and redis.call('HEXISTS', KEYS[2], ARGV[i]) == 0 then
+    redis.call('HINCRBY', KEYS[1], 'failed_only', -1)
+  end
+end
+"""
 # A unit's shard queued (ARGV: unit, shards queued so far), into the job's planning record (KEYS: job hash, queued
 # hash). Like every script here, it writes nothing for a job Redis no longer knows: a planner of a job forgotten by
 # submit --force would otherwise bring its keys back, without expiry.
@@ -193,6 +202,7 @@ class JobRegistry:
         self._shard_failed = client.register_script(_SHARD_FAILED)
         self._unit_planned = client.register_script(_UNIT_PLANNED)
         self._shard_queued = client.register_script(_SHARD_QUEUED)
+        self._unfail = client.register_script(_UNFAIL)
 
     @classmethod
     def from_url(cls, url: str, check: bool = True, retention_s: float = 7 * 24 * 3600) -> JobRegistry:
@@ -217,22 +227,33 @@ class JobRegistry:
                                                    keys.REDIS_JOB_ATTEMPTS, keys.REDIS_JOB_UNITS,
                                                    keys.REDIS_JOB_QUEUED)]
 
-    def start(self, job: JobSpec, units: int) -> list[int]:
-        """Register a job of `units` planning units; a resubmitted one keeps what its units and shards already did.
-        Returns the shards that had failed for good: they get a fresh set of attempts, and must be queued again
-        (their units are planned)."""
-        key, failed = keys.REDIS_JOB.format(job_id=job.job_id), keys.REDIS_JOB_FAILED.format(job_id=job.job_id)
-        # MULTI: a shard that fails meanwhile is either returned here or still recorded failed, with its count.
-        with self.redis.pipeline() as pipe:
-            pipe.hkeys(failed)
+    def start(self, job: JobSpec, units: int) -> None:
+        """Register a job of `units` planning units; a resubmitted one keeps what its units and shards already did,
+        and its shards get a fresh set of attempts (plan_failed_again then plans its failed ones again)."""
+        key = keys.REDIS_JOB.format(job_id=job.job_id)
+        with self.redis.pipeline() as pipe:  # MULTI
             for name in self._keys(job.job_id):  # a resubmitted job that had finished: its keys expire no more
                 pipe.persist(name)
             pipe.hset(key, mapping={"spec": job.model_dump_json(), "state": "planning", "started": time.time(),
-                                    "failed_only": 0, "units": units})
+                                    "units": units})
             pipe.hdel(key, "shards", "error", "manifest_due")  # shards: set again when planning is closed
-            pipe.delete(failed, keys.REDIS_JOB_ATTEMPTS.format(job_id=job.job_id))
-            shards = pipe.execute()[0]
-        return [int(shard) for shard in shards]
+            pipe.delete(keys.REDIS_JOB_ATTEMPTS.format(job_id=job.job_id))
+            pipe.execute()
+
+    def plan_failed_again(self, job_id: str) -> set[int]:
+        """A resubmitted job's shards that had failed for good are embedded again: their units are planned again (a
+        planner queues what of a unit is not written, held back as all planning is: a store outage may have failed
+        millions), and only then are the shards taken off the failed list, so that a submit killed in between leaves
+        them failed for the next one. Returns those units."""
+        job, done, failed = (k.format(job_id=job_id) for k in (keys.REDIS_JOB, keys.REDIS_JOB_DONE,
+                                                                keys.REDIS_JOB_FAILED))
+        shards = [int(shard) for shard in self.redis.hkeys(failed)]
+        units = {shard // keys.SHARDS_PER_UNIT for shard in shards}
+        for unit in sorted(units):
+            self.plan_again(job_id, unit, [], always=True)
+        for first in range(0, len(shards), PAGE):
+            self._unfail(keys=[job, done, failed], args=shards[first:first + PAGE])
+        return units
 
     def units_queued(self, job_id: str) -> None:
         """The job's units wait on the plan queue for planners: it is listed for KEDA until its planning is closed

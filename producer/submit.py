@@ -466,7 +466,7 @@ class Backpressure:
     """Holds a planner back while its model's queue holds more shards than the engines serving it will soon take
     (ProducerSettings.queue_per_engine a reported engine, at least queue_min), so Redis holds what the fleet is about
     to embed, not the corpus. Keeps the planner's unit lock alive meanwhile (`tick`; none where no unit is held, as
-    when a resubmit queues failed shards again). A planner asked to stop
+    when a resubmit queues lost shards again). A planner asked to stop
     (`stopping`: a scale-down) stops waiting: held back, it may wait for hours, and its pod would be killed with the
     unit, which would then come back only after the visibility timeout."""
 
@@ -579,32 +579,28 @@ def submit_job(planned: PlannedJob, registry: JobRegistry, send: Callable[[Shard
                send_unit: Callable[[Unit], None], settings: ProducerSettings, plan_here: bool = True) -> None:
     """Register the job, find its duplicate ids, queue a planning task per unit left, and (unless not `plan_here`)
     plan units here beside any `bulkembed planner`, until every unit is planned. A resubmitted job skips the units
-    planned before, and queues again the shards that had failed for good and those whose messages Redis lost; a
-    finished one also writes again what OUT has lost."""
+    planned before, plans again the units of the shards that had failed for good, and queues again the shards whose
+    messages Redis lost; a finished one also writes again what OUT has lost."""
     job = planned.job
-    planned_again = plan_lost_outputs_again(registry, planned)
-    failed = registry.start(job, len(planned.units))
+    plan_lost_outputs_again(registry, planned)
+    registry.start(job, len(planned.units))
     with planned.counter:
         prepare(planned, settings.dedup_memory_mb)
         registry.open(job)  # from here on work is queued for the workers
-        # Held back as a planner is: a store outage may have failed millions of shards, more than Redis would hold.
+        registry.plan_failed_again(job.job_id)
+        left = registry.units_left(job.job_id, len(planned.units))
+        for index in left:
+            send_unit(planned.units[index])
+        if left:
+            registry.units_queued(job.job_id)
+        # Held back as a planner is; after the units, so that a queue with no room does not keep them from planners.
         hold = Backpressure(registry, job.model.queue, settings.queue_per_engine, settings.queue_min, None)
 
         def send_held(message: ShardMessage) -> None:
             hold.wait()
             send(message)
 
-        # Queued again here unless their unit is to be planned again. A written shard reported failed (its job's
-        # manifest could not be written) is not: written, its input maybe gone.
-        queue_again(planned, registry.unwritten(job.job_id, [s for s in failed
-                                                             if s // keys.SHARDS_PER_UNIT not in planned_again]),
-                    send_held)
         queue_lost_shards_again(registry, planned, send_held)
-        left = registry.units_left(job.job_id, len(planned.units))
-        for index in left:
-            send_unit(planned.units[index])
-        if left:
-            registry.units_queued(job.job_id)
         log.info("job %s: %d units, %d to plan", job.job_id, len(planned.units), len(left))
         ctx = planned.context()
         while plan_here and left:
@@ -665,8 +661,8 @@ def queue_lost_shards_again(registry: JobRegistry, planned: PlannedJob, send: Ca
 
 
 def queue_again(planned: PlannedJob, shards: list[int], send: Callable[[ShardMessage], None]) -> None:
-    """Shards planned before (failed ones, resubmitted; lost messages) queued again, each message rebuilt from its
-    shard's input: several reads at once, as a store outage may have failed millions of shards."""
+    """Shards planned before whose messages Redis lost, queued again, each message rebuilt from its shard's input
+    (several reads at once)."""
     def message(shard: int) -> ShardMessage:
         lengths = from_ipc_bytes(planned.store.get(keys.shard_input(shard))).column("n_tokens").to_pylist()
         return ShardMessage.of(planned.job, shard, lengths)

@@ -173,9 +173,10 @@ def test_a_written_shard_failed_by_its_manifest_is_not_queued_again(tmp_path, ti
 
 
 def test_failed_shards_queued_again_are_held_back_as_planned_ones(tmp_path, tiny_model, redis_server):
-    """A store outage can fail millions of shards; submitted again, they are queued again no faster than the
-    engines take them (the planners' back-pressure), not all at once into Redis's memory. Here no engine serves
-    the queue and the floor is 3: the queue never holds more than 3 while a slow consumer drains it."""
+    """A store outage can fail millions of shards; submitted again, their units are planned again, so they are
+    queued no faster than the engines take them (the planners' back-pressure), not all at once into Redis's memory.
+    Here no engine serves the queue and the floor is 3: the queue never holds more than 3 while a slow consumer
+    drains it."""
     import json
     import threading
 
@@ -221,6 +222,40 @@ def test_failed_shards_queued_again_are_held_back_as_planned_ones(tmp_path, tiny
             registry.redis.hdel(KOMBU_UNACKED, *tags)
     assert sorted(again) == sorted(m.shard for m in first), "every failed shard queued again, once"
     assert longest <= 3, f"the queue held {longest}"
+
+
+def test_failed_shards_stay_failed_until_their_units_are_to_be_planned_again(tmp_path, tiny_model, redis_server,
+                                                                               monkeypatch):
+    """A resubmit killed while it takes failed shards back leaves them failed (or their units to be planned), never
+    neither: the next resubmit embeds them. Before, the failed list was cleared first and the shards were then sent
+    one by one: a kill in between lost the rest, and the job waited for them for ever."""
+    from bulkembed.producer.submit import submit_job
+
+    write_corpus(tmp_path / "in" / "c.parquet", [f"d{i}" for i in range(80)], mixed_texts(80, seed=12))
+    options = JobOptions(shard_tokens=400)
+    planned = plan_job(str(tmp_path / "in"), str(tiny_model), str(tmp_path / "out"), options)
+    job_id, registry = planned.job.job_id, JobRegistry.from_url(redis_server)
+    first: list = []
+    submit_job(planned, registry, first.append, lambda unit: None, ProducerSettings())
+    for message in first:
+        registry.shard_failed(job_id, message.shard, "the store kept failing for 1800s")
+    assert registry.status(job_id).state == "failed"
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # Ctrl-C, or the pod deleted, while the failed shards are taken back
+
+    monkeypatch.setattr(registry, "_unfail", killed)
+    with pytest.raises(KeyboardInterrupt):
+        submit_job(plan_job(str(tmp_path / "in"), str(tiny_model), str(tmp_path / "out"), options), registry,
+                   lambda message: None, lambda unit: None, ProducerSettings())
+    assert registry.status(job_id).failed == len(first), "still failed, for the next submit"
+    monkeypatch.undo()
+    again: list = []
+    submit_job(plan_job(str(tmp_path / "in"), str(tiny_model), str(tmp_path / "out"), options), registry,
+               again.append, lambda unit: None, ProducerSettings())
+    status = registry.status(job_id)
+    assert sorted(m.shard for m in again) == sorted(m.shard for m in first), "each queued again"
+    assert status.failed == 0 and status.state == "running"
 
 
 def test_a_manifest_that_meets_a_redis_failure_is_handed_back(redis_server, monkeypatch):
