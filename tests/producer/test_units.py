@@ -60,17 +60,22 @@ def test_planning_again_reports_written_shards_instead_of_queueing_them(tmp_path
         [(m.shard, m.n_docs, m.n_tokens) for m in sorted(first, key=lambda m: m.shard)], "the same shards"
 
 
+def one_unit_job(tmp_path, tiny_model, redis_server: str, seed: int):
+    """A 120-document corpus planned as a job of one unit, registered in Redis (not yet planned)."""
+    ids = [f"d{i}" for i in range(120)]
+    write_corpus(tmp_path / "in" / "c.parquet", ids, mixed_texts(len(ids), seed=seed))
+    planned = plan_job(str(tmp_path / "in"), str(tiny_model), str(tmp_path / "out"), JobOptions(shard_tokens=800))
+    registry = JobRegistry.from_url(redis_server)
+    registry.start(planned.job, 1)
+    return planned, planned.job, planned.units[0], registry
+
+
 def test_a_planner_whose_hold_lapses_mid_unit_leaves_the_unit_to_be_planned_again(tmp_path, tiny_model, redis_server):
     """A planner that stalls past BULKEMBED_PLAN_LOCK_S mid-unit (here its send is slow) loses its hold: the unit is
     not planned, and the planner says so (its task comes back later). Looked at again, the unit is planned, each shard
     queued once. Before, the planner reported the unit as handled: its task was acknowledged, and with no submitting
     process left (--queue-only) the job stayed `planning` for ever."""
-    ids = [f"d{i}" for i in range(120)]
-    write_corpus(tmp_path / "in" / "c.parquet", ids, mixed_texts(len(ids), seed=4))
-    planned = plan_job(str(tmp_path / "in"), str(tiny_model), str(tmp_path / "out"), JobOptions(shard_tokens=800))
-    job, (unit,) = planned.job, planned.units
-    registry = JobRegistry.from_url(redis_server)
-    registry.start(job, 1)
+    planned, job, unit, registry = one_unit_job(tmp_path, tiny_model, redis_server, seed=4)
     settings = ProducerSettings(plan_lock_s=2)
     sent: list = []
 
@@ -98,12 +103,7 @@ def test_a_batch_of_long_documents_keeps_the_planners_hold(tmp_path, tiny_model,
     from bulkembed.contract.vocab import TokenCounter
     from bulkembed.producer import submit
 
-    ids = [f"d{i}" for i in range(120)]
-    write_corpus(tmp_path / "in" / "c.parquet", ids, mixed_texts(len(ids), seed=7))
-    planned = plan_job(str(tmp_path / "in"), str(tiny_model), str(tmp_path / "out"), JobOptions(shard_tokens=800))
-    job, (unit,) = planned.job, planned.units
-    registry = JobRegistry.from_url(redis_server)
-    registry.start(job, 1)
+    planned, job, unit, registry = one_unit_job(tmp_path, tiny_model, redis_server, seed=7)
     count_many = TokenCounter.count_many
 
     def slow(self, texts, special=True):
