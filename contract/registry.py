@@ -167,10 +167,11 @@ for i = 1, #ARGV do
 end
 """
 # A unit's shard queued (ARGV: unit, shards queued so far), into the job's planning record (KEYS: job hash, queued
-# hash). Like every script here, it writes nothing for a job Redis no longer knows: a planner of a job forgotten by
-# submit --force would otherwise bring its keys back, without expiry.
+# hash). Like every script here, it writes nothing for a job Redis no longer knows (a planner of a job forgotten by
+# submit --force would otherwise bring its keys back, without expiry), nor once planning is closed (`shards` set:
+# the record is deleted then, and a planner whose hold lapsed would make it again, without expiry).
 _SHARD_QUEUED = """
-if redis.call('HEXISTS', KEYS[1], 'spec') == 0 then return end
+if redis.call('HEXISTS', KEYS[1], 'spec') == 0 or redis.call('HEXISTS', KEYS[1], 'shards') == 1 then return end
 redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
 """
 PLANNED = "planned_"  # job hash fields planned_shards, planned_docs, ...: what the planned units found, summed

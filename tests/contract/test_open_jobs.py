@@ -197,3 +197,19 @@ def test_a_job_keeps_a_planner_while_its_manifest_is_written(registry, redis_ser
     assert seen == [2, 1, 1]
     assert listed_now() == 0, "the job done: no entry left, the killed writer's neither"
     assert registry.status(spec.job_id).state == "done"
+
+
+def test_no_planning_record_comes_back_after_planning_closed_or_the_job_is_forgotten(registry, queue, tmp_path):
+    """A planner whose hold lapsed may still record a shard queued after another closed the job's planning (which
+    deletes the record), or after submit --force forgot the job: the record is not made again, since nothing would
+    ever expire it."""
+    spec = job(tmp_path, queue)
+    submitted(registry, spec)
+    registry.shard_queued(spec.job_id, 0, 4)
+    assert registry.queued_shards(spec.job_id, 0) == 5, "recorded while planning"
+    plan(registry, spec.job_id, JobTotals(shards=5))
+    registry.shard_queued(spec.job_id, 0, 5)
+    assert not registry.redis.exists(keys.REDIS_JOB_QUEUED.format(job_id=spec.job_id)), "closed: not made again"
+    registry.forget(spec.job_id)
+    registry.shard_queued(spec.job_id, 0, 6)
+    assert not list(registry.redis.scan_iter(f"*{spec.job_id}*")), "forgotten: nothing made again"
