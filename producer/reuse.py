@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,7 +23,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
 from bulkembed.contract import keys
-from bulkembed.contract.errors import InputError, ShardError
+from bulkembed.contract.errors import InputError, JobGone, ShardError
 from bulkembed.contract.job import JobSpec, Pooling, ReuseSource
 from bulkembed.contract.manifest import manifest_shards
 from bulkembed.contract.registry import ReusedFile
@@ -125,10 +125,11 @@ def _schema_differences(store: Store, key: str, job: JobSpec, id_type: pa.DataTy
 
 
 def copy_reused(previous: PreviousOutput, reused: SeenIds, store: Store, job: JobSpec,
-                sources: set[str] | None = None) -> list[ReusedFile]:
+                sources: set[str] | None = None, still_ours: Callable[[], bool] = lambda: True) -> list[ReusedFile]:
     """Copy the rows whose keys are in `reused` into OUT, one file per PREV_OUT file that has some (of `sources`
     only, where given: copies OUT lost), several files at once. A file found already written (a resumed job) is
-    checked and kept."""
+    checked and kept. `still_ours` is asked before each file is written: copying takes minutes, and a job forgotten
+    meanwhile by submit --force no longer owns OUT (JobGone)."""
     def copy(index: int, source: str) -> ReusedFile | None:
         table = from_ipc_bytes(previous.store.get(source))
         mask = reused.contains(row_keys(table.column("id").to_pylist(), table.column("content_hash").to_pylist()))
@@ -141,6 +142,8 @@ def copy_reused(previous: PreviousOutput, reused: SeenIds, store: Store, job: Jo
         taken = pa.Table.from_arrays(taken.columns, schema=embedding_schema(id_type, job.dims, job, decoded_by))
         key = keys.reused_output(index)
         data = to_ipc_bytes(taken)
+        if not still_ours():
+            raise JobGone(f"job {job.job_id} is no longer in Redis (forgotten by submit --force): {key} not copied")
         if not store.put_if_absent(key, data):
             data = store.get(key)
             if from_ipc_bytes(data).num_rows != taken.num_rows:

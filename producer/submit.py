@@ -398,7 +398,7 @@ def _unit_duplicates(ctx: PlanContext, first: int, rows: int) -> np.ndarray:
     return ordinals
 
 
-def copy_reused_rows(ctx: PlanContext, units: int) -> list[ReusedFile]:
+def copy_reused_rows(ctx: PlanContext, units: int, still_ours: Callable[[], bool] = lambda: True) -> list[ReusedFile]:
     """--reuse, once every unit is planned: copy PREV_OUT's rows that the units matched (16 bytes a row of keys) and
     list the copies in the store (REUSED_FILES_KEY). Idempotent: a copy is written once. The matches are kept, so a
     copy lost later (a file deleted from OUT) is copied again from them when the job is submitted again."""
@@ -419,7 +419,7 @@ def copy_reused_rows(ctx: PlanContext, units: int) -> list[ReusedFile]:
         reused.add(np.array(matched.column("key").to_pylist(), ROW_KEY))
     ctx.previous.index = None  # matching is over: free it before copying
     sources = {copy.source for copy in lost} if lost else None  # only the lost: each copy reads its PREV_OUT file
-    again = {f.key: f for f in copy_reused(ctx.previous, reused, ctx.store, ctx.job, sources)}
+    again = {f.key: f for f in copy_reused(ctx.previous, reused, ctx.store, ctx.job, sources, still_ours)}
     files = list(again.values())
     if lost:  # the copies kept, and those written again (a lost one its source no longer gives is no longer listed)
         files = [again.get(copy.key, copy) for copy in copies if copy.key in again or copy not in lost]
@@ -569,7 +569,7 @@ def close_if_planned(registry: JobRegistry, job: JobSpec, context: Callable[[], 
     if registry.planning_open(job.job_id):
         if not registry.all_units_planned(job.job_id):
             return
-        files = copy_reused_rows(context(), registry.unit_count(job.job_id))
+        files = copy_reused_rows(context(), registry.unit_count(job.job_id), lambda: registry.is_registered(job.job_id))
         registry.close_planning(job.job_id, JobTotals.of_reused(files))
     if registry.manifest_due(job.job_id):
         registry.finalize(job.job_id, keep_planner)

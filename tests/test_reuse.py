@@ -293,3 +293,30 @@ def test_a_worker_killed_during_a_reuse_run_loses_nothing(tmp_path, fault_env, b
     assert max(attempts(fault_env["BULKEMBED_REDIS_URL"], job_id).values()) >= 2, "the killed shard ran again"
     assert pa.compute.sum(ds.dataset(store.arrow_fs()[1], filesystem=store.arrow_fs()[0], format="arrow")
                           .to_table(columns=["n_tokens"]).column("n_tokens")).as_py() == counts["tokens"]
+
+
+def test_reuse_copies_stop_once_the_job_is_forgotten(tmp_path, run_cli, tiny_model):
+    """Copying PREV_OUT's rows takes minutes at the close of planning; once the job is forgotten meanwhile by
+    submit --force (its OUT another job's now), no more copies are written there. Before, every copy was written."""
+    import threading
+
+    from bulkembed.contract.errors import JobGone
+    from bulkembed.producer.reuse import copy_reused, open_previous
+    from bulkembed.producer.submit import JobOptions, plan_job
+
+    path1, path2, _, _ = two_versions(tmp_path)
+    run_ok(run_cli, path1, "--out", tmp_path / "v1-out", "--model", tiny_model, "--shard-tokens", "1500")
+    planned = plan_job(str(path2), str(tiny_model), str(tmp_path / "new"), JobOptions(shard_tokens=1500))
+    previous = open_previous(str(tmp_path / "v1-out"), planned.job, None)
+    assert len(previous.files) > 2
+    asked, lock = [], threading.Lock()
+
+    def forgotten_after_the_first() -> bool:
+        with lock:
+            asked.append(1)
+            return len(asked) == 1
+
+    with pytest.raises(JobGone):
+        copy_reused(previous, previous.load_index(), planned.store, planned.job, still_ours=forgotten_after_the_first)
+    copies = [key for key, _ in planned.store.list() if key.startswith("reused-")]
+    assert len(copies) == 1, f"only the copy written while the job was its own: {copies}"
