@@ -157,6 +157,24 @@ if redis.call('HSETNX', KEYS[2], ARGV[1], ARGV[2]) == 1 then
   for i = 3, #ARGV, 2 do redis.call('HINCRBY', KEYS[1], ARGV[i], ARGV[i + 1]) end
 end
 """
+# Planning closed (KEYS: job hash, done hash; ARGV: pairs of reused field and value): the job's shard count is what
+# its units planned; one that is complete already gets `manifest_due` in the same step, so that no try of a planner
+# killed in between can leave it finishing with nobody to write its manifest. Returns 1 when complete.
+_CLOSE_PLANNING = """
+if redis.call('HEXISTS', KEYS[1], 'spec') == 0 then return 0 end
+local shards = redis.call('HGET', KEYS[1], 'planned_shards') or '0'
+redis.call('HSET', KEYS[1], 'shards', shards, 'state', 'running', unpack(ARGV))
+if redis.call('HLEN', KEYS[2]) >= tonumber(shards) then
+  redis.call('HSET', KEYS[1], 'manifest_due', 1)
+  return 1
+end
+return 0
+"""
+# A delivery of a shard counted (ARGV: shard, 1 or -1; KEYS: job hash, attempts hash), not for a forgotten job.
+_COUNT_ATTEMPT = """
+if redis.call('HEXISTS', KEYS[1], 'spec') == 0 then return 0 end
+return redis.call('HINCRBY', KEYS[2], ARGV[1], ARGV[2])
+"""
 # Shards failed for good taken off the failed list (ARGV: the shards; KEYS: job hash, done hash, failed hash), the
 # count of those not written with them.
 _UNFAIL = """
@@ -204,6 +222,8 @@ class JobRegistry:
         self._unit_planned = client.register_script(_UNIT_PLANNED)
         self._shard_queued = client.register_script(_SHARD_QUEUED)
         self._unfail = client.register_script(_UNFAIL)
+        self._close_planning = client.register_script(_CLOSE_PLANNING)
+        self._count_attempt = client.register_script(_COUNT_ATTEMPT)
 
     @classmethod
     def from_url(cls, url: str, check: bool = True, retention_s: float = 7 * 24 * 3600) -> JobRegistry:
@@ -241,20 +261,33 @@ class JobRegistry:
             pipe.delete(keys.REDIS_JOB_ATTEMPTS.format(job_id=job.job_id))
             pipe.execute()
 
-    def plan_failed_again(self, job_id: str) -> set[int]:
-        """A resubmitted job's shards that had failed for good are embedded again: their units are planned again (a
-        planner queues what of a unit is not written, held back as all planning is: a store outage may have failed
-        millions), and only then are the shards taken off the failed list, so that a submit killed in between leaves
-        them failed for the next one. Returns those units."""
+    def plan_failed_again(self, job_id: str) -> list[int]:
+        """A resubmitted job's shards that had failed for good are embedded again. Those of a planned unit: the unit
+        is planned again (a planner queues what of it is not written, held back as all planning is: a store outage
+        may have failed millions), and only then are they taken off the failed list, so that a submit killed in
+        between leaves them failed for the next one. Of a unit not planned (half planned: its planner died, or is
+        still at it), those past its queued count are its planner's to queue; it skips the others, which are returned:
+        the caller queues them again from their inputs, then unfails them."""
+        shards = [int(shard) for shard in self.redis.hkeys(keys.REDIS_JOB_FAILED.format(job_id=job_id))]
+        by_unit: dict[int, list[int]] = {}
+        for shard in shards:
+            by_unit.setdefault(shard // keys.SHARDS_PER_UNIT, []).append(shard)
+        left = []
+        for unit, failed in sorted(by_unit.items()):
+            if self._plan_again(job_id, unit, [], always=True)[1]:
+                self.unfail(job_id, failed)
+                continue
+            queued = self.queued_shards(job_id, unit)
+            left += [shard for shard in failed if shard % keys.SHARDS_PER_UNIT < queued]
+            self.unfail(job_id, [shard for shard in failed if shard % keys.SHARDS_PER_UNIT >= queued])
+        return left
+
+    def unfail(self, job_id: str, shards: list[int]) -> None:
+        """Shards failed for good, queued again (or their unit to be planned again): off the failed list."""
         job, done, failed = (k.format(job_id=job_id) for k in (keys.REDIS_JOB, keys.REDIS_JOB_DONE,
                                                                 keys.REDIS_JOB_FAILED))
-        shards = [int(shard) for shard in self.redis.hkeys(failed)]
-        units = {shard // keys.SHARDS_PER_UNIT for shard in shards}
-        for unit in sorted(units):
-            self.plan_again(job_id, unit, [], always=True)
         for first in range(0, len(shards), PAGE):
             self._unfail(keys=[job, done, failed], args=shards[first:first + PAGE])
-        return units
 
     def units_queued(self, job_id: str) -> None:
         """The job's units wait on the plan queue for planners: it is listed for KEDA until its planning is closed
@@ -289,11 +322,13 @@ class JobRegistry:
 
     def attempt(self, job_id: str, shard: int) -> int:
         """Count a delivery of a shard; the count survives the process that took it."""
-        return int(self.redis.hincrby(keys.REDIS_JOB_ATTEMPTS.format(job_id=job_id), str(shard), 1))
+        return int(self._count_attempt(keys=[keys.REDIS_JOB.format(job_id=job_id),
+                                             keys.REDIS_JOB_ATTEMPTS.format(job_id=job_id)], args=[shard, 1]))
 
     def release_attempt(self, job_id: str, shard: int) -> None:
         """A retry for a transient error is not a crash: it does not use up an attempt."""
-        self.redis.hincrby(keys.REDIS_JOB_ATTEMPTS.format(job_id=job_id), str(shard), -1)
+        self._count_attempt(keys=[keys.REDIS_JOB.format(job_id=job_id), keys.REDIS_JOB_ATTEMPTS.format(job_id=job_id)],
+                            args=[shard, -1])
 
     def plan_lock(self, job_id: str, unit: int, timeout_s: float = 120) -> redis.lock.Lock:
         """Held by the one planner that plans a unit; it lapses after `timeout_s` unless extended, so a killed
@@ -336,21 +371,29 @@ class JobRegistry:
         deleted, and planning a unit queues exactly its shards not found written. `always`: the unit is planned again
         even when none of them was written. Returns how many of `lost` were recorded written; nothing changes when
         none was and not `always`. One transaction (WATCH): two submits at once take each count off once."""
-        job, done, units, queued = (k.format(job_id=job_id) for k in (keys.REDIS_JOB, keys.REDIS_JOB_DONE,
-                                                                       keys.REDIS_JOB_UNITS, keys.REDIS_JOB_QUEUED))
-        found = 0
+        return self._plan_again(job_id, unit, lost, always)[0]
+
+    def _plan_again(self, job_id: str, unit: int, lost: list[int], always: bool) -> tuple[int, bool]:
+        """plan_again's count, and whether the unit is to be planned again now (it was planned, and changed)."""
+        job, done, failed, units, queued = (k.format(job_id=job_id) for k in (
+            keys.REDIS_JOB, keys.REDIS_JOB_DONE, keys.REDIS_JOB_FAILED, keys.REDIS_JOB_UNITS, keys.REDIS_JOB_QUEUED))
+        found, unplanned = 0, False
 
         def apply(pipe: redis.client.Pipeline) -> None:
-            nonlocal found
+            nonlocal found, unplanned
             written = [ShardResult.model_validate_json(r) for r in (pipe.hmget(done, lost) if lost else []) if r]
             planned = pipe.hget(units, str(unit))
             found = len(written) if planned is not None else 0  # no unit to plan again: nothing changes
-            if not (written or always) or planned is None:
+            unplanned = planned is not None and bool(written or always)
+            if not unplanned:
                 return
+            # Written and failed (its manifest failed) counted as written until now: failed only, from now on.
+            failed_too = sum(1 for r in pipe.hmget(failed, [r.shard for r in written]) if r) if written else 0
             totals = JobTotals.model_validate_json(planned)
             pipe.multi()  # the counters stay the sums of what is recorded
             if written:
                 pipe.hdel(done, *(result.shard for result in written))
+                pipe.hincrby(job, "failed_only", failed_too)
             pipe.hincrby(job, "rows_done", -sum(result.rows for result in written))
             pipe.hincrby(job, "tokens_done", -sum(result.tokens for result in written))
             # A unit of a job whose planning failed may keep its queued count: planned again it must queue anew.
@@ -358,8 +401,8 @@ class JobRegistry:
             for field in PLAN_FIELDS:
                 pipe.hincrby(job, field, -getattr(totals, field.removeprefix(PLANNED)))
 
-        self.redis.transaction(apply, done, units)
-        return found
+        self.redis.transaction(apply, done, units, failed)
+        return found, unplanned
 
     def is_written(self, job_id: str, shard: int) -> bool:
         return bool(self.redis.hexists(keys.REDIS_JOB_DONE.format(job_id=job_id), str(shard)))
@@ -384,17 +427,15 @@ class JobRegistry:
                            args=[unit, totals.model_dump_json(), *counters])
 
     def close_planning(self, job_id: str, reused: JobTotals | None = None) -> bool:
-        """Every unit is planned (and PREV_OUT's rows copied): the job runs; True when it is already complete."""
-        key = keys.REDIS_JOB.format(job_id=job_id)
-        shards = self.redis.hget(key, PLANNED + "shards") or 0
+        """Every unit is planned (and PREV_OUT's rows copied): the job runs; True when it is already complete (in the
+        same script, `manifest_due` is set then: no worker will send its manifest task)."""
         reused = reused or JobTotals()
-        self.redis.hset(key, mapping={f: getattr(reused, f) for f in REUSED_FIELDS} | {"shards": shards,
-                                                                                        "state": "running"})
+        complete = bool(self._close_planning(
+            keys=[keys.REDIS_JOB.format(job_id=job_id), keys.REDIS_JOB_DONE.format(job_id=job_id)],
+            args=[x for f in REUSED_FIELDS for x in (f, getattr(reused, f))]))
         self.redis.delete(keys.REDIS_JOB_QUEUED.format(job_id=job_id))  # only planning needed it
         self._needs_no_planner(job_id)
-        complete = self._complete(job_id)
-        if complete:  # written whole already (a resubmitted job): no worker needs to stay up for it, and none sends
-            self.redis.hset(key, "manifest_due", 1)  # its manifest task: the planners write it (manifest_due)
+        if complete:  # written whole already (a resubmitted job): no worker needs to stay up for it
             self._close(job_id)
         elif self._settled(job_id):  # its last shards failed while it was being planned
             self._close(job_id)
@@ -404,6 +445,8 @@ class JobRegistry:
     def planning_failed(self, job_id: str, unit: int, error: str) -> None:
         """A unit could not be planned (not a passing hiccup: its file unreadable, the model missing on the
         planner): the job fails with the reason, and no worker needs to stay up for it. Resubmitting plans it."""
+        if not self.is_registered(job_id):  # forgotten by submit --force meanwhile: nothing to fail
+            return
         self.redis.hset(keys.REDIS_JOB.format(job_id=job_id), mapping={"state": "failed",
                                                                         "error": f"unit {unit}: {error}"[:2000]})
         self._close(job_id)

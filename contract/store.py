@@ -353,6 +353,8 @@ class LockedWrites:
             return not self.store.exists(key) and self.store.put_if_absent(key, data)
 
     def __getattr__(self, name: str) -> Any:
+        if name == "store" or name.startswith("__"):  # not set yet (a copy being made), or Python's own
+            raise AttributeError(name)
         return getattr(self.store, name)
 
 

@@ -150,23 +150,32 @@ def plan_job(input_uri: str, model: str, out: str, options: JobOptions = JobOpti
                       previous=previous)
 
 
-def prepare(planned: PlannedJob, memory_mb: int) -> None:
+def prepare(planned: PlannedJob, memory_mb: int, still_ours: Callable[[], bool] = lambda: True) -> None:
     """What any planning of a job does first: write its spec beside the output, and find its duplicate ids.
 
     Duplicates are every row whose id an earlier row has, found once per job before any unit is planned (DuckDB, out
     of core, `memory_mb` at most; it spills to the temporary folder, TMPDIR) and kept in the store for the planners.
-    A resubmitted job finds them there."""
+    A resubmitted job finds them there. `still_ours` is asked before each write and at the end: a job forgotten
+    meanwhile by another submit --force (minutes at 10^9 rows) no longer owns OUT (JobGone)."""
     store, job = planned.store, planned.job
+
+    def owned() -> None:
+        if not still_ours():
+            raise JobGone(f"job {job.job_id} is no longer in Redis (forgotten by another submit --force): "
+                          f"{store.uri} is another job's output now")
+
+    owned()
     store.put(keys.JOB_KEY, job.model_dump_json(indent=2).encode())
-    if store.exists(keys.DUPLICATES_KEY):
-        return
-    started = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="bulkembed-dedup-") as work:
-        path = Path(work) / "duplicates.parquet"
-        found = find_duplicates(id_batches(planned.corpus, job.id_column), planned.corpus.id_type, path,
-                                Path(work), memory_limit_mb=memory_mb)
-        store.put_file(keys.DUPLICATES_KEY, path)  # streamed: with many duplicates the file is large
-    log.info("job %s: %d duplicate ids in %.1fs", job.job_id, found, time.perf_counter() - started)
+    if not store.exists(keys.DUPLICATES_KEY):
+        started = time.perf_counter()
+        with tempfile.TemporaryDirectory(prefix="bulkembed-dedup-") as work:
+            path = Path(work) / "duplicates.parquet"
+            found = find_duplicates(id_batches(planned.corpus, job.id_column), planned.corpus.id_type, path,
+                                    Path(work), memory_limit_mb=memory_mb)
+            owned()
+            store.put_file(keys.DUPLICATES_KEY, path)  # streamed: with many duplicates the file is large
+        log.info("job %s: %d duplicate ids in %.1fs", job.job_id, found, time.perf_counter() - started)
+    owned()
 
 
 @dataclass
@@ -583,11 +592,11 @@ def submit_job(planned: PlannedJob, registry: JobRegistry, send: Callable[[Shard
     messages Redis lost; a finished one also writes again what OUT has lost."""
     job = planned.job
     plan_lost_outputs_again(registry, planned)
+    failed_left = registry.plan_failed_again(job.job_id)  # before start(), which opens planning again
     registry.start(job, len(planned.units))
     with planned.counter:
-        prepare(planned, settings.dedup_memory_mb)
+        prepare(planned, settings.dedup_memory_mb, lambda: registry.is_registered(job.job_id))
         registry.open(job)  # from here on work is queued for the workers
-        registry.plan_failed_again(job.job_id)
         left = registry.units_left(job.job_id, len(planned.units))
         for index in left:
             send_unit(planned.units[index])
@@ -600,6 +609,8 @@ def submit_job(planned: PlannedJob, registry: JobRegistry, send: Callable[[Shard
             hold.wait()
             send(message)
 
+        queue_again(planned, failed_left, send_held)  # failed shards of units half planned
+        registry.unfail(job.job_id, failed_left)
         queue_lost_shards_again(registry, planned, send_held)
         log.info("job %s: %d units, %d to plan", job.job_id, len(planned.units), len(left))
         ctx = planned.context()

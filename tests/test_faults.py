@@ -4,6 +4,7 @@ once in the output and the manifest agrees with the input."""
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
@@ -476,7 +477,7 @@ def test_lock_fallback_where_the_store_ignores_conditional_writes(tmp_path, buck
     task = ModelTask()
     assert task.committing(local, registry) is local and task.committing(s3, registry) is s3
     locked = task.committing(old, registry)
-    assert isinstance(locked, LockedWrites) and locked.uri == old.uri
+    assert isinstance(locked, LockedWrites) and locked.uri == old.uri and copy.copy(locked).uri == old.uri
     name = keys.REDIS_WRITE_LOCK.format(key=f"{old.uri}/000000-000007.arrow")
 
     holder = registry.redis.lock(name, timeout=30)  # another delivery of the same shard, committing

@@ -213,3 +213,67 @@ def test_no_planning_record_comes_back_after_planning_closed_or_the_job_is_forgo
     registry.forget(spec.job_id)
     registry.shard_queued(spec.job_id, 0, 6)
     assert not list(registry.redis.scan_iter(f"*{spec.job_id}*")), "forgotten: nothing made again"
+
+
+def test_a_failed_shard_behind_a_half_planned_units_planner_is_returned_to_be_queued(registry, queue, tmp_path):
+    """A unit half planned (its planner died, or is still at it) resumes after the shards it queued: a failed one
+    among those is returned for the resubmit to queue from its input, and stays failed until then. Before, it was
+    taken off the failed list and never queued again: the job ran for ever."""
+    spec = job(tmp_path, queue)
+    submitted(registry, spec)
+    first, second = keys.shard_number(0, 0), keys.shard_number(0, 1)
+    registry.shard_queued(spec.job_id, 0, 0)
+    registry.shard_queued(spec.job_id, 0, 1)
+    registry.shard_failed(spec.job_id, first, "the store kept failing")
+    assert registry.plan_failed_again(spec.job_id) == [first]
+    assert registry.status(spec.job_id).failed == 1, "failed until it is queued again"
+    registry.unfail(spec.job_id, [first])
+    registry.unit_planned(spec.job_id, 0, JobTotals(shards=2))
+    registry.close_planning(spec.job_id)
+    registry.shard_done(spec.job_id, result(first))
+    assert registry.shard_done(spec.job_id, result(second)) and registry.status(spec.job_id).state == "finishing"
+
+
+def test_a_written_failed_shard_whose_file_was_lost_keeps_the_counts_right(registry, queue, tmp_path):
+    """A written shard reported failed (its manifest could not be written), its file then lost: planned again, it
+    counts as failed only, so taking it off the failed list leaves the count at zero, and the job settles when it
+    fails again. Before, the count went to -1 and the job ran for ever."""
+    spec = job(tmp_path, queue)
+    submitted(registry, spec)
+    first, second = keys.shard_number(0, 0), keys.shard_number(0, 1)
+    plan(registry, spec.job_id, JobTotals(shards=2))
+    registry.shard_done(spec.job_id, result(first))
+    registry.shard_done(spec.job_id, result(second))
+    registry.shard_failed(spec.job_id, second, "its manifest could not be written")
+    registry.plan_again(spec.job_id, 0, [second])  # its file lost: a resubmit plans the unit again
+    assert registry.plan_failed_again(spec.job_id) == []
+    registry.start(spec, 1)
+    assert int(registry.redis.hget(keys.REDIS_JOB.format(job_id=spec.job_id), "failed_only")) == 0
+    plan(registry, spec.job_id, JobTotals(shards=2))
+    registry.shard_failed(spec.job_id, second, "the store kept failing")
+    assert registry.status(spec.job_id).state == "failed" and registry.open_jobs(queue) == []
+
+
+def test_a_close_of_planning_cut_short_still_gets_the_manifest_written(registry, queue, tmp_path, monkeypatch):
+    """Redis failing right after a complete job's planning closed (the planner's task is handed back): delivered
+    again, it writes the manifest, since `manifest_due` was set in the same step as the close."""
+    import redis as redis_client
+
+    from bulkembed.producer.submit import close_if_planned
+
+    spec = job(tmp_path, queue)
+    submitted(registry, spec)
+    registry.shard_done(spec.job_id, result(0))  # a resubmitted job: written whole already
+    registry.unit_planned(spec.job_id, 0, JobTotals(shards=1))
+    delete = registry.redis.delete
+
+    def restarting(*names):
+        monkeypatch.setattr(registry.redis, "delete", delete)
+        raise redis_client.ConnectionError("Redis restarted")
+
+    monkeypatch.setattr(registry.redis, "delete", restarting)
+    context = SimpleNamespace(previous=None)
+    with pytest.raises(redis_client.ConnectionError):
+        close_if_planned(registry, spec, lambda: context)
+    close_if_planned(registry, spec, lambda: context)  # the task delivered again
+    assert registry.status(spec.job_id).state == "done"

@@ -390,3 +390,43 @@ def test_a_forgotten_jobs_submit_stops_planning_and_writes_nothing_more(tmp_path
     assert len(sent) == 2, "nothing sent after the job was forgotten"
     assert {key for key, _ in planned.store.list("_shards/")} == inputs_then, "no input written after"
     assert not list(registry.redis.scan_iter(f"*{job_id}*")), "no key of the job comes back"
+
+
+def test_a_failed_shard_of_a_half_planned_unit_is_queued_again_on_resubmit(tmp_path, tiny_model, redis_server):
+    """A submit killed mid-unit, a shard it queued then failed for good: resubmitted, that shard is queued again
+    (its unit resumes after it) and taken off the failed list, and the rest of the unit is planned."""
+    from bulkembed.producer.submit import submit_job
+
+    write_corpus(tmp_path / "in" / "c.parquet", [f"d{i}" for i in range(120)], mixed_texts(120, seed=11))
+    options = JobOptions(shard_tokens=400)
+    planned = plan_job(str(tmp_path / "in"), str(tiny_model), str(tmp_path / "out"), options)
+    job_id, registry = planned.job.job_id, JobRegistry.from_url(redis_server)
+    first: list = []
+
+    def killed_after_three(message) -> None:
+        first.append(message)
+        if len(first) == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        submit_job(planned, registry, killed_after_three, lambda unit: None, ProducerSettings())
+    registry.shard_failed(job_id, first[0].shard, "the store kept failing for 1800s")
+    again: list = []
+    submit_job(plan_job(str(tmp_path / "in"), str(tiny_model), str(tmp_path / "out"), options), registry,
+               again.append, lambda unit: None, ProducerSettings())
+    shards = sorted(m.shard for m in again)
+    assert first[0].shard in shards and first[1].shard not in shards, "the failed one queued again, once"
+    assert registry.status(job_id).failed == 0
+
+
+def test_a_job_forgotten_while_it_is_prepared_writes_nothing_more(tmp_path, tiny_model):
+    """The duplicate-id pass takes minutes at 10^9 rows; a job forgotten meanwhile by another submit --force writes
+    neither its spec nor its duplicates into what is now the other job's OUT, and says why (JobGone)."""
+    from bulkembed.contract.errors import JobGone
+
+    write_corpus(tmp_path / "in" / "c.parquet", [f"d{i}" for i in range(40)], mixed_texts(40, seed=13))
+    planned = plan_job(str(tmp_path / "in"), str(tiny_model), str(tmp_path / "out"), JobOptions(shard_tokens=800))
+    answers = iter([True])  # ours when the spec is written, forgotten by the end of the duplicate-id pass
+    with pytest.raises(JobGone, match="another job's output"):
+        prepare(planned, 64, lambda: next(answers, False))
+    assert not planned.store.exists(keys.DUPLICATES_KEY)
