@@ -157,11 +157,14 @@ if redis.call('HSETNX', KEYS[2], ARGV[1], ARGV[2]) == 1 then
   for i = 3, #ARGV, 2 do redis.call('HINCRBY', KEYS[1], ARGV[i], ARGV[i + 1]) end
 end
 """
-# Planning closed (KEYS: job hash, done hash; ARGV: pairs of reused field and value): the job's shard count is what
-# its units planned; one that is complete already gets `manifest_due` in the same step, so that no try of a planner
-# killed in between can leave it finishing with nobody to write its manifest. Returns 1 when complete.
+# Planning closed (KEYS: job hash, done hash, units hash; ARGV: pairs of reused field and value): the job's shard
+# count is what its units planned; one that is complete already gets `manifest_due` in the same step, so that no try
+# of a planner killed in between can leave it finishing with nobody to write its manifest. Returns 1 when complete,
+# 0 when not, -1 when it is not to be closed: closed already, or a unit is to be planned again (a resubmit took it
+# back while this closer copied --reuse rows: it would close the job short of that unit's shards).
 _CLOSE_PLANNING = """
-if redis.call('HEXISTS', KEYS[1], 'spec') == 0 then return 0 end
+if redis.call('HEXISTS', KEYS[1], 'spec') == 0 or redis.call('HEXISTS', KEYS[1], 'shards') == 1 then return -1 end
+if redis.call('HLEN', KEYS[3]) < tonumber(redis.call('HGET', KEYS[1], 'units') or '0') then return -1 end
 local shards = redis.call('HGET', KEYS[1], 'planned_shards') or '0'
 redis.call('HSET', KEYS[1], 'shards', shards, 'state', 'running', unpack(ARGV))
 if redis.call('HLEN', KEYS[2]) >= tonumber(shards) then
@@ -398,6 +401,7 @@ class JobRegistry:
             pipe.hincrby(job, "tokens_done", -sum(result.tokens for result in written))
             # A unit of a job whose planning failed may keep its queued count: planned again it must queue anew.
             pipe.hdel(units, str(unit)).hdel(queued, str(unit))
+            pipe.hdel(job, "shards")  # planning open again, in the same step: its count is no longer the job's
             for field in PLAN_FIELDS:
                 pipe.hincrby(job, field, -getattr(totals, field.removeprefix(PLANNED)))
 
@@ -430,9 +434,13 @@ class JobRegistry:
         """Every unit is planned (and PREV_OUT's rows copied): the job runs; True when it is already complete (in the
         same script, `manifest_due` is set then: no worker will send its manifest task)."""
         reused = reused or JobTotals()
-        complete = bool(self._close_planning(
-            keys=[keys.REDIS_JOB.format(job_id=job_id), keys.REDIS_JOB_DONE.format(job_id=job_id)],
+        closed = int(self._close_planning(
+            keys=[keys.REDIS_JOB.format(job_id=job_id), keys.REDIS_JOB_DONE.format(job_id=job_id),
+                  keys.REDIS_JOB_UNITS.format(job_id=job_id)],
             args=[x for f in REUSED_FIELDS for x in (f, getattr(reused, f))]))
+        if closed < 0:
+            return False
+        complete = closed == 1
         self.redis.delete(keys.REDIS_JOB_QUEUED.format(job_id=job_id))  # only planning needed it
         self._needs_no_planner(job_id)
         if complete:  # written whole already (a resubmitted job): no worker needs to stay up for it

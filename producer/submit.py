@@ -609,8 +609,12 @@ def submit_job(planned: PlannedJob, registry: JobRegistry, send: Callable[[Shard
             hold.wait()
             send(message)
 
-        queue_again(planned, failed_left, send_held)  # failed shards of units half planned
-        registry.unfail(job.job_id, failed_left)
+        def send_failed(message: ShardMessage) -> None:  # failed shards of units half planned
+            hold.wait()
+            registry.unfail(job.job_id, [message.shard])  # as it is sent: should it fail again, that is recorded
+            send(message)
+
+        queue_again(planned, failed_left, send_failed)
         queue_lost_shards_again(registry, planned, send_held)
         log.info("job %s: %d units, %d to plan", job.job_id, len(planned.units), len(left))
         ctx = planned.context()

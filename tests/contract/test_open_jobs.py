@@ -277,3 +277,35 @@ def test_a_close_of_planning_cut_short_still_gets_the_manifest_written(registry,
         close_if_planned(registry, spec, lambda: context)
     close_if_planned(registry, spec, lambda: context)  # the task delivered again
     assert registry.status(spec.job_id).state == "done"
+
+
+def test_a_unit_taken_back_by_a_resubmit_keeps_planning_open(registry, queue, tmp_path):
+    """A resubmit takes a planned unit back (its failed shards, or its lost files) while another process is about to
+    close planning (copying --reuse rows takes minutes): planning is open again in the same step, and that late
+    close does nothing. Before, it closed the job short of the unit's shards, complete before they were written."""
+    spec = job(tmp_path, queue)
+    registry.start(spec, 2)
+    registry.unit_planned(spec.job_id, 0, JobTotals(shards=1))
+    registry.unit_planned(spec.job_id, 1, JobTotals(shards=2))
+    assert registry.all_units_planned(spec.job_id)  # the closer's look, before it copies
+    registry.shard_done(spec.job_id, result(0))
+    registry.plan_again(spec.job_id, 1, [], always=True)  # the resubmit
+    assert not registry.close_planning(spec.job_id), "the late close"
+    status = registry.status(spec.job_id)
+    assert status.state == "planning" and status.totals is None and registry.planning_open(spec.job_id)
+    registry.unit_planned(spec.job_id, 1, JobTotals(shards=2))
+    assert not registry.close_planning(spec.job_id)
+    assert not registry.close_planning(spec.job_id), "closed once"
+    assert registry.status(spec.job_id).totals.shards == 3
+
+
+def test_a_finished_job_with_a_unit_taken_back_is_not_finishing(registry, queue, tmp_path):
+    """A unit of a finished job taken back (a resubmit, killed right after): the job reads as being planned, not as
+    finishing with nobody to write its manifest."""
+    spec = job(tmp_path, queue)
+    submitted(registry, spec)
+    plan(registry, spec.job_id, JobTotals(shards=1))
+    registry.shard_done(spec.job_id, result(0))
+    registry.finalize(spec.job_id)
+    registry.plan_again(spec.job_id, 0, [0])
+    assert registry.status(spec.job_id).totals is None and registry.planning_open(spec.job_id)
