@@ -9,7 +9,6 @@ import os
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from urllib.parse import urlparse
 
 import pyarrow as pa
@@ -26,7 +25,7 @@ from bulkembed.contract.job import JobSpec, ShardMessage
 from bulkembed.contract.manifest import write_manifest
 from bulkembed.contract.schema import decoding_digest, from_ipc_bytes, read_decoded_by, read_metadata
 from bulkembed.contract.settings import Settings
-from bulkembed.contract.store import S3_DELETE_BATCH, Store, open_store
+from bulkembed.contract.store import S3_DELETE_BATCH, Store, at_once, open_store
 
 log = logging.getLogger(__name__)
 
@@ -649,17 +648,15 @@ class JobRegistry:
             yield int(shard), error
 
 
-DELETE_THREADS = 8  # DeleteObjects requests at once: a 10^9-row job's inputs take ~7,600 of them, minutes one by one
-
-
 def deleting_inputs(store: Store, results: Iterable[ShardResult]) -> Iterator[ShardResult]:
     """`results`, deleting the input of each shard as the manifest streams them, a thousand keys a request and
-    DELETE_THREADS requests at once (a few more batches wait, no more): once a job is done no shard's input will be
-    read again (a resubmission finds every shard written). A delete that failed for now raises, here or at the end
-    (the manifest is written again); one the store refuses for good (no delete permission) stops the deleting, said,
-    and not the manifest: the inputs are copies, the vectors are whole."""
-    doomed: list[str] = []
+    REQUESTS_AT_ONCE requests at once (at_once: a few more batches wait, no more): once a job is done no shard's input
+    will be read again (a resubmission finds every shard written; a 10^9-row job's inputs take ~7,600 requests,
+    minutes one by one). A delete that failed for now raises (the manifest is written again); one the store refuses
+    for good (no delete permission) stops the deleting, said, and not the manifest: the inputs are copies, the
+    vectors are whole."""
     refused: list[StoreRefused] = []
+    passed: deque[ShardResult] = deque()
 
     def delete(batch: list[str]) -> None:
         if refused:  # refused once, refused again: no more requests
@@ -669,19 +666,20 @@ def deleting_inputs(store: Store, results: Iterable[ShardResult]) -> Iterator[Sh
         except StoreRefused as exc:
             refused.append(exc)
 
-    with ThreadPoolExecutor(DELETE_THREADS, thread_name_prefix="delete-inputs") as pool:
-        pending: deque[Future] = deque()
+    def batches() -> Iterator[list[str]]:
+        batch: list[str] = []
         for result in results:
-            doomed.append(keys.shard_input(result.shard))
-            if len(doomed) == S3_DELETE_BATCH:
-                pending.append(pool.submit(delete, doomed))
-                doomed = []
-                while len(pending) > 2 * DELETE_THREADS or (pending and pending[0].done()):
-                    pending.popleft().result()
-            yield result
-        pending.append(pool.submit(delete, doomed))
-        for future in pending:
-            future.result()
+            passed.append(result)
+            batch.append(keys.shard_input(result.shard))
+            if len(batch) == S3_DELETE_BATCH:
+                yield batch
+                batch = []
+        if batch:
+            yield batch
+
+    for _ in at_once(delete, batches()):
+        while passed:
+            yield passed.popleft()
     if refused:
         log.warning("the store refused to delete the shards' inputs (%s): they stay under %s; delete them by hand",
                     refused[0], keys.SHARD_INPUT_KEY.split("/")[0] + "/")

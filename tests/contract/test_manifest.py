@@ -18,8 +18,8 @@ import pytest
 from bulkembed.contract import keys, manifest
 from bulkembed.contract.errors import StoreRefused, TransientError
 from bulkembed.contract.manifest import manifest_shards, read_manifest, shards_schema, write_manifest
-from bulkembed.contract.registry import DELETE_THREADS, JobTotals, ReusedFile, ShardResult, deleting_inputs
-from bulkembed.contract.store import LocalStore, Store, open_store
+from bulkembed.contract.registry import JobTotals, ReusedFile, ShardResult, deleting_inputs
+from bulkembed.contract.store import REQUESTS_AT_ONCE, LocalStore, Store, open_store
 from tests.contract.test_open_jobs import job
 
 N = 3_000
@@ -218,7 +218,7 @@ class WatchedStore(LocalStore):
 
 def test_a_done_jobs_inputs_are_deleted_several_requests_at_once_and_a_failure_is_raised(tmp_path):
     """At 10^9 rows a job's inputs take ~7,600 delete requests: one by one they took minutes while the manifest
-    waited, and KEDA may stop the planner meanwhile. They run DELETE_THREADS at once, each whole, and a failed one
+    waited, and KEDA may stop the planner meanwhile. They run REQUESTS_AT_ONCE at once, each whole, and a failed one
     fails the manifest (written again by the next finalize) rather than leaving inputs unsaid."""
     count = 10_500
     store = WatchedStore(tmp_path / "out")
@@ -228,7 +228,7 @@ def test_a_done_jobs_inputs_are_deleted_several_requests_at_once_and_a_failure_i
     assert [r.shard for r in deleting_inputs(store, results)] == list(range(count)), "every result, in order"
     assert store.list("_shards/") == []
     assert sorted(store.requests) == [500] + [1000] * 10
-    assert 1 < store.most <= DELETE_THREADS
+    assert 1 < store.most <= REQUESTS_AT_ONCE
     failing = WatchedStore(tmp_path / "failing", fail_at=3)
     with pytest.raises(TransientError, match="S3 DELETE failed"):
         list(deleting_inputs(failing, results))
@@ -246,7 +246,7 @@ def test_inputs_the_store_refuses_to_delete_for_good_stop_the_deleting_not_the_m
     with caplog.at_level(logging.WARNING):
         assert [r.shard for r in deleting_inputs(store, results)] == list(range(count)), "every result, in order"
     assert "refused to delete the shards' inputs" in caplog.text and "AccessDenied" in caplog.text
-    assert len(store.requests) <= 2 * DELETE_THREADS + 1 < 41, "none after a refusal but those already under way"
+    assert len(store.requests) <= 2 * REQUESTS_AT_ONCE + 1 < 41, "none after a refusal but those already under way"
 
 
 @pytest.mark.parametrize("codes, raised", [(["SlowDown", "InternalError"], TransientError),
