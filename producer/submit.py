@@ -627,32 +627,29 @@ def submit_job(planned: PlannedJob, registry: JobRegistry, send: Callable[[Shard
         close_if_planned(registry, job, lambda: ctx, keep_planner=False)  # this process is no planner pod to keep
 
 
-def plan_lost_outputs_again(registry: JobRegistry, planned: PlannedJob) -> set[int]:
+def plan_lost_outputs_again(registry: JobRegistry, planned: PlannedJob) -> None:
     """A finished job submitted again writes what OUT has lost since (files deleted by hand or by a lifecycle rule)
     instead of reporting done over files that are gone. The units of lost shards are planned again: they queue their
     shards not found written (a done job's shard inputs are deleted). Lost --reuse copies are copied again from the
     matches the job kept (copy_reused_rows); a job whose matches were dropped (by an older bulkembed) has every unit
     planned again. One listing of OUT a unit, several at once; a unit planned again reads its input again, not its
-    written files. Returns the units to be planned again."""
+    written files."""
     job, store = planned.job, planned.store
     status = registry.status(job.job_id)
     if status is None or not status.finished:
-        return set()
+        return
     copies_lost = lost_copies(store, reused_files(store))
     plan_all = bool(copies_lost) and not reused_matches_kept(store, registry.unit_count(job.job_id))
-    lost, again = 0, set()
+    lost = again = 0
     units = sorted(registry.planned_units(job.job_id).items())
     listings = at_once(lambda unit: written_outputs(store, unit), [unit for unit, _ in units])
     for (unit, totals), written in zip(units, listings, strict=True):
         count = registry.plan_again(job.job_id, unit, [s for s in keys.unit_shards(unit, totals.shards)
                                                        if keys.shard_output(s) not in written], always=plan_all)
-        lost += count
-        if count or plan_all:
-            again.add(unit)
+        lost, again = lost + count, again + bool(count or plan_all)
     if lost or copies_lost:
         log.warning("job %s: OUT lost %d shard files and %d reused files written before (%s); planning %d units "
-                    "again to write them", job.job_id, lost, len(copies_lost), store.uri, len(again))
-    return again
+                    "again to write them", job.job_id, lost, len(copies_lost), store.uri, again)
 
 
 def queue_lost_shards_again(registry: JobRegistry, planned: PlannedJob, send: Callable[[ShardMessage], None]) -> None:
@@ -676,8 +673,8 @@ def queue_lost_shards_again(registry: JobRegistry, planned: PlannedJob, send: Ca
 
 
 def queue_again(planned: PlannedJob, shards: list[int], send: Callable[[ShardMessage], None]) -> None:
-    """Shards planned before whose messages Redis lost, queued again, each message rebuilt from its shard's input
-    (several reads at once)."""
+    """Shards planned before queued again (their messages lost by Redis; failed ones of units half planned), each
+    message rebuilt from its shard's input (several reads at once)."""
     def message(shard: int) -> ShardMessage:
         lengths = from_ipc_bytes(planned.store.get(keys.shard_input(shard))).column("n_tokens").to_pylist()
         return ShardMessage.of(planned.job, shard, lengths)
@@ -692,13 +689,9 @@ def claim_out(planned: PlannedJob, force: bool, stop: Callable[[str], None] = la
     `stop` has stopped that job, where it may still run); the same job's output is resumed."""
     store, job = planned.store, planned.job
     store.check()
-    if not store.exists(keys.JOB_KEY):
-        if force:
-            forget_outputs(store)
-        return
-    raw = store.get(keys.JOB_KEY)
+    held = store.exists(keys.JOB_KEY)
     try:
-        earlier = JobSpec.model_validate_json(raw)
+        earlier = JobSpec.model_validate_json(store.get(keys.JOB_KEY)) if held else None
     except ValueError:  # written by another version of bulkembed: not this job
         earlier = None
     if force:
@@ -706,7 +699,7 @@ def claim_out(planned: PlannedJob, force: bool, stop: Callable[[str], None] = la
             stop(earlier.job_id)
         forget_outputs(store)
         return
-    if earlier is not None and earlier.job_id == job.job_id:
+    if not held or (earlier is not None and earlier.job_id == job.job_id):
         return
     what = (f"job {earlier.job_id} (input {earlier.input}, model {earlier.model.file_name})" if earlier is not None
             else "a job of another bulkembed version")
