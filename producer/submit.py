@@ -370,7 +370,6 @@ def plan_unit(ctx: PlanContext, unit: Unit, sink: ShardSink) -> JobTotals:
             store.put_if_absent(keys.shard_input(shard), to_ipc_bytes(table, "zstd"))  # same job id, same content
             sink.emit(message)
         sink.on_queued(totals.shards - 1)
-        sink.tick()
 
     truncated = 0  # a plain int: JobTotals is a pydantic model, slow to add to a row at a time
     for source, first_row, batch in read_batches(ctx.fs, unit, job.id_column, job.text_column, cast):
