@@ -11,7 +11,7 @@ import pytest
 
 from bulkembed.contract import keys
 from bulkembed.contract.errors import EngineError, InputError, ShardError
-from bulkembed.contract.job import JobSpec, ModelRef, Role, ShardMessage, Task
+from bulkembed.contract.job import JobSpec, ModelRef, Pooling, Role, ShardMessage, Task
 from bulkembed.contract.model import file_sha256, queue_name
 from bulkembed.contract.schema import METADATA_PREFIX, content_hash, from_ipc_bytes, shard_input_schema, to_ipc_bytes
 from bulkembed.contract.store import LocalStore
@@ -149,6 +149,23 @@ def test_a_row_the_worker_tokenizes_differently_is_quarantined(tmp_path, tiny_mo
     assert from_ipc_bytes(store.get(message.output_key)).column("id").to_pylist() == ["a", "c"]
     rejected = from_ipc_bytes(store.get(keys.shard_rejected(0))).to_pylist()
     assert rejected[0]["id"] == "b" and rejected[0]["reason"].startswith("tokenizer mismatch")
+
+
+@pytest.mark.parametrize("pooling", [Pooling.MEAN, Pooling.NONE])
+def test_a_shard_whose_every_row_the_worker_tokenizes_differently_is_written_empty(tmp_path, tiny_model, pooling):
+    """Nothing left to decode is not a failed shard: its rows are quarantined, and an empty file is written (a long
+    document often fills a shard alone)."""
+    engine = Engine(tiny_model, EngineOptions(threads=2))
+    try:
+        store, message = _shard(tmp_path, tiny_model, [("b", "abcd", 99)])
+        message = message.model_copy(update={"job": message.job.model_copy(update={"pooling": pooling})})
+        result = embed_shard(message, partial(embed_rows, engine), message.job.model.sha256, store)
+    finally:
+        engine.close()
+    assert result.rows == 0 and result.rejected == 1
+    assert from_ipc_bytes(store.get(message.output_key)).num_rows == 0
+    rejected = from_ipc_bytes(store.get(keys.shard_rejected(0))).to_pylist()
+    assert [r["id"] for r in rejected] == ["b"] and rejected[0]["reason"].startswith("tokenizer mismatch")
 
 
 class FailingOnPoisonEngine(Engine):

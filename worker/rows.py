@@ -114,6 +114,13 @@ def _embed_isolating_failures(engine: Engine, rows: ShardRows, tokens: list[np.n
             return engine.embed_tokens(documents)
         return engine.embed(documents, pooling=pooling)
 
+    def stacked(vectors: list[np.ndarray]):
+        if pooling is Pooling.NONE:
+            return vectors
+        return np.stack(vectors) if vectors else np.zeros((0, engine.n_embd), np.float32)
+
+    if not keep:  # every row set aside already (a tokenizer mismatch): nothing to decode, the shard is still written
+        return stacked([]), {}
     try:
         result = embed([tokens[i] for i in keep])
         return (list(result) if pooling is Pooling.NONE else result), {}
@@ -125,6 +132,4 @@ def _embed_isolating_failures(engine: Engine, rows: ShardRows, tokens: list[np.n
             kept.append(embed([tokens[i]])[0])
         except EngineError as exc:
             failed[i] = f"llama.cpp failed: {exc}"
-    if pooling is Pooling.NONE:
-        return kept, failed
-    return (np.stack(kept) if kept else np.zeros((0, engine.n_embd), np.float32)), failed
+    return stacked(kept), failed

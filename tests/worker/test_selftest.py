@@ -3,6 +3,8 @@ import sys
 
 import pytest
 
+from bulkembed.contract.job import Pooling
+from bulkembed.synthetic import write_qwen3_gguf
 from bulkembed.worker.engine import Engine, EngineOptions
 from bulkembed.worker.selftest import MIN_COSINE, SelfTestError, self_test
 from tests.conftest import REPO
@@ -11,6 +13,16 @@ from tests.conftest import REPO
 def test_exact_engine_passes(tiny_model):
     engine = Engine(tiny_model, EngineOptions(ubatch=64, threads=2))
     try:
+        assert self_test(engine) >= MIN_COSINE
+    finally:
+        engine.close()
+
+
+def test_a_model_declaring_token_vectors_passes(tmp_path):
+    """A GGUF declaring pooling none (late-chunking models) starts a worker: the self-test checks the pooled kinds."""
+    engine = Engine(write_qwen3_gguf(tmp_path / "tokens.gguf", pooling="none"), EngineOptions(ubatch=64, threads=2))
+    try:
+        assert engine.pooling is Pooling.NONE
         assert self_test(engine) >= MIN_COSINE
     finally:
         engine.close()
