@@ -299,10 +299,14 @@ def main(argv: list[str] | None = None) -> int:
     try:  # settings are read while the parser is built (defaults) and by every command
         args = build_parser().parse_args(argv)
         logging.basicConfig(level=ProducerSettings().log_level, format=LOG_FORMAT)  # as llama processes log
+        logging.getLogger("botocore").setLevel(logging.WARNING)  # "Found credentials in …" at every start
         return args.func(args)
     except BulkEmbedError as exc:
         print(f"bulkembed: {' '.join(str(exc).split())}", file=sys.stderr)  # one line, whatever a library said
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: what is written is whole (objects are written once), a job resumes
+        print("bulkembed: interrupted; what was written stays, and the same command resumes a job", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -122,6 +122,10 @@ class LocalStore:
     def check(self) -> None:
         if self.root.exists() and not self.root.is_dir():
             raise InputError(f"--out {self.uri} is a file, not a folder")
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # a parent that is a file, a read-only or virtual filesystem, no permission
+            raise InputError(f"--out {self.uri}: cannot make the folder: {exc.strerror}") from None
 
     def list(self, prefix: str = "") -> list[tuple[str, int]]:
         """As S3 lists: every key that starts with `prefix`, a folder or not ("000012-" finds a unit's shards)."""
@@ -180,6 +184,8 @@ class S3Store:
 
     def __init__(self, uri: str):
         parsed = urlparse(uri)
+        if not parsed.netloc:
+            raise InputError(f"{uri!r} names no bucket: s3://bucket or s3://bucket/prefix")
         self.uri = uri.rstrip("/")
         self.bucket = parsed.netloc
         self.prefix = parsed.path.strip("/")
@@ -241,11 +247,14 @@ class S3Store:
                 raise
 
     def check(self) -> None:
-        from botocore.exceptions import ClientError
+        from botocore.exceptions import ClientError, NoCredentialsError
 
         with _transient_errors("HEAD bucket", self.bucket):
             try:
                 self.client.head_bucket(Bucket=self.bucket)
+            except NoCredentialsError:
+                raise InputError(f"{self.uri}: no AWS credentials found (set AWS_ACCESS_KEY_ID and "
+                                 f"AWS_SECRET_ACCESS_KEY, a profile, or a role)") from None
             except ClientError as exc:
                 if _error_code(exc) in ("404", "NoSuchBucket", "NotFound"):
                     raise InputError(f"{self.uri}: there is no bucket {self.bucket!r} (create it first)") from None

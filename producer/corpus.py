@@ -47,20 +47,28 @@ def input_fs(uri: str) -> tuple[pafs.FileSystem, str]:
 
 def _list_files(uri: str) -> tuple[pafs.FileSystem, list[tuple[str, int, str]]]:
     fs, base = input_fs(uri)
-    info = fs.get_file_info(base)
-    if info.type == pafs.FileType.File:
-        found = [info]
-    elif info.type != pafs.FileType.Directory:
-        raise InputError(f"input {uri} does not exist")
-    else:
-        found = [
-            f for f in fs.get_file_info(pafs.FileSelector(base, recursive=True))
-            if f.type == pafs.FileType.File and f.base_name.endswith(".parquet") and f.base_name[0] not in "._"
-        ]
+    try:
+        info = fs.get_file_info(base)
+        if info.type == pafs.FileType.File:
+            found = [info]
+        elif info.type != pafs.FileType.Directory:
+            raise InputError(f"input {uri} does not exist")
+        else:
+            found = [f for f in fs.get_file_info(pafs.FileSelector(base, recursive=True))
+                     if f.type == pafs.FileType.File and f.base_name.endswith(".parquet")
+                     and not _hidden(f.path[len(base):])]
+    except OSError as exc:  # pyarrow's: the S3 endpoint unreachable, access denied
+        raise InputError(f"cannot list the input {uri}: {exc}") from None
     if not found:
         raise InputError(f"no .parquet files under {uri}")
     versions = _s3_etags(uri) if uri.startswith("s3://") else {f.path: str(f.mtime_ns) for f in found}
     return fs, sorted((f.path, f.size, versions.get(f.path, "")) for f in found)
+
+
+def _hidden(relative: str) -> bool:
+    """A file or folder whose name starts with "_" or "." is not the corpus's, as Spark and pyarrow have it: among
+    them bulkembed's own (an OUT inside the input folder: its `_manifest/shards.parquet`)."""
+    return any(part[:1] in ("_", ".") for part in relative.split("/") if part)
 
 
 def _s3_etags(uri: str) -> dict[str, str]:
@@ -95,6 +103,9 @@ def open_corpus(uri: str, id_column: str, text_column: str) -> Corpus:
         for column in (id_column, text_column):
             if column not in schema.names:
                 raise InputError(f"{path} has no column {column!r} (columns: {', '.join(schema.names)})")
+            if schema.names.count(column) > 1:
+                raise InputError(f"{path} has {schema.names.count(column)} columns named {column!r}: which one is "
+                                 f"meant cannot be told")
         text_type = schema.field(text_column).type
         if not (pa.types.is_string(text_type) or pa.types.is_large_string(text_type)):
             raise InputError(f"{path}: text column {text_column!r} is {text_type}, not a string")

@@ -110,6 +110,9 @@ class JobOptions:
 def plan_job(input_uri: str, model: str, out: str, options: JobOptions = JobOptions()) -> PlannedJob:
     """Check the input and the model, fix the job spec (and so the job id) and cut the corpus into units; queue
     nothing yet."""
+    for name, value in (("the input", input_uri), ("--out", out)):
+        if not value.strip():  # an unset shell variable: never the current folder, which --force would clear
+            raise InputError(f"{name} is empty: name a local file or folder, or an s3:// prefix")
     corpus = open_corpus(input_uri, options.id_column, options.text_column)
     ref, path = model_ref(model)
     info = model_info(path)

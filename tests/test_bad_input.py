@@ -99,12 +99,16 @@ def test_a_query_the_vocabulary_drops_whole_is_refused(kind_models):
                 embedder.embed(["a fine query", text])
 
 
-@pytest.mark.parametrize("case", ["missing-column", "wrong-type", "unreadable", "empty", "no-files"])
+@pytest.mark.parametrize("case", ["missing-column", "two-columns", "wrong-type", "unreadable", "empty", "no-files"])
 def test_input_errors_stop_before_anything_is_queued(case, tmp_path, run_cli, tiny_model):
     path = tmp_path / "in.parquet"
     if case == "missing-column":
         write_corpus(path, ["a"], ["x"])
         expected, extra = "has no column 'body'", ("--text-column", "body")
+    elif case == "two-columns":
+        pq.write_table(pa.Table.from_arrays([pa.array(["a"]), pa.array(["x"]), pa.array(["y"])],
+                                            names=["id", "text", "text"]), path)
+        expected, extra = "2 columns named 'text'", ()
     elif case == "wrong-type":
         pq.write_table(pa.table({"id": ["a"], "text": [1.5]}), path)
         expected, extra = "not a string", ()
@@ -122,6 +126,19 @@ def test_input_errors_stop_before_anything_is_queued(case, tmp_path, run_cli, ti
     assert done.returncode == 2 and expected in done.stderr, done.stderr
     assert "Traceback" not in done.stderr
     assert not (tmp_path / "o" / "_shards").exists()
+
+
+def test_an_out_inside_the_input_folder_is_not_read_as_corpus(tmp_path, run_cli, tiny_model):
+    """Files under "_" and "." folders are not the corpus's: a second run over the folder (a resume) used to read
+    the first one's _manifest/shards.parquet as a corpus file and fail."""
+    corpus = tmp_path / "corpus"
+    write_corpus(corpus / "part-0.parquet", ["a", "b"], ["one text", "another"])
+    write_corpus(corpus / ".staging" / "part-1.parquet", ["c"], ["not yet published"])
+    for _ in range(2):
+        done = run_cli("run", corpus, "--model", tiny_model, "--out", corpus / "out")
+        assert done.returncode == 0, done.stderr[-2000:]
+    assert (corpus / "out" / "_manifest" / "shards.parquet").exists()
+    assert sorted(ds.dataset(corpus / "out", format="arrow").to_table().column("id").to_pylist()) == ["a", "b"]
 
 
 def _shard(tmp_path, tiny_model, rows: list[tuple[str, str, int]]) -> tuple[LocalStore, ShardMessage]:

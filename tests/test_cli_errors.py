@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -86,6 +87,10 @@ WRONG_OPTIONS = [
     (["eval", "no-such-dataset", "--model", "model.gguf"], "no-such-dataset"),
     (["bench", "--synthetic-model", "huge"], "--synthetic-model"),
     (["embed", "--model", "model.gguf"], "no texts"),
+    (["run", "corpus.parquet", "--model", "model.gguf", "--out", ""], "--out is empty"),
+    (["run", "", "--model", "model.gguf", "--out", "out"], "the input is empty"),
+    (["run", "corpus.parquet", "--model", "model.gguf", "--out", "corpus.parquet/out"], "cannot make the folder"),
+    (["run", "corpus.parquet", "--model", "model.gguf", "--out", "s3://"], "names no bucket"),
 ]
 
 
@@ -174,3 +179,36 @@ def test_a_worker_that_cannot_reach_redis_says_so_and_exits(tmp_path, tiny_model
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith(f"bulkembed: cannot reach Redis at 127.0.0.1:{port}") and "BULKEMBED_REDIS_WAIT_S" in last
     assert "model" not in done.stderr.lower().replace("--model", ""), "it stopped before loading the model"
+
+
+def test_no_aws_credentials_is_one_line(workdir: Path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("BULKEMBED_", "AWS_"))}
+    env |= {"AWS_SHARED_CREDENTIALS_FILE": str(workdir / "none"), "AWS_CONFIG_FILE": str(workdir / "none"),
+            "AWS_EC2_METADATA_DISABLED": "true"}
+    result = subprocess.run([sys.executable, "-m", "bulkembed.cli", "run", "corpus.parquet", "--model", "model.gguf",
+                             "--out", "s3://some-bucket/out"], env=env, cwd=workdir, capture_output=True, text=True,
+                            timeout=120)
+    assert_one_line_error(result, "no AWS credentials")
+
+
+def test_an_unreachable_s3_input_is_one_line(workdir: Path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens here once closed
+    env = {"AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s",
+           "AWS_MAX_ATTEMPTS": "1"}
+    assert_one_line_error(bulkembed(["run", "s3://bucket/corpus", "--model", "model.gguf", "--out", "out"], env,
+                                    workdir), "cannot list the input s3://bucket/corpus")
+
+
+def test_ctrl_c_is_one_line(workdir: Path):
+    """SIGINT while a command waits (here `embed` reading its texts from stdin): no KeyboardInterrupt traceback."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("BULKEMBED_")}
+    process = subprocess.Popen([sys.executable, "-m", "bulkembed.cli", "embed", "--model", "model.gguf"],
+                               env=clean, cwd=workdir, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    time.sleep(3)  # into its read of stdin
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr
+    assert "Traceback" not in stderr and stderr.strip().splitlines()[-1].startswith("bulkembed: interrupted"), stderr
