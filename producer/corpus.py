@@ -152,6 +152,25 @@ def decode_texts(column: pa.Array) -> tuple[list[str | None], dict[int, str]]:
     return texts, bad
 
 
+def decode_ids(column: pa.Array) -> tuple[list, dict[int, str]]:
+    """The ids of a batch, and the rows whose string id is not valid UTF-8 (quarantined without one)."""
+    if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+        return column.to_pylist(), {}
+    ids, bad = decode_texts(column)
+    return ids, {row: f"id of invalid UTF-8 ({reason[len('invalid UTF-8 '):]})" for row, reason in bad.items()}
+
+
+def cast_ids(ids: pa.Array, id_type: pa.DataType | None, source: str) -> pa.Array:
+    """A file's ids as the job reads them (`id_type`, where the files' types differ in width); InputError naming the
+    file where one does not fit (uint64 beside int64)."""
+    if id_type is None or ids.type == id_type:
+        return ids
+    try:
+        return ids.cast(id_type)
+    except pa.ArrowInvalid as exc:
+        raise InputError(f"{source}: an id does not fit {id_type}, the type the input's files share ({exc})") from None
+
+
 @dataclass(frozen=True)
 class Unit:
     """Row groups [first_group, stop_group) of the corpus's file-th file (`path`): rows [first_row, first_row +
@@ -192,6 +211,6 @@ def read_batches(fs: pafs.FileSystem, unit: Unit, id_column: str, text_column: s
     row = unit.first_row
     for batch in parquet.iter_batches(batch_size=BATCH_ROWS, columns=[id_column, text_column],
                                       row_groups=range(unit.first_group, unit.stop_group)):
-        ids = batch.column(0) if id_type is None else batch.column(0).cast(id_type)  # the job's, where files differ
+        ids = cast_ids(batch.column(0), id_type, source)  # the job's, where files differ
         yield source, row, pa.RecordBatch.from_arrays([ids, batch.column(1)], names=["id", "text"])
         row += batch.num_rows

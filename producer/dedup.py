@@ -18,7 +18,6 @@ import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -27,8 +26,7 @@ import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-if TYPE_CHECKING:
-    from bulkembed.producer.corpus import Corpus
+from bulkembed.producer.corpus import Corpus, cast_ids
 
 ROW_BITS = 40  # rows per file < 2**40; files < 2**23, so an ordinal is a non-negative int64
 ROW_MASK = (1 << ROW_BITS) - 1
@@ -66,13 +64,16 @@ def id_batches(corpus: Corpus, id_column: str) -> Iterator[pa.RecordBatch]:
         row = 0
         for batch in pq.ParquetFile(corpus.fs.open_input_file(path)).iter_batches(ID_BATCH_ROWS, columns=[id_column]):
             yield pa.RecordBatch.from_arrays(
-                [batch.column(0), pa.array(ordinals(index, row, batch.num_rows))], names=["id", "ordinal"])
+                [cast_ids(batch.column(0), corpus.id_type, path), pa.array(ordinals(index, row, batch.num_rows))],
+                names=["id", "ordinal"])
             row += batch.num_rows
 
 
-def _as_duckdb(batches: Iterable[pa.RecordBatch], id_type: pa.DataType) -> pa.RecordBatchReader:
+def _as_duckdb(batches: Iterable[pa.RecordBatch], id_type: pa.DataType,
+               failures: list[Exception]) -> pa.RecordBatchReader:
     """(id, ordinal) batches as DuckDB should see them: string ids as bytes, since Parquet never checked that they
-    are UTF-8 and DuckDB refuses a string that is not (bytes compare exactly all the same)."""
+    are UTF-8 and DuckDB refuses a string that is not (bytes compare exactly all the same). An error reading them
+    goes to `failures` too: DuckDB hands it on as its own InvalidInputException, its type lost."""
     if pa.types.is_string(id_type) or pa.types.is_large_string(id_type):
         key_type = pa.large_binary() if pa.types.is_large_string(id_type) else pa.binary()
     elif pa.types.is_integer(id_type):
@@ -80,11 +81,18 @@ def _as_duckdb(batches: Iterable[pa.RecordBatch], id_type: pa.DataType) -> pa.Re
     else:
         raise TypeError(f"ids of type {id_type}: use an integer or string id")
     schema = pa.schema([("id", key_type), ("ordinal", pa.int64())])
-    return pa.RecordBatchReader.from_batches(schema, (
-        pa.RecordBatch.from_arrays(
-            [batch.column("id").cast(id_type).cast(key_type), batch.column("ordinal").cast(pa.int64())],
-            schema=schema)
-        for batch in batches))
+
+    def converted() -> Iterator[pa.RecordBatch]:
+        try:
+            for batch in batches:
+                yield pa.RecordBatch.from_arrays(
+                    [batch.column("id").cast(id_type).cast(key_type), batch.column("ordinal").cast(pa.int64())],
+                    schema=schema)
+        except Exception as exc:
+            failures.append(exc)
+            raise
+
+    return pa.RecordBatchReader.from_batches(schema, converted())
 
 
 def find_duplicates(batches: Iterable[pa.RecordBatch], id_type: pa.DataType, out_path: Path, work_dir: Path,
@@ -95,7 +103,8 @@ def find_duplicates(batches: Iterable[pa.RecordBatch], id_type: pa.DataType, out
     process peaked at that plus 0.25-0.4 GB over 10**8 ids (benchmarks/duplicate_ids.py)."""
     import duckdb  # only the pre-pass needs it
 
-    reader = _as_duckdb(batches, id_type)
+    failures: list[Exception] = []
+    reader = _as_duckdb(batches, id_type, failures)
     work_dir.mkdir(parents=True, exist_ok=True)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix="dedup-", dir=work_dir))
@@ -105,7 +114,12 @@ def find_duplicates(batches: Iterable[pa.RecordBatch], id_type: pa.DataType, out
             "preserve_insertion_order": False})  # the load need not keep the stream's order
         try:
             con.register("reader", reader)
-            con.execute("CREATE TABLE ids AS SELECT id, ordinal FROM reader WHERE id IS NOT NULL")
+            try:
+                con.execute("CREATE TABLE ids AS SELECT id, ordinal FROM reader WHERE id IS NOT NULL")
+            except duckdb.Error:
+                if failures:  # reading the ids failed (an id that does not fit, a file gone): that error, typed
+                    raise failures[0] from None
+                raise
             con.unregister("reader")
             key = "id" if pa.types.is_integer(id_type) else STRING_KEY
             con.execute(f"""

@@ -52,7 +52,16 @@ from bulkembed.contract.schema import (
 from bulkembed.contract.settings import ProducerSettings
 from bulkembed.contract.store import Store, at_once, open_store
 from bulkembed.contract.vocab import NO_TOKENS, TokenCounter
-from bulkembed.producer.corpus import Corpus, Unit, decode_texts, input_fs, open_corpus, plan_units, read_batches
+from bulkembed.producer.corpus import (
+    Corpus,
+    Unit,
+    decode_ids,
+    decode_texts,
+    input_fs,
+    open_corpus,
+    plan_units,
+    read_batches,
+)
 from bulkembed.producer.dedup import SeenIds, duplicates_between, find_duplicates, id_batches, ordinal
 from bulkembed.producer.planner import Document, ShardPlanner
 from bulkembed.producer.reuse import (
@@ -292,12 +301,13 @@ def _accept(ctx: PlanContext, batch: pa.RecordBatch, source: str, first_row: int
     """The rows of a batch that can be embedded or reused, in order; the rest quarantined with their reason.
     A row PREV_OUT has (same id, same content) is taken as is: its tokens were counted when it was embedded."""
     job, counter, prefix_tokens = ctx.job, ctx.counter, ctx.prefix_length()
+    ids, undecodable_ids = decode_ids(batch.column(0))
     texts, undecodable = decode_texts(batch.column(1))
     candidates = []
-    for i, (doc_id, text) in enumerate(zip(batch.column(0).to_pylist(), texts, strict=True)):
+    for i, (doc_id, text) in enumerate(zip(ids, texts, strict=True)):
         # The first row of an id wins whatever becomes of it; a later one is a duplicate even if the first is
         # quarantined for its text (found before planning, by DuckDB: prepare).
-        reason = "duplicate id" if doc_id is not None and i in duplicates else None
+        reason = undecodable_ids.get(i) or ("duplicate id" if doc_id is not None and i in duplicates else None)
         reason = reason or undecodable.get(i) or _reason_to_reject(doc_id, text)
         if reason is None:
             candidates.append((i, doc_id, job.prefix + text))

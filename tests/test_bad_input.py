@@ -46,8 +46,10 @@ def test_every_bad_row_is_quarantined_with_its_reason(tmp_path, run_cli, tiny_mo
         ("ok-1", b"same id again", "duplicate id"),
         ("too-long", b"alpha beta gamma " * 40, "over-length"),
         ("ok-2", b"another fine one", None),
+        (b"\xff\xfe", b"an id that is not UTF-8", "id of invalid UTF-8 (at byte 0)"),
+        (b"\xff\xfe", b"the same bytes again", "id of invalid UTF-8"),  # no id to be a duplicate of
     ]
-    table = pa.table({"id": pa.array([r[0] for r in rows], pa.string()),
+    table = pa.table({"id": invalid_utf8_column([r[0].encode() if isinstance(r[0], str) else r[0] for r in rows]),
                       "text": invalid_utf8_column([r[1] for r in rows])})
     pq.write_table(table, tmp_path / "bad.parquet")
     out = tmp_path / "out"
@@ -66,7 +68,8 @@ def test_every_bad_row_is_quarantined_with_its_reason(tmp_path, run_cli, tiny_mo
     accepted_rows = {i for i, r in enumerate(rows) if r[2] is None}
     assert accepted_rows | set(by_row) == set(range(len(rows))) and not accepted_rows & set(by_row)
     manifest = (out / "_manifest.json").read_text()
-    assert '"rejected_rows": 8' in manifest
+    assert '"rejected_rows": 10' in manifest
+    assert {r["row"]: r["id"] for r in rejected}[10] is None
 
 
 # Characters BERT's WordPiece drops: Python's str.strip() keeps them, and each such text tokenizes to [CLS] [SEP].
@@ -126,6 +129,15 @@ def test_input_errors_stop_before_anything_is_queued(case, tmp_path, run_cli, ti
     assert done.returncode == 2 and expected in done.stderr, done.stderr
     assert "Traceback" not in done.stderr
     assert not (tmp_path / "o" / "_shards").exists()
+
+
+def test_an_id_that_does_not_fit_the_shared_type_is_one_line(tmp_path, run_cli, tiny_model):
+    """uint64 ids beside int64 ones are read as int64: one above 2**63 - 1 is named with its file, before any unit."""
+    write_corpus(tmp_path / "in" / "a.parquet", [1, 2**64 - 1], ["one", "two"], pa.uint64())
+    write_corpus(tmp_path / "in" / "b.parquet", [3, 4], ["three", "four"], pa.int64())
+    done = run_cli("run", tmp_path / "in", "--model", tiny_model, "--out", tmp_path / "out")
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert "a.parquet: an id does not fit int64" in done.stderr.strip().splitlines()[-1], done.stderr
 
 
 def test_an_out_inside_the_input_folder_is_not_read_as_corpus(tmp_path, run_cli, tiny_model):
