@@ -698,7 +698,9 @@ def queue_again(planned: PlannedJob, shards: list[int], send: Callable[[ShardMes
 def claim_out(planned: PlannedJob, force: bool, stop: Callable[[str], None] = lambda job_id: None) -> None:
     """OUT holds one job's files. Another job's output there (another input, model or option) is refused: a shard
     file found written is taken as this job's, so old vectors would pass for new ones. `force` deletes it first (once
-    `stop` has stopped that job, where it may still run); the same job's output is resumed."""
+    `stop` has stopped that job, where it may still run); the same job's output is resumed. The same job with its
+    input spelled otherwise (`./c.parquet`, an absolute path, a trailing slash: the same files, sizes and versions)
+    is the same job: `planned.job` becomes the spec OUT holds, and the job resumes under its id."""
     store, job = planned.store, planned.job
     store.check()
     held = store.exists(keys.JOB_KEY)
@@ -706,6 +708,8 @@ def claim_out(planned: PlannedJob, force: bool, stop: Callable[[str], None] = la
         earlier = JobSpec.model_validate_json(store.get(keys.JOB_KEY)) if held else None
     except ValueError:  # written by another version of bulkembed: not this job
         earlier = None
+    if not force and earlier is not None and earlier.model_copy(update={"input": job.input}) == job:
+        planned.job = job = earlier  # the input fingerprint names the files by their resolved paths: they agree
     if force:
         if earlier is not None and earlier.job_id != job.job_id:
             stop(earlier.job_id)

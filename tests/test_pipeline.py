@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import boto3
 import numpy as np
@@ -14,7 +15,7 @@ from bulkembed.contract.manifest import manifest_shards
 from bulkembed.contract.schema import read_metadata
 from bulkembed.contract.store import open_store
 from bulkembed.producer.submit import plan_job
-from tests.conftest import cosines, mixed_texts, write_corpus
+from tests.conftest import REPO, cosines, mixed_texts, write_corpus
 
 N_ROWS = 3000
 
@@ -219,7 +220,14 @@ def test_another_jobs_output_in_out_is_refused_unless_forced(tmp_path, run_cli, 
         assert refused.returncode == 2, refused.stderr[-2000:]
         assert "holds the output of job" in refused.stderr and "--force" in refused.stderr, refused.stderr
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before, "nothing written"
-    assert run_cli("run", first.parent, *common).returncode == 0, "the same job resumes"
+    resumed = run_cli("run", first.parent, *common)
+    assert resumed.returncode == 0, "the same job resumes"
+    # Spelled otherwise (relative, with a trailing slash), the same input is the same job: resumed under its id.
+    respelled = run_cli("run", os.path.relpath(first.parent, REPO) + "/", *common)
+    assert respelled.returncode == 0, respelled.stderr[-2000:]
+    assert respelled.stdout.split(":")[0] == resumed.stdout.split(":")[0], (respelled.stdout, resumed.stdout)
+    assert {p: p.read_bytes() for p in out.glob("*.arrow")} == {p: b for p, b in before.items() if p.parent == out
+                                                               and p.suffix == ".arrow"}, "no shard embedded again"
 
     forced = run_cli("run", edited, *common, "--force")
     assert forced.returncode == 0, forced.stderr[-2000:]
