@@ -23,14 +23,27 @@ def content_hash(prefixed_text: str) -> bytes:
     return hashlib.blake2b(prefixed_text.encode("utf-8"), digest_size=16).digest()
 
 
-def shard_input_schema(id_type: pa.DataType) -> pa.Schema:
-    """A shard's input: the id as the corpus typed it, the text with its prefix, and which of its
-    tokens this row embeds (bulkembed.contract.job.Span): all of them unless it was truncated or chunked."""
+SHARD_SOURCE = METADATA_PREFIX + "source"  # a shard input's corpus file (a unit, and so a shard, reads one)
+
+
+def shard_input_schema(id_type: pa.DataType, source: str = "") -> pa.Schema:
+    """A shard's input: the id as the corpus typed it, the text with its prefix, which of its tokens this row embeds
+    (bulkembed.contract.job.Span: all of them unless it was truncated or chunked), and where the row comes from
+    (`source`, the corpus file, in the metadata; `row`, the row's number in it), for a quarantine record to name."""
     return pa.schema([
         ("id", id_type), ("text", pa.string()), ("n_tokens", pa.int32()), ("chunk", pa.int32()),
         ("start", pa.int32()), ("stop", pa.int32()), ("truncated", pa.bool_()),
-        ("content_hash", CONTENT_HASH_TYPE),
-    ])
+        ("content_hash", CONTENT_HASH_TYPE), ("row", pa.int64()),
+    ], metadata={SHARD_SOURCE: source})
+
+
+def row_sources(shard_input: pa.Table, input_key: str) -> tuple[str, list[int]]:
+    """The corpus file and row numbers of a shard input's rows; for an input planned before they were recorded, the
+    input itself and the rows' places in it."""
+    source = (shard_input.schema.metadata or {}).get(SHARD_SOURCE.encode(), b"").decode()
+    if source and "row" in shard_input.schema.names:
+        return source, shard_input.column("row").to_pylist()
+    return input_key, list(range(shard_input.num_rows))
 
 
 def vector_type(dims: int, job: JobSpec) -> pa.DataType:

@@ -201,13 +201,18 @@ def plan_units(corpus: Corpus, unit_rows: int) -> list[Unit]:
     return units
 
 
+def source_name(fs: pafs.FileSystem, path: str) -> str:
+    """A corpus file as the user names it (quarantine records): s3://bucket/key, or its local path."""
+    return f"s3://{path}" if isinstance(fs, pafs.S3FileSystem) else path
+
+
 def read_batches(fs: pafs.FileSystem, unit: Unit, id_column: str, text_column: str,
                  id_type: pa.DataType | None = None) -> Iterator[tuple[str, int, pa.RecordBatch]]:
     """(source file, row number in its file of the batch's first row, batch with columns id and text) of one unit,
     a bounded batch at a time."""
     path = unit.path
     parquet = pq.ParquetFile(fs.open_input_file(path))
-    source = f"s3://{path}" if isinstance(fs, pafs.S3FileSystem) else path  # as the user names it
+    source = source_name(fs, path)
     row = unit.first_row
     for batch in parquet.iter_batches(batch_size=BATCH_ROWS, columns=[id_column, text_column],
                                       row_groups=range(unit.first_group, unit.stop_group)):

@@ -61,6 +61,7 @@ from bulkembed.producer.corpus import (
     open_corpus,
     plan_units,
     read_batches,
+    source_name,
 )
 from bulkembed.producer.dedup import SeenIds, duplicates_between, find_duplicates, id_batches, ordinal
 from bulkembed.producer.planner import Document, ShardPlanner
@@ -271,7 +272,7 @@ def _reason_to_reject(doc_id: Any, text: str | None) -> str | None:
 class _Accepted:
     """A row that will be in the output: copied from PREV_OUT (spans None, key set) or embedded."""
 
-    row: int
+    row: int  # in its corpus file
     id: Any
     text: str
     content_hash: bytes
@@ -330,7 +331,7 @@ def _accept(ctx: PlanContext, batch: pa.RecordBatch, source: str, first_row: int
     accepted = []
     for (i, doc_id, text), hashed, key, reuse in zip(candidates, hashes, row_key, reusable, strict=True):
         if reuse:
-            accepted.append(_Accepted(i, doc_id, text, hashed, key, None))
+            accepted.append(_Accepted(first_row + i, doc_id, text, hashed, key, None))
             continue
         n_tokens = next(counts)
         spans = document_spans(n_tokens, job.max_tokens, job.overlength, prefix_tokens, counter.tail)
@@ -339,7 +340,7 @@ def _accept(ctx: PlanContext, batch: pa.RecordBatch, source: str, first_row: int
         elif spans is None:
             rejects.add(doc_id, f"over-length: {n_tokens} tokens > max {job.max_tokens}", source, first_row + i)
         else:
-            accepted.append(_Accepted(i, doc_id, text, hashed, key, spans))
+            accepted.append(_Accepted(first_row + i, doc_id, text, hashed, key, spans))
     return accepted
 
 
@@ -352,7 +353,7 @@ def plan_unit(ctx: PlanContext, unit: Unit, sink: ShardSink) -> JobTotals:
     id_type = cast or pq.ParquetFile(ctx.fs.open_input_file(unit.path)).schema_arrow.field(job.id_column).type
     planner = ShardPlanner(job.shard_tokens)
     rejects = _Rejects(store, id_type, unit.index)
-    input_schema = shard_input_schema(id_type)
+    input_schema = shard_input_schema(id_type, source_name(ctx.fs, unit.path))
     written = written_outputs(store, unit.index)
     duplicates = np.sort(_unit_duplicates(ctx, ordinal(unit.file, unit.first_row), unit.rows))  # ordinals
     reusing: list[np.ndarray] = []
@@ -376,7 +377,7 @@ def plan_unit(ctx: PlanContext, unit: Unit, sink: ShardSink) -> JobTotals:
                  "n_tokens": lengths, "chunk": [d.span.chunk for d in documents],
                  "start": [d.span.start for d in documents], "stop": [d.span.stop for d in documents],
                  "truncated": [d.span.truncated for d in documents],
-                 "content_hash": [d.content_hash for d in documents]},
+                 "content_hash": [d.content_hash for d in documents], "row": [d.row for d in documents]},
                 schema=input_schema,
             )
             # zstd: a shard's input is a copy of its text (~440 KiB uncompressed at 65,536 tokens): a fraction of it.
@@ -397,7 +398,7 @@ def plan_unit(ctx: PlanContext, unit: Unit, sink: ShardSink) -> JobTotals:
             truncated += row.spans[0].truncated
             for span in row.spans:
                 ready = planner.add(Document(row.id, row.text, span.n_tokens(ctx.prefix_length()), span,
-                                             row.content_hash))
+                                             row.content_hash, row.row))
                 if ready:
                     emit_shard(ready)
         sink.tick()

@@ -153,7 +153,9 @@ def test_an_out_inside_the_input_folder_is_not_read_as_corpus(tmp_path, run_cli,
     assert sorted(ds.dataset(corpus / "out", format="arrow").to_table().column("id").to_pylist()) == ["a", "b"]
 
 
-def _shard(tmp_path, tiny_model, rows: list[tuple[str, str, int]]) -> tuple[LocalStore, ShardMessage]:
+def _shard(tmp_path, tiny_model, rows: list[tuple[str, str, int]], planned_before_rows_were_named: bool = False
+           ) -> tuple[LocalStore, ShardMessage]:
+    """A shard of `rows` (id, text, tokens planned), rows 40, 41, … of in/corpus.parquet."""
     store = LocalStore(tmp_path / "out")
     job = JobSpec(input="x", input_fingerprint="f", out=store.uri, task=Task.RETRIEVAL, role=Role.PASSAGE,
                   prefix="", shard_tokens=1000,
@@ -161,8 +163,11 @@ def _shard(tmp_path, tiny_model, rows: list[tuple[str, str, int]]) -> tuple[Loca
                                  queue=queue_name(tiny_model.name)))
     table = pa.table({"id": [r[0] for r in rows], "text": [r[1] for r in rows], "n_tokens": [r[2] for r in rows],
                       "chunk": [0] * len(rows), "start": [0] * len(rows), "stop": [r[2] for r in rows],
-                      "truncated": [False] * len(rows), "content_hash": [content_hash(r[1]) for r in rows]},
-                     schema=shard_input_schema(pa.string()))
+                      "truncated": [False] * len(rows), "content_hash": [content_hash(r[1]) for r in rows],
+                      "row": range(40, 40 + len(rows))},
+                     schema=shard_input_schema(pa.string(), "in/corpus.parquet"))
+    if planned_before_rows_were_named:
+        table = table.drop_columns(["row"]).replace_schema_metadata({})
     store.put(keys.shard_input(0), to_ipc_bytes(table))
     return store, ShardMessage(job_id="j", job=job, shard=0, n_docs=len(rows), n_tokens=0, longest=1)
 
@@ -209,18 +214,22 @@ class FailingOnPoisonEngine(Engine):
         return super().embed(documents, shape, pooling)
 
 
-def test_a_document_llama_cpp_fails_on_is_quarantined_and_the_rest_written(tmp_path, tiny_model):
+@pytest.mark.parametrize("before", [False, True], ids=["", "planned-before-rows-were-named"])
+def test_a_document_llama_cpp_fails_on_is_quarantined_and_the_rest_written(tmp_path, tiny_model, before):
+    """The record names the row's corpus file and row (the shard input is deleted once the job is done); a shard
+    planned by an older bulkembed names its input and the row's place in it."""
     engine = FailingOnPoisonEngine(tiny_model, EngineOptions(threads=2))
     try:
         engine.poison_token = int(engine.vocab.tokenize("~")[0])
-        store, message = _shard(tmp_path, tiny_model, [("a", "abc", 3), ("p", "ab~", 3), ("c", "xy", 2)])
+        store, message = _shard(tmp_path, tiny_model, [("a", "abc", 3), ("p", "ab~", 3), ("c", "xy", 2)], before)
         result = embed_shard(message, partial(embed_rows, engine), message.job.model.sha256, store)
     finally:
         engine.close()
     assert result.rows == 2 and result.rejected == 1
     rejected = from_ipc_bytes(store.get(keys.shard_rejected(0))).to_pylist()
-    assert rejected == [{"id": "p", "reason": "llama.cpp failed: llama_decode returned -3",
-                         "source": keys.shard_input(0), "row": 1}]
+    source, row = (keys.shard_input(0), 1) if before else ("in/corpus.parquet", 41)
+    assert rejected == [{"id": "p", "reason": "llama.cpp failed: llama_decode returned -3", "source": source,
+                         "row": row}]
     # A second delivery finds the shard written and reports the same thing without embedding again.
     again = embed_shard(message, partial(embed_rows, engine), message.job.model.sha256, store)
     assert (again.rows, again.rejected, again.sha256) == (2, 1, result.sha256)

@@ -26,6 +26,7 @@ from bulkembed.contract.schema import (
     embedding_schema,
     from_ipc_bytes,
     rejected_schema,
+    row_sources,
     to_ipc_bytes,
 )
 from bulkembed.contract.store import Store
@@ -120,8 +121,10 @@ def _output_table(table: pa.Table, vectors, job: JobSpec, n_embd: int, decoded_b
 
 
 def _quarantine(store: Store, message: ShardMessage, table: pa.Table, reasons: dict[int, str]) -> None:
+    """The rows set aside, named as the producer names its quarantined rows: corpus file and row number."""
     rows = sorted(reasons)
+    source, at = row_sources(table, message.input_key)
     rejected = pa.table({"id": table.column("id").take(rows), "reason": [reasons[r] for r in rows],
-                         "source": [message.input_key] * len(rows), "row": pa.array(rows, pa.int64())},
+                         "source": [source] * len(rows), "row": pa.array([at[r] for r in rows], pa.int64())},
                         schema=rejected_schema(table.schema.field("id").type))
     store.put(keys.shard_rejected(message.shard), to_ipc_bytes(rejected))

@@ -9,7 +9,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from bulkembed.contract import keys
+from bulkembed.contract.job import Overlength
 from bulkembed.contract.registry import JobRegistry
+from bulkembed.contract.schema import from_ipc_bytes, row_sources
 from bulkembed.contract.settings import ProducerSettings
 from bulkembed.local import embed_shards
 from bulkembed.producer.corpus import open_corpus, plan_units
@@ -58,6 +60,29 @@ def test_planning_again_reports_written_shards_instead_of_queueing_them(tmp_path
     assert inputs == {keys.shard_input(m.shard) for m in queued}, "an input only for each shard to embed"
     assert [(m.shard, m.n_docs, m.n_tokens) for m in sorted(queued + written, key=lambda m: m.shard)] == \
         [(m.shard, m.n_docs, m.n_tokens) for m in sorted(first, key=lambda m: m.shard)], "the same shards"
+
+
+def test_a_shard_input_names_each_rows_corpus_file_and_row(tmp_path, tiny_model):
+    """What a worker's quarantine record names (the shard input is deleted once the job is done): rows of a file's
+    second unit, a quarantined row and a chunked document among them, keep their numbers in the file."""
+    ids = [f"d{i}" for i in range(200)]
+    texts = mixed_texts(len(ids), seed=7)
+    texts[130], texts[150] = "", "alpha beta gamma " * 30  # quarantined; cut into chunks
+    path = write_corpus(tmp_path / "in" / "c.parquet", ids, texts, row_group_size=100)
+    planned = plan_job(str(tmp_path / "in"), str(tiny_model), str(tmp_path / "out"),
+                       JobOptions(shard_tokens=2000, unit_rows=100, max_tokens=40, overlength=Overlength.CHUNK))
+    queued: list = []
+    produce(planned, queued.append, lambda result: None)
+    rows_by_id: dict[str, set[int]] = {}
+    for message in queued:
+        table = from_ipc_bytes(planned.store.get(keys.shard_input(message.shard)))
+        source, rows = row_sources(table, message.input_key)
+        assert source == str(path.resolve())
+        for doc_id, row in zip(table.column("id").to_pylist(), rows, strict=True):
+            rows_by_id.setdefault(doc_id, set()).add(row)
+    assert rows_by_id == {doc_id: {i} for i, doc_id in enumerate(ids) if i != 130}
+    assert sum(1 for m in queued for i in from_ipc_bytes(planned.store.get(keys.shard_input(m.shard))).column("id")
+               if i.as_py() == "d150") > 1, "d150 was chunked"
 
 
 def one_unit_job(tmp_path, tiny_model, redis_server: str, seed: int):
