@@ -8,7 +8,6 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Callable
 from typing import NoReturn
 
 from bulkembed.bench.cli import add_bench_parser
@@ -16,7 +15,7 @@ from bulkembed.contract.errors import BulkEmbedError
 from bulkembed.contract.job import Dtype, Overlength, Pooling, Role, Task
 from bulkembed.contract.llama_process import LOG_FORMAT
 from bulkembed.contract.model import DEFAULT_MODEL
-from bulkembed.contract.settings import ProducerSettings, WorkerSettings, engines_spec, ubatch_spec
+from bulkembed.contract.settings import ProducerSettings, WorkerSettings, at_least, engines_spec, ubatch_spec
 from bulkembed.evaluate import add_eval_parser
 from bulkembed.query import add_embed_parser
 
@@ -28,19 +27,6 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
-def at_least(minimum: int) -> Callable[[str], int]:
-    """An argparse type: an integer no smaller than `minimum`."""
-
-    def parse(text: str) -> int:
-        value = int(text)  # argparse turns a ValueError into "invalid parse value"
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}, not {value}")
-        return value
-
-    parse.__name__ = "integer"
-    return parse
 
 
 def _job_arguments(parser: argparse.ArgumentParser, model_default: str | None) -> None:

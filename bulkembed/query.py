@@ -23,8 +23,8 @@ from typing import BinaryIO, NamedTuple
 import numpy as np
 
 from bulkembed.contract import keys
-from bulkembed.contract.errors import InputError
-from bulkembed.contract.job import JobSpec, Pooling, Role, Task, choose_prefix
+from bulkembed.contract.errors import InputError, TextError
+from bulkembed.contract.job import Dtype, JobSpec, Pooling, Role, Task, choose_prefix
 from bulkembed.contract.manifest import manifest_shards, read_manifest
 from bulkembed.contract.model import (
     check_dims,
@@ -35,11 +35,12 @@ from bulkembed.contract.model import (
     resolve_path,
 )
 from bulkembed.contract.schema import read_decoded_by, stored_schema
-from bulkembed.contract.settings import ProducerSettings
+from bulkembed.contract.settings import ProducerSettings, at_least
 from bulkembed.contract.store import open_store
 from bulkembed.worker.engine import FLASH_ATTN_WORDS, EngineOptions
 from bulkembed.worker.engines import EngineProcess
 from bulkembed.worker.rows import finish_vectors
+from bulkembed.worker.shard import NOT_FINITE, NOT_FINITE_FLOAT16
 
 log = logging.getLogger(__name__)
 
@@ -57,12 +58,12 @@ def _check_text(row: int, text: object) -> None:
     """A text llama.cpp's tokenizer can take: a str that encodes as UTF-8 (a command-line argument of undecodable
     bytes arrives as lone surrogates)."""
     if not isinstance(text, str):
-        raise InputError(f"text {row} is a {type(text).__name__}, not a str")
+        raise TextError(row, f"a {type(text).__name__}, not a str")
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as exc:
-        raise InputError(f"text {row} is not valid Unicode ({exc.reason} at character {exc.start}: bytes that "
-                         f"were not UTF-8?)") from None
+        raise TextError(row, f"not valid Unicode ({exc.reason} at character {exc.start}: bytes that were not "
+                             f"UTF-8?)") from None
 
 
 class Embedder:
@@ -70,7 +71,8 @@ class Embedder:
 
     def __init__(self, model: str | Path, *, task: Task | str | None = None, prefix: str | None = None,
                  pooling: Pooling | str | None = None, dims: int | None = None, normalize: bool = True,
-                 max_tokens: int | None = None, options: EngineOptions | None = None):
+                 max_tokens: int | None = None, dtype: Dtype | str = Dtype.FLOAT32,
+                 options: EngineOptions | None = None):
         self.path = resolve_path(str(model))
         info = model_info(self.path)
         self.pooling = choose_pooling(info, Pooling(pooling) if pooling else None, self.path.name)
@@ -81,8 +83,9 @@ class Embedder:
         choose_prefix(self.task, Role.QUERY, prefix, self.path.name)  # no task and no prefix: refused now
         self.dims = check_dims(dims, info, self.path.name)
         self.normalize = normalize
+        self.dtype = Dtype(dtype)
         self.max_tokens = choose_max_tokens(max_tokens, info, ProducerSettings().max_ubatch, self.path.name)
-        self.engine = EngineProcess(self.path, options or EngineOptions())
+        self.engine = EngineProcess(self.path, options or engine_options())
 
     @classmethod
     def for_index(cls, index: Index | str | Path, model: str | Path | None = None, *, prefix: str | None = None,
@@ -101,7 +104,7 @@ class Embedder:
         if file_sha256(path) != job.model.sha256:
             raise InputError(f"{path} is not the model {out} was embedded with ({job.model.file_name}, sha256 "
                              f"{job.model.sha256[:12]})")
-        options = options or EngineOptions()
+        options = options or engine_options()
         if decoded_by:
             options = options.like(decoded_by)
         else:
@@ -114,7 +117,7 @@ class Embedder:
                              f"theirs from it too, so --prefix does not apply")
         embedder = cls(path, task=job.task, prefix=None if table_prefix else (job.prefix if prefix is None else prefix),
                        pooling=job.pooling, dims=job.dims, normalize=job.normalize, max_tokens=job.max_tokens,
-                       options=options)
+                       dtype=job.dtype, options=options)
         here = embedder.engine.facts.decoded_by
         if differs := [f"{key} {decoded_by[key]} there, {here[key]} here" for key in ("device", "llama_cpp")
                        if key in decoded_by and decoded_by[key] != here[key]]:
@@ -123,19 +126,25 @@ class Embedder:
         return embedder
 
     def embed(self, texts: Sequence[str], role: Role | str = Role.QUERY) -> np.ndarray:
-        """(len(texts), dims) float32: each text's vector as a bulk job with this role would write it."""
+        """(len(texts), dims), float32 (float16 for dtype float16, as an index of it holds): each text's vector as a
+        bulk job with this role would write it. A text that cannot be embedded raises TextError naming it."""
         if isinstance(texts, str):
             raise TypeError("embed takes a list of texts, not one string")
         prefix = choose_prefix(self.task, Role(role), self.prefix, self.path.name)
         for row, text in enumerate(texts):
             _check_text(row, text)
+        dtype = np.float16 if self.dtype is Dtype.FLOAT16 else np.float32
         if not texts:
-            return np.zeros((0, self.dims), np.float32)
+            return np.zeros((0, self.dims), dtype)
         embedded = self.engine.embed_queries(list(texts), prefix, self.pooling, self.max_tokens)
         if embedded.rejected:
             row, reason = next(iter(embedded.rejected.items()))
-            raise InputError(f"text {row} could not be embedded: {reason}")
-        return finish_vectors(embedded.vectors, self.dims, self.normalize).astype(np.float32)
+            raise TextError(row, f"could not be embedded: {reason}")
+        with np.errstate(over="ignore"):
+            vectors = finish_vectors(embedded.vectors, self.dims, self.normalize).astype(dtype)
+        if not (finite := np.isfinite(vectors).all(axis=1)).all():  # the bulk job quarantines such a row
+            raise TextError(int(np.argmin(finite)), NOT_FINITE + (NOT_FINITE_FLOAT16 if dtype is np.float16 else ""))
+        return vectors
 
     def close(self) -> None:
         self.engine.close()
@@ -197,15 +206,17 @@ def add_embed_parser(commands) -> None:
     parser.add_argument("--prefix", default=None, help="your own prefix instead of v4's table ('' for none)")
     parser.add_argument("--pooling", choices=[p.value for p in Pooling if p is not Pooling.NONE], default=None,
                         help="default: what the model declares (mean where it declares nothing)")
-    parser.add_argument("--dims", type=int, default=None, help="Matryoshka dimensions, re-normalized")
+    parser.add_argument("--dims", type=at_least(1), default=None, help="Matryoshka dimensions, re-normalized")
     parser.add_argument("--no-normalize", action="store_true", help="raw pooled vectors, not L2-normalized")
-    parser.add_argument("--max-tokens", type=int, default=None, help="longer texts are truncated, as in the job")
+    parser.add_argument("--max-tokens", type=at_least(1), default=None,
+                        help="longer texts are truncated, as in the job")
     parser.add_argument("--out", type=Path, default=None,
-                        help="a .npy file (float32, one row per text) or a .jsonl file; default: JSON lines on stdout")
-    parser.add_argument("--batch", type=int, default=256, help="texts per engine call")
-    parser.add_argument("--threads", type=int, default=None,
+                        help="a .npy file (float32, or float16 for an --index of float16; one row per text) or a "
+                             ".jsonl file; default: JSON lines on stdout")
+    parser.add_argument("--batch", type=at_least(1), default=256, help="texts per engine call")
+    parser.add_argument("--threads", type=at_least(0), default=None,
                         help="CPU threads for llama.cpp; 0 = every core (default: BULKEMBED_THREADS, 0)")
-    parser.add_argument("--gpu-layers", type=int, default=None,
+    parser.add_argument("--gpu-layers", type=at_least(-1), default=None,
                         help="layers on the GPU; -1 = all (default: BULKEMBED_GPU_LAYERS, -1)")
     parser.add_argument("--flash-attn", choices=["auto", "on", "off"], default=None,
                         help="as the bulk job ran (it changes the last digits of a vector; default: "
@@ -227,17 +238,23 @@ def stdin_lines(stream: BinaryIO) -> list[str]:
     return texts
 
 
-def embed_options(args) -> EngineOptions:
-    """The engine options of `bulkembed embed`: its own options, and what they leave unsaid from BULKEMBED_*, as a
-    worker would take it."""
+def engine_options(threads: int | None = None, gpu_layers: int | None = None, flash_attn: str | None = None,
+                   isolate: bool | None = None) -> EngineOptions:
+    """The engine options queries are embedded with (`bulkembed embed`, Embedder): those given, the rest from
+    BULKEMBED_* as a worker of this environment takes them (a pinned BULKEMBED_UBATCH too: it decides where a long
+    text is cut), so a query runs as its index did."""
     from bulkembed.contract.settings import WorkerSettings
 
     settings = WorkerSettings()
     return EngineOptions.from_settings(
-        settings, ubatch="auto", isolate=args.isolate,
-        gpu_layers=settings.gpu_layers if args.gpu_layers is None else args.gpu_layers,
-        threads=settings.threads if args.threads is None else args.threads,
-        flash_attn=args.flash_attn or settings.flash_attn)
+        settings, ubatch=settings.ubatch, isolate=isolate,
+        gpu_layers=settings.gpu_layers if gpu_layers is None else gpu_layers,
+        threads=settings.threads if threads is None else threads, flash_attn=flash_attn or settings.flash_attn)
+
+
+def embed_options(args) -> EngineOptions:
+    """The engine options of `bulkembed embed`: its own options, the rest from BULKEMBED_*."""
+    return engine_options(args.threads, args.gpu_layers, args.flash_attn, args.isolate)
 
 
 def cmd_embed(args) -> int:
@@ -253,8 +270,8 @@ def cmd_embed(args) -> int:
         raise InputError(f"--out {args.out}: a .npy or .jsonl file")
     if args.out is not None and not args.out.parent.is_dir():  # found out now, not after embedding
         raise InputError(f"--out {args.out}: no folder {args.out.parent}")
-    if args.batch < 1:
-        raise InputError(f"--batch {args.batch}: at least 1")
+    if args.out is not None and args.out.is_dir():
+        raise InputError(f"--out {args.out} is a folder")
     options = embed_options(args)
     if args.index:
         vector_options = {"--task": args.task, "--pooling": args.pooling, "--dims": args.dims,
@@ -270,8 +287,14 @@ def cmd_embed(args) -> int:
                             dims=args.dims, normalize=not args.no_normalize, max_tokens=args.max_tokens,
                             options=options)
     with embedder:
-        vectors = np.concatenate([embedder.embed(texts[i:i + args.batch], args.role)
-                                  for i in range(0, len(texts), args.batch)])
+        batches = []
+        for start in range(0, len(texts), args.batch):
+            try:
+                batches.append(embedder.embed(texts[start:start + args.batch], args.role))
+            except TextError as exc:  # numbered in its batch: named as the user gave it, before anything is written
+                where = "standard input, line" if not args.texts else "text"
+                raise InputError(f"{where} {start + exc.row + 1}: {exc.reason}") from None
+        vectors = np.concatenate(batches)
     if args.out is not None and args.out.suffix == ".npy":
         np.save(args.out, vectors)
         return 0

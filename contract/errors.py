@@ -9,6 +9,17 @@ class InputError(BulkEmbedError):
     """The corpus cannot be read as asked (missing column, wrong type, unreadable file)."""
 
 
+class TextError(InputError):
+    """A text given to embed (a query) that cannot be embedded; `row`: its place in the call's list."""
+
+    def __init__(self, row: int, reason: str):
+        super().__init__(row, reason)  # both in args: the error crosses from the engine's process, pickled
+        self.row, self.reason = row, reason
+
+    def __str__(self) -> str:
+        return f"text {self.row}: {self.reason}"
+
+
 class ModelError(BulkEmbedError):
     """The model cannot be found, fetched or loaded, or is not the one the job names."""
 

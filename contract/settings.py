@@ -37,6 +37,19 @@ def _spec(kind: object, wanted: str) -> Callable[[str], int | str]:
     return parse
 
 
+def at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an integer no smaller than `minimum`."""
+
+    def parse(text: str) -> int:
+        value = int(text)  # argparse turns a ValueError into "invalid parse value"
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, not {value}")
+        return value
+
+    parse.__name__ = "integer"
+    return parse
+
+
 ubatch_spec = _spec(UbatchSpec, "auto, probe or a number >= 32")
 engines_spec = _spec(EngineSpec, "auto or a number from 1 to 64")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from functools import partial
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
@@ -11,14 +12,14 @@ import pytest
 
 from bulkembed.contract import keys
 from bulkembed.contract.errors import EngineError, InputError, ShardError
-from bulkembed.contract.job import JobSpec, ModelRef, Pooling, Role, ShardMessage, Task
+from bulkembed.contract.job import Dtype, JobSpec, ModelRef, Pooling, Role, ShardMessage, Task
 from bulkembed.contract.model import file_sha256, queue_name
 from bulkembed.contract.schema import METADATA_PREFIX, content_hash, from_ipc_bytes, shard_input_schema, to_ipc_bytes
 from bulkembed.contract.store import LocalStore
 from bulkembed.contract.vocab import NO_TOKENS
 from bulkembed.worker.engine import Engine, EngineOptions
-from bulkembed.worker.rows import embed_rows
-from bulkembed.worker.shard import embed_shard
+from bulkembed.worker.rows import EmbeddedRows, embed_rows
+from bulkembed.worker.shard import embed_shard, open_shard, write_shard
 from tests.conftest import write_corpus
 
 
@@ -200,6 +201,23 @@ def test_a_shard_whose_every_row_the_worker_tokenizes_differently_is_written_emp
     assert from_ipc_bytes(store.get(message.output_key)).num_rows == 0
     rejected = from_ipc_bytes(store.get(keys.shard_rejected(0))).to_pylist()
     assert [r["id"] for r in rejected] == ["b"] and rejected[0]["reason"].startswith("tokenizer mismatch")
+
+
+@pytest.mark.parametrize("dtype", [Dtype.FLOAT32, Dtype.FLOAT16])
+def test_a_vector_of_nan_or_infinity_is_quarantined_not_written(tmp_path, tiny_model, dtype):
+    """A value beyond float16's ±65504 (raw sums under --no-normalize, token vectors) became inf, and a NaN from
+    llama.cpp was written as is: both passed for vectors."""
+    store, message = _shard(tmp_path, tiny_model, [("a", "x", 1), ("big", "y", 1), ("nan", "z", 1)])
+    job = message.job.model_copy(update={"dtype": dtype, "normalize": False})
+    opened = open_shard(message.model_copy(update={"job": job}), job.model.sha256, store)
+    vectors = np.array([[1.0, -2.0, 3.0], [7e4, 1.0, 1.0], [np.nan, 0.0, 0.0]], np.float32)
+    result = write_shard(opened, EmbeddedRows(vectors, {}, 3), store)
+    rejected = {r["id"]: r["reason"] for r in from_ipc_bytes(store.get(keys.shard_rejected(0))).to_pylist()}
+    assert set(rejected) == ({"big", "nan"} if dtype is Dtype.FLOAT16 else {"nan"}), rejected
+    assert all(reason.startswith("NaN or infinity") for reason in rejected.values())
+    written = from_ipc_bytes(store.get(message.output_key))
+    assert result.rows == written.num_rows == 3 - len(rejected) and result.rejected == len(rejected)
+    assert written.column("embedding").to_pylist()[0] == [1.0, -2.0, 3.0]
 
 
 class FailingOnPoisonEngine(Engine):

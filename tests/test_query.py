@@ -103,6 +103,18 @@ def test_embed_of_a_text_alone_is_its_row_in_the_index(outlier_models, indexed, 
     assert np.allclose(np.linalg.norm(got, axis=1), 1, atol=1e-5)
 
 
+def test_embed_with_a_float16_index_gives_its_rows_bits(outlier_models, corpus, tmp_path):
+    """An index of --dtype float16 holds float16 rows: a query embedded for it is rounded alike (it came back as
+    float32, so never equal to its row)."""
+    out = tmp_path / "half"
+    index = run_job(outlier_models["Q4_K_M"], corpus, out, "--dtype", "float16")
+    picked = [0, 3, 40]
+    bulkembed("embed", "--index", str(out), "--role", "passage", "--threads", "2", "--out", str(tmp_path / "q.npy"),
+              *[TEXTS[i] for i in picked])
+    got = np.load(tmp_path / "q.npy")
+    assert got.dtype == np.float16 and np.array_equal(got, np.stack([index[IDS[i]] for i in picked]))
+
+
 def test_the_python_api_embeds_queries_as_a_query_job_would(outlier_models, corpus, tmp_path):
     from bulkembed import Embedder
 
@@ -148,9 +160,16 @@ def test_embed_reads_windows_lines_and_says_what_it_cannot_read(outlier_models, 
     windows, unix = embed(stdin=b"the sea\r\na river\r\n"), embed(stdin=b"the sea\na river\n")
     assert windows.returncode == unix.returncode == 0, windows.stderr[-2000:]
     assert windows.stdout == unix.stdout and len(json_vectors(unix)) == 2
+    (tmp_path / "folder.npy").mkdir()
     for args, stdin, says in (((), b"ok\n\xff\xfe bad\n", "standard input, line 2: not UTF-8"),
-                              ((os.fsdecode(b"caf\xe9"),), None, "text 0 is not valid Unicode"),
-                              (("the sea", "--out", str(tmp_path / "nowhere" / "v.npy")), None, "no folder")):
+                              ((os.fsdecode(b"caf\xe9"),), None, "text 1: not valid Unicode"),
+                              # numbered across batches, as given (they were numbered within their batch of 2)
+                              (("--batch", "2"), b"a\nb\nc\n \ne\n", "standard input, line 4: empty"),
+                              (("--batch", "2", "a", "b", "c", os.fsdecode(b"\xff")), None, "text 4: not valid"),
+                              (("the sea", "--out", str(tmp_path / "nowhere" / "v.npy")), None, "no folder"),
+                              (("the sea", "--out", str(tmp_path / "folder.npy")), None, "is a folder"),
+                              (("the sea", "--threads", "-1"), None, "must be at least 0"),
+                              (("the sea", "--gpu-layers", "-5"), None, "must be at least -1")):
         refused = embed(*args, stdin=stdin)
         stderr = refused.stderr.decode()
         assert refused.returncode == 2 and says in stderr and "Traceback" not in stderr, stderr[-2000:]
@@ -284,3 +303,19 @@ def test_embed_takes_what_its_options_leave_unsaid_from_the_workers_environment(
     options = embed_options(parser.parse_args(["embed", "--threads", "2", "--gpu-layers", "-1", "--flash-attn", "on",
                                                "a text"]))
     assert (options.threads, options.gpu_layers, options.flash_attn) == (2, -1, True), "an option wins"
+    monkeypatch.setenv("BULKEMBED_UBATCH", "256")  # where a long text is cut
+    monkeypatch.setenv("BULKEMBED_ISOLATE", "true")
+    options = embed_options(parser.parse_args(["embed", "a text"]))
+    assert (options.ubatch, options.isolate) == (256, True)
+
+
+def test_the_python_api_takes_the_workers_environment_too(outlier_models, monkeypatch):
+    """Embedder(model) without options ran packed with every default whatever BULKEMBED_* said (the CLI did not)."""
+    from bulkembed import Embedder
+
+    monkeypatch.setenv("BULKEMBED_ISOLATE", "true")
+    monkeypatch.setenv("BULKEMBED_UBATCH", "256")
+    monkeypatch.setenv("BULKEMBED_THREADS", "2")
+    with Embedder(outlier_models["Q4_K_M"]) as embedder:
+        decoded_by = embedder.engine.facts.decoded_by
+    assert (decoded_by["layout"], int(decoded_by["ubatch"])) == ("isolated", 256), decoded_by

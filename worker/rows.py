@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from bulkembed.contract.errors import EngineError, InputError, ShardError
+from bulkembed.contract.errors import EngineError, ShardError, TextError
 from bulkembed.contract.job import Overlength, Pooling, check_room, document_spans
 from bulkembed.contract.vocab import NO_TOKENS
 from bulkembed.worker.engine import Engine, l2_normalize
@@ -56,11 +56,11 @@ def query_rows(engine: Engine, texts: list[str], prefix: str, pooling: Pooling, 
     spans = []
     for i, text in enumerate(prefixed):
         if not texts[i].strip():
-            raise InputError(f"text {i} is empty")
+            raise TextError(i, "empty")
         n_tokens = len(vocab.tokenize(text))
         # As the producer rejects rows (submit._accept): counted again bare only where the prefix and framing are all.
         if n_tokens <= prefix_tokens and vocab.count(texts[i], special=False) == 0:
-            raise InputError(f"text {i}: {NO_TOKENS}")
+            raise TextError(i, NO_TOKENS)
         spans.append(document_spans(n_tokens, max_tokens, Overlength.TRUNCATE, prefix_tokens, tail)[0])
     return ShardRows(label="query", prefix=prefix, pooling=pooling, close_cut_rows=tail > 0, texts=prefixed,
                      starts=[s.start for s in spans], stops=[s.stop for s in spans], chunks=[s.chunk for s in spans],

@@ -81,14 +81,21 @@ def open_shard(message: ShardMessage, model_sha256: str, store: Store) -> OpenSh
 def write_shard(shard: OpenShard, embedded: EmbeddedRows, store: Store, guard: Guard = nullcontext) -> ShardResult:
     """Write the vectors whole and once, and the rows the engine set aside to OUT/_rejected/ (first: a file of
     vectors is never without its rejected rows), both within `guard` (the worker's: the job still owns OUT)."""
-    message, table = shard.message, shard.table
-    good = np.array([i not in embedded.rejected for i in range(table.num_rows)], bool)
-    output = _output_table(table.filter(pa.array(good)), embedded.vectors, message.job, embedded.n_embd,
+    message, table, job = shard.message, shard.table, shard.message.job
+    kept = [i for i in range(table.num_rows) if i not in embedded.rejected]
+    values = written_values(embedded.vectors, job, embedded.n_embd)
+    finite = [bool(np.isfinite(v).all()) for v in values]
+    rejected = embedded.rejected | {row: NOT_FINITE + (NOT_FINITE_FLOAT16 if job.dtype is Dtype.FLOAT16 else "")
+                                    for row, ok in zip(kept, finite, strict=True) if not ok}
+    if len(rejected) > len(embedded.rejected):
+        values = [v for v, ok in zip(values, finite, strict=True) if ok]
+    good = np.array([i not in rejected for i in range(table.num_rows)], bool)
+    output = _output_table(table.filter(pa.array(good)), values, job, job.dims or embedded.n_embd,
                            embedded.decoded_by)
     data = to_ipc_bytes(output)
     with guard():
         if not good.all():
-            _quarantine(store, message, table, embedded.rejected)
+            _quarantine(store, message, table, rejected)
         if not store.put_if_absent(message.output_key, data):
             log.info("job %s shard %d: another delivery wrote it first", message.job_id, message.shard)
             return stored_result(message, store)
@@ -101,18 +108,32 @@ def write_shard(shard: OpenShard, embedded: EmbeddedRows, store: Store, guard: G
                        decoding=decoding_digest(embedded.decoded_by or {}))
 
 
-def _output_table(table: pa.Table, vectors, job: JobSpec, n_embd: int, decoded_by: dict | None) -> pa.Table:
+NOT_FINITE = "NaN or infinity in its vector"
+NOT_FINITE_FLOAT16 = " (as float16: beyond its ±65504 with --no-normalize or --pooling none? --dtype float32 keeps it)"
+
+
+def written_values(vectors: np.ndarray | list[np.ndarray], job: JobSpec, n_embd: int) -> list[np.ndarray]:
+    """Each row's values as a job writes them: the first `dims` (Matryoshka), L2-normalized if asked (pooled rows),
+    in the job's dtype (numpy's float16 rounding, pyarrow's alike; `bulkembed embed` rounds a query so too)."""
     dims = job.dims or n_embd
+    dtype = np.float16 if job.dtype is Dtype.FLOAT16 else np.float32
+    with np.errstate(over="ignore"):  # a value beyond float16 becomes inf: found and quarantined by the caller
+        if job.pooling is Pooling.NONE:
+            return [v[:, :dims].astype(dtype) for v in vectors]
+        return list(finish_vectors(np.asarray(vectors), dims, job.normalize).astype(dtype))
+
+
+def _output_table(table: pa.Table, values: list[np.ndarray], job: JobSpec, dims: int,
+                  decoded_by: dict | None) -> pa.Table:
     value_type = pa.float16() if job.dtype is Dtype.FLOAT16 else pa.float32()
     if job.pooling is Pooling.NONE:
-        per_token = [v[:, :dims] for v in vectors]
-        flat = np.concatenate(per_token).reshape(-1) if per_token else np.zeros(0, np.float32)
-        offsets = pa.array(np.cumsum([0] + [len(v) for v in per_token]), pa.int32())
+        flat = np.concatenate(values).reshape(-1) if values else np.zeros(0, value_type.to_pandas_dtype())
+        offsets = pa.array(np.cumsum([0] + [len(v) for v in values]), pa.int32())
         embedding = pa.ListArray.from_arrays(offsets, pa.FixedSizeListArray.from_arrays(pa.array(flat, value_type),
                                                                                         dims))
     else:
-        vectors = finish_vectors(vectors, dims, job.normalize)  # as `bulkembed embed` finishes a query's
-        embedding = pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1), value_type), dims)
+        flat = np.concatenate(values) if values else np.zeros(0, value_type.to_pandas_dtype())
+        embedding = pa.FixedSizeListArray.from_arrays(pa.array(flat, value_type), dims)
     return pa.Table.from_arrays(
         [table.column(name) if name != "embedding" else embedding
          for name in ("id", "embedding", "n_tokens", "truncated", "chunk", "content_hash")],
