@@ -23,7 +23,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
 from bulkembed.contract import keys
-from bulkembed.contract.errors import InputError, JobGone, ShardError
+from bulkembed.contract.errors import InputError, JobGone, ShardError, TransientError
 from bulkembed.contract.job import JobSpec, Pooling, ReuseSource
 from bulkembed.contract.manifest import manifest_shards
 from bulkembed.contract.registry import ReusedFile
@@ -36,7 +36,7 @@ from bulkembed.contract.schema import (
     stored_schema,
     to_ipc_bytes,
 )
-from bulkembed.contract.store import REQUESTS_AT_ONCE, Store, at_once, open_store
+from bulkembed.contract.store import REQUESTS_AT_ONCE, Store, at_once, is_transient, open_store
 from bulkembed.producer.dedup import SeenIds
 
 log = logging.getLogger(__name__)
@@ -73,13 +73,23 @@ class PreviousOutput:
     def load_index(self) -> SeenIds:
         """Read the id and content_hash columns of every file (from a folder or S3) into sorted runs."""
         if self.index is None:
-            self.index = SeenIds()
-            batches = self._dataset().to_batches(columns=["id", "content_hash"]) if self.files else []
-            for batch in batches:
-                self.index.add(row_keys(batch.column(0).to_pylist(), batch.column(1).to_pylist()))
+            index = SeenIds()
+            try:
+                batches = self._dataset().to_batches(columns=["id", "content_hash"]) if self.files else []
+                for batch in batches:
+                    index.add(row_keys(batch.column(0).to_pylist(), batch.column(1).to_pylist()))
+            except (OSError, pa.ArrowException) as exc:  # pyarrow's, for S3 too
+                if is_transient(exc):  # throttling, 5xx, the network: the unit is tried again later
+                    raise
+                raise self.unreadable("its files", exc) from None
+            self.index = index
             log.info("reuse: %d distinct rows in %s (%d bytes of keys)", len(self.index), self.source.uri,
                      self.index.nbytes)
         return self.index
+
+    def unreadable(self, what: str, exc: Exception) -> InputError:
+        return InputError(f"--reuse {self.source.uri}: cannot read {what} ({type(exc).__name__}: {exc}): changed "
+                          f"since its job finished? Reuse another output, or run without --reuse")
 
     def _dataset(self) -> ds.Dataset:
         fs, base = self.store.arrow_fs()
@@ -102,6 +112,11 @@ def open_previous(uri: str, job: JobSpec, id_type: pa.DataType | None) -> Previo
     differences = [f"{name} {theirs[name]!r} there, {ours[name]!r} here" for name in ours if ours[name] != theirs[name]]
     files = manifest_shards(store, manifest).column("key").to_pylist()
     files += [f["key"] for f in manifest.get("reused_files", [])]
+    present = {key for key, _ in store.list()}  # one listing: a file lost since is found now, not while planning
+    if missing := [key for key in files if key not in present]:
+        raise InputError(f"--reuse {uri}: {len(missing)} of the {len(files)} files its manifest lists are gone "
+                         f"({', '.join(missing[:3])}{', …' if len(missing) > 3 else ''}); reuse another output, or "
+                         f"run without --reuse")
     if files and not differences:
         differences = _schema_differences(store, files[0], job, id_type)
     if differences:
@@ -113,7 +128,13 @@ def open_previous(uri: str, job: JobSpec, id_type: pa.DataType | None) -> Previo
 
 
 def _schema_differences(store: Store, key: str, job: JobSpec, id_type: pa.DataType) -> list[str]:
-    schema = stored_schema(store, key)
+    try:
+        schema = stored_schema(store, key)
+    except (OSError, pa.ArrowException) as exc:
+        if is_transient(exc):
+            raise
+        raise InputError(f"--reuse {store.uri}: cannot read {key} ({type(exc).__name__}: {exc}); reuse another "
+                         f"output, or run without --reuse") from None
     found = []
     if "content_hash" not in schema.names:
         found.append(f"{key} has no content_hash column (written before bulkembed recorded one)")
@@ -131,7 +152,12 @@ def copy_reused(previous: PreviousOutput, reused: SeenIds, store: Store, job: Jo
     checked and kept. `still_ours` is asked before each file is written: copying takes minutes, and a job forgotten
     meanwhile by submit --force no longer owns OUT (JobGone)."""
     def copy(index: int, source: str) -> ReusedFile | None:
-        table = from_ipc_bytes(previous.store.get(source))
+        try:
+            table = from_ipc_bytes(previous.store.get(source))
+        except TransientError:
+            raise
+        except Exception as exc:  # gone (OSError, S3's NoSuchKey) or not Arrow since the matches were made
+            raise previous.unreadable(source, exc) from None
         mask = reused.contains(row_keys(table.column("id").to_pylist(), table.column("content_hash").to_pylist()))
         if not mask.any():
             return None

@@ -5,6 +5,7 @@ worker killed during a reuse run."""
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -153,6 +154,25 @@ def test_an_incompatible_prev_out_is_refused_before_anything_is_written(tmp_path
     assert done.returncode == 2 and "the job's own --out" in done.stderr
     done = run_cli("run", path2, "--out", tmp_path / "o", "--reuse", tmp_path / "nothing", "--model", tiny_model)
     assert done.returncode == 2 and "finished job" in done.stderr
+    # Its files changed since its job finished: one gone is found before anything is written, one damaged is named.
+    damaged = tmp_path / "damaged"
+    shutil.copytree(prev, damaged)
+    (damaged / keys.shard_output(0)).unlink()
+    done = run_cli("run", path2, "--out", tmp_path / "o2", "--reuse", damaged, "--model", tiny_model)
+    assert done.returncode == 2 and "files its manifest lists are gone" in done.stderr, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr and not (tmp_path / "o2").exists()
+    shutil.copy(prev / keys.shard_output(0), damaged / keys.shard_output(0))
+    (damaged / keys.shard_output(0)).write_bytes(b"not Arrow")
+    done = run_cli("run", path2, "--out", tmp_path / "o3", "--reuse", damaged, "--model", tiny_model)
+    assert done.returncode == 2 and "cannot read" in done.stderr, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+    several = tmp_path / "several"  # damaged beyond its first file, which alone is read before planning
+    run_ok(run_cli, path1, "--out", several, "--model", tiny_model, "--shard-tokens", "400")
+    last = sorted(several.glob("*.arrow"))[-1]
+    last.write_bytes(last.read_bytes()[:100])
+    done = run_cli("run", path2, "--out", tmp_path / "o4", "--reuse", several, "--model", tiny_model)
+    assert done.returncode == 2 and f"--reuse {several}: cannot read" in done.stderr, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
     # An output written before content hashes existed cannot say which rows are unchanged.
     first = prev / keys.shard_output(0)
     first.write_bytes(to_ipc_bytes(from_ipc_bytes(first.read_bytes()).drop_columns(["content_hash"])))
