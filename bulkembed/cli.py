@@ -293,6 +293,22 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # Ctrl-C: what is written is whole (objects are written once), a job resumes
         print("bulkembed: interrupted; what was written stays, and the same command resumes a job", file=sys.stderr)
         return 130
+    except Exception as exc:
+        if (line := s3_refusal(exc)) is None:
+            raise
+        print(f"bulkembed: {' '.join(line.split())}", file=sys.stderr)
+        return 2
+
+
+def s3_refusal(exc: Exception) -> str | None:
+    """What a user reads of a boto3 error that reached the command (no credentials, access denied, a bad parameter:
+    transient ones are retried below it); None for anything else. boto3 is imported only where S3 is used."""
+    botocore = sys.modules.get("botocore.exceptions")
+    if botocore is None or not isinstance(exc, (botocore.BotoCoreError, botocore.ClientError)):
+        return None
+    if isinstance(exc, botocore.NoCredentialsError):
+        return "S3: no AWS credentials found (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, a profile, or a role)"
+    return f"S3: {exc}"
 
 
 if __name__ == "__main__":

@@ -164,10 +164,11 @@ def choose_max_tokens(requested: int | None, info: ModelInfo, max_ubatch: int, f
         raise ModelError(f"--max-tokens {requested}: {file_name} is a non-causal model trained on {info.n_ctx_train} "
                          f"tokens, and each document is embedded whole; use at most {info.n_ctx_train} "
                          f"(--overlength chunk splits longer documents into rows that fit)")
-    if info.causal and info.n_ctx_train and requested > info.n_ctx_train:
+    if info.causal and requested > info.trained_tokens:
         log.warning("--max-tokens %d is beyond the %d tokens %s was trained on: positions past them were never "
-                    "seen in training, and vectors of such long texts are untested (--overlength chunk keeps rows "
-                    "within them)", requested, info.n_ctx_train, file_name)
+                    "seen in training, and vectors of such long texts are untested (--max-tokens %d with "
+                    "--overlength chunk cuts longer texts into rows within them)", requested, info.trained_tokens,
+                    file_name, info.trained_tokens)
     return requested
 
 

@@ -247,14 +247,11 @@ class S3Store:
                 raise
 
     def check(self) -> None:
-        from botocore.exceptions import ClientError, NoCredentialsError
+        from botocore.exceptions import ClientError
 
         with _transient_errors("HEAD bucket", self.bucket):
             try:
                 self.client.head_bucket(Bucket=self.bucket)
-            except NoCredentialsError:
-                raise InputError(f"{self.uri}: no AWS credentials found (set AWS_ACCESS_KEY_ID and "
-                                 f"AWS_SECRET_ACCESS_KEY, a profile, or a role)") from None
             except ClientError as exc:
                 if _error_code(exc) in ("404", "NoSuchBucket", "NotFound"):
                     raise InputError(f"{self.uri}: there is no bucket {self.bucket!r} (create it first)") from None

@@ -26,7 +26,7 @@ import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from bulkembed.producer.corpus import Corpus, cast_ids
+from bulkembed.producer.corpus import Corpus, cast_ids, source_name
 
 ROW_BITS = 40  # rows per file < 2**40; files < 2**23, so an ordinal is a non-negative int64
 ROW_MASK = (1 << ROW_BITS) - 1
@@ -64,7 +64,8 @@ def id_batches(corpus: Corpus, id_column: str) -> Iterator[pa.RecordBatch]:
         row = 0
         for batch in pq.ParquetFile(corpus.fs.open_input_file(path)).iter_batches(ID_BATCH_ROWS, columns=[id_column]):
             yield pa.RecordBatch.from_arrays(
-                [cast_ids(batch.column(0), corpus.id_type, path), pa.array(ordinals(index, row, batch.num_rows))],
+                [cast_ids(batch.column(0), corpus.id_type, source_name(corpus.fs, path)),
+                 pa.array(ordinals(index, row, batch.num_rows))],
                 names=["id", "ordinal"])
             row += batch.num_rows
 

@@ -112,12 +112,12 @@ def open_previous(uri: str, job: JobSpec, id_type: pa.DataType | None) -> Previo
     differences = [f"{name} {theirs[name]!r} there, {ours[name]!r} here" for name in ours if ours[name] != theirs[name]]
     files = manifest_shards(store, manifest).column("key").to_pylist()
     files += [f["key"] for f in manifest.get("reused_files", [])]
-    present = {key for key, _ in store.list()}  # one listing: a file lost since is found now, not while planning
-    if missing := [key for key in files if key not in present]:
-        raise InputError(f"--reuse {uri}: {len(missing)} of the {len(files)} files its manifest lists are gone "
-                         f"({', '.join(missing[:3])}{', …' if len(missing) > 3 else ''}); reuse another output, or "
-                         f"run without --reuse")
-    if files and not differences:
+    if files and not differences:  # compatible by its manifest: are its files all there, and as it says?
+        present = {key for key, _ in store.list()}  # one listing: a file lost since is found now, not while planning
+        if missing := [key for key in files if key not in present]:
+            raise InputError(f"--reuse {uri}: {len(missing)} of the {len(files)} files its manifest lists are gone "
+                             f"({', '.join(missing[:3])}{', …' if len(missing) > 3 else ''}); reuse another output, "
+                             f"or run without --reuse")
         differences = _schema_differences(store, files[0], job, id_type)
     if differences:
         raise IncompatibleReuse(f"--reuse {uri} was not embedded as this job embeds: {'; '.join(differences)}. "

@@ -709,7 +709,7 @@ def claim_out(planned: PlannedJob, force: bool, stop: Callable[[str], None] = la
         earlier = JobSpec.model_validate_json(store.get(keys.JOB_KEY)) if held else None
     except ValueError:  # written by another version of bulkembed: not this job
         earlier = None
-    if not force and earlier is not None and earlier.model_copy(update={"input": job.input}) == job:
+    if not force and earlier is not None and earlier.model_copy(update={"input": job.input}).job_id == job.job_id:
         planned.job = job = earlier  # the input fingerprint names the files by their resolved paths: they agree
     if force:
         if earlier is not None and earlier.job_id != job.job_id:

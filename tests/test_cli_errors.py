@@ -181,14 +181,22 @@ def test_a_worker_that_cannot_reach_redis_says_so_and_exits(tmp_path, tiny_model
     assert "model" not in done.stderr.lower().replace("--model", ""), "it stopped before loading the model"
 
 
-def test_no_aws_credentials_is_one_line(workdir: Path):
+def test_no_aws_credentials_is_one_line(workdir: Path, s3_server: str, bucket: str):
+    """Wherever S3 is first touched: OUT, an S3 input (listed anonymously by pyarrow first), PREV_OUT, an index."""
+    import boto3
+
+    boto3.client("s3", endpoint_url=s3_server).upload_file(str(workdir / "corpus.parquet"), bucket, "in/c.parquet")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("BULKEMBED_", "AWS_"))}
     env |= {"AWS_SHARED_CREDENTIALS_FILE": str(workdir / "none"), "AWS_CONFIG_FILE": str(workdir / "none"),
-            "AWS_EC2_METADATA_DISABLED": "true"}
-    result = subprocess.run([sys.executable, "-m", "bulkembed.cli", "run", "corpus.parquet", "--model", "model.gguf",
-                             "--out", "s3://some-bucket/out"], env=env, cwd=workdir, capture_output=True, text=True,
-                            timeout=120)
-    assert_one_line_error(result, "no AWS credentials")
+            "AWS_EC2_METADATA_DISABLED": "true", "AWS_ENDPOINT_URL_S3": s3_server, "AWS_REGION": "us-east-1"}
+    for argv in (["run", "corpus.parquet", "--model", "model.gguf", "--out", f"s3://{bucket}/out"],
+                 ["run", f"s3://{bucket}/in", "--model", "model.gguf", "--out", "out-anonymous"],
+                 ["run", "corpus.parquet", "--model", "model.gguf", "--out", "out-reuse", "--reuse",
+                  f"s3://{bucket}/prev"],
+                 ["embed", "--index", f"s3://{bucket}/prev", "a query"]):
+        result = subprocess.run([sys.executable, "-m", "bulkembed.cli", *argv], env=env, cwd=workdir,
+                                capture_output=True, text=True, timeout=120)
+        assert_one_line_error(result, "no AWS credentials")
 
 
 def test_an_unreachable_s3_input_is_one_line(workdir: Path):

@@ -47,11 +47,15 @@ def test_default_max_tokens(kind_models, models_dir):
     assert choose_max_tokens(None, v4, 8192, "v4") == V4_MAX_TOKENS
 
 
-def test_max_tokens_beyond_a_causal_models_training_is_warned_about(kind_models, caplog):
+def test_max_tokens_beyond_a_causal_models_training_is_warned_about(kind_models, models_dir, caplog):
     qwen3 = model_info(kind_models["qwen3-last"])
     assert choose_max_tokens(4096, qwen3, 8192, "q.gguf") == 4096 and not caplog.records
     assert choose_max_tokens(40000, qwen3, 8192, "q.gguf") == 40000, "allowed: a causal model splits documents"
     assert len(caplog.records) == 1 and "beyond the 4096 tokens q.gguf was trained on" in caplog.records[0].getMessage()
+    v4 = model_info(write_qwen2vl_gguf(models_dir / "jina-embeddings-v4-text-retrieval-F32.gguf"))
+    choose_max_tokens(50000, v4, 8192, "v4.gguf")  # its header says 128000: v4 was trained on 32768
+    assert "beyond the 32768 tokens v4.gguf was trained on" in caplog.records[-1].getMessage()
+    assert "--max-tokens 32768 with --overlength chunk" in caplog.records[-1].getMessage()
 
 
 def test_a_pooled_token_the_tokenizer_does_not_add_is_warned_about(kind_models, tiny_model, caplog):
