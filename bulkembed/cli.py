@@ -11,7 +11,7 @@ import time
 from typing import NoReturn
 
 from bulkembed.bench.cli import add_bench_parser
-from bulkembed.contract.errors import BulkEmbedError
+from bulkembed.contract.errors import GONE_WHY, BulkEmbedError
 from bulkembed.contract.job import Dtype, Overlength, Pooling, Role, Task
 from bulkembed.contract.llama_process import LOG_FORMAT
 from bulkembed.contract.model import DEFAULT_MODEL
@@ -169,9 +169,7 @@ def wait_for(registry, job_id: str, poll_s: float = 1.0) -> int:
         while True:
             status = registry.status(job_id)
             if status is None:
-                print(f"job {job_id} is gone from Redis (forgotten by another submit --force, or expired)",
-                      file=sys.stderr)
-                return 1
+                break
             bar.total = status.planned.tokens  # grows while units are planned
             bar.update(status.tokens_done - bar.n)
             if status.planned.reused_rows:
@@ -182,6 +180,10 @@ def wait_for(registry, job_id: str, poll_s: float = 1.0) -> int:
                 registry.finalize(job_id, keep_planner=False)
                 continue
             time.sleep(poll_s)
+    if status is None:  # said once the bar is closed, on a line of its own
+        print(f"job {job_id} is gone from Redis ({GONE_WHY}); what was written stays, and the same submit command "
+              f"resumes the job", file=sys.stderr)
+        return 1
     if status.state == "done":
         reused = status.totals.reused_rows if status.totals else 0
         print(f"job {job_id} done: {status.rows_done} rows embedded ({status.tokens_done} tokens), {reused} reused")

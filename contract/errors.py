@@ -1,5 +1,7 @@
 """Typed errors: what a caller can catch and what a user reads."""
 
+from __future__ import annotations
+
 
 class BulkEmbedError(Exception):
     """Base of every error bulkembed raises on purpose; its message is meant for the user."""
@@ -38,6 +40,15 @@ class TransientError(BulkEmbedError):
 
 class JobGone(BulkEmbedError):
     """The job is no longer in Redis (forgotten by submit --force, its OUT handed to another job; or expired)."""
+
+    @classmethod
+    def of(cls, job_id: str, consequence: str) -> JobGone:
+        return cls(f"job {job_id} is no longer in Redis ({GONE_WHY}): {consequence}")
+
+
+# Every way a job leaves Redis, for messages that cannot tell which (the first is the one this process acts for).
+GONE_WHY = ("forgotten by submit --force, expired after BULKEMBED_JOB_RETENTION_S, or lost with Redis's data in a "
+            "restart without persistence")
 
 
 class StoreRefused(BulkEmbedError):

@@ -169,7 +169,7 @@ def copy_reused(previous: PreviousOutput, reused: SeenIds, store: Store, job: Jo
         key = keys.reused_output(index)
         data = to_ipc_bytes(taken)
         if not still_ours():
-            raise JobGone(f"job {job.job_id} is no longer in Redis (forgotten by submit --force): {key} not copied")
+            raise JobGone.of(job.job_id, f"{key} not copied")
         if not store.put_if_absent(key, data):
             data = store.get(key)
             if from_ipc_bytes(data).num_rows != taken.num_rows:

@@ -174,8 +174,7 @@ def prepare(planned: PlannedJob, memory_mb: int, still_ours: Callable[[], bool] 
 
     def owned() -> None:
         if not still_ours():
-            raise JobGone(f"job {job.job_id} is no longer in Redis (forgotten by another submit --force): "
-                          f"{store.uri} is another job's output now")
+            raise JobGone.of(job.job_id, f"{store.uri} may be another job's output now")
 
     owned()
     store.put(keys.JOB_KEY, job.model_dump_json(indent=2).encode())
@@ -540,8 +539,7 @@ def plan_claimed(registry: JobRegistry, job: JobSpec, context: Callable[[], Plan
         return False
     try:
         if not registry.is_registered(job.job_id):  # forgotten by submit --force: its OUT is another job's now
-            raise JobGone(f"job {job.job_id} is no longer in Redis (forgotten by submit --force, or expired): "
-                          f"unit {unit.index} is not planned")
+            raise JobGone.of(job.job_id, f"unit {unit.index} is not planned")
         if not registry.unit_is_planned(job.job_id, unit.index):
             hold = Backpressure(registry, job.model.queue, settings.queue_per_engine, settings.queue_min, lock,
                                 stopping)

@@ -568,6 +568,31 @@ def test_a_written_shard_delivered_again_past_its_attempts_is_not_failed_as_pois
     assert result is not None and status.failed == 0 and status.state == "running" and status.shards_done == 1
 
 
+def test_a_message_from_before_a_force_restart_of_the_same_job_is_dropped_not_failed(tmp_path, redis_server):
+    """`submit --force` over a running job of the same id deletes its inputs with its output and plans it again: a
+    message queued before, taken before its unit is planned again, finds no input. It is dropped (the planner sends
+    the shard again), not failed: before, the job showed failed shards and the first `submit --wait` exited 1 for a
+    job that then finished. Once the unit is planned, a missing input is a loss and still fails the shard."""
+    from bulkembed.contract.registry import JobRegistry, JobTotals
+    from bulkembed.contract.store import LocalStore
+    from bulkembed.worker import app as worker_app
+
+    store = LocalStore(tmp_path / "out")
+    message, _ = shard_of_two_rows(store, queue=f"q-{time.monotonic_ns()}")
+    job_id, registry = message.job_id, JobRegistry.from_url(redis_server)
+    registry.start(message.job, 1)  # started over: its unit not planned yet
+    store.delete(message.input_key)  # with the old output
+    model = SimpleNamespace(engine=SimpleNamespace(alive=True, pid=1, embed_rows=None), sha256="0" * 64,
+                            path=Path("m.gguf"))
+    task = SimpleNamespace(registry=registry, committing=lambda store, registry: store)
+    assert worker_app._embed(task, message, model, None) is None
+    assert registry.status(job_id).failed == 0 and registry.attempt(job_id, message.shard) == 1, "attempt given back"
+    registry.unit_planned(job_id, 0, JobTotals(shards=2, docs=4, tokens=12))
+    with pytest.raises(FileNotFoundError):
+        worker_app._embed(task, message, model, None)
+    assert registry.status(job_id).failed == 1
+
+
 def test_a_shard_of_a_job_forgotten_by_force_is_dropped_not_written(tmp_path, redis_server):
     """submit --force hands a running job's OUT to another job: the old job is forgotten in Redis, and its shards
     are dropped by workers that had its spec cached, whether it was forgotten before a shard was taken or while it

@@ -94,8 +94,7 @@ class ModelTask(Task):
         if job_id not in self._specs:
             spec = self.registry.spec(job_id)
             if spec is None:
-                raise JobGone(f"job {job_id} is not in Redis (forgotten by submit --force, or expired after "
-                              f"BULKEMBED_JOB_RETENTION_S): its shard is dropped; resubmit the job to embed it")
+                raise JobGone.of(job_id, "its shard is dropped; resubmitting the job embeds what it lacks")
             if len(self._specs) >= 64:  # a long-lived worker sees many jobs: keep the recent ones
                 self._specs.pop(next(iter(self._specs)))
             self._specs[job_id] = spec
@@ -171,10 +170,18 @@ def registered(registry: JobRegistry, shard: ShardMessage, guard: Guard) -> Guar
     def checked() -> Iterator[None]:
         with guard():
             if not registry.is_registered(shard.job_id):
-                raise JobGone(f"job {shard.job_id} is no longer in Redis (forgotten by submit --force)")
+                raise JobGone.of(shard.job_id, "its OUT may be another job's now")
             yield
 
     return checked
+
+
+def outrun_by_force(registry: JobRegistry, store: Store, shard: ShardMessage) -> bool:
+    """A message queued before `submit --force` started the same job over (same id, same shard names): --force deleted
+    its input with the old output, and its unit, not yet planned again, writes the input and sends the shard anew. A
+    planner writes a shard's input before its message, so a message without input otherwise means a loss: failed."""
+    unit = shard.shard // keys.SHARDS_PER_UNIT
+    return not registry.unit_is_planned(shard.job_id, unit) and not store.exists(shard.input_key)
 
 
 def _engine_lost(shard: ShardMessage, why: str) -> NoReturn:
@@ -217,7 +224,7 @@ def _embed(self: ModelTask, shard: ShardMessage, model: ResidentModel, unreachab
         _engine_lost(shard, f"llama.cpp process {model.engine.pid} died before this shard")
     registry = self.registry
     if not registry.is_registered(shard.job_id):  # its spec is cached here: forgotten since, by submit --force
-        raise JobGone(f"job {shard.job_id} is no longer in Redis (forgotten by submit --force, or expired)")
+        raise JobGone.of(shard.job_id, "its shard is dropped; resubmitting the job embeds what it lacks")
     if model.sha256 != shard.job.model.sha256:
         # Another file of the same name (a repository updated under a running fleet): a worker of the job's model
         # takes the shard where one serves the queue; where none does, the shard fails, said, rather than going round.
@@ -260,6 +267,11 @@ def _embed(self: ModelTask, shard: ShardMessage, model: ResidentModel, unreachab
             registry.release_attempt(shard.job_id, shard.shard)
         raise
     except Exception as exc:
+        if outrun_by_force(registry, store, shard):
+            log.warning("job %s shard %d: its input is gone and its unit is being planned again (submit --force "
+                        "started the job over): dropped, the planner sends it again", shard.job_id, shard.shard)
+            registry.release_attempt(shard.job_id, shard.shard)
+            return None
         metrics.shard_failed(name)
         registry.shard_failed(shard.job_id, shard.shard, f"{type(exc).__name__}: {exc}")
         raise

@@ -183,3 +183,19 @@ def test_shards_held_reads_its_own_shards_and_skips_any_other_message(registry):
         assert shards_held(registry.redis, queue, "job-b") == {4}
     finally:
         registry.redis.hdel(KOMBU_UNACKED, "tag-1")
+
+
+
+def test_submit_wait_says_on_a_line_of_its_own_that_the_job_left_redis(redis_server, tmp_path, capsys):
+    """Forgotten, expired or lost with Redis's data (a restart without persistence): the message was glued to the
+    progress bar, the bar drawn again after it, and it named --force or expiry only."""
+    from bulkembed.cli import wait_for
+
+    registry = JobRegistry.from_url(redis_server)
+    spec = job(tmp_path, f"q-{uuid.uuid4().hex}")
+    registry.start(spec, 1)
+    registry.forget(spec.job_id)  # as Redis restarted without its data leaves it (this Redis is shared: no FLUSHDB)
+    assert wait_for(registry, spec.job_id, poll_s=0.01) == 1
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert last.startswith(f"job {spec.job_id} is gone from Redis (") and "lost with Redis's data" in last, last
+    assert "the same submit command resumes the job" in last
