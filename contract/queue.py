@@ -7,6 +7,7 @@ import json
 import ssl
 from collections.abc import Callable
 
+import click
 import redis
 from celery import Celery
 
@@ -20,6 +21,22 @@ PLAN_QUEUE = "bulkembed-plan"
 WORKER_PROC_ALIVE_TIMEOUT_S = 900
 KOMBU_UNACKED = "unacked"  # kombu's hash of the messages delivered and not acknowledged yet, every queue's
 BROKER_SOCKET_TIMEOUT_S = 30.0  # far above any Redis answer; kombu's blocking pop waits 1 s at a time
+
+
+def run_worker(app: Celery, argv: list[str]) -> int:
+    """`celery worker ARGV` in this process, and its exit code: Celery.worker_main drops it, so a worker that stopped
+    on an "Unrecoverable error" (kombu failing to restore its messages after a Redis restart, say) exited 0, and a
+    supervisor that restarts only failures left it down."""
+    from celery.bin.celery import celery
+
+    celery.params[0].default = app  # as Celery.start does
+    try:
+        code = celery.main(args=argv, standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        code = exc.exit_code
+    finally:
+        celery.params[0].default = None
+    return code if isinstance(code, int) else 0
 
 
 def celery_app(settings: Settings, name: str) -> Celery:

@@ -22,7 +22,7 @@ from celery.signals import worker_shutting_down
 from bulkembed.contract.errors import JobGone, TransientError
 from bulkembed.contract.job import JobSpec
 from bulkembed.contract.model import resolve_path
-from bulkembed.contract.queue import PLAN_QUEUE, TASK_FINALIZE_JOB, TASK_PLAN_UNIT, celery_app, shard_sender
+from bulkembed.contract.queue import PLAN_QUEUE, TASK_FINALIZE_JOB, TASK_PLAN_UNIT, celery_app, run_worker, shard_sender
 from bulkembed.contract.registry import REDIS_FAILED, JobRegistry
 from bulkembed.contract.settings import ProducerSettings
 from bulkembed.contract.store import backoff_s, is_transient
@@ -162,6 +162,5 @@ def serve(concurrency: int) -> int:
 
 
 def _serve(concurrency: int) -> int:
-    app.worker_main(["worker", "--queues", PLAN_QUEUE, "--concurrency", str(concurrency), "--pool", "prefork",
-                     "--loglevel", settings.log_level, "--without-gossip", "--without-mingle"])
-    return 0
+    return run_worker(app, ["worker", "--queues", PLAN_QUEUE, "--concurrency", str(concurrency), "--pool", "prefork",
+                            "--loglevel", settings.log_level, "--without-gossip", "--without-mingle"])

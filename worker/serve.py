@@ -20,6 +20,7 @@ from pathlib import Path
 
 from bulkembed.contract.job import ModelRef
 from bulkembed.contract.llama_process import LlamaProcessDied
+from bulkembed.contract.queue import run_worker
 from bulkembed.contract.settings import WorkerSettings
 from bulkembed.worker.engines import EnginePool, EngineSetup
 from bulkembed.worker.selftest import SelfTestError
@@ -78,11 +79,10 @@ def serve(ref: ModelRef, path: Path, setup: EngineSetup, settings: WorkerSetting
     hostname = f"bulkembed-{os.getpid()}@{socket.gethostname()}"
     withdraw = _report_engines(settings, ref.queue, hostname, engines, ref.sha256)
     try:
-        worker_app.app.worker_main([
+        return run_worker(worker_app.app, [
             "worker", "--queues", ref.queue, "--concurrency", str(engines), "--pool", "prefork",
             "--hostname", hostname,
             "--loglevel", settings.log_level, "--without-gossip", "--without-mingle",
         ])
     finally:
         withdraw()
-    return 0

@@ -1,3 +1,6 @@
+import subprocess
+import sys
+
 import pyarrow as pa
 import pytest
 
@@ -120,3 +123,30 @@ def test_a_cast_of_ids_is_part_of_the_job_and_leaves_other_jobs_their_ids():
     assert (spec.job_id, spec.model_copy(update={"close_cut_rows": True}).job_id) == \
         ("699247554cb72e85", "ea1dfd86a82077d4")
     assert spec.model_copy(update={"id_type": "int64"}).job_id not in (spec.job_id, "ea1dfd86a82077d4")
+
+
+
+UNRECOVERABLE = """
+import sys
+from celery import Celery
+from celery.worker.consumer import Consumer
+from bulkembed.contract.queue import run_worker
+
+def broken(self):
+    raise AttributeError("'NoneType' object has no attribute 'hostname'")  # what kombu raised
+
+Consumer.start = broken
+argv = ["worker", "--pool", "solo", "--without-gossip", "--without-mingle", "--without-heartbeat",
+        "--loglevel", "CRITICAL", "--queues", "nothing-here"]
+sys.exit(run_worker(Celery("unrecoverable", broker=sys.argv[1]), argv))
+"""
+
+
+def test_a_worker_stopped_by_an_unrecoverable_error_exits_non_zero(redis_server):
+    """Celery.worker_main drops the worker's exit code: a planner that stopped on kombu failing to restore its held
+    retries after a Redis restart ("Unrecoverable error") exited 0, and a supervisor restarting failures left it
+    down. bulkembed's planners and workers return it. (A process of its own: Celery takes over logging.)"""
+    done = subprocess.run([sys.executable, "-c", UNRECOVERABLE, redis_server], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert "Unrecoverable error" in done.stderr
