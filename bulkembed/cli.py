@@ -11,6 +11,7 @@ import time
 from typing import NoReturn
 
 from bulkembed.bench.cli import add_bench_parser
+from bulkembed.contract import keys
 from bulkembed.contract.errors import GONE_WHY, BulkEmbedError
 from bulkembed.contract.job import Dtype, Overlength, Pooling, Role, Task
 from bulkembed.contract.llama_process import LOG_FORMAT
@@ -192,7 +193,7 @@ def wait_for(registry, job_id: str, poll_s: float = 1.0) -> int:
         print(f"job {job_id} failed while planning: {status.error}", file=sys.stderr)
         return 1
     for shard, error in sorted(status.failures.items()):
-        print(f"shard {shard} failed: {error}", file=sys.stderr)
+        print(f"shard {keys.shard_name(int(shard))} failed: {error}", file=sys.stderr)
     if status.failed > len(status.failures):
         print(f"… and {status.failed - len(status.failures)} more: bulkembed status {job_id} --failures",
               file=sys.stderr)
@@ -213,7 +214,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         if not status.failed:
             print(f"job {args.job}: no failed shards", file=sys.stderr)
         for shard, error in registry.failures(args.job):
-            print(f"shard {shard}: {error}")
+            print(f"shard {keys.shard_name(int(shard))}: {error}")
         return 0
     if args.json:
         print(json.dumps(status.model_dump(mode="json") | {"finished": status.finished}))
@@ -226,7 +227,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     if status.error:
         print(f"  failed while planning: {status.error}")
     for shard, error in sorted(status.failures.items()):
-        print(f"  shard {shard}: {error}")
+        print(f"  shard {keys.shard_name(int(shard))}: {error}")
     if status.failed > len(status.failures):
         print(f"  … and {status.failed - len(status.failures)} more (--failures lists them all)")
     return 0
