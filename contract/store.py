@@ -367,7 +367,7 @@ class LockedWrites:
 def has_conditional_writes(store: Store) -> bool:
     """Probe once: does a second if-absent write of the same key fail, as it must? (Some older
     S3-compatible servers ignore If-None-Match and overwrite.)"""
-    key = f"_probe/{uuid.uuid4().hex}"
+    key = f"_probe-{uuid.uuid4().hex}"  # no folder: in a local OUT, a _probe/ one was left behind, empty
     try:
         store.put_if_absent(key, b"1")  # its answer may be lost and retried into a 412: ignore it
         return not store.put_if_absent(key, b"2") and store.get(key) == b"1"

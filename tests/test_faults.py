@@ -472,6 +472,7 @@ def test_lock_fallback_where_the_store_ignores_conditional_writes(tmp_path, buck
     assert has_conditional_writes(local) and has_conditional_writes(s3)
     assert not has_conditional_writes(old)
     assert old.list() == [] and local.list() == [] and s3.list() == [], "the probe cleans up"
+    assert list((tmp_path / "local").iterdir()) == [], "no empty folder left behind either"
 
     registry = JobRegistry.from_url(redis_server)
     task = ModelTask()

@@ -159,8 +159,8 @@ def test_a_store_failing_past_the_outage_limit_fails_the_shard(tmp_path, s3_serv
     plan = FailingKey(keys.shard_input(1), 10**9)
     submit, job_id, out, log = run_with_failing_key(tmp_path, s3_server, bucket, env, tiny_model, plan)
     assert submit.process.returncode == 1, submit.stderr[-3000:]
-    assert re.search(r"shard 000000-000001 failed: the store kept failing for [3-9]s and \d+ retries: S3 GET", submit.stderr), \
-        submit.stderr[-3000:]
+    assert re.search(r"shard 000000-000001 failed: the store kept failing for [3-9]s and \d+ retries: S3 GET",
+                     submit.stderr), submit.stderr[-3000:]
     failing_for = [float(s) for s in FAILING_FOR.findall(log)]
     assert failing_for[-1] < 3, "it kept retrying until the limit"
     status = json.loads(cli(env, "status", job_id, "--json").stdout)
