@@ -162,15 +162,30 @@ def cmd_planner(args: argparse.Namespace) -> int:
     return serve(args.concurrency)
 
 
-def wait_for(registry, job_id: str, poll_s: float = 1.0) -> int:
-    """A progress bar until every shard is written (exit 0) or some failed for good (exit 1)."""
+NO_WORKER_S = 120.0  # how long submit --wait watches a job no worker of its model serves before it says so
+
+
+def wait_for(registry, job_id: str, poll_s: float = 1.0, no_worker_s: float = NO_WORKER_S) -> int:
+    """A progress bar until every shard is written (exit 0) or some failed for good (exit 1); a line if no worker of
+    the job's model reports for `no_worker_s` (it would wait for ever, the bar at 0)."""
     from tqdm import tqdm
 
+    spec, unserved_since, said = registry.spec(job_id), None, False
     with tqdm(unit="tok", unit_scale=True, desc=f"job {job_id}") as bar:
         while True:
             status = registry.status(job_id)
             if status is None:
                 break
+            if spec is not None and not said and status.state in ("planning", "running"):
+                if registry.model_served(spec.model.queue, spec.model.sha256):
+                    unserved_since = None
+                elif unserved_since is None:
+                    unserved_since = time.monotonic()
+                elif time.monotonic() - unserved_since >= no_worker_s:
+                    bar.write(f"no worker of {spec.model.file_name} (sha256 {spec.model.sha256[:12]}) has served its "
+                              f"queue {spec.model.queue} for {no_worker_s:.0f}s: start one (`bulkembed worker --model "
+                              f"{spec.model.spec}`); on Kubernetes, KEDA starts them from the queue", file=sys.stderr)
+                    said = True
             bar.total = status.planned.tokens  # grows while units are planned
             bar.update(status.tokens_done - bar.n)
             if status.planned.reused_rows:

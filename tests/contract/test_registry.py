@@ -199,3 +199,25 @@ def test_submit_wait_says_on_a_line_of_its_own_that_the_job_left_redis(redis_ser
     last = capsys.readouterr().err.splitlines()[-1]
     assert last.startswith(f"job {spec.job_id} is gone from Redis (") and "lost with Redis's data" in last, last
     assert "the same submit command resumes the job" in last
+
+
+def test_submit_wait_says_when_no_worker_of_the_jobs_model_serves_it(redis_server, tmp_path, capsys):
+    """It waited for ever with the bar at 0 and not a word (a worker of another model, or none started)."""
+    import threading
+
+    from bulkembed.cli import wait_for
+
+    registry = JobRegistry.from_url(redis_server)
+    spec = job(tmp_path, f"q-{uuid.uuid4().hex}")
+    registry.start(spec, 1)
+    registry.report_engines(spec.model.queue, "w1", 2, sha256="1" * 64)  # another file of the same name
+    threading.Timer(2.0, registry.forget, [spec.job_id]).start()  # ends the wait
+    assert wait_for(registry, spec.job_id, poll_s=0.05, no_worker_s=0.5) == 1
+    said = [line for line in capsys.readouterr().err.splitlines() if line.startswith("no worker of m.gguf")]
+    assert len(said) == 1 and f"queue {spec.model.queue}" in said[0], said
+    served = job(tmp_path, f"q-{uuid.uuid4().hex}", name="b")
+    registry.start(served, 1)
+    registry.report_engines(served.model.queue, "w2", 1, sha256=served.model.sha256)
+    threading.Timer(1.5, registry.forget, [served.job_id]).start()
+    assert wait_for(registry, served.job_id, poll_s=0.05, no_worker_s=0.5) == 1
+    assert "no worker of" not in capsys.readouterr().err, "a worker of its model serves it: nothing to say"
