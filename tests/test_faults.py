@@ -312,7 +312,7 @@ def check_poison_reported(submit: Background, env: dict[str, str], job_id: str, 
     assert status["state"] == "failed" and len(status["failures"]) == 1, status
     ((poison, error),) = status["failures"].items()
     assert "gave up after 3 attempts" in error, error
-    assert f"shard {keys.shard_name(poison)} failed: gave up after 3 attempts" in submit.stderr
+    assert f"shard {keys.shard_name(int(poison))} failed: gave up after 3 attempts" in submit.stderr
     assert f"failed: 1 of {status['totals']['shards']} shards" in submit.stderr
     assert status["shards_done"] == status["totals"]["shards"] - 1
     assert not (out / keys.MANIFEST_KEY).exists()
