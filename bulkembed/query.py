@@ -39,7 +39,7 @@ from bulkembed.contract.settings import ProducerSettings, at_least
 from bulkembed.contract.store import open_store
 from bulkembed.worker.engine import FLASH_ATTN_WORDS, EngineOptions
 from bulkembed.worker.engines import EngineProcess
-from bulkembed.worker.rows import finish_vectors
+from bulkembed.worker.rows import as_written, finish_vectors
 from bulkembed.worker.shard import NOT_FINITE, NOT_FINITE_FLOAT16
 
 log = logging.getLogger(__name__)
@@ -133,17 +133,16 @@ class Embedder:
         prefix = choose_prefix(self.task, Role(role), self.prefix, self.path.name)
         for row, text in enumerate(texts):
             _check_text(row, text)
-        dtype = np.float16 if self.dtype is Dtype.FLOAT16 else np.float32
         if not texts:
-            return np.zeros((0, self.dims), dtype)
+            return as_written(np.zeros((0, self.dims)), self.dtype)
         embedded = self.engine.embed_queries(list(texts), prefix, self.pooling, self.max_tokens)
         if embedded.rejected:
             row, reason = next(iter(embedded.rejected.items()))
             raise TextError(row, f"could not be embedded: {reason}")
-        with np.errstate(over="ignore"):
-            vectors = finish_vectors(embedded.vectors, self.dims, self.normalize).astype(dtype)
+        vectors = finish_vectors(embedded.vectors, self.dims, self.normalize, self.dtype)
         if not (finite := np.isfinite(vectors).all(axis=1)).all():  # the bulk job quarantines such a row
-            raise TextError(int(np.argmin(finite)), NOT_FINITE + (NOT_FINITE_FLOAT16 if dtype is np.float16 else ""))
+            raise TextError(int(np.argmin(finite)),
+                            NOT_FINITE + (NOT_FINITE_FLOAT16 if self.dtype is Dtype.FLOAT16 else ""))
         return vectors
 
     def close(self) -> None:

@@ -81,15 +81,11 @@ class PreviousOutput:
             except (OSError, pa.ArrowException) as exc:  # pyarrow's, for S3 too
                 if is_transient(exc):  # throttling, 5xx, the network: the unit is tried again later
                     raise
-                raise self.unreadable("its files", exc) from None
+                raise unreadable(self.source.uri, "its files", exc) from None
             self.index = index
             log.info("reuse: %d distinct rows in %s (%d bytes of keys)", len(self.index), self.source.uri,
                      self.index.nbytes)
         return self.index
-
-    def unreadable(self, what: str, exc: Exception) -> InputError:
-        return InputError(f"--reuse {self.source.uri}: cannot read {what} ({type(exc).__name__}: {exc}): changed "
-                          f"since its job finished? Reuse another output, or run without --reuse")
 
     def _dataset(self) -> ds.Dataset:
         fs, base = self.store.arrow_fs()
@@ -127,14 +123,19 @@ def open_previous(uri: str, job: JobSpec, id_type: pa.DataType | None) -> Previo
     return PreviousOutput(store=store, source=source, files=files)
 
 
+def unreadable(uri: str, what: str, exc: Exception) -> InputError:
+    """PREV_OUT's files, or one of them, gone or damaged since its job finished."""
+    return InputError(f"--reuse {uri}: cannot read {what} ({type(exc).__name__}: {exc}): changed since its job "
+                      f"finished? Reuse another output, or run without --reuse")
+
+
 def _schema_differences(store: Store, key: str, job: JobSpec, id_type: pa.DataType) -> list[str]:
     try:
         schema = stored_schema(store, key)
     except (OSError, pa.ArrowException) as exc:
         if is_transient(exc):
             raise
-        raise InputError(f"--reuse {store.uri}: cannot read {key} ({type(exc).__name__}: {exc}); reuse another "
-                         f"output, or run without --reuse") from None
+        raise unreadable(store.uri, key, exc) from None
     found = []
     if "content_hash" not in schema.names:
         found.append(f"{key} has no content_hash column (written before bulkembed recorded one)")
@@ -157,7 +158,7 @@ def copy_reused(previous: PreviousOutput, reused: SeenIds, store: Store, job: Jo
         except TransientError:
             raise
         except Exception as exc:  # gone (OSError, S3's NoSuchKey) or not Arrow since the matches were made
-            raise previous.unreadable(source, exc) from None
+            raise unreadable(previous.source.uri, source, exc) from None
         mask = reused.contains(row_keys(table.column("id").to_pylist(), table.column("content_hash").to_pylist()))
         if not mask.any():
             return None

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from bulkembed.contract.errors import EngineError, ShardError, TextError
-from bulkembed.contract.job import Overlength, Pooling, check_room, document_spans
+from bulkembed.contract.job import Dtype, Overlength, Pooling, check_room, document_spans
 from bulkembed.contract.vocab import NO_TOKENS
 from bulkembed.worker.engine import Engine, l2_normalize
 
@@ -67,10 +67,18 @@ def query_rows(engine: Engine, texts: list[str], prefix: str, pooling: Pooling, 
                      n_tokens=[s.n_tokens(prefix_tokens) for s in spans])
 
 
-def finish_vectors(vectors: np.ndarray, dims: int, normalize: bool) -> np.ndarray:
-    """Pooled vectors as a job writes them: the first `dims` (Matryoshka), then L2-normalized if asked."""
+def finish_vectors(vectors: np.ndarray, dims: int, normalize: bool, dtype: Dtype = Dtype.FLOAT32) -> np.ndarray:
+    """Pooled vectors as a job writes them (and a query of it is given): the first `dims` (Matryoshka), then
+    L2-normalized if asked, in `dtype`."""
     vectors = vectors[:, :dims]
-    return l2_normalize(vectors) if normalize else vectors
+    return as_written(l2_normalize(vectors) if normalize else vectors, dtype)
+
+
+def as_written(values: np.ndarray, dtype: Dtype) -> np.ndarray:
+    """Values in a job's dtype: numpy's float16 rounding, the same bytes as pyarrow's. One beyond float16's range
+    becomes inf, found by the caller (a quarantined row, a refused query)."""
+    with np.errstate(over="ignore"):
+        return values.astype(np.float16 if dtype is Dtype.FLOAT16 else np.float32)
 
 
 def embed_rows(engine: Engine, rows: ShardRows) -> EmbeddedRows:

@@ -30,7 +30,7 @@ from bulkembed.contract.schema import (
     to_ipc_bytes,
 )
 from bulkembed.contract.store import Store
-from bulkembed.worker.rows import EmbeddedRows, ShardRows, finish_vectors
+from bulkembed.worker.rows import EmbeddedRows, ShardRows, as_written, finish_vectors
 
 log = logging.getLogger(__name__)
 
@@ -114,13 +114,11 @@ NOT_FINITE_FLOAT16 = " (as float16: beyond its ±65504 with --no-normalize or --
 
 def written_values(vectors: np.ndarray | list[np.ndarray], job: JobSpec, n_embd: int) -> list[np.ndarray]:
     """Each row's values as a job writes them: the first `dims` (Matryoshka), L2-normalized if asked (pooled rows),
-    in the job's dtype (numpy's float16 rounding, pyarrow's alike; `bulkembed embed` rounds a query so too)."""
+    in the job's dtype (worker.rows.as_written)."""
     dims = job.dims or n_embd
-    dtype = np.float16 if job.dtype is Dtype.FLOAT16 else np.float32
-    with np.errstate(over="ignore"):  # a value beyond float16 becomes inf: found and quarantined by the caller
-        if job.pooling is Pooling.NONE:
-            return [v[:, :dims].astype(dtype) for v in vectors]
-        return list(finish_vectors(np.asarray(vectors), dims, job.normalize).astype(dtype))
+    if job.pooling is Pooling.NONE:
+        return [as_written(v[:, :dims], job.dtype) for v in vectors]
+    return list(finish_vectors(np.asarray(vectors), dims, job.normalize, job.dtype))
 
 
 def _output_table(table: pa.Table, values: list[np.ndarray], job: JobSpec, dims: int,
