@@ -75,8 +75,14 @@ class LocalStore:
     def _temp_file(self, path: Path, data: bytes | Path) -> str:
         """`data` (bytes, or a local file's) durably in a temporary file beside `path`, to be linked or renamed into
         place."""
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+        for attempt in range(3):  # the folder may be pruned (delete) between mkdir and mkstemp: make it again
+            path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+                break
+            except FileNotFoundError:
+                if attempt == 2:
+                    raise
         with os.fdopen(fd, "wb") as f:
             if isinstance(data, Path):
                 with open(data, "rb") as source:
@@ -110,11 +116,22 @@ class LocalStore:
         return self._path(key).read_bytes()
 
     def delete(self, key: str) -> None:
-        self._path(key).unlink(missing_ok=True)
+        self.delete_many([key])
 
     def delete_many(self, keys: list[str]) -> None:
+        folders = set()
         for key in keys:
-            self.delete(key)
+            path = self._path(key)
+            path.unlink(missing_ok=True)
+            folders.add(path.parent)
+        # Folders emptied go too, as on S3 where a folder is only a prefix (a done job leaves no empty _shards/).
+        for folder in sorted(folders, key=lambda f: len(f.parts), reverse=True):
+            while folder != self.root and self.root in folder.parents:
+                try:
+                    folder.rmdir()
+                except OSError:  # not empty, or gone already
+                    break
+                folder = folder.parent
 
     def exists(self, key: str) -> bool:
         return self._path(key).exists()

@@ -19,7 +19,7 @@ from botocore.exceptions import (
 
 from bulkembed.contract import keys
 from bulkembed.contract.errors import TransientError
-from bulkembed.contract.store import at_once, is_transient, open_store
+from bulkembed.contract.store import LocalStore, at_once, is_transient, open_store
 from tests.conftest import s3_env
 from tests.faults_support import FaultPlan, FaultyS3Proxy
 
@@ -164,7 +164,6 @@ def test_delete_many_takes_a_thousand_keys_a_request(s3_server, bucket, monkeypa
 def test_force_forgets_shards_past_a_million(tmp_path):
     """Unit numbers grow past six digits, and jobs planned before units named shards by number alone; --force must
     find all their files (and only the job's)."""
-    from bulkembed.contract.store import LocalStore
     from bulkembed.producer.submit import forget_outputs
 
     store = LocalStore(tmp_path)
@@ -255,3 +254,17 @@ def test_at_once_cancels_the_requests_not_started_when_one_fails():
     with pytest.raises(ValueError):
         list(at_once(request, range(40), threads=4))
     assert len(ran) <= 6, f"{len(ran)} requests ran: those queued behind the failure were sent too"
+
+
+def test_local_delete_leaves_no_empty_folders_as_s3_has_none(tmp_path):
+    store = LocalStore(tmp_path / "out")
+    for key in ("_shards/000000.arrow", "_shards/000001.arrow", "_plan/a/b.json", "_plan/c.json", "kept.arrow"):
+        store.put(key, b"x")
+    store.delete_many(["_shards/000000.arrow", "_shards/000001.arrow", "_plan/a/b.json"])
+    assert sorted(p.relative_to(store.root).as_posix() for p in store.root.rglob("*")) == \
+        ["_plan", "_plan/c.json", "kept.arrow"]
+    store.delete("_plan/c.json")
+    store.delete("kept.arrow")
+    assert store.root.is_dir() and not any(store.root.iterdir()), "the root stays, empty"
+    store.put("_shards/000002.arrow", b"y")  # a pruned folder is made again
+    assert store.get("_shards/000002.arrow") == b"y"
