@@ -55,12 +55,13 @@ def choose_prefix(task: Task | None, role: Role, prefix: str | None, file_name: 
 
 
 def task_from_model_name(name: str) -> Task | None:
-    """v4's GGUF files name their task (jina-embeddings-v4-text-code-Q8_0.gguf)."""
+    """The task a file name states as v4's GGUF files do (jina-embeddings-v4-text-code-Q8_0.gguf). Only that spelling:
+    nomic-embed-code or jina-embeddings-v2-base-code are other models, whose prefixes are not v4's."""
     lowered = name.lower()
-    for task in (Task.TEXT_MATCHING, Task.RETRIEVAL, Task.CODE):
-        if f"-{task.value}" in lowered or f"text-{task.value}" in lowered:
-            return task
-    return None
+    return next((task for spelled, task in V4_TASK_NAMES.items() if spelled in lowered), None)
+
+
+V4_TASK_NAMES = {"text-retrieval": Task.RETRIEVAL, "text-code": Task.CODE, "text-matching": Task.TEXT_MATCHING}
 
 
 class Overlength(StrEnum):
