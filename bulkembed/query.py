@@ -31,6 +31,7 @@ from bulkembed.contract.model import (
     choose_max_tokens,
     choose_pooling,
     file_sha256,
+    is_hub_spec,
     model_info,
     resolve_path,
 )
@@ -100,6 +101,9 @@ class Embedder:
         out, job, decoded_by = index if isinstance(index, Index) else read_index(str(index))
         if job.pooling is Pooling.NONE:
             raise InputError(f"{out} holds a matrix per text (pooling none): embed queries with a pooled model")
+        if model is None and not is_hub_spec(job.model.spec) and not Path(job.model.spec).exists():
+            raise InputError(f"{out} was embedded with the model {job.model.spec}, which is not here: pass that file "
+                             f"({job.model.file_name}, sha256 {job.model.sha256[:12]}) with --model")
         path = resolve_path(str(model or job.model.spec))
         if file_sha256(path) != job.model.sha256:
             raise InputError(f"{path} is not the model {out} was embedded with ({job.model.file_name}, sha256 "

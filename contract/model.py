@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import re
 from functools import lru_cache
 from pathlib import Path
@@ -27,7 +28,7 @@ def resolve_path(spec: str) -> Path:
     """A local path as is; REPO:QUANT fetched into the Hugging Face cache (or found there offline)."""
     path = Path(spec).expanduser()
     if path.exists():
-        return path.resolve()
+        return absolute(path)
     if not is_hub_spec(spec):
         raise ModelError(f"model {spec!r} is neither a file nor REPO:QUANT (e.g. {DEFAULT_MODEL})")
     repo, quant = spec.rsplit(":", 1)
@@ -43,7 +44,13 @@ def resolve_path(spec: str) -> Path:
     found = sorted(p for p in folder.rglob("*.gguf") if p.name.lower().endswith(f"{quant.lower()}.gguf"))
     if not found:
         raise ModelError(f"{repo} has no file ending in {quant}.gguf; check the quant name")
-    return found[0].resolve()
+    return absolute(found[0])
+
+
+def absolute(path: Path) -> Path:
+    """The path from the root, links kept: the hub cache's file is a link to a blob named by its hash, and the
+    link's name (jina-embeddings-v4-text-code-…) is what names the model's task, queue and trained sizes."""
+    return Path(os.path.abspath(path))
 
 
 @lru_cache(maxsize=8)
@@ -63,6 +70,8 @@ def queue_name(file_name: str) -> str:
 
 def model_ref(spec: str) -> tuple[ModelRef, Path]:
     path = resolve_path(spec)
+    # A file by its absolute path: planners and `embed --index` read the spec back from other folders.
+    spec = spec if is_hub_spec(spec) else str(path)
     return ModelRef(spec=spec, file_name=path.name, sha256=file_sha256(path), queue=queue_name(path.name)), path
 
 

@@ -231,6 +231,21 @@ class Workers:
                 process.wait(5)
 
 
+def hub_cache(home: Path, repo: str, file_name: str, model: Path) -> Path:
+    """A Hugging Face cache under HF_HOME=`home` holding `model` as huggingface_hub stores a download: the content in
+    blobs/, named by its hash, and the file's name in snapshots/REV/ a symbolic link to it."""
+    folder = home / "hub" / f"models--{repo.replace('/', '--')}"
+    revision = "0" * 40
+    (folder / "refs").mkdir(parents=True)
+    (folder / "refs" / "main").write_text(revision)
+    (folder / "blobs").mkdir()
+    shutil.copyfile(model, folder / "blobs" / "5e3f0c1b9a")
+    (folder / "snapshots" / revision).mkdir(parents=True)
+    link = folder / "snapshots" / revision / file_name
+    link.symlink_to(Path("../../blobs/5e3f0c1b9a"))
+    return link
+
+
 @pytest.fixture
 def cli_env(redis_server: str, s3_server: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("BULKEMBED_")}

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import boto3
 import numpy as np
@@ -15,7 +17,7 @@ from bulkembed.contract.manifest import manifest_shards
 from bulkembed.contract.schema import read_metadata
 from bulkembed.contract.store import open_store
 from bulkembed.producer.submit import plan_job
-from tests.conftest import REPO, cosines, mixed_texts, write_corpus
+from tests.conftest import REPO, cosines, hub_cache, mixed_texts, write_corpus
 
 N_ROWS = 3000
 
@@ -105,6 +107,21 @@ def test_run_embedded_mode_local_and_s3(corpus, bucket, tmp_path, run_cli, tiny_
     assert done.returncode == 0, done.stderr[-3000:]
     part0 = {k: v for k, v in expected.items() if int(k.split("-")[1]) < 1700}
     check_output(read_output(s3_out), part0, reference_embedder)
+
+
+def test_the_default_command_runs_a_model_from_the_hub_cache(tmp_path, cli_env, tiny_model):
+    """README's first command names the model REPO:QUANT: run with the file as huggingface_hub keeps a download (a
+    link named as the file, to a blob named by its hash). The task comes from the file's name."""
+    hub_cache(tmp_path / "hf", "jinaai/jina-embeddings-v4-text-retrieval-GGUF",
+              "jina-embeddings-v4-text-retrieval-F32.gguf", tiny_model)
+    corpus = write_corpus(tmp_path / "c.parquet", ["a", "b"], ["first text", "second text"])
+    done = subprocess.run([sys.executable, "-m", "bulkembed.cli", "run", str(corpus), "--out", str(tmp_path / "o"),
+                           "--model", "jinaai/jina-embeddings-v4-text-retrieval-GGUF:F32"],
+                          env=cli_env | {"HF_HOME": str(tmp_path / "hf")}, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    job = json.loads((tmp_path / "o" / "_manifest.json").read_text())["job"]
+    assert job["model"]["file_name"] == "jina-embeddings-v4-text-retrieval-F32.gguf"
+    assert (job["task"], job["prefix"]) == ("retrieval", "Passage: ")
 
 
 def test_bad_rows_are_quarantined_never_lost(tmp_path, bucket, run_cli, tiny_model):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -319,3 +320,27 @@ def test_the_python_api_takes_the_workers_environment_too(outlier_models, monkey
     with Embedder(outlier_models["Q4_K_M"]) as embedder:
         decoded_by = embedder.engine.facts.decoded_by
     assert (decoded_by["layout"], int(decoded_by["ubatch"])) == ("isolated", 256), decoded_by
+
+
+def test_an_index_made_with_a_relative_model_path_is_queried_from_anywhere(tiny_model, tmp_path):
+    """The job spec records the model's absolute path; once the file is gone, one line says to pass --model."""
+    shutil.copyfile(tiny_model, tmp_path / "m-text-retrieval.gguf")
+    write_corpus(tmp_path / "c.parquet", ["a", "b"], ["first text", "second text"])
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BULKEMBED_")} | {"HF_HUB_OFFLINE": "1"}
+
+    def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "bulkembed.cli", *args], cwd=cwd, env=env, capture_output=True,
+                              text=True, timeout=300)
+
+    done = cli("run", "c.parquet", "--model", "m-text-retrieval.gguf", "--out", "out", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    queried = cli("embed", "--index", str(tmp_path / "out"), "--role", "passage", "first text", cwd=REPO)
+    assert queried.returncode == 0, queried.stderr[-3000:]
+    assert np.array_equal(json_vectors(queried)[0], vectors_by_id(tmp_path / "out")["a"])
+    (tmp_path / "m-text-retrieval.gguf").rename(tmp_path / "moved.gguf")
+    gone = cli("embed", "--index", str(tmp_path / "out"), "a query", cwd=REPO)
+    assert gone.returncode == 2 and "Traceback" not in gone.stderr, gone.stderr[-3000:]
+    assert f"{tmp_path / 'm-text-retrieval.gguf'}, which is not here" in gone.stderr and "--model" in gone.stderr
+    moved = cli("embed", "--index", str(tmp_path / "out"), "--model", str(tmp_path / "moved.gguf"), "a query",
+                cwd=REPO)
+    assert moved.returncode == 0, moved.stderr[-3000:]

@@ -1,3 +1,4 @@
+import shutil
 import subprocess
 import sys
 
@@ -16,9 +17,10 @@ from bulkembed.contract.job import (
     prefix_for,
     task_from_model_name,
 )
-from bulkembed.contract.model import is_hub_spec, queue_name, resolve_path
+from bulkembed.contract.model import is_hub_spec, model_ref, queue_name, resolve_path
 from bulkembed.contract.schema import content_hash, embedding_schema, from_ipc_bytes, read_metadata, to_ipc_bytes
 from bulkembed.contract.store import LocalStore, open_store
+from tests.conftest import hub_cache
 
 
 def test_prefix_table_matches_the_model_card():
@@ -35,6 +37,9 @@ def test_task_from_model_name():
     assert task_from_model_name("jina-embeddings-v4-text-code-IQ3_M.gguf") == Task.CODE
     assert task_from_model_name("jina-embeddings-v4-text-matching-F16.gguf") == Task.TEXT_MATCHING
     assert task_from_model_name("some-model.gguf") is None
+    for other in ("nomic-embed-code.Q4_K_M.gguf", "jina-embeddings-v2-base-code-Q8_0.gguf",
+                  "jina-code-embeddings-0.5b-Q8_0.gguf", "SFR-Embedding-Code-2B_R-Q8_0.gguf"):
+        assert task_from_model_name(other) is None, f"{other} is no v4 model: its prefixes are not v4's"
 
 
 def _job(**change) -> JobSpec:
@@ -67,6 +72,31 @@ def test_unreachable_hub_says_to_pass_a_path(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelError, match="--model /path/to/model.gguf"):
         resolve_path("nobody-xyz/not-a-real-repo-GGUF:Q8_0")
+
+
+def test_a_model_from_the_hub_cache_keeps_its_file_name(tmp_path, monkeypatch, tiny_model):
+    """huggingface_hub stores a download as a blob named by its hash behind a link with the file's name: the name
+    is what names the task, the queue and v4's trained sizes, never the blob's."""
+    link = hub_cache(tmp_path, "jinaai/jina-embeddings-v4-text-code-GGUF", "jina-embeddings-v4-text-code-F32.gguf",
+                     tiny_model)
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))  # read at its import
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    ref, path = model_ref("jinaai/jina-embeddings-v4-text-code-GGUF:F32")
+    assert path == link and ref.file_name == "jina-embeddings-v4-text-code-F32.gguf"
+    assert task_from_model_name(ref.file_name) == Task.CODE
+    assert ref.queue == "bulkembed.jina-embeddings-v4-text-code-f32"
+    assert ref.spec == "jinaai/jina-embeddings-v4-text-code-GGUF:F32", "a hub model stays named as typed"
+
+
+def test_a_local_model_is_recorded_by_its_absolute_path(tmp_path, monkeypatch, tiny_model):
+    """The job spec's model is read back by planners and `embed --index`, from other folders than the one the
+    user typed a relative path in."""
+    shutil.copyfile(tiny_model, tmp_path / "m.gguf")
+    monkeypatch.chdir(tmp_path)
+    ref, path = model_ref("m.gguf")
+    assert ref.spec == str(tmp_path / "m.gguf") == str(path)
 
 
 def test_schema_roundtrip_keeps_metadata():
