@@ -48,11 +48,11 @@ log = logging.getLogger(__name__)
 
 class Index(NamedTuple):
     """What a query needs of a finished output: its job spec (its manifest) and how its files were decoded (their
-    decoded_by; {} when they predate it)."""
+    decoded_by; {} when they predate it, None when it holds no vectors: every row rejected)."""
 
     out: str
     job: JobSpec
-    decoded_by: dict
+    decoded_by: dict | None
 
 
 def _check_text(row: int, text: object) -> None:
@@ -87,6 +87,7 @@ class Embedder:
         self.dtype = Dtype(dtype)
         self.max_tokens = choose_max_tokens(max_tokens, info, ProducerSettings().max_ubatch, self.path.name)
         self.engine = EngineProcess(self.path, options or engine_options())
+        self.closed = False
 
     @classmethod
     def for_index(cls, index: Index | str | Path, model: str | Path | None = None, *, prefix: str | None = None,
@@ -111,7 +112,7 @@ class Embedder:
         options = options or engine_options()
         if decoded_by:
             options = options.like(decoded_by)
-        else:
+        elif decoded_by is not None:  # an output of no vectors has nothing to agree with
             log.warning("%s does not record how its files were decoded (written before bulkembed did): embedding "
                         "with padding %d, flash attention %s, %s", out, options.min_decode,
                         FLASH_ATTN_WORDS[options.flash_attn], "isolated" if options.isolate else "packed")
@@ -124,7 +125,7 @@ class Embedder:
                        dtype=job.dtype, options=options)
         here = embedder.engine.facts.decoded_by
         if differs := [f"{key} {decoded_by[key]} there, {here[key]} here" for key in ("device", "llama_cpp")
-                       if key in decoded_by and decoded_by[key] != here[key]]:
+                       if key in (decoded_by or {}) and decoded_by[key] != here[key]]:
             log.warning("%s was embedded on another device or build (%s): vectors differ in their last digits",
                         out, "; ".join(differs))
         return embedder
@@ -134,6 +135,8 @@ class Embedder:
         bulk job with this role would write it. A text that cannot be embedded raises TextError naming it."""
         if isinstance(texts, str):
             raise TypeError("embed takes a list of texts, not one string")
+        if self.closed:  # its engine process is gone: say why, rather than that it died
+            raise ValueError("this Embedder is closed; make another (or embed inside its `with` block)")
         prefix = choose_prefix(self.task, Role(role), self.prefix, self.path.name)
         for row, text in enumerate(texts):
             _check_text(row, text)
@@ -150,6 +153,7 @@ class Embedder:
         return vectors
 
     def close(self) -> None:
+        self.closed = True
         self.engine.close()
 
     def __enter__(self) -> Embedder:
@@ -178,8 +182,10 @@ def read_index(out: str) -> Index:
         log.warning("%s was embedded in %d ways (workers with other settings, devices or builds): queries are embedded "
                     "as %d of its %d rows were; the others differ in their last digits", out, len(decodings),
                     decodings[0]["rows"], sum(d["rows"] for d in decodings))
-    main = decodings[0] if decodings else None
-    return Index(out, job, read_decoded_by(stored_schema(store, main["example"])) if main and main["digest"] else {})
+    if not decodings:
+        return Index(out, job, None)
+    main = decodings[0]
+    return Index(out, job, read_decoded_by(stored_schema(store, main["example"])) if main["digest"] else {})
 
 
 def embed(texts: Sequence[str], model: str | Path, role: Role | str = Role.QUERY, **options) -> np.ndarray:

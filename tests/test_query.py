@@ -130,6 +130,8 @@ def test_the_python_api_embeds_queries_as_a_query_job_would(outlier_models, corp
         passages = embedder.embed(TEXTS[:3], role="passage")
     assert one_at_a_time.shape == (12, 128)
     assert np.array_equal(one_at_a_time, np.stack([index[i] for i in IDS[:12]]))
+    with pytest.raises(ValueError, match="Embedder is closed"):
+        embedder.embed(TEXTS[:1])
     assert cos(passages, one_at_a_time[:3]).max() < 0.9999, "the role changes the prefix, so the vector"
 
 
@@ -344,3 +346,12 @@ def test_an_index_made_with_a_relative_model_path_is_queried_from_anywhere(tiny_
     moved = cli("embed", "--index", str(tmp_path / "out"), "--model", str(tmp_path / "moved.gguf"), "a query",
                 cwd=REPO)
     assert moved.returncode == 0, moved.stderr[-3000:]
+
+
+def test_an_index_of_only_rejected_rows_is_queried_without_a_false_warning(tiny_model, tmp_path):
+    corpus = write_corpus(tmp_path / "c.parquet", ["a", "b"], ["", "   "])
+    bulkembed("run", str(corpus), "--model", str(tiny_model), "--out", str(tmp_path / "out"))
+    assert json.loads((tmp_path / "out" / "_manifest.json").read_text())["rejected_rows"] == 2
+    queried = bulkembed("embed", "--index", str(tmp_path / "out"), "a query")
+    assert json_vectors(queried).shape[0] == 1
+    assert "written before" not in queried.stderr, "it holds no vectors, not old ones"
