@@ -19,7 +19,11 @@ from bulkembed.worker.packing import single_document_shape
 
 log = logging.getLogger(__name__)
 
-MIN_COSINE = 0.9999
+MIN_COSINE = 0.9999  # on the CPU packed and alone agree to the last bits (batch invariance)
+# CUDA's kernels move a vector with its neighbours, by 1 − cos up to 1.25e-4 on a v4-shaped F16 (docs/benchmarks.md,
+# "Batch invariance on CUDA"): a GPU worker held to the CPU's bound would refuse to start. What the test is for, a
+# pooling broken across ubatches, gives cos 0.86–0.90 with mean and below 0.3 with cls on the test models.
+MIN_COSINE_GPU = 0.999
 PROBES = (
     "Query: A beautiful sunset over the beach",
     "Passage: Un beau coucher de soleil sur la plage",
@@ -57,8 +61,9 @@ def probe_tokens(engine: Engine) -> list[np.ndarray]:
 
 def self_test(engine: Engine) -> float:
     """The worst cosine between packed and alone over every pooling a job may ask for, the model's own
-    first; raises SelfTestError under MIN_COSINE."""
+    first; raises SelfTestError under MIN_COSINE (MIN_COSINE_GPU on a GPU)."""
     tokens = probe_tokens(engine)
+    bound = MIN_COSINE_GPU if engine.gpu_offload else MIN_COSINE
     worst_of_all = 1.0
     # A model declaring pooling none (token vectors) is tested on the pooled kinds: they read the same token states.
     for pooling in dict.fromkeys(p for p in (engine.pooling, *POOLINGS) if p is not Pooling.NONE):
@@ -66,10 +71,10 @@ def self_test(engine: Engine) -> float:
         alone = np.stack([embed_alone(engine, t, pooling) for t in tokens])
         cos = np.sum(packed * alone, axis=1) / (np.linalg.norm(packed, axis=1) * np.linalg.norm(alone, axis=1))
         worst = int(np.argmin(cos))
-        if cos[worst] < MIN_COSINE:
+        if cos[worst] < bound:
             raise SelfTestError(
                 f"self-test failed: probe {worst} ({len(tokens[worst])} tokens) embedded packed differs from "
-                f"embedded alone with {pooling.value} pooling (cosine {cos[worst]:.6f} < {MIN_COSINE}); this "
+                f"embedded alone with {pooling.value} pooling (cosine {cos[worst]:.6f} < {bound}); this "
                 f"llama.cpp build or configuration (ubatch {engine.options.ubatch}, logical batch "
                 f"{engine.options.logical_batch}) is not exact"
             )
