@@ -189,7 +189,10 @@ def s3_client() -> tuple:
         if any(pid != key[0] for pid, _ in _S3_CLIENTS):
             _S3_CLIENTS.clear()  # a parent's, inherited by fork: never used here
         session = boto3.session.Session(botocore_session=core)
-        _S3_CLIENTS[key] = session, session.client("s3", config=config)
+        # AWS_REGION, which the docs name (and EKS and Lambda set), before boto3's own AWS_DEFAULT_REGION, as the
+        # AWS CLI reads them: boto3 alone ignores it, and pyarrow then reads a bucket outside us-east-1 in us-east-1.
+        client = session.client("s3", config=config, region_name=os.environ.get("AWS_REGION") or None)
+        _S3_CLIENTS[key] = session, client
     return _S3_CLIENTS[key]
 
 

@@ -268,3 +268,19 @@ def test_local_delete_leaves_no_empty_folders_as_s3_has_none(tmp_path):
     assert store.root.is_dir() and not any(store.root.iterdir()), "the root stays, empty"
     store.put("_shards/000002.arrow", b"y")  # a pruned folder is made again
     assert store.get("_shards/000002.arrow") == b"y"
+
+
+def test_aws_region_names_the_region_as_the_docs_say(s3_server, bucket, monkeypatch):
+    """The docs, compose and the ConfigMap set AWS_REGION, which boto3 alone does not read (only AWS_DEFAULT_REGION):
+    a bucket outside us-east-1 was then read by pyarrow in us-east-1, which AWS refuses."""
+    from bulkembed.contract.store import S3Store
+
+    for key, value in s3_env(s3_server).items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("AWS_DEFAULT_REGION")
+    monkeypatch.setenv("AWS_REGION", "eu-west-3")
+    store = S3Store(f"s3://{bucket}/regional")
+    store.put("k", b"v")
+    assert store.client.meta.region_name == "eu-west-3" and store.arrow_fs()[0].region == "eu-west-3"
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "ap-south-1")  # both: AWS_REGION wins, as in the AWS CLI
+    assert S3Store(f"s3://{bucket}/regional").client.meta.region_name == "eu-west-3"
