@@ -32,19 +32,40 @@ def resolve_path(spec: str) -> Path:
     if not is_hub_spec(spec):
         raise ModelError(f"model {spec!r} is neither a file nor REPO:QUANT (e.g. {DEFAULT_MODEL})")
     repo, quant = spec.rsplit(":", 1)
+    allow, ignore = hub_patterns(quant)
     try:
         from huggingface_hub import snapshot_download
 
-        folder = Path(snapshot_download(repo_id=repo, allow_patterns=[f"*{quant}.gguf", f"*{quant.lower()}.gguf"]))
+        folder = Path(snapshot_download(repo_id=repo, allow_patterns=allow, ignore_patterns=ignore))
     except Exception as exc:  # the hub's many network and auth errors all mean the same to the user
         raise ModelError(
             f"cannot fetch {spec} from the Hugging Face hub ({type(exc).__name__}: {exc}). "
             f"Download the .gguf file yourself and pass it with --model /path/to/model.gguf"
         ) from exc
-    found = sorted(p for p in folder.rglob("*.gguf") if p.name.lower().endswith(f"{quant.lower()}.gguf"))
+    from huggingface_hub.utils import filter_repo_objects
+
+    # The same patterns again: offline, or with the hub unreachable, the folder is the cache's, other quants included.
+    found = sorted(filter_repo_objects((p.relative_to(folder).as_posix() for p in folder.rglob("*.gguf")),
+                                       allow_patterns=allow, ignore_patterns=ignore))
     if not found:
-        raise ModelError(f"{repo} has no file ending in {quant}.gguf; check the quant name")
-    return absolute(found[0])
+        raise ModelError(f"{repo} has no file named …-{quant}.gguf (in the hub's listing, or only in the local cache "
+                         f"{folder} where the hub could not be reached): check the quant name, or download the file "
+                         f"and pass it with --model /path/to/model.gguf")
+    if len(found) > 1:
+        raise ModelError(f"{repo} has {len(found)} files for {quant} ({', '.join(found)}): pass the one you mean with "
+                         f"--model {folder}/…")
+    return absolute(folder / found[0])
+
+
+def hub_patterns(quant: str) -> tuple[list[str], list[str]]:
+    """What of a hub repository is QUANT's model: a file named …-QUANT.gguf (or .QUANT, _QUANT), in any case, and never
+    a vision projector (v4's repositories hold mmproj-…-BF16.gguf beside the model). `*F16.gguf` took BF16 files too."""
+    return [f"*{sep}{any_case(quant)}.gguf" for sep in "-._"], [f"*{any_case('mmproj')}*"]
+
+
+def any_case(text: str) -> str:
+    """A glob matching `text` in any case: the hub's patterns are case-sensitive."""
+    return "".join(f"[{c.lower()}{c.upper()}]" if c.isalpha() else c for c in text)
 
 
 def absolute(path: Path) -> Path:

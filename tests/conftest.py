@@ -3,6 +3,7 @@ llama.cpp on tiny generated qwen2vl GGUFs. No GPU exists here, so everything run
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import socket
@@ -235,14 +236,14 @@ def hub_cache(home: Path, repo: str, file_name: str, model: Path) -> Path:
     """A Hugging Face cache under HF_HOME=`home` holding `model` as huggingface_hub stores a download: the content in
     blobs/, named by its hash, and the file's name in snapshots/REV/ a symbolic link to it."""
     folder = home / "hub" / f"models--{repo.replace('/', '--')}"
-    revision = "0" * 40
-    (folder / "refs").mkdir(parents=True)
+    revision, blob = "0" * 40, hashlib.sha256(file_name.encode()).hexdigest()
+    (folder / "refs").mkdir(parents=True, exist_ok=True)
     (folder / "refs" / "main").write_text(revision)
-    (folder / "blobs").mkdir()
-    shutil.copyfile(model, folder / "blobs" / "5e3f0c1b9a")
-    (folder / "snapshots" / revision).mkdir(parents=True)
+    (folder / "blobs").mkdir(exist_ok=True)
+    shutil.copyfile(model, folder / "blobs" / blob)
+    (folder / "snapshots" / revision).mkdir(parents=True, exist_ok=True)
     link = folder / "snapshots" / revision / file_name
-    link.symlink_to(Path("../../blobs/5e3f0c1b9a"))
+    link.symlink_to(Path("../../blobs") / blob)
     return link
 
 

@@ -17,7 +17,7 @@ from bulkembed.contract.job import (
     prefix_for,
     task_from_model_name,
 )
-from bulkembed.contract.model import is_hub_spec, model_ref, queue_name, resolve_path
+from bulkembed.contract.model import hub_patterns, is_hub_spec, model_ref, queue_name, resolve_path
 from bulkembed.contract.schema import content_hash, embedding_schema, from_ipc_bytes, read_metadata, to_ipc_bytes
 from bulkembed.contract.store import LocalStore, open_store
 from tests.conftest import hub_cache
@@ -88,6 +88,46 @@ def test_a_model_from_the_hub_cache_keeps_its_file_name(tmp_path, monkeypatch, t
     assert task_from_model_name(ref.file_name) == Task.CODE
     assert ref.queue == "bulkembed.jina-embeddings-v4-text-code-f32"
     assert ref.spec == "jinaai/jina-embeddings-v4-text-code-GGUF:F32", "a hub model stays named as typed"
+
+
+V4_REPO_FILES = ["jina-embeddings-v4-text-retrieval-F16.gguf", "jina-embeddings-v4-text-retrieval-BF16.gguf",
+                 "jina-embeddings-v4-text-retrieval-IQ3_M.gguf", "jina-embeddings-v4-text-retrieval-Q3_K_M.gguf",
+                 "mmproj-jina-embeddings-v4-retrieval-BF16.gguf", "mmproj-jina-embeddings-v4-retrieval-F16.gguf",
+                 "other.Q8_0.gguf", "README.md"]
+
+
+@pytest.mark.parametrize("quant, wanted", [("F16", "jina-embeddings-v4-text-retrieval-F16.gguf"),
+                                           ("f16", "jina-embeddings-v4-text-retrieval-F16.gguf"),
+                                           ("BF16", "jina-embeddings-v4-text-retrieval-BF16.gguf"),
+                                           ("iq3_m", "jina-embeddings-v4-text-retrieval-IQ3_M.gguf"),
+                                           ("Q3_K_M", "jina-embeddings-v4-text-retrieval-Q3_K_M.gguf"),
+                                           ("q8_0", "other.Q8_0.gguf")])
+def test_a_hub_quant_fetches_and_picks_only_its_model(quant, wanted, tmp_path, monkeypatch, tiny_model):
+    """What the hub sends for REPO:QUANT (its own filter on the repository's listing) and what is then loaded from the
+    cache: the one model file of that quant in any case, never BF16 for F16, never the vision projector."""
+    import huggingface_hub.constants
+    from huggingface_hub.utils import filter_repo_objects
+
+    allow, ignore = hub_patterns(quant)
+    assert list(filter_repo_objects(V4_REPO_FILES, allow_patterns=allow, ignore_patterns=ignore)) == [wanted]
+    for name in V4_REPO_FILES:  # offline, the cache holds every quant fetched before
+        hub_cache(tmp_path, "jinaai/jina-embeddings-v4-text-retrieval-GGUF", name, tiny_model)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    assert resolve_path(f"jinaai/jina-embeddings-v4-text-retrieval-GGUF:{quant}").name == wanted
+    with pytest.raises(ModelError, match="no file named …-Q6_K.gguf .*local cache"):
+        resolve_path("jinaai/jina-embeddings-v4-text-retrieval-GGUF:Q6_K")
+
+
+def test_two_files_of_one_quant_are_named_not_guessed_between(tmp_path, monkeypatch, tiny_model):
+    import huggingface_hub.constants
+
+    for name in ("model-a-Q8_0.gguf", "model-b-Q8_0.gguf"):
+        hub_cache(tmp_path, "org/two-GGUF", name, tiny_model)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ModelError, match="2 files for Q8_0 .model-a-Q8_0.gguf, model-b-Q8_0.gguf.*--model"):
+        resolve_path("org/two-GGUF:Q8_0")
 
 
 def test_a_local_model_is_recorded_by_its_absolute_path(tmp_path, monkeypatch, tiny_model):
