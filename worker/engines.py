@@ -78,6 +78,13 @@ def _time_candidate(ubatch: int) -> tuple[int, float]:
     return probe.time_candidate(engine(), ubatch)
 
 
+def _can_offload() -> bool:
+    """Whether this llama.cpp build sees a GPU to offload to (a CPU build, or CUDA_VISIBLE_DEVICES='': no)."""
+    import llama_cpp
+
+    return bool(llama_cpp.llama_supports_gpu_offload())
+
+
 def _self_test() -> float:
     from bulkembed.worker.selftest import self_test
 
@@ -138,10 +145,12 @@ class EnginePlan:
     self_test_cosine: float | None = None
 
 
-def decide_engines(requested: int | str, model_path: Path, gpu_layers: int) -> int:
+def decide_engines(requested: int | str, model_path: Path, gpu_layers: int, offloads: Callable[[], bool]) -> int:
+    """`--engines`: as asked, or for auto one on the CPU and as many as the GPU holds (asked of the llama.cpp build,
+    not of nvidia-smi: a CPU build on a GPU host computes on the CPU)."""
     if requested != "auto":
         return int(requested)
-    if gpu_layers == 0:
+    if gpu_layers == 0 or not offloads():
         return 1
     return probe.engines_that_fit(model_path.stat().st_size / (1 << 20), probe.gpu_free_mib())
 
@@ -158,17 +167,20 @@ class EnginePool:
 
     def __init__(self, model_path: Path, sha256: str, setup: EngineSetup):
         self.model_path, self.sha256 = Path(model_path), sha256
-        self.engines = decide_engines(setup.engines, self.model_path, setup.options.gpu_layers)
-        self.options = split_threads(setup.options, self.engines)
+        self.setup = setup
         self.ubatch = setup.ubatch
         self.cache = probe.ProbeCache(setup.probe_cache) if setup.probe_cache else None
         self.processes: list[LlamaProcess] = []
 
     def __enter__(self) -> EnginePool:
         pinned = self.ubatch if isinstance(self.ubatch, int) else probe.CPU_UBATCH
-        options = dataclasses.replace(self.options, ubatch=pinned)
         try:
-            self.processes = [LlamaProcess() for _ in range(self.engines)]
+            self.processes = [LlamaProcess()]
+            self.engines = decide_engines(self.setup.engines, self.model_path, self.setup.options.gpu_layers,
+                                          lambda: self.processes[0].call(_can_offload))
+            self.options = split_threads(self.setup.options, self.engines)
+            self.processes += [LlamaProcess() for _ in range(self.engines - 1)]
+            options = dataclasses.replace(self.options, ubatch=pinned)
             self.facts: EngineFacts = self.call_all(_start_engine, str(self.model_path), options)[0]  # side by side
         except BaseException:
             self.__exit__()

@@ -49,14 +49,24 @@ class ProbeResult:
         return ", ".join(f"ub {ub}: {rate:,.0f} tok/s" for ub, rate in sorted(self.tok_per_s.items()))
 
 
+def _first_gpu(field: str) -> str | None:
+    """`field` of the GPU CUDA uses first here, from nvidia-smi (without starting CUDA in this process); None where
+    there is none. nvidia-smi ignores CUDA_VISIBLE_DEVICES, so its first entry is asked for by id (an index or a
+    UUID, as both take them); an empty or negative one hides every GPU from CUDA."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    first = visible.split(",")[0].strip() if visible is not None else None
+    if first is not None and (not first or first.startswith("-")) or not shutil.which("nvidia-smi"):
+        return None
+    done = subprocess.run(["nvidia-smi", f"--query-gpu={field}", "--format=csv,noheader,nounits",
+                           *(["-i", first] if first else [])], capture_output=True, text=True, timeout=30)
+    values = [line.strip() for line in done.stdout.splitlines() if line.strip()]
+    return values[0] if done.returncode == 0 and values else None
+
+
 def device_name() -> str:
-    """The GPU as nvidia-smi names it (without starting CUDA in this process), else the CPU."""
-    if shutil.which("nvidia-smi"):
-        done = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
-                              text=True, timeout=30)
-        names = [line.strip() for line in done.stdout.splitlines() if line.strip()]
-        if done.returncode == 0 and names:
-            return names[0]
+    """The GPU as nvidia-smi names it, else the CPU."""
+    if name := _first_gpu("name"):
+        return name
     model = next((line.split(":", 1)[1].strip() for line in _cpuinfo() if line.startswith("model name")), "cpu")
     return f"{model} ({os.cpu_count()} cpus)"
 
@@ -69,12 +79,11 @@ def _cpuinfo() -> list[str]:
 
 
 def gpu_free_mib() -> float | None:
-    if not shutil.which("nvidia-smi"):
+    free = _first_gpu("memory.free")
+    try:
+        return float(free) if free else None
+    except ValueError:  # "[N/A]", as some virtual GPUs answer
         return None
-    done = subprocess.run(["nvidia-smi", "--query-gpu=memory.free", "--format=csv,noheader,nounits"],
-                          capture_output=True, text=True, timeout=30)
-    values = done.stdout.split()
-    return float(values[0]) if done.returncode == 0 and values else None
 
 
 def engines_that_fit(model_mib: float, free_mib: float | None) -> int:

@@ -63,7 +63,7 @@ def serve(ref: ModelRef, path: Path, setup: EngineSetup, settings: WorkerSetting
         except (SelfTestError, LlamaProcessDied) as exc:  # a build that cannot embed here: say why, once
             log.critical("%s; refusing to start", exc)
             return 3
-    engines = plan.engines if plan.gpu_offload or setup.engines != "auto" else 1
+    engines = plan.engines
     log.info("self-test passed: packed == alone (worst cosine %.7f)", plan.self_test_cosine)
     log.info("worker for %s (sha256 %s…) on queue %s: %d engine(s), ubatch %d, %d thread(s) each", ref.file_name,
              ref.sha256[:12], ref.queue, engines, plan.options.ubatch, plan.options.threads)

@@ -246,6 +246,42 @@ def test_engines_that_fit_the_gpu(free_mib, expected):
     assert probe.engines_that_fit(3000, free_mib) == expected
 
 
+@pytest.fixture
+def two_gpus(tmp_path, monkeypatch) -> None:
+    """An emulation (no GPU here): an nvidia-smi on the PATH that answers as on a host of two GPUs, and honours -i."""
+    fake = tmp_path / "bin" / "nvidia-smi"
+    fake.parent.mkdir()
+    fake.write_text("""#!/bin/sh
+name="NVIDIA L4
+NVIDIA H100 80GB HBM3"; free="22000
+70000"
+case "$*" in *"-i 1"*) name="NVIDIA H100 80GB HBM3"; free=70000;; *"-i 0"*) name="NVIDIA L4"; free=22000;; esac
+case "$*" in *memory.free*) echo "$free";; *) echo "$name";; esac
+""")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}:{os.environ['PATH']}")
+
+
+def test_the_gpu_asked_about_is_the_one_cuda_will_use(two_gpus, monkeypatch):
+    """nvidia-smi ignores CUDA_VISIBLE_DEVICES: a worker pinned to GPU 1 sized its engines from GPU 0's memory and
+    keyed its ubatch probe by GPU 0's name; one given no GPU still counted one."""
+    assert (probe.device_name(), probe.gpu_free_mib()) == ("NVIDIA L4", 22000.0)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1,0")
+    assert (probe.device_name(), probe.gpu_free_mib()) == ("NVIDIA H100 80GB HBM3", 70000.0)
+    for none in ("", "-1"):
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", none)
+        assert probe.gpu_free_mib() is None and not probe.device_name().startswith("NVIDIA")
+
+
+def test_auto_engines_on_a_build_that_cannot_offload_is_one(two_gpus, tiny_model):
+    """A CPU build (install.sh's default) on a GPU host: `--engines auto` means 1 on the CPU, not as many model
+    copies as the GPU would hold."""
+    setup = EngineSetup(EngineOptions(threads=1), engines="auto", ubatch=64)
+    with EnginePool(tiny_model, file_sha256(tiny_model), setup) as pool:
+        plan = pool.start(self_test=False)
+        assert not plan.gpu_offload and plan.engines == 1 and len(pool.processes) == 1
+
+
 def test_pick_prefers_the_smaller_ubatch_when_speeds_are_close():
     assert probe.pick({256: 90.0, 512: 99.0, 1024: 100.0}) == 512
     assert probe.pick({256: 50.0, 512: 80.0, 1024: 100.0}) == 1024
