@@ -19,6 +19,14 @@ while [ $# -gt 0 ]; do
   esac
   shift
 done
+# A Python its distribution manages (PEP 668: Debian 12, Ubuntu 24.04) refuses pip: say so before the build.
+if [ -z "${PIP_BREAK_SYSTEM_PACKAGES:-}" ] && ! "$PYTHON" -c 'import pathlib, sys, sysconfig
+sys.exit(sys.prefix == sys.base_prefix and pathlib.Path(sysconfig.get_path("stdlib"), "EXTERNALLY-MANAGED").exists())'
+then
+  echo "install.sh: $PYTHON is the system's Python, which pip may not install into (PEP 668). Make a virtual" \
+       "environment first: python3 -m venv .venv && . .venv/bin/activate" >&2
+  exit 2
+fi
 wheel=$(PYTHON=$PYTHON bash "$ROOT/infra/llama-cpp/build.sh" "${target[@]}")
 "$PYTHON" -m pip install -q --no-deps --force-reinstall "$wheel"
 # The pinned versions of everything else; llama-cpp-python==0.3.36 is met by the local build 0.3.36+bulkembed.*

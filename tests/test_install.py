@@ -75,3 +75,24 @@ def test_the_installed_command_embeds_locally(installed: Path, tmp_path: Path, t
 
     table = ds.dataset(tmp_path / "out", format="arrow").to_table()
     assert sorted(table["id"].to_pylist()) == sorted(f"d{i}" for i in range(len(texts)))
+
+
+def _system_python() -> str | None:
+    """A Python its distribution marks as managed (PEP 668), where this machine has one."""
+    check = ("import pathlib, sys, sysconfig; print(sys.prefix == sys.base_prefix and "
+             "pathlib.Path(sysconfig.get_path('stdlib'), 'EXTERNALLY-MANAGED').exists())")
+    for python in ("/usr/bin/python3", "/usr/local/bin/python3"):
+        if Path(python).exists() and subprocess.run([python, "-c", check], capture_output=True,
+                                                    text=True).stdout.strip() == "True":
+            return python
+    return None
+
+
+@pytest.mark.skipif(_system_python() is None, reason="no PEP 668 system Python on this machine")
+def test_install_into_a_managed_system_python_says_to_make_a_venv_before_building():
+    """Debian 12 and Ubuntu 24.04 refuse pip outside a venv: said at once, not after the llama.cpp build."""
+    env = {k: v for k, v in os.environ.items() if k != "PIP_BREAK_SYSTEM_PACKAGES"} | {"PYTHON": _system_python()}
+    done = subprocess.run(["bash", str(REPO / "infra" / "install.sh")], env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 2 and "python3 -m venv .venv" in done.stderr, done.stderr[-2000:]
+    assert "building llama-cpp-python" not in done.stderr + done.stdout

@@ -331,3 +331,12 @@ def test_planners_run_bulkembed_planner_and_scale_on_the_plan_queue(documents):
     assert all(t["authenticationRef"]["name"] == "bulkembed-redis" for t in scaled["spec"]["triggers"])
     assert int(scaled["spec"]["triggers"][1]["metadata"]["listLength"]) >= 10_000, "one pod, however many jobs"
     assert planner["spec"]["replicas"] == 0, "KEDA starts planners when units are queued"
+
+
+def test_the_deploy_guide_names_every_manifest_whose_image_must_be_set():
+    """A manifest left at the placeholder registry pulls nothing (ImagePullBackOff): the planners were missed once."""
+    guide = (REPO / "docs" / "deploy.md").read_text()
+    step = guide[guide.index("Build and push the images"):][:400]
+    placeholders = [path.name for path in sorted((REPO / "infra" / "k8s").glob("*.yaml"))
+                    if "registry.example.com" in path.read_text()]
+    assert placeholders and [name for name in placeholders if f"`{name}`" not in step] == []
