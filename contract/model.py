@@ -27,8 +27,8 @@ def is_hub_spec(spec: str) -> bool:
 def resolve_path(spec: str) -> Path:
     """A local path as is; REPO:QUANT fetched into the Hugging Face cache (or found there offline)."""
     path = Path(spec).expanduser()
-    if path.exists():
-        return absolute(path)
+    if path.exists():  # a link to a model file is named by the file (models/current.gguf -> …-text-code-Q8_0.gguf)
+        return path.resolve()
     if not is_hub_spec(spec):
         raise ModelError(f"model {spec!r} is neither a file nor REPO:QUANT (e.g. {DEFAULT_MODEL})")
     repo, quant = spec.rsplit(":", 1)
@@ -54,7 +54,8 @@ def resolve_path(spec: str) -> Path:
     if len(found) > 1:
         raise ModelError(f"{repo} has {len(found)} files for {quant} ({', '.join(found)}): pass the one you mean with "
                          f"--model {folder}/…")
-    return absolute(folder / found[0])
+    # The link's name, not its blob's: the cache names blobs by their hash, the link as the repository names the file.
+    return Path(os.path.abspath(folder / found[0]))
 
 
 def hub_patterns(quant: str) -> tuple[list[str], list[str]]:
@@ -66,12 +67,6 @@ def hub_patterns(quant: str) -> tuple[list[str], list[str]]:
 def any_case(text: str) -> str:
     """A glob matching `text` in any case: the hub's patterns are case-sensitive."""
     return "".join(f"[{c.lower()}{c.upper()}]" if c.isalpha() else c for c in text)
-
-
-def absolute(path: Path) -> Path:
-    """The path from the root, links kept: the hub cache's file is a link to a blob named by its hash, and the
-    link's name (jina-embeddings-v4-text-code-…) is what names the model's task, queue and trained sizes."""
-    return Path(os.path.abspath(path))
 
 
 @lru_cache(maxsize=8)

@@ -136,7 +136,7 @@ def test_a_local_model_is_recorded_by_its_absolute_path(tmp_path, monkeypatch, t
     shutil.copyfile(tiny_model, tmp_path / "m.gguf")
     monkeypatch.chdir(tmp_path)
     ref, path = model_ref("m.gguf")
-    assert ref.spec == str(tmp_path / "m.gguf") == str(path)
+    assert ref.spec == str((tmp_path / "m.gguf").resolve()) == str(path)
 
 
 def test_schema_roundtrip_keeps_metadata():
