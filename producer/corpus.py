@@ -17,7 +17,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from bulkembed.contract.errors import InputError
-from bulkembed.contract.store import open_store
+from bulkembed.contract.store import is_transient, open_store
 
 log = logging.getLogger(__name__)
 
@@ -210,12 +210,23 @@ def read_batches(fs: pafs.FileSystem, unit: Unit, id_column: str, text_column: s
                  id_type: pa.DataType | None = None) -> Iterator[tuple[str, int, pa.RecordBatch]]:
     """(source file, row number in its file of the batch's first row, batch with columns id and text) of one unit,
     a bounded batch at a time."""
-    path = unit.path
-    parquet = pq.ParquetFile(fs.open_input_file(path))
-    source = source_name(fs, path)
+    source = source_name(fs, unit.path)
     row = unit.first_row
-    for batch in parquet.iter_batches(batch_size=BATCH_ROWS, columns=[id_column, text_column],
-                                      row_groups=range(unit.first_group, unit.stop_group)):
+    for batch in file_batches(fs, unit.path, BATCH_ROWS, [id_column, text_column],
+                              range(unit.first_group, unit.stop_group)):
         ids = cast_ids(batch.column(0), id_type, source)  # the job's, where files differ
         yield source, row, pa.RecordBatch.from_arrays([ids, batch.column(1)], names=["id", "text"])
         row += batch.num_rows
+
+
+def file_batches(fs: pafs.FileSystem, path: str, batch_size: int, columns: list[str],
+                 row_groups: range | None = None) -> Iterator[pa.RecordBatch]:
+    """The columns of a Parquet file (of some of its row groups), a batch at a time. A file damaged past its footer
+    (a page that does not decode) is an InputError naming it; S3's transient errors stay transient, to be retried."""
+    try:
+        parquet = pq.ParquetFile(fs.open_input_file(path))
+        yield from parquet.iter_batches(batch_size=batch_size, columns=columns, row_groups=row_groups)
+    except (OSError, pa.ArrowException) as exc:
+        if is_transient(exc):
+            raise
+        raise InputError(f"cannot read {source_name(fs, path)}: {exc}") from None

@@ -24,9 +24,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 
-from bulkembed.producer.corpus import Corpus, cast_ids, source_name
+from bulkembed.producer.corpus import Corpus, cast_ids, file_batches, source_name
 
 ROW_BITS = 40  # rows per file < 2**40; files < 2**23, so an ordinal is a non-negative int64
 ROW_MASK = (1 << ROW_BITS) - 1
@@ -62,7 +61,7 @@ def id_batches(corpus: Corpus, id_column: str) -> Iterator[pa.RecordBatch]:
         raise ValueError(f"{len(corpus.files)} files: ordinals allow {MAX_FILES}")
     for index, (path, *_) in enumerate(corpus.files):
         row = 0
-        for batch in pq.ParquetFile(corpus.fs.open_input_file(path)).iter_batches(ID_BATCH_ROWS, columns=[id_column]):
+        for batch in file_batches(corpus.fs, path, ID_BATCH_ROWS, [id_column]):
             yield pa.RecordBatch.from_arrays(
                 [cast_ids(batch.column(0), corpus.id_type, source_name(corpus.fs, path)),
                  pa.array(ordinals(index, row, batch.num_rows))],

@@ -287,3 +287,20 @@ def test_a_duplicate_delivery_refuses_a_stored_result_that_does_not_match(tmp_pa
     finally:
         engine.close()
     assert store.get(message.output_key) == bad, "not overwritten"
+
+
+@pytest.mark.parametrize("column", ["id", "text"])
+def test_a_file_damaged_inside_its_data_is_one_line_naming_it(tmp_path, run_cli, tiny_model, column):
+    """A valid footer over a page that does not decode: read by the duplicate-id pass (ids) or by planning (texts).
+    It was a traceback naming no file."""
+    for name, ids in (("a", range(100)), ("b", range(100, 200))):
+        write_corpus(tmp_path / "in" / f"{name}.parquet", list(ids), [f"doc number {i}" for i in ids], pa.int64())
+    damaged = tmp_path / "in" / "b.parquet"
+    chunk = pq.read_metadata(damaged).row_group(0).column(0 if column == "id" else 1)
+    data = bytearray(damaged.read_bytes())
+    for i in range(chunk.data_page_offset + 30, chunk.data_page_offset + 70):
+        data[i] ^= 0x5A
+    damaged.write_bytes(bytes(data))
+    done = run_cli("run", tmp_path / "in", "--model", tiny_model, "--out", tmp_path / "out")
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert f"cannot read {damaged}" in done.stderr.strip().splitlines()[-1], done.stderr[-3000:]
