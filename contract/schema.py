@@ -29,12 +29,35 @@ SHARD_SOURCE = METADATA_PREFIX + "source"  # a shard input's corpus file (a unit
 def shard_input_schema(id_type: pa.DataType, source: str = "") -> pa.Schema:
     """A shard's input: the id as the corpus typed it, the text with its prefix, which of its tokens this row embeds
     (bulkembed.contract.job.Span: all of them unless it was truncated or chunked), and where the row comes from
-    (`source`, the corpus file, in the metadata; `row`, the row's number in it), for a quarantine record to name."""
+    (`source`, the corpus file, in the metadata; `row`, the row's number in it), for a quarantine record to name.
+    The text is dictionary-encoded: a long document's chunks are rows of one text, held once (shard_texts)."""
     return pa.schema([
-        ("id", id_type), ("text", pa.string()), ("n_tokens", pa.int32()), ("chunk", pa.int32()),
+        ("id", id_type), ("text", SHARD_TEXT_TYPE), ("n_tokens", pa.int32()), ("chunk", pa.int32()),
         ("start", pa.int32()), ("stop", pa.int32()), ("truncated", pa.bool_()),
         ("content_hash", CONTENT_HASH_TYPE), ("row", pa.int64()),
     ], metadata={SHARD_SOURCE: source})
+
+
+SHARD_TEXT_TYPE = pa.dictionary(pa.int32(), pa.string())
+
+
+def shard_text_column(texts: list[str]) -> pa.DictionaryArray:
+    """Each distinct text once: the 128 chunks of a 520k-token document in one shard were 128 copies of it."""
+    index: dict[str, int] = {}
+    indices = [index.setdefault(text, len(index)) for text in texts]
+    return pa.DictionaryArray.from_arrays(pa.array(indices, pa.int32()), pa.array(list(index), pa.string()))
+
+
+def shard_texts(column: pa.ChunkedArray) -> list[str]:
+    """A shard input's texts, rows of one text sharing one str (tokenized once by the worker, sent to the engine
+    once); inputs planned before the dictionary are plain strings."""
+    if not pa.types.is_dictionary(column.type):
+        return column.to_pylist()
+    texts: list[str] = []
+    for chunk in column.chunks:
+        distinct = chunk.dictionary.to_pylist()
+        texts += [distinct[i] for i in chunk.indices.to_pylist()]
+    return texts
 
 
 def row_sources(shard_input: pa.Table, input_key: str) -> tuple[str, list[int]]:

@@ -47,6 +47,7 @@ from bulkembed.contract.schema import (
     from_ipc_bytes,
     rejected_schema,
     shard_input_schema,
+    shard_text_column,
     to_ipc_bytes,
 )
 from bulkembed.contract.settings import ProducerSettings
@@ -372,7 +373,7 @@ def plan_unit(ctx: PlanContext, unit: Unit, sink: ShardSink) -> JobTotals:
             sink.written(message)
         else:
             table = pa.table(
-                {"id": [d.id for d in documents], "text": [d.text for d in documents],
+                {"id": [d.id for d in documents], "text": shard_text_column([d.text for d in documents]),
                  "n_tokens": lengths, "chunk": [d.span.chunk for d in documents],
                  "start": [d.span.start for d in documents], "stop": [d.span.stop for d in documents],
                  "truncated": [d.span.truncated for d in documents],

@@ -99,9 +99,12 @@ def _tokens(engine: Engine, rows: ShardRows) -> tuple[list[np.ndarray], dict[int
     lead = vocab.tokenize(rows.prefix)  # a later chunk's start: the opening tokens and the prefix, without the close
     lead = lead[:len(lead) - tail]
     tokens, reasons = [], {}
+    tokenized: dict[str, np.ndarray] = {}  # a document's chunks are rows of one text: tokenized once, not per chunk
     for row, (text, start, stop, chunk, expected) in enumerate(
             zip(rows.texts, rows.starts, rows.stops, rows.chunks, rows.n_tokens, strict=True)):
-        full = vocab.tokenize(text)
+        full = tokenized.get(text)
+        if full is None:
+            full = tokenized[text] = vocab.tokenize(text)
         cut = chunk > 0 or stop < len(full)  # as contract.job.document_spans cuts: the close goes after the cut
         piece = np.concatenate([lead if chunk > 0 else full[:0], full[start:stop],
                                 full[len(full) - tail:] if cut and tail else full[:0]])

@@ -27,6 +27,7 @@ from bulkembed.contract.schema import (
     from_ipc_bytes,
     rejected_schema,
     row_sources,
+    shard_texts,
     to_ipc_bytes,
 )
 from bulkembed.contract.store import Store
@@ -70,10 +71,11 @@ def open_shard(message: ShardMessage, model_sha256: str, store: Store) -> OpenSh
         return stored_result(message, store)
     started = time.perf_counter()
     table = from_ipc_bytes(store.get(message.input_key))
-    column = {name: table.column(name).to_pylist() for name in ("text", "start", "stop", "chunk", "n_tokens")}
+    column = {name: table.column(name).to_pylist() for name in ("start", "stop", "chunk", "n_tokens")}
     rows = ShardRows(label=f"job {message.job_id} shard {message.shard}", prefix=job.prefix, pooling=job.pooling,
                      close_cut_rows=job.close_cut_rows,
-                     texts=column["text"], starts=column["start"], stops=column["stop"], chunks=column["chunk"],
+                     texts=shard_texts(table.column("text")), starts=column["start"], stops=column["stop"],
+                     chunks=column["chunk"],
                      n_tokens=column["n_tokens"])
     return OpenShard(message, table, rows, started)
 
