@@ -201,8 +201,9 @@ def wait_for(registry, job_id: str, poll_s: float = 1.0, no_worker_s: float = NO
               f"resumes the job", file=sys.stderr)
         return 1
     if status.state == "done":
-        reused = status.totals.reused_rows if status.totals else 0
-        print(f"job {job_id} done: {status.rows_done} rows embedded ({status.tokens_done} tokens), {reused} reused")
+        reused, rejected = (status.totals.reused_rows, status.totals.rejected) if status.totals else (0, 0)
+        print(f"job {job_id} done: {status.rows_done} rows embedded ({status.tokens_done} tokens), {reused} reused, "
+              f"{rejected} rejected")
         return 0
     if status.error:
         print(f"job {job_id} failed while planning: {status.error}", file=sys.stderr)

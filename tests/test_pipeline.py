@@ -78,6 +78,8 @@ def test_submit_wait_with_two_workers(corpus, bucket, workers, run_cli, tiny_mod
     manifest = json.loads(open_store(out).get("_manifest.json"))
     assert manifest["job_id"] == job_id and manifest["rows"] == N_ROWS
     assert manifest["tokens"] == int(pa.compute.sum(table.column("n_tokens")).as_py())
+    assert done.stdout.strip().splitlines()[-1] == \
+        f"job {job_id} done: {N_ROWS} rows embedded ({manifest['tokens']} tokens), 0 reused, 0 rejected"
     shards = manifest_shards(open_store(out)).num_rows
     assert shards > 4, "the job was cut into several shards"
     # Both workers took shards: the queue spreads work.

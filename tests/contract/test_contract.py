@@ -220,3 +220,14 @@ def test_a_worker_stopped_by_an_unrecoverable_error_exits_non_zero(redis_server)
                           timeout=120)
     assert done.returncode == 1, done.stderr[-2000:]
     assert "Unrecoverable error" in done.stderr
+
+
+def test_shard_texts_share_one_string_per_text_and_read_inputs_planned_before():
+    from bulkembed.contract.schema import shard_text_column, shard_texts
+
+    long = "a long document " * 1000
+    column = shard_text_column([long, "short", long, long])
+    assert len(column.dictionary) == 2
+    texts = shard_texts(pa.chunked_array([column]))
+    assert texts == [long, "short", long, long] and texts[0] is texts[2] is texts[3], "one str, sent and tokenized once"
+    assert shard_texts(pa.chunked_array([pa.array(["x", "y"])])) == ["x", "y"], "a plain string column, as before"
