@@ -107,7 +107,8 @@ def open_corpus(uri: str, id_column: str, text_column: str) -> Corpus:
                 raise InputError(f"{path} has {schema.names.count(column)} columns named {column!r}: which one is "
                                  f"meant cannot be told")
         text_type = schema.field(text_column).type
-        if not (pa.types.is_string(text_type) or pa.types.is_large_string(text_type)):
+        # null: a column of no texts at all, as pandas writes one of None; its rows are quarantined, "null text".
+        if not (pa.types.is_string(text_type) or pa.types.is_large_string(text_type) or pa.types.is_null(text_type)):
             raise InputError(f"{path}: text column {text_column!r} is {text_type}, not a string")
         this_id = schema.field(id_column).type
         if not (pa.types.is_integer(this_id) or pa.types.is_string(this_id) or pa.types.is_large_string(this_id)):

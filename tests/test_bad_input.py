@@ -304,3 +304,15 @@ def test_a_file_damaged_inside_its_data_is_one_line_naming_it(tmp_path, run_cli,
     done = run_cli("run", tmp_path / "in", "--model", tiny_model, "--out", tmp_path / "out")
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
     assert f"cannot read {damaged}" in done.stderr.strip().splitlines()[-1], done.stderr[-3000:]
+
+
+def test_a_file_whose_text_column_is_all_none_has_its_rows_quarantined(tmp_path, run_cli, tiny_model):
+    """pandas writes a column of only None as Arrow's null type: those rows are null texts, not a refused corpus."""
+    write_corpus(tmp_path / "in" / "a.parquet", ["a1", "a2"], ["one text", "another"])
+    pq.write_table(pa.table({"id": ["b1", "b2"], "text": pa.nulls(2)}), tmp_path / "in" / "b.parquet")
+    done = run_cli("run", tmp_path / "in", "--model", tiny_model, "--out", tmp_path / "out")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert sorted(ds.dataset(tmp_path / "out", format="arrow").to_table().column("id").to_pylist()) == ["a1", "a2"]
+    rejected = ds.dataset(tmp_path / "out" / "_rejected", format="arrow").to_table()
+    reasons = dict(zip(rejected.column("id").to_pylist(), rejected.column("reason").to_pylist(), strict=True))
+    assert reasons == {"b1": "null text", "b2": "null text"}
