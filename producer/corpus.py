@@ -87,7 +87,7 @@ def open_corpus(uri: str, id_column: str, text_column: str) -> Corpus:
     if id_column == text_column:
         raise InputError(f"--id-column and --text-column both name {id_column!r}: the id and the text are two columns")
     fs, files = _list_files(uri)
-    id_type, mixed = None, False
+    id_type, file_id_types = None, set()
     total_rows = 0
     row_groups = []
     for path, *_ in files:
@@ -108,19 +108,34 @@ def open_corpus(uri: str, id_column: str, text_column: str) -> Corpus:
                                  f"meant cannot be told")
         text_type = schema.field(text_column).type
         # null: a column of no texts at all, as pandas writes one of None; its rows are quarantined, "null text".
-        if not (pa.types.is_string(text_type) or pa.types.is_large_string(text_type) or pa.types.is_null(text_type)):
+        if not (is_text(text_type) or pa.types.is_null(text_type)):
             raise InputError(f"{path}: text column {text_column!r} is {text_type}, not a string")
         this_id = schema.field(id_column).type
-        if not (pa.types.is_integer(this_id) or pa.types.is_string(this_id) or pa.types.is_large_string(this_id)):
+        if not (pa.types.is_integer(this_id) or is_text(this_id)):
             raise InputError(f"{path}: id column {id_column!r} is {this_id}; use an integer or string id")
-        common = this_id if id_type is None else common_id_type(id_type, this_id)
+        common = plain(this_id) if id_type is None else common_id_type(id_type, plain(this_id))
         if common is None:
             raise InputError(f"{path}: id column is {this_id} but earlier files have {id_type}")
-        mixed = mixed or (id_type is not None and this_id != id_type)
+        file_id_types.add(this_id)
         id_type = common
     if total_rows == 0:
         raise InputError(f"input {uri} has no rows")
-    return Corpus(fs=fs, files=files, id_type=id_type, row_groups=tuple(row_groups), mixed_ids=mixed)
+    return Corpus(fs=fs, files=files, id_type=id_type, row_groups=tuple(row_groups),
+                  mixed_ids=file_id_types != {id_type})
+
+
+def is_text(column_type: pa.DataType) -> bool:
+    """Strings however Arrow holds them: string, large_string, string_view (as Polars writes them), or a dictionary
+    of them (a pandas categorical)."""
+    value_type = column_type.value_type if pa.types.is_dictionary(column_type) else column_type
+    return pa.types.is_string(value_type) or pa.types.is_large_string(value_type) or pa.types.is_string_view(value_type)
+
+
+def plain(column_type: pa.DataType) -> pa.DataType:
+    """The type a column is read as: strings held as views or a dictionary as plain strings (every output's ids)."""
+    if pa.types.is_dictionary(column_type):
+        column_type = column_type.value_type
+    return pa.string() if pa.types.is_string_view(column_type) else column_type
 
 
 def common_id_type(a: pa.DataType, b: pa.DataType) -> pa.DataType | None:
@@ -216,7 +231,9 @@ def read_batches(fs: pafs.FileSystem, unit: Unit, id_column: str, text_column: s
     for batch in file_batches(fs, unit.path, BATCH_ROWS, [id_column, text_column],
                               range(unit.first_group, unit.stop_group)):
         ids = cast_ids(batch.column(0), id_type, source)  # the job's, where files differ
-        yield source, row, pa.RecordBatch.from_arrays([ids, batch.column(1)], names=["id", "text"])
+        texts = batch.column(1)
+        texts = texts if texts.type == plain(texts.type) else texts.cast(plain(texts.type))
+        yield source, row, pa.RecordBatch.from_arrays([ids, texts], names=["id", "text"])
         row += batch.num_rows
 
 

@@ -316,3 +316,23 @@ def test_a_file_whose_text_column_is_all_none_has_its_rows_quarantined(tmp_path,
     rejected = ds.dataset(tmp_path / "out" / "_rejected", format="arrow").to_table()
     reasons = dict(zip(rejected.column("id").to_pylist(), rejected.column("reason").to_pylist(), strict=True))
     assert reasons == {"b1": "null text", "b2": "null text"}
+
+
+def test_strings_held_as_views_or_a_dictionary_are_read_as_strings(tmp_path, run_cli, tiny_model):
+    """Polars writes string_view columns, pandas categoricals are dictionaries: they were refused as not strings. The
+    output is what the same corpus of plain strings gives, ids typed string."""
+    ids, texts = ["a", "b", "c", "d"], ["the first text", "a second one", "the first text", "and a fourth"]
+    write_corpus(tmp_path / "plain" / "c.parquet", ids, texts)
+    (tmp_path / "held").mkdir()
+    views = {"id": pa.array(ids[:2], pa.string_view()), "text": pa.array(texts[:2], pa.string_view())}
+    pq.write_table(pa.table(views), tmp_path / "held" / "a.parquet")
+    categories = {"id": pa.array(ids[2:]).dictionary_encode(), "text": pa.array(texts[2:]).dictionary_encode()}
+    pq.write_table(pa.table(categories), tmp_path / "held" / "b.parquet")
+    tables = []
+    for corpus in ("plain", "held"):
+        done = run_cli("run", tmp_path / corpus, "--model", tiny_model, "--out", tmp_path / f"out-{corpus}")
+        assert done.returncode == 0, done.stderr[-3000:]
+        tables.append(ds.dataset(tmp_path / f"out-{corpus}", format="arrow").to_table().sort_by("id"))
+    plain, held = tables
+    assert held.schema.field("id").type == pa.string() and held.column("id").to_pylist() == ids
+    assert held.column("embedding").equals(plain.column("embedding"))
