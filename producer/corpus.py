@@ -54,9 +54,12 @@ def _list_files(uri: str) -> tuple[pafs.FileSystem, list[tuple[str, int, str]]]:
         elif info.type != pafs.FileType.Directory:
             raise InputError(f"input {uri} does not exist")
         else:
-            found = [f for f in fs.get_file_info(pafs.FileSelector(base, recursive=True))
-                     if f.type == pafs.FileType.File and f.base_name.endswith(".parquet")
-                     and not _hidden(f.path[len(base):])]
+            listed = [f for f in fs.get_file_info(pafs.FileSelector(base, recursive=True))
+                      if f.type == pafs.FileType.File and not _hidden(f.path[len(base):])]
+            found = [f for f in listed if f.base_name.endswith(".parquet")]
+            if others := [f.path for f in listed if not f.base_name.endswith(".parquet")]:  # said, not dropped silently
+                log.warning("%s: %d files not named .parquet are not read (%s%s); rename those that are Parquet",
+                            uri, len(others), ", ".join(others[:3]), ", …" if len(others) > 3 else "")
     except OSError as exc:  # pyarrow's: the S3 endpoint unreachable, access denied
         raise InputError(f"cannot list the input {uri}: {exc}") from None
     if not found:

@@ -336,3 +336,14 @@ def test_strings_held_as_views_or_a_dictionary_are_read_as_strings(tmp_path, run
     plain, held = tables
     assert held.schema.field("id").type == pa.string() and held.column("id").to_pylist() == ids
     assert held.column("embedding").equals(plain.column("embedding"))
+
+
+def test_files_not_named_parquet_in_the_input_are_said_not_read(tmp_path, run_cli, tiny_model):
+    """Hive writes files without an extension: skipping them without a word would drop their rows silently."""
+    write_corpus(tmp_path / "in" / "a.parquet", ["a"], ["one text"])
+    write_corpus(tmp_path / "in" / "000000_0", ["b"], ["another"])
+    (tmp_path / "in" / "_SUCCESS").write_text("")  # a writer's marker: not the corpus's, nothing to say
+    done = run_cli("run", tmp_path / "in", "--model", tiny_model, "--out", tmp_path / "out")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "1 files not named .parquet are not read" in done.stderr and "000000_0" in done.stderr, done.stderr
+    assert "_SUCCESS" not in done.stderr
