@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -55,10 +56,11 @@ def choose_prefix(task: Task | None, role: Role, prefix: str | None, file_name: 
 
 
 def task_from_model_name(name: str) -> Task | None:
-    """The task a file name states as v4's GGUF files do (jina-embeddings-v4-text-code-Q8_0.gguf). Only that spelling:
-    nomic-embed-code or jina-embeddings-v2-base-code are other models, whose prefixes are not v4's."""
-    lowered = name.lower()
-    return next((task for spelled, task in V4_TASK_NAMES.items() if spelled in lowered), None)
+    """The task a file name states as v4's GGUF files do (jina-embeddings-v4-text-code-Q8_0.gguf), as words of their
+    own. Only that spelling: nomic-embed-code, jina-embeddings-v2-base-code or long-context-retrieval are other
+    models, whose prefixes are not v4's."""
+    found = re.search(r"(?<![a-z0-9])(text-retrieval|text-code|text-matching)(?![a-z])", name.lower())
+    return V4_TASK_NAMES[found.group(1)] if found else None
 
 
 V4_TASK_NAMES = {"text-retrieval": Task.RETRIEVAL, "text-code": Task.CODE, "text-matching": Task.TEXT_MATCHING}
@@ -141,7 +143,7 @@ class ModelRef(BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
-    spec: str = Field(description="What the user passed: a .gguf path or REPO:QUANT.")
+    spec: str = Field(description="REPO:QUANT as the user passed it, or the .gguf file's absolute path.")
     file_name: str
     sha256: str
     queue: str = Field(description="Celery queue of this model's workers.")
@@ -189,8 +191,9 @@ class JobSpec(BaseModel):
         "False is also what a job planned before this rule says, so a worker can refuse such a job's shards.",
     )
     id_type: str | None = Field(
-        None, description="The Arrow type every file's ids are cast to, where the input's files differ in width "
-        "(string and large_string, int32 and int64). None: the files agree, and their type is kept.",
+        None, description="The Arrow type every file's ids are cast to, where a file's differs from it (string and "
+        "large_string, int32 and int64; strings held as views or a dictionary). None: the files agree, and their type "
+        "is kept.",
     )
 
     def vector_options(self) -> dict[str, str | int | bool | None]:

@@ -27,8 +27,9 @@ def is_hub_spec(spec: str) -> bool:
 def resolve_path(spec: str) -> Path:
     """A local path as is; REPO:QUANT fetched into the Hugging Face cache (or found there offline)."""
     path = Path(spec).expanduser()
-    if path.exists():  # a link to a model file is named by the file (models/current.gguf -> …-text-code-Q8_0.gguf)
-        return path.resolve()
+    if path.exists():  # a link to a model file is named by the file (models/current.gguf -> …-text-code-Q8_0.gguf),
+        target = path.resolve()  # but one to a blob of the hub's cache (named by its hash) by its own name
+        return target if target.name.lower().endswith(".gguf") else Path(os.path.abspath(path))
     if not is_hub_spec(spec):
         raise ModelError(f"model {spec!r} is neither a file nor REPO:QUANT (e.g. {DEFAULT_MODEL})")
     repo, quant = spec.rsplit(":", 1)
@@ -59,9 +60,11 @@ def resolve_path(spec: str) -> Path:
 
 
 def hub_patterns(quant: str) -> tuple[list[str], list[str]]:
-    """What of a hub repository is QUANT's model: a file named …-QUANT.gguf (or .QUANT, _QUANT), in any case, and never
-    a vision projector (v4's repositories hold mmproj-…-BF16.gguf beside the model). `*F16.gguf` took BF16 files too."""
-    return [f"*{sep}{any_case(quant)}.gguf" for sep in "-._"], [f"*{any_case('mmproj')}*"]
+    """What of a hub repository is QUANT's model: a file named QUANT.gguf or …-QUANT.gguf (.QUANT, _QUANT), in any
+    case, never a vision projector (v4's repositories hold mmproj-…-BF16.gguf beside the model). `*F16.gguf` took
+    BF16 files too."""
+    named = f"{any_case(quant)}.gguf"
+    return [named, f"*/{named}", *(f"*{sep}{named}" for sep in "-._")], [f"*{any_case('mmproj')}*"]
 
 
 def any_case(text: str) -> str:

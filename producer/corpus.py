@@ -30,7 +30,7 @@ class Corpus:
     files: list[tuple[str, int, str]]  # (path in fs, size, version: S3 ETag or local mtime in ns)
     id_type: pa.DataType  # every file's, or the one their ids are cast to where files differ in width
     row_groups: tuple[tuple[int, ...], ...] = ()  # rows of each row group, per file
-    mixed_ids: bool = False  # the files' id types differ (string and large_string, int32 and int64)
+    mixed_ids: bool = False  # a file's id type is not id_type (string and large_string, int32 and int64, string_view)
 
     @property
     def fingerprint(self) -> str:
@@ -248,6 +248,6 @@ def file_batches(fs: pafs.FileSystem, path: str, batch_size: int, columns: list[
         parquet = pq.ParquetFile(fs.open_input_file(path))
         yield from parquet.iter_batches(batch_size=batch_size, columns=columns, row_groups=row_groups)
     except (OSError, pa.ArrowException) as exc:
-        if is_transient(exc):
+        if is_transient(exc) or isinstance(exc, pa.ArrowMemoryError):  # the file is not at fault
             raise
         raise InputError(f"cannot read {source_name(fs, path)}: {exc}") from None

@@ -36,9 +36,11 @@ def test_task_from_model_name():
     assert task_from_model_name("jina-embeddings-v4-text-retrieval-Q8_0.gguf") == Task.RETRIEVAL
     assert task_from_model_name("jina-embeddings-v4-text-code-IQ3_M.gguf") == Task.CODE
     assert task_from_model_name("jina-embeddings-v4-text-matching-F16.gguf") == Task.TEXT_MATCHING
+    assert task_from_model_name("Text-Code.Q8_0.gguf") == Task.CODE
     assert task_from_model_name("some-model.gguf") is None
     for other in ("nomic-embed-code.Q4_K_M.gguf", "jina-embeddings-v2-base-code-Q8_0.gguf",
-                  "jina-code-embeddings-0.5b-Q8_0.gguf", "SFR-Embedding-Code-2B_R-Q8_0.gguf"):
+                  "jina-code-embeddings-0.5b-Q8_0.gguf", "SFR-Embedding-Code-2B_R-Q8_0.gguf",
+                  "long-context-retrieval-Q8_0.gguf", "bge-context-code-7b.Q8_0.gguf", "text-codec-Q8_0.gguf"):
         assert task_from_model_name(other) is None, f"{other} is no v4 model: its prefixes are not v4's"
 
 
@@ -93,7 +95,7 @@ def test_a_model_from_the_hub_cache_keeps_its_file_name(tmp_path, monkeypatch, t
 V4_REPO_FILES = ["jina-embeddings-v4-text-retrieval-F16.gguf", "jina-embeddings-v4-text-retrieval-BF16.gguf",
                  "jina-embeddings-v4-text-retrieval-IQ3_M.gguf", "jina-embeddings-v4-text-retrieval-Q3_K_M.gguf",
                  "mmproj-jina-embeddings-v4-retrieval-BF16.gguf", "mmproj-jina-embeddings-v4-retrieval-F16.gguf",
-                 "other.Q8_0.gguf", "README.md"]
+                 "other.Q8_0.gguf", "Q6_K.gguf", "README.md"]
 
 
 @pytest.mark.parametrize("quant, wanted", [("F16", "jina-embeddings-v4-text-retrieval-F16.gguf"),
@@ -101,7 +103,7 @@ V4_REPO_FILES = ["jina-embeddings-v4-text-retrieval-F16.gguf", "jina-embeddings-
                                            ("BF16", "jina-embeddings-v4-text-retrieval-BF16.gguf"),
                                            ("iq3_m", "jina-embeddings-v4-text-retrieval-IQ3_M.gguf"),
                                            ("Q3_K_M", "jina-embeddings-v4-text-retrieval-Q3_K_M.gguf"),
-                                           ("q8_0", "other.Q8_0.gguf")])
+                                           ("q8_0", "other.Q8_0.gguf"), ("Q6_K", "Q6_K.gguf")])
 def test_a_hub_quant_fetches_and_picks_only_its_model(quant, wanted, tmp_path, monkeypatch, tiny_model):
     """What the hub sends for REPO:QUANT (its own filter on the repository's listing) and what is then loaded from the
     cache: the one model file of that quant in any case, never BF16 for F16, never the vision projector."""
@@ -115,8 +117,8 @@ def test_a_hub_quant_fetches_and_picks_only_its_model(quant, wanted, tmp_path, m
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     assert resolve_path(f"jinaai/jina-embeddings-v4-text-retrieval-GGUF:{quant}").name == wanted
-    with pytest.raises(ModelError, match="no file named …-Q6_K.gguf .*local cache"):
-        resolve_path("jinaai/jina-embeddings-v4-text-retrieval-GGUF:Q6_K")
+    with pytest.raises(ModelError, match="no file named …-Q5_K_M.gguf .*local cache"):
+        resolve_path("jinaai/jina-embeddings-v4-text-retrieval-GGUF:Q5_K_M")
 
 
 def test_two_files_of_one_quant_are_named_not_guessed_between(tmp_path, monkeypatch, tiny_model):
@@ -128,6 +130,14 @@ def test_two_files_of_one_quant_are_named_not_guessed_between(tmp_path, monkeypa
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(ModelError, match="2 files for Q8_0 .model-a-Q8_0.gguf, model-b-Q8_0.gguf.*--model"):
         resolve_path("org/two-GGUF:Q8_0")
+
+
+def test_the_hub_caches_file_passed_as_a_path_keeps_its_name(tmp_path, tiny_model):
+    """What `huggingface-cli download` prints, and what a two-file error says to pass: a link to a hashed blob."""
+    link = hub_cache(tmp_path, "jinaai/jina-embeddings-v4-text-code-GGUF", "jina-embeddings-v4-text-code-F32.gguf",
+                     tiny_model)
+    ref, path = model_ref(str(link))
+    assert path == link and ref.file_name == "jina-embeddings-v4-text-code-F32.gguf" and ref.spec == str(link)
 
 
 def test_a_local_model_is_recorded_by_its_absolute_path(tmp_path, monkeypatch, tiny_model):
