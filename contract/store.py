@@ -75,9 +75,9 @@ class LocalStore:
     def _temp_file(self, path: Path, data: bytes | Path) -> str:
         """`data` (bytes, or a local file's) durably in a temporary file beside `path`, to be linked or renamed into
         place."""
-        for attempt in range(3):  # the folder may be pruned (delete) between mkdir and mkstemp: make it again
-            path.parent.mkdir(parents=True, exist_ok=True)
+        for attempt in range(3):  # a delete may prune the folder, or a parent, while it is made: make it again
             try:
+                path.parent.mkdir(parents=True, exist_ok=True)
                 fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
                 break
             except FileNotFoundError:

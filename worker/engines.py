@@ -179,7 +179,8 @@ class EnginePool:
             self.engines = decide_engines(self.setup.engines, self.model_path, self.setup.options.gpu_layers,
                                           lambda: self.processes[0].call(_can_offload))
             self.options = split_threads(self.setup.options, self.engines)
-            self.processes += [LlamaProcess() for _ in range(self.engines - 1)]
+            while len(self.processes) < self.engines:  # one at a time: those made are closed if one fails to start
+                self.processes.append(LlamaProcess())
             options = dataclasses.replace(self.options, ubatch=pinned)
             self.facts: EngineFacts = self.call_all(_start_engine, str(self.model_path), options)[0]  # side by side
         except BaseException:

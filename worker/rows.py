@@ -8,6 +8,7 @@ counts, embed, and set aside the rows llama.cpp fails on.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
@@ -99,12 +100,17 @@ def _tokens(engine: Engine, rows: ShardRows) -> tuple[list[np.ndarray], dict[int
     lead = vocab.tokenize(rows.prefix)  # a later chunk's start: the opening tokens and the prefix, without the close
     lead = lead[:len(lead) - tail]
     tokens, reasons = [], {}
-    tokenized: dict[str, np.ndarray] = {}  # a document's chunks are rows of one text: tokenized once, not per chunk
+    # A document's chunks are rows of one text: tokenized once, not per chunk. Only those are kept (a truncated
+    # long text's full tokens would be held for nothing).
+    repeated = {text for text, rows_of_it in Counter(rows.texts).items() if rows_of_it > 1}
+    tokenized: dict[str, np.ndarray] = {}
     for row, (text, start, stop, chunk, expected) in enumerate(
             zip(rows.texts, rows.starts, rows.stops, rows.chunks, rows.n_tokens, strict=True)):
         full = tokenized.get(text)
         if full is None:
-            full = tokenized[text] = vocab.tokenize(text)
+            full = vocab.tokenize(text)
+            if text in repeated:
+                tokenized[text] = full
         cut = chunk > 0 or stop < len(full)  # as contract.job.document_spans cuts: the close goes after the cut
         piece = np.concatenate([lead if chunk > 0 else full[:0], full[start:stop],
                                 full[len(full) - tail:] if cut and tail else full[:0]])

@@ -3,9 +3,11 @@ call, permanent ones stay what they are."""
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from botocore.exceptions import (
@@ -284,3 +286,20 @@ def test_aws_region_names_the_region_as_the_docs_say(s3_server, bucket, monkeypa
     assert store.client.meta.region_name == "eu-west-3" and store.arrow_fs()[0].region == "eu-west-3"
     monkeypatch.setenv("AWS_DEFAULT_REGION", "ap-south-1")  # both: AWS_REGION wins, as in the AWS CLI
     assert S3Store(f"s3://{bucket}/regional").client.meta.region_name == "eu-west-3"
+
+
+def test_a_put_whose_new_folder_is_pruned_while_it_is_made_makes_it_again(tmp_path, monkeypatch):
+    """A delete_many that empties `_plan/a/` removes it while a put is making `_plan/a/b/`: the put makes it again."""
+    store = LocalStore(tmp_path / "out")
+    leaf, real_mkdir, calls = store.root / "_plan" / "a" / "b", os.mkdir, []
+
+    def pruned_meanwhile(path, *args, **kwargs):
+        if Path(path) == leaf:
+            calls.append(path)
+            if len(calls) <= 2:  # 1: its parent is missing (pathlib makes it); 2: the parent pruned again meanwhile
+                raise FileNotFoundError(2, "No such file or directory", str(path))
+        return real_mkdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "mkdir", pruned_meanwhile)
+    store.put("_plan/a/b/k.json", b"v")
+    assert store.get("_plan/a/b/k.json") == b"v" and len(calls) == 3

@@ -282,6 +282,24 @@ def test_auto_engines_on_a_build_that_cannot_offload_is_one(two_gpus, tiny_model
         assert not plan.gpu_offload and plan.engines == 1 and len(pool.processes) == 1
 
 
+def test_engines_made_before_one_fails_to_start_are_closed(tiny_model, monkeypatch):
+    from bulkembed.worker import engines
+
+    made, real = [], engines.LlamaProcess
+
+    def third_fails():
+        if len(made) == 2:
+            raise OSError("cannot start another process")
+        made.append(real())
+        return made[-1]
+
+    monkeypatch.setattr(engines, "LlamaProcess", third_fails)
+    with pytest.raises(OSError, match="another process"), \
+            EnginePool(tiny_model, file_sha256(tiny_model), EngineSetup(EngineOptions(threads=1), engines=3)):
+        pass
+    assert len(made) == 2 and not any(process.alive for process in made), "none left behind"
+
+
 def test_pick_prefers_the_smaller_ubatch_when_speeds_are_close():
     assert probe.pick({256: 90.0, 512: 99.0, 1024: 100.0}) == 512
     assert probe.pick({256: 50.0, 512: 80.0, 1024: 100.0}) == 1024
