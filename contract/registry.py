@@ -102,6 +102,7 @@ class JobStatus(BaseModel):
     shards_done: int
     tokens_done: int
     rows_done: int
+    rejected_done: int = 0  # rows the workers quarantined (NaN vectors, llama.cpp failures); planning's are in totals
     failed: int = 0  # shards failed for good
     failures: dict[int, str]  # the first FAILURES_PAGE of them
 
@@ -135,13 +136,14 @@ def stored_result(message: ShardMessage, store: Store) -> ShardResult:
 # job's counters grow in one step, so `status` reads a few numbers instead of every shard's result (how many are
 # written is the done hash's size). `failed_only` counts the failed shards that are not written, so written +
 # failed_only is how many shards are settled.
-# KEYS: job hash, done hash, failed hash; ARGV: shard, result json, rows, tokens.
+# KEYS: job hash, done hash, failed hash; ARGV: shard, result json, rows, tokens, rows the worker quarantined.
 _SHARD_DONE = """
 if redis.call('HEXISTS', KEYS[1], 'spec') == 0 then return end
 local new = redis.call('HSETNX', KEYS[2], ARGV[1], ARGV[2])
 if new == 1 then
   redis.call('HINCRBY', KEYS[1], 'rows_done', ARGV[3])
   redis.call('HINCRBY', KEYS[1], 'tokens_done', ARGV[4])
+  redis.call('HINCRBY', KEYS[1], 'rejected_done', ARGV[5])
 end
 if redis.call('HDEL', KEYS[3], ARGV[1]) == 1 and new == 1 then
   redis.call('HINCRBY', KEYS[1], 'failed_only', -1)
@@ -398,6 +400,7 @@ class JobRegistry:
                 pipe.hincrby(job, "failed_only", failed_too)
             pipe.hincrby(job, "rows_done", -sum(result.rows for result in written))
             pipe.hincrby(job, "tokens_done", -sum(result.tokens for result in written))
+            pipe.hincrby(job, "rejected_done", -sum(result.rejected for result in written))
             # A unit of a job whose planning failed may keep its queued count: planned again it must queue anew.
             pipe.hdel(units, str(unit)).hdel(queued, str(unit))
             pipe.hdel(job, "shards")  # planning open again, in the same step: its count is no longer the job's
@@ -470,7 +473,7 @@ class JobRegistry:
         job, done, failed = (k.format(job_id=job_id) for k in (keys.REDIS_JOB, keys.REDIS_JOB_DONE,
                                                                 keys.REDIS_JOB_FAILED))
         self._shard_done(keys=[job, done, failed], args=[result.shard, result.model_dump_json(), result.rows,
-                                                         result.tokens])
+                                                         result.tokens, result.rejected])
         complete = self._complete(job_id)
         if complete:  # nothing left to embed: no worker needs to stay up for it, even should its manifest fail
             self._close(job_id)
@@ -628,7 +631,7 @@ class JobRegistry:
         state, shards, units, error, *counters = values[:len(STATUS_FIELDS)]
         if state is None:
             return None
-        rows_done, tokens_done, failed_only = (int(c or 0) for c in counters)
+        rows_done, tokens_done, failed_only, rejected_done = (int(c or 0) for c in counters)
         planned = _totals(values[len(STATUS_FIELDS):])
         totals = planned if shards is not None else None
         if totals is not None and state == "running":
@@ -640,7 +643,7 @@ class JobRegistry:
         failures = dict(sorted((int(k), v) for k, v in page.items())[:FAILURES_PAGE])
         return JobStatus(job_id=job_id, state=state, error=error, totals=totals, planned=planned, units=int(units or 0),
                          units_planned=units_planned, shards_done=shards_done, tokens_done=tokens_done,
-                         rows_done=rows_done, failed=failed, failures=failures)
+                         rows_done=rows_done, rejected_done=rejected_done, failed=failed, failures=failures)
 
     def failures(self, job_id: str) -> Iterator[tuple[int, str]]:
         """Every failed shard and its error, a page at a time (HSCAN): for `status --failures`."""
@@ -685,7 +688,7 @@ def deleting_inputs(store: Store, results: Iterable[ShardResult]) -> Iterator[Sh
                     refused[0], keys.SHARD_INPUT_KEY.split("/")[0] + "/")
 
 
-STATUS_FIELDS = ("state", "shards", "units", "error", "rows_done", "tokens_done", "failed_only")
+STATUS_FIELDS = ("state", "shards", "units", "error", "rows_done", "tokens_done", "failed_only", "rejected_done")
 
 
 def _totals(values: list[str | None]) -> JobTotals:

@@ -77,6 +77,21 @@ def test_a_shard_reported_twice_counts_once_and_a_written_one_that_fails_is_not_
     assert registry.status(job_id).state == "failed"
 
 
+def test_rows_the_workers_quarantine_are_counted_once_beside_plannings(registry, tmp_path):
+    """status and submit --wait said "0 rejected" for a job whose rows the workers quarantined (NaN vectors, llama.cpp
+    failures): only planning's rejections were counted."""
+    spec = job(tmp_path, f"bulkembed.test-{uuid.uuid4().hex[:8]}")
+    registry.start(spec, 1)
+    plan(registry, spec.job_id, JobTotals(shards=2, docs=10, tokens=30, rejected=1))
+    with_rejects = result(0).model_copy(update={"rows": 3, "rejected": 2})
+    for _ in range(2):  # delivered twice
+        registry.shard_done(spec.job_id, with_rejects)
+    status = registry.status(spec.job_id)
+    assert (status.rows_done, status.rejected_done, status.totals.rejected) == (3, 2, 1)
+    registry.plan_again(spec.job_id, 0, [0])  # its file lost: the unit planned again takes its counts off
+    assert registry.status(spec.job_id).rejected_done == 0
+
+
 def test_failures_come_a_page_at_a_time_and_all_on_request(registry, tmp_path):
     job_id = planned_job(registry, tmp_path, shards=500, done=1)
     for shard in range(1, 300):
