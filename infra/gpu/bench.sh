@@ -88,6 +88,13 @@ isolated)
   v4_model_start
   step invariance-isolated 120 "${LLAMA_FIRST[@]}" $REPO/benchmarks/batch_invariance.py --quants F16,Q8_0,IQ3_S --isolate
   v4_model_wait
+  # A GPU worker's self-test, never run on a GPU yet: packed against alone, held to MIN_COSINE_GPU (0.999). Its
+  # worst cosine is printed, or the SelfTestError that would stop every worker.
+  step selftest-v4 60 python3 -c "import llama_cpp; from pathlib import Path
+from bulkembed.worker.engine import EngineOptions
+from bulkembed.worker.selftest import MIN_COSINE_GPU, self_test_file
+print('self-test worst cosine', self_test_file(Path('$W/synthetic-v4-F16.gguf'), EngineOptions(ubatch=512)),
+      'bound', MIN_COSINE_GPU)"
   step invariance-v4-isolated 120 "${LLAMA_FIRST[@]}" $REPO/benchmarks/batch_invariance.py \
     --model $W/synthetic-v4-F16.gguf --texts 100 --isolate
   # One engine each, taking turns in one process; then isolated with 3 engines (small decodes leave a GPU idle).
