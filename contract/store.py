@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 from urllib.parse import urlparse
 
+import pyarrow as pa
 import pyarrow.fs as pafs
 
 from bulkembed.contract.errors import InputError, StoreRefused, TransientError
@@ -365,6 +366,18 @@ def _transient_errors(method: str, key: str) -> Iterator[None]:
         if is_transient(exc):
             raise TransientError(f"S3 {method} {key}: {type(exc).__name__}: {exc}") from exc
         raise
+
+
+@contextmanager
+def unreadable_as(error: Callable[[Exception], Exception]) -> Iterator[None]:
+    """pyarrow's failures reading a file (OSError, ArrowException) raised as `error(exc)` where the file is at fault;
+    S3's transient ones stay as they are, to be retried, and so does running out of memory."""
+    try:
+        yield
+    except (OSError, pa.ArrowException) as exc:
+        if is_transient(exc) or isinstance(exc, pa.ArrowMemoryError):
+            raise
+        raise error(exc) from None
 
 
 class LockedWrites:

@@ -17,7 +17,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from bulkembed.contract.errors import InputError
-from bulkembed.contract.store import is_transient, open_store
+from bulkembed.contract.store import open_store, unreadable_as
 
 log = logging.getLogger(__name__)
 
@@ -244,10 +244,6 @@ def file_batches(fs: pafs.FileSystem, path: str, batch_size: int, columns: list[
                  row_groups: range | None = None) -> Iterator[pa.RecordBatch]:
     """The columns of a Parquet file (of some of its row groups), a batch at a time. A file damaged past its footer
     (a page that does not decode) is an InputError naming it; S3's transient errors stay transient, to be retried."""
-    try:
+    with unreadable_as(lambda exc: InputError(f"cannot read {source_name(fs, path)}: {exc}")):
         parquet = pq.ParquetFile(fs.open_input_file(path))
         yield from parquet.iter_batches(batch_size=batch_size, columns=columns, row_groups=row_groups)
-    except (OSError, pa.ArrowException) as exc:
-        if is_transient(exc) or isinstance(exc, pa.ArrowMemoryError):  # the file is not at fault
-            raise
-        raise InputError(f"cannot read {source_name(fs, path)}: {exc}") from None

@@ -36,7 +36,7 @@ from bulkembed.contract.schema import (
     stored_schema,
     to_ipc_bytes,
 )
-from bulkembed.contract.store import REQUESTS_AT_ONCE, Store, at_once, is_transient, open_store
+from bulkembed.contract.store import REQUESTS_AT_ONCE, Store, at_once, open_store, unreadable_as
 from bulkembed.producer.dedup import SeenIds
 
 log = logging.getLogger(__name__)
@@ -74,14 +74,11 @@ class PreviousOutput:
         """Read the id and content_hash columns of every file (from a folder or S3) into sorted runs."""
         if self.index is None:
             index = SeenIds()
-            try:
+            # Throttling, 5xx, the network (transient) are raised as they are: the unit is tried again later.
+            with unreadable_as(lambda exc: unreadable(self.source.uri, "its files", exc)):
                 batches = self._dataset().to_batches(columns=["id", "content_hash"]) if self.files else []
                 for batch in batches:
                     index.add(row_keys(batch.column(0).to_pylist(), batch.column(1).to_pylist()))
-            except (OSError, pa.ArrowException) as exc:  # pyarrow's, for S3 too
-                if is_transient(exc):  # throttling, 5xx, the network: the unit is tried again later
-                    raise
-                raise unreadable(self.source.uri, "its files", exc) from None
             self.index = index
             log.info("reuse: %d distinct rows in %s (%d bytes of keys)", len(self.index), self.source.uri,
                      self.index.nbytes)
@@ -130,12 +127,8 @@ def unreadable(uri: str, what: str, exc: Exception) -> InputError:
 
 
 def _schema_differences(store: Store, key: str, job: JobSpec, id_type: pa.DataType) -> list[str]:
-    try:
+    with unreadable_as(lambda exc: unreadable(store.uri, key, exc)):
         schema = stored_schema(store, key)
-    except (OSError, pa.ArrowException) as exc:
-        if is_transient(exc):
-            raise
-        raise unreadable(store.uri, key, exc) from None
     found = []
     if "content_hash" not in schema.names:
         found.append(f"{key} has no content_hash column (written before bulkembed recorded one)")
