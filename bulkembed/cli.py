@@ -201,10 +201,9 @@ def wait_for(registry, job_id: str, poll_s: float = 1.0, no_worker_s: float = NO
               f"resumes the job", file=sys.stderr)
         return 1
     if status.state == "done":
-        reused, rejected = (status.totals.reused_rows, status.totals.rejected) if status.totals else (0, 0)
-        rejected += status.rejected_done  # by planning, then by the workers
+        reused = status.totals.reused_rows if status.totals else 0
         print(f"job {job_id} done: {status.rows_done} rows embedded ({status.tokens_done} tokens), {reused} reused, "
-              f"{rejected} rejected")
+              f"{status.rejected_rows} rejected")
         return 0
     if status.error:
         print(f"job {job_id} failed while planning: {status.error}", file=sys.stderr)
@@ -240,8 +239,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     more = "+" if planning else ""
     print(f"job {status.job_id}: {status.state}; units planned {status.units_planned}/{status.units}; "
           f"shards {status.shards_done}/{totals.shards}{more}; tokens {status.tokens_done}/{totals.tokens}{more}; "
-          f"failed {status.failed}; rejected rows {totals.rejected + status.rejected_done}{more}; reused rows "
-          f"{totals.reused_rows}")
+          f"failed {status.failed}; rejected rows {status.rejected_rows}{more}; reused rows {totals.reused_rows}")
     if status.error:
         print(f"  failed while planning: {status.error}")
     for shard, error in sorted(status.failures.items()):

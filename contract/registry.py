@@ -110,6 +110,11 @@ class JobStatus(BaseModel):
     def finished(self) -> bool:
         return self.state in ("done", "failed")
 
+    @property
+    def rejected_rows(self) -> int:
+        """Rows quarantined so far: by planning (its units planned), then by the workers."""
+        return self.planned.rejected + self.rejected_done
+
 
 def stored_result(message: ShardMessage, store: Store) -> ShardResult:
     """A shard found written (a duplicate delivery, a resumed job): check the file, report what it holds."""
