@@ -47,7 +47,10 @@ class LlamaProcess:
 
     def __init__(self) -> None:
         ours, theirs = socket.socketpair()
-        env = os.environ | {_LOG_LEVEL_ENV: str(logging.getLogger().getEffectiveLevel())}
+        # CUDA counts GPUs fastest first unless told otherwise; nvidia-smi (which sizes --engines auto) and operators
+        # count them by PCI bus: CUDA_VISIBLE_DEVICES=1 must be the same GPU to both. The user's own order wins.
+        env = ({"CUDA_DEVICE_ORDER": "PCI_BUS_ID"} | os.environ
+               | {_LOG_LEVEL_ENV: str(logging.getLogger().getEffectiveLevel())})
         with theirs:
             self.process = subprocess.Popen(
                 # -P: the working directory is not on its path (a checkout there must not shadow the installed

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -35,6 +36,23 @@ def test_pyarrow_cannot_be_imported_in_a_llama_process():
     try:
         with pytest.raises(ImportError, match="must not be imported in a llama.cpp process"):
             process.call(schema.to_ipc_bytes, None)  # its module imports pyarrow
+    finally:
+        process.close()
+
+
+@pytest.mark.parametrize("users", [None, "FASTEST_FIRST"])
+def test_a_llama_process_counts_gpus_as_nvidia_smi_does_unless_told_otherwise(monkeypatch, users):
+    """CUDA numbers GPUs fastest first by default and nvidia-smi by PCI bus: on a host of mixed GPUs a worker pinned
+    with CUDA_VISIBLE_DEVICES=1 ran on one GPU and was sized (--engines auto) by another."""
+    if users is None:
+        monkeypatch.delenv("CUDA_DEVICE_ORDER", raising=False)
+    else:
+        monkeypatch.setenv("CUDA_DEVICE_ORDER", users)
+    process = LlamaProcess()
+    try:
+        environ = dict(line.split(b"=", 1) for line in (Path("/proc") / str(process.pid) / "environ").read_bytes()
+                       .split(b"\0") if b"=" in line)
+        assert environ[b"CUDA_DEVICE_ORDER"].decode() == (users or "PCI_BUS_ID")
     finally:
         process.close()
 
