@@ -137,9 +137,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     planned = _plan(args)
     registry = JobRegistry.from_url(settings.redis_url.get_secret_value(), retention_s=settings.job_retention_s)
     claim_out(planned, args.force, lambda earlier: stop_job(registry, earlier))
-    job = planned.job  # OUT's, where it holds this job with its input spelled otherwise
-    if args.force:
-        registry.forget(job.job_id)
+    job = planned.job  # OUT's, where it holds this job with its input spelled otherwise; forgotten if --force
     print(job.job_id, flush=True)  # before planning: `status` follows it from now on
     app: Celery = celery_app(settings, "bulkembed-producer")
     with app.producer_or_acquire() as producer:

@@ -698,7 +698,7 @@ def queue_again(planned: PlannedJob, shards: list[int], send: Callable[[ShardMes
 def claim_out(planned: PlannedJob, force: bool, stop: Callable[[str], None] = lambda job_id: None) -> None:
     """OUT holds one job's files. Another job's output there (another input, model or option) is refused: a shard
     file found written is taken as this job's, so old vectors would pass for new ones. `force` deletes it first (once
-    `stop` has stopped that job, where it may still run); the same job's output is resumed. The same job with its
+    `stop` has stopped that job, and this one, where they may still run); the same job's output is resumed. The same job with its
     input spelled otherwise (`./c.parquet`, an absolute path, a trailing slash: the same files, sizes and versions)
     is the same job: `planned.job` becomes the spec OUT holds, and the job resumes under its id."""
     store, job = planned.store, planned.job
@@ -711,8 +711,10 @@ def claim_out(planned: PlannedJob, force: bool, stop: Callable[[str], None] = la
     if not force and earlier is not None and earlier.model_copy(update={"input": job.input}).job_id == job.job_id:
         planned.job = job = earlier  # the input fingerprint names the files by their resolved paths: they agree
     if force:
-        if earlier is not None and earlier.job_id != job.job_id:
-            stop(earlier.job_id)
+        # Every job that may still write here is stopped first: the one OUT holds, and this very job (submitted before
+        # and still running: its planners' late records would land in the new run's, the inputs they name deleted).
+        for running in dict.fromkeys([earlier.job_id] if earlier is not None else []) | {job.job_id: None}:
+            stop(running)
         forget_outputs(store)
         return
     if not held or (earlier is not None and earlier.job_id == job.job_id):

@@ -372,8 +372,10 @@ def test_a_submit_that_dies_before_queueing_anything_holds_no_worker(tmp_path, t
 def test_force_over_a_running_job_stops_it_before_its_files_go(tmp_path, tiny_model, redis_server, monkeypatch):
     """submit --force into an OUT that holds another job still running: that job is forgotten in Redis, its
     planners' holds too, and its files are deleted only STOPPING_S later, once its planners have had the time to
-    notice. The same job forced again stops nothing. Before, --force forgot only the new job: the old one's planners
-    and workers went on writing into the new job's OUT under the same names."""
+    notice. Before, --force forgot only the new job: the old one's planners and workers went on writing into the new
+    job's OUT under the same names. The same job forced again while it runs is stopped the same way: forgotten only
+    after its files were deleted, a planner of it recorded a shard queued into the new run's record, whose planner
+    then skipped shards whose inputs were gone (the job stuck, its resubmission crashing on a missing input)."""
     from redis.exceptions import LockNotOwnedError
 
     from bulkembed.producer import submit
@@ -404,16 +406,26 @@ def test_force_over_a_running_job_stops_it_before_its_files_go(tmp_path, tiny_mo
 
     new = plan_job(str(tmp_path / "v2"), str(tiny_model), out, options)
     claim_out(new, True, stop)
-    assert stopped == [old.job.job_id] and [name for name, _ in events] == ["forget", "delete"]
-    assert events[1][1] - events[0][1] >= 1.0, "its files deleted only once its planners have had the time to stop"
+    assert stopped == [old.job.job_id, new.job.job_id]
+    assert [name for name, _ in events] == ["forget", "forget", "delete"]
+    assert events[2][1] - events[0][1] >= 1.0, "its files deleted only once its planners have had the time to stop"
     assert registry.status(old.job.job_id) is None
     with pytest.raises(LockNotOwnedError):
         hold.reacquire()
     assert not [key for key, _ in new.store.list() if keys.JOB_OUTPUT_KEY.match(key)], "its files deleted"
     claim_out(old, True, stop)  # nothing of the job in OUT
-    new.store.put(keys.JOB_KEY, new.job.model_dump_json().encode())
+    assert stopped[2:] == [old.job.job_id]
+
+    submit_job(new, registry, lambda message: None, lambda unit: None, ProducerSettings())  # the same job, running
+    hold = registry.plan_lock(new.job.job_id, 3, 60)
+    assert hold.acquire()
+    events.clear()
     claim_out(new, True, stop)
-    assert stopped == [old.job.job_id], "the same job is not stopped"
+    assert stopped[3:] == [new.job.job_id] and [name for name, _ in events] == ["forget", "delete"]
+    assert events[1][1] - events[0][1] >= 1.0, "the same job's files too, once its planners have had the time"
+    assert registry.status(new.job.job_id) is None
+    with pytest.raises(LockNotOwnedError):
+        hold.reacquire()
 
 
 def test_a_forgotten_jobs_submit_stops_planning_and_writes_nothing_more(tmp_path, tiny_model, redis_server):
