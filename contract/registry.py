@@ -137,14 +137,24 @@ def stored_result(message: ShardMessage, store: Store) -> ShardResult:
                        decoding=decoding_digest(read_decoded_by(table.schema)))
 
 
+# Prepended to the scripts that may create one of a job's keys (KEYS[1]: the job hash): a key made after the job's
+# keys were set to expire (a worker's shard of a job whose planning failed, a late duplicate delivery) expires with
+# them; it would otherwise outlive the job and be taken up, stale, by the same job submitted again.
+_EXPIRES_WITH_JOB = """
+local function expires_with_job(key)
+  local ttl = redis.call('PTTL', KEYS[1])
+  if ttl > 0 and redis.call('PTTL', key) == -1 then redis.call('PEXPIRE', key, ttl) end
+end
+"""
 # A written shard, counted once however often it is reported (duplicate deliveries): its result is kept and the
 # job's counters grow in one step, so `status` reads a few numbers instead of every shard's result (how many are
 # written is the done hash's size). `failed_only` counts the failed shards that are not written, so written +
 # failed_only is how many shards are settled.
 # KEYS: job hash, done hash, failed hash; ARGV: shard, result json, rows, tokens, rows the worker quarantined.
-_SHARD_DONE = """
+_SHARD_DONE = _EXPIRES_WITH_JOB + """
 if redis.call('HEXISTS', KEYS[1], 'spec') == 0 then return end
 local new = redis.call('HSETNX', KEYS[2], ARGV[1], ARGV[2])
+expires_with_job(KEYS[2])
 if new == 1 then
   redis.call('HINCRBY', KEYS[1], 'rows_done', ARGV[3])
   redis.call('HINCRBY', KEYS[1], 'tokens_done', ARGV[4])
@@ -157,9 +167,11 @@ end
 # A unit whose shards are all queued, counted once however often it is planned (a planner killed after queueing its
 # last shard, then redelivered): its totals join the job's in one step. KEYS: job hash, units hash; ARGV: unit,
 # totals json, then pairs of counter and increment.
-_UNIT_PLANNED = """
+_UNIT_PLANNED = _EXPIRES_WITH_JOB + """
 if redis.call('HEXISTS', KEYS[1], 'spec') == 0 then return end
-if redis.call('HSETNX', KEYS[2], ARGV[1], ARGV[2]) == 1 then
+local new = redis.call('HSETNX', KEYS[2], ARGV[1], ARGV[2])
+expires_with_job(KEYS[2])
+if new == 1 then
   for i = 3, #ARGV, 2 do redis.call('HINCRBY', KEYS[1], ARGV[i], ARGV[i + 1]) end
 end
 """
@@ -180,13 +192,16 @@ end
 return 0
 """
 # A delivery of a shard counted (ARGV: shard, 1 or -1; KEYS: job hash, attempts hash), not for a forgotten job.
-_COUNT_ATTEMPT = """
+_COUNT_ATTEMPT = _EXPIRES_WITH_JOB + """
 if redis.call('HEXISTS', KEYS[1], 'spec') == 0 then return 0 end
-return redis.call('HINCRBY', KEYS[2], ARGV[1], ARGV[2])
+local count = redis.call('HINCRBY', KEYS[2], ARGV[1], ARGV[2])
+expires_with_job(KEYS[2])
+return count
 """
 # Shards failed for good taken off the failed list (ARGV: the shards; KEYS: job hash, done hash, failed hash), the
-# count of those not written with them.
+# count of those not written with them. Nothing for a job Redis no longer knows (its counter would be made anew).
 _UNFAIL = """
+if redis.call('HEXISTS', KEYS[1], 'spec') == 0 then return end
 for i = 1, #ARGV do
   if redis.call('HDEL', KEYS[3], ARGV[i]) == 1 and redis.call('HEXISTS', KEYS[2], ARGV[i]) == 0 then
     redis.call('HINCRBY', KEYS[1], 'failed_only', -1)
@@ -206,11 +221,12 @@ REUSED_FIELDS = ("reused_rows", "reused_tokens", "reused_truncated")  # set once
 PLAN_FIELDS = tuple(PLANNED + f for f in JobTotals.model_fields if f not in REUSED_FIELDS)
 # A shard failed for good (a written one too: its job's manifest could not be written). KEYS: job hash, done hash,
 # failed hash; ARGV: shard, error.
-_SHARD_FAILED = """
+_SHARD_FAILED = _EXPIRES_WITH_JOB + """
 if redis.call('HEXISTS', KEYS[1], 'spec') == 0 then return end
 if redis.call('HSET', KEYS[3], ARGV[1], ARGV[2]) == 1 and redis.call('HEXISTS', KEYS[2], ARGV[1]) == 0 then
   redis.call('HINCRBY', KEYS[1], 'failed_only', 1)
 end
+expires_with_job(KEYS[3])
 """
 
 

@@ -120,6 +120,29 @@ def test_a_finished_jobs_keys_expire_after_the_retention_and_a_resubmission_keep
     assert registry.status(spec.job_id).shards_done == 1
 
 
+def test_keys_made_after_a_job_expires_expire_with_it(registry, tmp_path):
+    """A job whose planning failed expires while its other units' shards are still embedded, and a finished job
+    may get a late duplicate delivery: the keys those make expire with the job. They used to be kept for ever, and
+    the same job submitted after the retention took them up, stale: it never settled (status running, --wait
+    waiting, a GPU worker kept up for it)."""
+    spec = job(tmp_path, f"bulkembed.test-{uuid.uuid4().hex[:8]}")
+    registry.start(spec, 2)
+    registry.unit_planned(spec.job_id, 0, JobTotals(shards=3, docs=3, tokens=9))
+    registry.planning_failed(spec.job_id, 1, "cannot read b.parquet")
+    assert registry.status(spec.job_id).state == "failed"
+    registry.attempt(spec.job_id, 0)
+    registry.shard_done(spec.job_id, result(0))
+    registry.shard_failed(spec.job_id, 1, "engine died")
+    made_later = [k.format(job_id=spec.job_id) for k in (keys.REDIS_JOB_DONE, keys.REDIS_JOB_FAILED,
+                                                          keys.REDIS_JOB_ATTEMPTS)]
+    assert all(registry.redis.exists(key) for key in made_later)
+    job_ttl = registry.redis.ttl(keys.REDIS_JOB.format(job_id=spec.job_id))
+    assert 0 < job_ttl <= 3600
+    assert [registry.redis.ttl(key) for key in made_later] == [job_ttl] * 3
+    registry.start(spec, 2)  # submitted again: kept again, none expiring (its shards get fresh attempts)
+    assert [registry.redis.ttl(key) for key in made_later] == [-1, -1, -2]
+
+
 def test_once_expired_nothing_of_the_job_is_left(fresh_redis, tmp_path):
     registry = JobRegistry.from_url(fresh_redis.url, retention_s=1)
     spec = job(tmp_path, f"bulkembed.test-{uuid.uuid4().hex[:8]}")
