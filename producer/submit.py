@@ -698,9 +698,9 @@ def queue_again(planned: PlannedJob, shards: list[int], send: Callable[[ShardMes
 def claim_out(planned: PlannedJob, force: bool, stop: Callable[[str], None] = lambda job_id: None) -> None:
     """OUT holds one job's files. Another job's output there (another input, model or option) is refused: a shard
     file found written is taken as this job's, so old vectors would pass for new ones. `force` deletes it first (once
-    `stop` has stopped that job, and this one, where they may still run); the same job's output is resumed. The same job with its
-    input spelled otherwise (`./c.parquet`, an absolute path, a trailing slash: the same files, sizes and versions)
-    is the same job: `planned.job` becomes the spec OUT holds, and the job resumes under its id."""
+    `stop` has stopped that job, and this one, where they may still run); the same job's output is resumed. The same
+    job with its input spelled otherwise (`./c.parquet`, an absolute path, a trailing slash: the same files, sizes and
+    versions) is the same job: `planned.job` becomes the spec OUT holds, and the job resumes under its id."""
     store, job = planned.store, planned.job
     store.check()
     held = store.exists(keys.JOB_KEY)
