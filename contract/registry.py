@@ -191,6 +191,20 @@ if redis.call('HLEN', KEYS[2]) >= tonumber(shards) then
 end
 return 0
 """
+# A job registered (KEYS: JobRegistry._keys, the job hash first; ARGV: spec, time, units). A resubmitted one keeps its
+# keys, which expire no more. Its planning is opened again unless it was closed with every unit planned.
+_START = """
+for i = 1, #KEYS do redis.call('PERSIST', KEYS[i]) end
+redis.call('HSET', KEYS[1], 'spec', ARGV[1], 'started', ARGV[2], 'units', ARGV[3])
+local shards = redis.call('HGET', KEYS[1], 'shards')
+if shards and redis.call('HGET', KEYS[1], 'state') ~= 'failed' and redis.call('HLEN', KEYS[5]) >= tonumber(ARGV[3]) then
+  if redis.call('HLEN', KEYS[2]) >= tonumber(shards) then redis.call('HSET', KEYS[1], 'manifest_due', 1) end
+else
+  redis.call('HSET', KEYS[1], 'state', 'planning')
+  redis.call('HDEL', KEYS[1], 'shards', 'error', 'manifest_due')
+end
+redis.call('DEL', KEYS[4])
+"""
 # A delivery of a shard counted (ARGV: shard, 1 or -1; KEYS: job hash, attempts hash), not for a forgotten job.
 _COUNT_ATTEMPT = _EXPIRES_WITH_JOB + """
 if redis.call('HEXISTS', KEYS[1], 'spec') == 0 then return 0 end
@@ -249,6 +263,7 @@ class JobRegistry:
         self._unfail = client.register_script(_UNFAIL)
         self._close_planning = client.register_script(_CLOSE_PLANNING)
         self._count_attempt = client.register_script(_COUNT_ATTEMPT)
+        self._start = client.register_script(_START)
 
     @classmethod
     def from_url(cls, url: str, check: bool = True, retention_s: float = 7 * 24 * 3600) -> JobRegistry:
@@ -269,22 +284,17 @@ class JobRegistry:
         return _PROCESS_REGISTRIES[key]
 
     def _keys(self, job_id: str) -> list[str]:
+        """The job's keys, in the order _START takes them."""
         return [k.format(job_id=job_id) for k in (keys.REDIS_JOB, keys.REDIS_JOB_DONE, keys.REDIS_JOB_FAILED,
                                                    keys.REDIS_JOB_ATTEMPTS, keys.REDIS_JOB_UNITS,
                                                    keys.REDIS_JOB_QUEUED)]
 
     def start(self, job: JobSpec, units: int) -> None:
         """Register a job of `units` planning units; a resubmitted one keeps what its units and shards already did,
-        and its shards get a fresh set of attempts (plan_failed_again then plans its failed ones again)."""
-        key = keys.REDIS_JOB.format(job_id=job.job_id)
-        with self.redis.pipeline() as pipe:  # MULTI
-            for name in self._keys(job.job_id):  # a resubmitted job that had finished: its keys expire no more
-                pipe.persist(name)
-            pipe.hset(key, mapping={"spec": job.model_dump_json(), "state": "planning", "started": time.time(),
-                                    "units": units})
-            pipe.hdel(key, "shards", "error", "manifest_due")  # shards: set again when planning is closed
-            pipe.delete(keys.REDIS_JOB_ATTEMPTS.format(job_id=job.job_id))
-            pipe.execute()
+        and its shards get a fresh set of attempts (plan_failed_again, before, takes back the units to plan again).
+        A job whose planning was closed with every unit planned stays closed (its submit may die before closing it
+        again: nobody else would); when complete, its manifest is written again (close_if_planned)."""
+        self._start(keys=self._keys(job.job_id), args=[job.model_dump_json(), time.time(), units])
 
     def plan_failed_again(self, job_id: str) -> list[int]:
         """A resubmitted job's shards that had failed for good are embedded again. Those of a planned unit: the unit

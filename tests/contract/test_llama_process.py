@@ -50,8 +50,9 @@ def test_a_llama_process_counts_gpus_as_nvidia_smi_does_unless_told_otherwise(mo
         monkeypatch.setenv("CUDA_DEVICE_ORDER", users)
     process = LlamaProcess()
     try:
-        environ = dict(line.split(b"=", 1) for line in (Path("/proc") / str(process.pid) / "environ").read_bytes()
-                       .split(b"\0") if b"=" in line)
+        proc = Path("/proc") / str(process.pid)  # its environment once it runs Python (forked, it shows ours)
+        wait_until(lambda: b"bulkembed.contract.llama_process" in (proc / "cmdline").read_bytes(), 30, "its exec")
+        environ = dict(line.split(b"=", 1) for line in (proc / "environ").read_bytes().split(b"\0") if b"=" in line)
         assert environ[b"CUDA_DEVICE_ORDER"].decode() == (users or "PCI_BUS_ID")
     finally:
         process.close()

@@ -120,6 +120,23 @@ def test_a_finished_jobs_keys_expire_after_the_retention_and_a_resubmission_keep
     assert registry.status(spec.job_id).shards_done == 1
 
 
+def test_a_resubmission_that_dies_leaves_a_planned_job_running(registry, tmp_path):
+    """Submitting a running job again (to queue lost messages) opened its planning again, and only that submit
+    closed it: killed in between, it left the job in `planning` for ever, every shard written, no manifest task sent,
+    a GPU worker kept up for it. A job whose every unit is planned now stays closed; one that is complete has its
+    manifest written again by the submit (manifest_due), as before."""
+    spec = job(tmp_path, f"bulkembed.test-{uuid.uuid4().hex[:8]}")
+    registry.start(spec, 1)
+    plan(registry, spec.job_id, JobTotals(shards=2, docs=2, tokens=6))
+    registry.shard_done(spec.job_id, result(0))
+    registry.start(spec, 1)  # submitted again, and killed before it closed anything
+    assert registry.status(spec.job_id).state == "running" and not registry.manifest_due(spec.job_id)
+    assert registry.shard_done(spec.job_id, result(1)), "complete: its worker asks for the manifest"
+    registry.start(spec, 1)  # complete: its submit writes the manifest again
+    assert registry.manifest_due(spec.job_id) and registry.status(spec.job_id).state == "finishing"
+    assert not registry.planning_open(spec.job_id)
+
+
 def test_keys_made_after_a_job_expires_expire_with_it(registry, tmp_path):
     """A job whose planning failed expires while its other units' shards are still embedded, and a finished job
     may get a late duplicate delivery: the keys those make expire with the job. They used to be kept for ever, and
