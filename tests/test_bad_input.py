@@ -14,6 +14,7 @@ from bulkembed.contract import keys
 from bulkembed.contract.errors import EngineError, InputError, ShardError
 from bulkembed.contract.job import Dtype, JobSpec, ModelRef, Pooling, Role, ShardMessage, Task
 from bulkembed.contract.model import file_sha256, queue_name
+from bulkembed.contract.registry import stored_result
 from bulkembed.contract.schema import METADATA_PREFIX, content_hash, from_ipc_bytes, shard_input_schema, to_ipc_bytes
 from bulkembed.contract.store import LocalStore
 from bulkembed.contract.vocab import NO_TOKENS
@@ -218,6 +219,37 @@ def test_a_vector_of_nan_or_infinity_is_quarantined_not_written(tmp_path, tiny_m
     written = from_ipc_bytes(store.get(message.output_key))
     assert result.rows == written.num_rows == 3 - len(rejected) and result.rejected == len(rejected)
     assert written.column("embedding").to_pylist()[0] == [1.0, -2.0, 3.0]
+
+
+def test_a_delivery_killed_before_its_output_leaves_no_rows_set_aside_that_the_next_one_wrote(tmp_path, tiny_model):
+    """The rows a delivery sets aside are written before its vectors. Killed in between, it left them in _rejected/;
+    the next delivery, which embedded every row (the first one's failure was the GPU's, not the text's), wrote them
+    all: a row both embedded and quarantined, and every later look at the shard (a duplicate delivery, the planner)
+    failed it. The engines' vectors are given, not computed: no text makes this CPU build's llama.cpp fail once."""
+
+    class Killed(BaseException):
+        pass
+
+    class KilledBeforeItsOutput:
+        def __init__(self, store):
+            self.store = store
+
+        def put_if_absent(self, key, data):
+            raise Killed
+
+        def __getattr__(self, name):
+            return getattr(self.store, name)
+
+    store, message = _shard(tmp_path, tiny_model, [("a", "x", 1), ("b", "y", 1)])
+    sha = message.job.model.sha256
+    with pytest.raises(Killed):
+        write_shard(open_shard(message, sha, store), EmbeddedRows(np.array([[1.0, 0, 0], [np.nan, 0, 0]], np.float32),
+                                                                  {}, 3), KilledBeforeItsOutput(store))
+    assert store.exists(keys.shard_rejected(0))
+    result = write_shard(open_shard(message, sha, store),
+                         EmbeddedRows(np.array([[1.0, 0, 0], [0, 1.0, 0]], np.float32), {}, 3), store)
+    assert result.rows == 2 and result.rejected == 0 and not store.exists(keys.shard_rejected(0))
+    assert stored_result(message, store).rows == 2, "a later delivery finds it whole"
 
 
 class FailingOnPoisonEngine(Engine):

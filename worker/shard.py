@@ -98,6 +98,8 @@ def write_shard(shard: OpenShard, embedded: EmbeddedRows, store: Store, guard: G
     with guard():
         if not good.all():
             _quarantine(store, message, table, rejected)
+        elif store.exists(keys.shard_rejected(message.shard)):  # a delivery killed before its output was written
+            store.delete(keys.shard_rejected(message.shard))  # set other rows aside (a GPU out of memory)
         if not store.put_if_absent(message.output_key, data):
             log.info("job %s shard %d: another delivery wrote it first", message.job_id, message.shard)
             return stored_result(message, store)
