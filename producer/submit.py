@@ -178,7 +178,7 @@ def prepare(planned: PlannedJob, memory_mb: int, still_ours: Callable[[], bool] 
             raise JobGone.of(job.job_id, f"{store.uri} may be another job's output now")
 
     owned()
-    store.put(keys.JOB_KEY, job.model_dump_json(indent=2).encode())
+    claim_spec(store, job)
     if not store.exists(keys.DUPLICATES_KEY):
         started = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="bulkembed-dedup-") as work:
@@ -723,6 +723,22 @@ def claim_out(planned: PlannedJob, force: bool, stop: Callable[[str], None] = la
             else "a job of another bulkembed version")
     raise InputError(f"{store.uri} holds the output of {what}, not of this job ({job.job_id}): its files would pass "
                      f"for this job's. Pass --force to delete that output first, or choose another --out")
+
+
+def claim_spec(store: Store, job: JobSpec) -> None:
+    """Write the job's spec beside its output; refused where another job's got there since claim_out looked (two
+    submits into one fresh OUT at once: each would take the other's shard files for its own)."""
+    spec = job.model_dump_json(indent=2).encode()
+    if store.put_if_absent(keys.JOB_KEY, spec):
+        return
+    try:
+        held = JobSpec.model_validate_json(store.get(keys.JOB_KEY)).job_id
+    except ValueError:
+        held = "of another bulkembed version"
+    if held != job.job_id:
+        raise InputError(f"{store.uri} was claimed by job {held} while job {job.job_id} was being checked; choose "
+                         f"another --out, or pass --force to replace that job's output")
+    store.put(keys.JOB_KEY, spec)  # the same job's, resubmitted
 
 
 STOPPING_S = 15.0  # for a forgotten job's planners to notice, between two shards or two parts of a count

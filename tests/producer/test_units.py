@@ -514,3 +514,28 @@ def test_a_job_forgotten_while_it_is_prepared_writes_nothing_more(tmp_path, tiny
     with pytest.raises(JobGone, match="another job's output"):
         prepare(planned, 64, lambda: next(answers, False))
     assert not planned.store.exists(keys.DUPLICATES_KEY)
+
+
+def test_two_jobs_submitted_into_one_fresh_out_at_once_do_not_both_take_it(tmp_path, tiny_model):
+    """claim_out looks for another job's spec in OUT and prepare wrote this job's with an overwrite: two jobs
+    submitted into one fresh OUT within a second both passed, and each took the other's shard files for its own.
+    The spec is now written only where none is, or where it is this job's."""
+    from bulkembed.contract.errors import InputError
+    from bulkembed.producer.submit import claim_out
+
+    write_corpus(tmp_path / "v1" / "c.parquet", [f"d{i}" for i in range(20)], mixed_texts(20, seed=3))
+    write_corpus(tmp_path / "v2" / "c.parquet", [f"d{i}" for i in range(20)], mixed_texts(20, seed=4))
+    out = str(tmp_path / "out")
+    first, second = (plan_job(str(tmp_path / name), str(tiny_model), out, JobOptions(shard_tokens=800))
+                     for name in ("v1", "v2"))
+    try:
+        claim_out(first, False)
+        claim_out(second, False)  # both look before either writes
+        prepare(first, 64)
+        with pytest.raises(InputError, match=f"claimed by job {first.job.job_id} while job {second.job.job_id}"):
+            prepare(second, 64)
+        prepare(first, 64)  # the same job again: its own spec
+        assert first.store.get(keys.JOB_KEY) == first.job.model_dump_json(indent=2).encode()
+    finally:
+        first.counter.close()
+        second.counter.close()
