@@ -24,7 +24,7 @@ from redis.exceptions import LockError, LockNotOwnedError
 from redis.lock import Lock
 
 from bulkembed.contract import keys
-from bulkembed.contract.errors import InputError, JobGone
+from bulkembed.contract.errors import InputError, JobGone, TransientError
 from bulkembed.contract.job import (
     Dtype,
     JobSpec,
@@ -51,7 +51,7 @@ from bulkembed.contract.schema import (
     to_ipc_bytes,
 )
 from bulkembed.contract.settings import ProducerSettings
-from bulkembed.contract.store import Store, at_once, open_store
+from bulkembed.contract.store import Store, at_once, backoff_s, is_transient, open_store
 from bulkembed.contract.vocab import NO_TOKENS, TokenCounter
 from bulkembed.producer.corpus import (
     Corpus,
@@ -607,7 +607,8 @@ def submit_job(planned: PlannedJob, registry: JobRegistry, send: Callable[[Shard
     failed_left = registry.plan_failed_again(job.job_id)  # before start(), which opens planning again
     registry.start(job, len(planned.units))
     with planned.counter:
-        prepare(planned, settings.dedup_memory_mb, lambda: registry.is_registered(job.job_id))
+        riding_out_the_store(f"job {job.job_id}: its duplicate ids", settings, lambda: prepare(
+            planned, settings.dedup_memory_mb, lambda: registry.is_registered(job.job_id)))
         registry.open(job)  # from here on work is queued for the workers
         left = registry.units_left(job.job_id, len(planned.units))
         for index in left:
@@ -632,11 +633,40 @@ def submit_job(planned: PlannedJob, registry: JobRegistry, send: Callable[[Shard
         ctx = planned.context()
         while plan_here and left:
             for index in left:
-                plan_claimed(registry, job, lambda: ctx, planned.units[index], send, settings, keep_planner=False)
+                riding_out_the_store(f"job {job.job_id} unit {index}", settings, lambda unit=planned.units[index]:
+                                     plan_claimed(registry, job, lambda: ctx, unit, send, settings,
+                                                  keep_planner=False))
             left = registry.units_left(job.job_id, len(planned.units))
             if left:  # planned by planners right now (or by one that died: its lock lapses, then a unit is ours)
                 time.sleep(1.0)
-        close_if_planned(registry, job, lambda: ctx, keep_planner=False)  # this process is no planner pod to keep
+        # This process is no planner pod to keep.
+        riding_out_the_store(f"job {job.job_id}: closing its planning", settings,
+                             lambda: close_if_planned(registry, job, lambda: ctx, keep_planner=False))
+
+
+STORE_BACKOFF_MAX_S = 60.0  # the longest wait of submit's own planning before it tries the store again
+
+
+def riding_out_the_store(what: str, settings: ProducerSettings, call: Callable[[], Any]) -> Any:
+    """`call`, again after a backoff while the object store fails past its client's retries (an outage, throttling),
+    as planners and workers do, for BULKEMBED_STORE_OUTAGE_S; then its error stands. Submit plans units itself: it
+    used to exit at the first such failure, the job left half planned."""
+    failing_since, retries = None, 0
+    while True:
+        try:
+            return call()
+        except Exception as exc:
+            if not isinstance(exc, TransientError) and not is_transient(exc):
+                raise
+            failing_since = failing_since or time.monotonic()
+            failing_s = time.monotonic() - failing_since
+            if failing_s >= settings.store_outage_s:
+                raise
+            delay = backoff_s(retries, STORE_BACKOFF_MAX_S)
+            log.warning("%s: the store failed (%s: %s); retry %d in %.1fs (failing for %.0fs)", what,
+                        type(exc).__name__, exc, retries + 1, delay, failing_s)
+            time.sleep(delay)
+            retries += 1
 
 
 def plan_lost_outputs_again(registry: JobRegistry, planned: PlannedJob) -> None:

@@ -54,6 +54,19 @@ class FailingKey:
         return "none"
 
 
+class FailingPut:
+    """Answers 503 to the first `times` PUTs of a key whose path holds `part`, then lets them through."""
+
+    def __init__(self, part: str, times: int):
+        self.part, self.times, self.failed = part, times, 0
+
+    def decide(self, method: str, path: str, user_agent: str = "") -> str:
+        if method == "PUT" and self.part in path.split("?")[0] and self.failed < self.times:
+            self.failed += 1
+            return "503"
+        return "none"
+
+
 @pytest.fixture
 def outage_env(cli_env: dict[str, str], tmp_path: Path):
     """A Redis of the test's own; short backoff caps; a visibility timeout far above the test's waits,
@@ -148,6 +161,31 @@ def test_a_key_failing_past_boto3s_retries_is_retried_without_spending_an_attemp
     assert log.count(f"shard 1: S3 GET {keys.shard_input(1)}: ClientError") == 2, log[-3000:]
     assert "retry 1 in" in log and "retry 2 in" in log
     assert attempts(outage_env["BULKEMBED_REDIS_URL"], job_id)[1] == 1, "the two retries were released"
+    check_exactly_once(out, texts_and_ids(200, seed=22)[1])
+
+
+def test_a_store_failing_at_a_workers_first_shard_of_a_job_is_ridden_out(tmp_path, s3_server, bucket, outage_env,
+                                                                         tiny_model):
+    """Before its first shard of a job a worker probes the store's conditional writes (a new worker joining during
+    an outage or throttling). That probe failing past boto3's retries ended the task unrecorded and its message was
+    acknowledged: the shard was lost, and the job waited for it for ever. It is retried as the shard's own requests
+    are."""
+    plan = FailingPut("/_probe-", BOTO3_ATTEMPTS * 2 + 1)
+    submit, job_id, out, log = run_with_failing_key(tmp_path, s3_server, bucket, outage_env, tiny_model, plan)
+    assert submit.process.returncode == 0, submit.stderr[-3000:] + log[-3000:]
+    assert plan.failed == plan.times and "retry 1 in" in log, log[-3000:]
+    check_exactly_once(out, texts_and_ids(200, seed=22)[1])
+
+
+def test_submit_rides_out_the_store_failing_while_it_plans_a_unit(tmp_path, s3_server, bucket, outage_env,
+                                                                  tiny_model):
+    """submit plans units itself (no planner here): the store refusing its shard inputs past boto3's retries made it
+    exit at once, the job left half planned with nobody to plan it. It backs off and goes on, as a planner does."""
+    plan = FailingPut("/_shards/", BOTO3_ATTEMPTS * 2 + 1)
+    submit, job_id, out, log = run_with_failing_key(tmp_path, s3_server, bucket, outage_env, tiny_model, plan)
+    assert submit.process.returncode == 0, submit.stderr[-3000:]
+    assert plan.failed == plan.times
+    assert "the store failed (TransientError: S3 PUT _shards/" in submit.stderr and "retry 2 in" in submit.stderr
     check_exactly_once(out, texts_and_ids(200, seed=22)[1])
 
 

@@ -246,10 +246,14 @@ def _embed(self: ModelTask, shard: ShardMessage, model: ResidentModel, unreachab
         registry.shard_failed(shard.job_id, shard.shard, error)
         metrics.shard_failed(name)
         return None
-    store = self.committing(open_store(shard.job.out), registry)
+    store = open_store(shard.job.out)
     if shard.queued_at and unreachable_since is None:
         metrics.QUEUE_WAIT.labels(name).observe(max(0.0, time.time() - shard.queued_at))
     try:
+        # Within the try: its probe of the store (a worker's first shard of a job) rides out an outage as the shard
+        # does. Outside it, a TransientError there ended the task unrecorded, its message acknowledged: the shard
+        # was lost and the job waited for it for ever.
+        store = self.committing(store, registry)
         guard = registered(registry, shard, holding(settings.test_hold_dir, shard, nullcontext))
         result = embed_shard(shard, model.engine.embed_rows, model.sha256, store, guard)
         if registry.shard_done(shard.job_id, result):  # the last shard: a planner writes the manifest, off the GPU
