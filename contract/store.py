@@ -6,6 +6,7 @@ key never holds a partial or a second version of a file.
 
 from __future__ import annotations
 
+import errno
 import glob
 import logging
 import os
@@ -84,14 +85,21 @@ class LocalStore:
             except FileNotFoundError:
                 if attempt == 2:
                     raise
-        with os.fdopen(fd, "wb") as f:
-            if isinstance(data, Path):
-                with open(data, "rb") as source:
-                    shutil.copyfileobj(source, f, 1 << 20)
-            else:
-                f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with os.fdopen(fd, "wb") as f:
+                if isinstance(data, Path):
+                    with open(data, "rb") as source:
+                        shutil.copyfileobj(source, f, 1 << 20)
+                else:
+                    f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        except BaseException as exc:
+            os.unlink(tmp)  # a part written (a full disk) would stay in OUT, hidden, taking space
+            if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise StoreRefused(f"no space left in {self.root} (writing {path.name}): free some, and the same "
+                                   f"command resumes the job") from exc
+            raise
         return tmp
 
     def put_if_absent(self, key: str, data: bytes) -> bool:

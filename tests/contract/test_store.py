@@ -303,3 +303,23 @@ def test_a_put_whose_new_folder_is_pruned_while_it_is_made_makes_it_again(tmp_pa
     monkeypatch.setattr(os, "mkdir", pruned_meanwhile)
     store.put("_plan/a/b/k.json", b"v")
     assert store.get("_plan/a/b/k.json") == b"v" and len(calls) == 3
+
+
+def test_a_full_disk_is_one_line_and_leaves_no_part_written(tmp_path, monkeypatch):
+    """A local OUT on a full disk: a traceback ending in ENOSPC, and the part written stayed in OUT as a hidden
+    .tmp- file, even after the job resumed. No disk can be filled here without root: the fsync says it is full."""
+    import errno
+
+    from bulkembed.contract.errors import StoreRefused
+
+    def full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    local = LocalStore(tmp_path / "out")
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(StoreRefused, match=r"no space left in .*out \(writing b\.arrow\): free some, and the same"):
+        local.put("a/b.arrow", b"vectors")
+    with pytest.raises(StoreRefused):
+        local.put_if_absent("a/c.arrow", b"vectors")
+    monkeypatch.undo()
+    assert [p.name for p in (tmp_path / "out").rglob("*") if p.is_file()] == []
