@@ -781,9 +781,10 @@ def stop_job(registry: JobRegistry, job_id: str) -> None:
     its late writes would otherwise land among the new job's files, under the same names."""
     status = registry.status(job_id)
     registry.forget(job_id)
-    if status is not None and not status.finished:
-        log.warning("job %s, whose output is to be replaced, is still %s: forgotten, so its workers and planners "
-                    "stop; its files are deleted in %.0fs", job_id, status.state, STOPPING_S)
+    # A failed job too: one whose planning failed still has its other units' shards embedded.
+    if status is not None and status.state != "done":
+        log.warning("job %s, whose output is to be replaced, is %s: forgotten, so its workers and planners stop; its "
+                    "files are deleted in %.0fs", job_id, status.state, STOPPING_S)
         time.sleep(STOPPING_S)
 
 

@@ -11,7 +11,7 @@ import pytest
 
 from bulkembed.contract import keys
 from bulkembed.contract.job import Overlength
-from bulkembed.contract.registry import JobRegistry
+from bulkembed.contract.registry import JobRegistry, JobTotals
 from bulkembed.contract.schema import from_ipc_bytes, row_sources
 from bulkembed.contract.settings import ProducerSettings
 from bulkembed.local import embed_shards
@@ -539,3 +539,22 @@ def test_two_jobs_submitted_into_one_fresh_out_at_once_do_not_both_take_it(tmp_p
     finally:
         first.counter.close()
         second.counter.close()
+
+
+def test_force_over_a_job_whose_planning_failed_waits_for_its_workers(tmp_path, redis_server, monkeypatch):
+    """A job whose planning failed is finished for status, but its other units' shards are still being embedded:
+    --force deleted its files at once, and those workers' late writes landed in the new job's OUT."""
+    from bulkembed.producer import submit
+    from bulkembed.producer.submit import stop_job
+    from tests.contract.test_open_jobs import job
+
+    registry = JobRegistry.from_url(redis_server)
+    spec = job(tmp_path, "bulkembed.test-force-failed")
+    registry.start(spec, 2)
+    registry.unit_planned(spec.job_id, 0, JobTotals(shards=3, docs=3, tokens=9))
+    registry.planning_failed(spec.job_id, 1, "cannot read b.parquet")
+    assert registry.status(spec.job_id).finished
+    monkeypatch.setattr(submit, "STOPPING_S", 1.0)
+    started = time.monotonic()
+    stop_job(registry, spec.job_id)
+    assert time.monotonic() - started >= 1.0 and registry.status(spec.job_id) is None
