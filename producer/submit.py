@@ -743,7 +743,8 @@ def claim_out(planned: PlannedJob, force: bool, stop: Callable[[str], None] = la
     if force:
         # Every job that may still write here is stopped first: the one OUT holds, and this very job (submitted before
         # and still running: its planners' late records would land in the new run's, the inputs they name deleted).
-        for running in dict.fromkeys([earlier.job_id] if earlier is not None else []) | {job.job_id: None}:
+        other = [earlier.job_id] if earlier is not None and earlier.job_id != job.job_id else []
+        for running in [*other, job.job_id]:
             stop(running)
         forget_outputs(store)
         return
