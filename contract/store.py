@@ -349,10 +349,12 @@ def backoff_s(retries: int, cap_s: float) -> float:
 
 
 def is_transient(exc: Exception) -> bool:
-    """Connection trouble, timeouts, throttling and 5xx answers: worth retrying later. The rest
-    (access denied, no such bucket, no credentials, bad parameters) is permanent."""
+    """Connection trouble, timeouts, throttling and 5xx answers (and a TransientError, which says one of them): worth
+    retrying later. The rest (access denied, no such bucket, no credentials, bad parameters) is permanent."""
     from botocore.exceptions import ClientError, ConnectionError, HTTPClientError, IncompleteReadError
 
+    if isinstance(exc, TransientError):
+        return True
     if type(exc) is OSError:  # pyarrow's S3 filesystem (input files, the duplicates file)
         return ARROW_TRANSIENT.search(str(exc)) is not None
     if isinstance(exc, ClientError):

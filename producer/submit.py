@@ -24,7 +24,7 @@ from redis.exceptions import LockError, LockNotOwnedError
 from redis.lock import Lock
 
 from bulkembed.contract import keys
-from bulkembed.contract.errors import InputError, JobGone, TransientError
+from bulkembed.contract.errors import InputError, JobGone
 from bulkembed.contract.job import (
     Dtype,
     JobSpec,
@@ -656,7 +656,7 @@ def riding_out_the_store(what: str, settings: ProducerSettings, call: Callable[[
         try:
             return call()
         except Exception as exc:
-            if not isinstance(exc, TransientError) and not is_transient(exc):
+            if not is_transient(exc):
                 raise
             failing_since = failing_since or time.monotonic()
             failing_s = time.monotonic() - failing_since

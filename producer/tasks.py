@@ -100,7 +100,7 @@ def plan_unit_task(self: PlannerTask, job_id: str, unit: list) -> None:
         except JobGone as exc:  # forgotten mid-unit by submit --force: nothing to plan, nothing to record
             log.warning("%s", exc)
         except Exception as exc:
-            if not isinstance(exc, TransientError) and not is_transient(exc):
+            if not is_transient(exc):
                 log.exception("job %s unit %s could not be planned", job_id, unit[0])
                 self.registry.planning_failed(job_id, unit[0], f"{type(exc).__name__}: {exc}")
                 return
