@@ -23,7 +23,15 @@ from bulkembed.contract import keys
 from bulkembed.contract.errors import BulkEmbedError, ShardError, StoreRefused
 from bulkembed.contract.job import JobSpec, ShardMessage
 from bulkembed.contract.manifest import write_manifest
-from bulkembed.contract.schema import decoding_digest, from_ipc_bytes, read_decoded_by, read_metadata
+from bulkembed.contract.schema import (
+    decoding_digest,
+    from_ipc_bytes,
+    quarantine_table,
+    read_decoded_by,
+    read_metadata,
+    read_rejected,
+    to_ipc_bytes,
+)
 from bulkembed.contract.settings import Settings
 from bulkembed.contract.store import S3_DELETE_BATCH, Store, at_once, open_store
 
@@ -117,24 +125,53 @@ class JobStatus(BaseModel):
 
 
 def stored_result(message: ShardMessage, store: Store) -> ShardResult:
-    """A shard found written (a duplicate delivery, a resumed job): check the file, report what it holds."""
+    """A shard found written (a duplicate delivery, a resumed job, the loser of a race to write it): check the file,
+    bring OUT/_rejected/ in line with the rows it set aside, report what it holds."""
     data = store.get(message.output_key)
     try:
         table = from_ipc_bytes(data)
     except pa.ArrowInvalid as exc:
         raise ShardError(f"job {message.job_id}: {message.output_key} exists but is not a valid Arrow file") from exc
-    rejected = 0
-    if store.exists(keys.shard_rejected(message.shard)):
-        rejected = from_ipc_bytes(store.get(keys.shard_rejected(message.shard))).num_rows
+    reasons = read_rejected(table.schema)
+    if reasons is None:  # written before outputs named their rejected rows: _rejected/ was written first
+        rejected = 0
+        if store.exists(keys.shard_rejected(message.shard)):
+            rejected = from_ipc_bytes(store.get(keys.shard_rejected(message.shard))).num_rows
+    else:
+        rejected = len(reasons)
     sha = read_metadata(table.schema).get("model_sha256")
     if sha != message.job.model.sha256 or table.num_rows + rejected != message.n_docs:
         raise ShardError(f"job {message.job_id}: {message.output_key} exists with {table.num_rows} rows "
                          f"(+{rejected} rejected) from model {str(sha)[:12]}, expected {message.n_docs} rows "
                          f"from {message.job.model.sha256[:12]}")
+    if reasons is not None:
+        record_rejected(store, message, reasons)
     return ShardResult(shard=message.shard, key=message.output_key, rows=table.num_rows,
                        tokens=int(pc.sum(table["n_tokens"]).as_py() or 0),
                        sha256=hashlib.sha256(data).hexdigest(), rejected=rejected,
                        decoding=decoding_digest(read_decoded_by(table.schema)))
+
+
+def record_rejected(store: Store, message: ShardMessage, reasons: dict[int, str],
+                    shard_input: pa.Table | None = None) -> None:
+    """Make OUT/_rejected/ hold the rows the shard's written output set aside (`reasons`, from its metadata), and no
+    others. It is written after the output and only from it, so deliveries racing to write one shard, each with
+    its own failures, all leave the winner's record; one killed in between leaves it to the next look at the shard
+    (stored_result). `shard_input`: the shard's input where the caller has it read already."""
+    key = keys.shard_rejected(message.shard)
+    if not reasons:
+        if store.exists(key):  # an older bulkembed wrote it before its output, and was killed in between
+            store.delete(key)
+        return
+    if shard_input is None:
+        if store.exists(key) and from_ipc_bytes(store.get(key)).num_rows == len(reasons):
+            return
+        if not store.exists(message.input_key):
+            log.warning("job %s shard %d: its input is gone, so %s cannot be written; the rows it set aside are in "
+                        "the metadata of %s", message.job_id, message.shard, key, message.output_key)
+            return
+        shard_input = from_ipc_bytes(store.get(message.input_key))
+    store.put(key, to_ipc_bytes(quarantine_table(shard_input, message.input_key, reasons)))
 
 
 # Prepended to the scripts that may create one of a job's keys (KEYS[1]: the job hash): a key made after the job's

@@ -76,9 +76,11 @@ def vector_type(dims: int, job: JobSpec) -> pa.DataType:
     return pa.list_(vector) if job.pooling is Pooling.NONE else vector
 
 
-def embedding_schema(id_type: pa.DataType, dims: int, job: JobSpec, decoded_by: dict | None = None) -> pa.Schema:
+def embedding_schema(id_type: pa.DataType, dims: int, job: JobSpec, decoded_by: dict | None = None,
+                     rejected: dict[int, str] | None = None) -> pa.Schema:
     """`decoded_by`: what the worker's vectors depend on beyond the job (worker.engine.Engine.decoded_by), kept as
-    JSON (read_decoded_by)."""
+    JSON (read_decoded_by). `rejected`: a shard output's rows set aside (shard input row → reason), kept as JSON by
+    reason (read_rejected); none for files that are not one shard's output."""
     metadata = {
         "model_file": job.model.file_name,
         "model_sha256": job.model.sha256,
@@ -93,6 +95,11 @@ def embedding_schema(id_type: pa.DataType, dims: int, job: JobSpec, decoded_by: 
         "overlength": job.overlength.value,
         "decoded_by": json.dumps(decoded_by or {}, sort_keys=True),
     }
+    if rejected is not None:
+        by_reason: dict[str, list[int]] = {}
+        for row in sorted(rejected):
+            by_reason.setdefault(rejected[row], []).append(row)
+        metadata["rejected"] = json.dumps(by_reason, sort_keys=True)
     return pa.schema(
         [
             pa.field("id", id_type, nullable=False),
@@ -111,6 +118,16 @@ def rejected_schema(id_type: pa.DataType) -> pa.Schema:
     return pa.schema(
         [("id", id_type), ("reason", pa.string()), ("source", pa.string()), ("row", pa.int64())]
     )
+
+
+def quarantine_table(shard_input: pa.Table, input_key: str, reasons: dict[int, str]) -> pa.Table:
+    """A shard's rows set aside (shard input row → reason), named as the producer names its quarantined rows:
+    corpus file and row number."""
+    rows = sorted(reasons)
+    source, at = row_sources(shard_input, input_key)
+    return pa.table({"id": shard_input.column("id").take(rows), "reason": [reasons[r] for r in rows],
+                     "source": [source] * len(rows), "row": pa.array([at[r] for r in rows], pa.int64())},
+                    schema=rejected_schema(shard_input.schema.field("id").type))
 
 
 def read_metadata(schema: pa.Schema) -> dict[str, str]:
@@ -132,6 +149,15 @@ def stored_schema(store: Store, key: str) -> pa.Schema:
 def read_decoded_by(schema: pa.Schema) -> dict:
     """What the worker recorded of how it decoded (embedding_schema's decoded_by); {} for files written before."""
     return json.loads(read_metadata(schema).get("decoded_by") or "{}")
+
+
+def read_rejected(schema: pa.Schema) -> dict[int, str] | None:
+    """A shard output's rows set aside (embedding_schema's rejected); None for a file written before outputs
+    carried them."""
+    raw = read_metadata(schema).get("rejected")
+    if raw is None:
+        return None
+    return {row: reason for reason, rows in json.loads(raw).items() for row in rows}
 
 
 def decoding_digest(decoded_by: dict) -> str:

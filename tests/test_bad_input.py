@@ -15,12 +15,19 @@ from bulkembed.contract.errors import EngineError, InputError, ShardError
 from bulkembed.contract.job import Dtype, JobSpec, ModelRef, Pooling, Role, ShardMessage, Task
 from bulkembed.contract.model import file_sha256, queue_name
 from bulkembed.contract.registry import stored_result
-from bulkembed.contract.schema import METADATA_PREFIX, content_hash, from_ipc_bytes, shard_input_schema, to_ipc_bytes
+from bulkembed.contract.schema import (
+    METADATA_PREFIX,
+    content_hash,
+    from_ipc_bytes,
+    read_rejected,
+    shard_input_schema,
+    to_ipc_bytes,
+)
 from bulkembed.contract.store import LocalStore
 from bulkembed.contract.vocab import NO_TOKENS
 from bulkembed.worker.engine import Engine, EngineOptions
 from bulkembed.worker.rows import EmbeddedRows, embed_rows
-from bulkembed.worker.shard import embed_shard, open_shard, write_shard
+from bulkembed.worker.shard import NOT_FINITE, embed_shard, open_shard, write_shard
 from tests.conftest import write_corpus
 
 
@@ -221,35 +228,112 @@ def test_a_vector_of_nan_or_infinity_is_quarantined_not_written(tmp_path, tiny_m
     assert written.column("embedding").to_pylist()[0] == [1.0, -2.0, 3.0]
 
 
-def test_a_delivery_killed_before_its_output_leaves_no_rows_set_aside_that_the_next_one_wrote(tmp_path, tiny_model):
-    """The rows a delivery sets aside are written before its vectors. Killed in between, it left them in _rejected/;
-    the next delivery, which embedded every row (the first one's failure was the GPU's, not the text's), wrote them
-    all: a row both embedded and quarantined, and every later look at the shard (a duplicate delivery, the planner)
-    failed it. The engines' vectors are given, not computed: no text makes this CPU build's llama.cpp fail once."""
+class Killed(BaseException):
+    pass
 
-    class Killed(BaseException):
-        pass
 
-    class KilledBeforeItsOutput:
-        def __init__(self, store):
-            self.store = store
+class KilledAt:
+    """A store whose delivery is killed (kill -9: nothing after it runs) at its first call of `method`."""
 
-        def put_if_absent(self, key, data):
+    def __init__(self, store, method: str):
+        self.store, self.method = store, method
+
+    def __getattr__(self, name):
+        if name == self.method:
             raise Killed
+        return getattr(self.store, name)
 
-        def __getattr__(self, name):
-            return getattr(self.store, name)
 
+def _vectors(*rows: list[float]) -> EmbeddedRows:
+    """An engine's vectors, given rather than computed: no text makes this CPU build's llama.cpp fail on one engine
+    and not on another (a GPU out of memory), which is what sets different rows aside in two deliveries."""
+    return EmbeddedRows(np.array(rows, np.float32), {}, 3)
+
+
+ALL_EMBEDDED = ([1.0, 0, 0], [0, 1.0, 0])
+SECOND_SET_ASIDE = ([1.0, 0, 0], [np.nan, 0, 0])
+
+
+def _partition(store, message) -> tuple[list[str], list[str]]:
+    """The shard's ids as OUT holds them: written, and in _rejected/; every one in exactly one of them."""
+    written = from_ipc_bytes(store.get(message.output_key)).column("id").to_pylist()
+    rejected = []
+    if store.exists(keys.shard_rejected(message.shard)):
+        rejected = from_ipc_bytes(store.get(keys.shard_rejected(message.shard))).column("id").to_pylist()
+    return sorted(written), sorted(rejected)
+
+
+@pytest.mark.parametrize("killed_at", ["put_if_absent", "put"])
+def test_a_delivery_killed_while_it_writes_leaves_the_next_one_a_whole_record(tmp_path, tiny_model, killed_at):
+    """Killed before its output: the next delivery, which embedded every row (the first one's failure was the GPU's,
+    not the text's), writes them all and nothing stays in _rejected/ (the rows set aside used to be written first,
+    and stayed: a row both embedded and quarantined). Killed after its output, before _rejected/: the next look at
+    the shard writes the record from the output's metadata."""
     store, message = _shard(tmp_path, tiny_model, [("a", "x", 1), ("b", "y", 1)])
     sha = message.job.model.sha256
     with pytest.raises(Killed):
-        write_shard(open_shard(message, sha, store), EmbeddedRows(np.array([[1.0, 0, 0], [np.nan, 0, 0]], np.float32),
-                                                                  {}, 3), KilledBeforeItsOutput(store))
-    assert store.exists(keys.shard_rejected(0))
-    result = write_shard(open_shard(message, sha, store),
-                         EmbeddedRows(np.array([[1.0, 0, 0], [0, 1.0, 0]], np.float32), {}, 3), store)
-    assert result.rows == 2 and result.rejected == 0 and not store.exists(keys.shard_rejected(0))
-    assert stored_result(message, store).rows == 2, "a later delivery finds it whole"
+        embed_shard(message, lambda rows: _vectors(*SECOND_SET_ASIDE), sha, KilledAt(store, killed_at))
+    result = embed_shard(message, lambda rows: _vectors(*ALL_EMBEDDED), sha, store)
+    again = stored_result(message, store)
+    assert (again.rows, again.rejected, again.sha256) == (result.rows, result.rejected, result.sha256)
+    if killed_at == "put_if_absent":
+        assert (result.rows, result.rejected) == (2, 0) and _partition(store, message) == (["a", "b"], [])
+    else:
+        assert (result.rows, result.rejected) == (1, 1) and _partition(store, message) == (["a"], ["b"])
+        assert from_ipc_bytes(store.get(keys.shard_rejected(0))).column("reason").to_pylist() == [NOT_FINITE]
+
+
+def test_a_delivery_of_an_older_bulkembed_killed_before_its_output_leaves_nothing_set_aside(tmp_path, tiny_model):
+    """An older bulkembed wrote _rejected/ before the vectors; the delivery that writes the shard after one was
+    killed in between clears it."""
+    store, message = _shard(tmp_path, tiny_model, [("a", "x", 1), ("b", "y", 1)])
+    stale = pa.table({"id": ["b"], "reason": [NOT_FINITE], "source": ["in/corpus.parquet"], "row": [41]})
+    store.put(keys.shard_rejected(0), to_ipc_bytes(stale))
+    result = write_shard(open_shard(message, message.job.model.sha256, store), _vectors(*ALL_EMBEDDED), store)
+    assert (result.rows, result.rejected) == (2, 0) and _partition(store, message) == (["a", "b"], [])
+
+
+class RunsTheOtherFirst:
+    """A store whose delivery, at its first call of `method`, lets another delivery of the same shard run whole
+    before the call is made: one interleaving of two deliveries racing to write a shard."""
+
+    def __init__(self, store, method: str, other):
+        self.store, self.method, self.other, self.other_result = store, method, other, None
+
+    def __getattr__(self, name):
+        call = getattr(self.store, name)
+        if name != self.method or self.other is None:
+            return call
+
+        def after_the_other(*args, **kwargs):
+            other, self.other = self.other, None
+            self.other_result = other()
+            return call(*args, **kwargs)
+
+        return after_the_other
+
+
+@pytest.mark.parametrize("method", ["get", "exists", "put", "delete", "put_if_absent"])
+@pytest.mark.parametrize("first_sets_aside", [True, False], ids=["first-sets-aside", "second-sets-aside"])
+def test_deliveries_racing_with_different_rows_set_aside_leave_the_winners_record(tmp_path, tiny_model, method,
+                                                                                   first_sets_aside):
+    """Two deliveries of one shard at once, one of which had a row fail on its engine: whichever writes the shard,
+    OUT holds each row once (embedded, or in _rejected/ with its reason), both report what OUT holds, and later
+    looks agree. The loser's _rejected/ write or delete used to land after the winner's: a row lost from both (the
+    shard then failed on every later look) or in both."""
+    store, message = _shard(tmp_path, tiny_model, [("a", "x", 1), ("b", "y", 1)])
+    sha = message.job.model.sha256
+    first, second = (SECOND_SET_ASIDE, ALL_EMBEDDED) if first_sets_aside else (ALL_EMBEDDED, SECOND_SET_ASIDE)
+    opened, opened_too = open_shard(message, sha, store), open_shard(message, sha, store)  # neither written yet
+    racing = RunsTheOtherFirst(store, method, lambda: write_shard(opened_too, _vectors(*second), store))
+    result = write_shard(opened, _vectors(*first), racing)
+    other = racing.other_result or write_shard(opened_too, _vectors(*second), store)
+    written, rejected = _partition(store, message)
+    assert sorted(written + rejected) == ["a", "b"] and len(written) == result.rows
+    assert rejected == (["b"] if result.rejected else [])
+    assert (other.rows, other.rejected, other.sha256) == (result.rows, result.rejected, result.sha256)
+    again = stored_result(message, store)
+    assert (again.rows, again.rejected, again.sha256) == (result.rows, result.rejected, result.sha256)
 
 
 class FailingOnPoisonEngine(Engine):
@@ -280,6 +364,8 @@ def test_a_document_llama_cpp_fails_on_is_quarantined_and_the_rest_written(tmp_p
     source, row = (keys.shard_input(0), 1) if before else ("in/corpus.parquet", 41)
     assert rejected == [{"id": "p", "reason": "llama.cpp failed: llama_decode returned -3", "source": source,
                          "row": row}]
+    assert read_rejected(from_ipc_bytes(store.get(message.output_key)).schema) == {
+        1: "llama.cpp failed: llama_decode returned -3"}, "the written file names the rows it set aside"
     # A second delivery finds the shard written and reports the same thing without embedding again.
     again = embed_shard(message, partial(embed_rows, engine), message.job.model.sha256, store)
     assert (again.rows, again.rejected, again.sha256) == (2, 1, result.sha256)

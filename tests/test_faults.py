@@ -569,6 +569,33 @@ def test_a_written_shard_delivered_again_past_its_attempts_is_not_failed_as_pois
     assert result is not None and status.failed == 0 and status.state == "running" and status.shards_done == 1
 
 
+def test_a_shard_written_by_its_last_attempt_killed_before_it_told_redis_is_not_failed_as_poison(tmp_path,
+                                                                                                  redis_server):
+    """The last allowed delivery wrote the shard's file and was killed before it recorded it in Redis: the next one,
+    past the shard's attempts, finds it written in the store. Before, the poison check asked only Redis and failed
+    a shard whose file was there."""
+    from bulkembed.contract.registry import JobRegistry, JobTotals
+    from bulkembed.contract.store import LocalStore
+    from bulkembed.worker import app as worker_app
+
+    store = LocalStore(tmp_path / "out")
+    message, delivered = shard_of_two_rows(store, queue=f"q-{time.monotonic_ns()}")
+    job_id, registry = message.job_id, JobRegistry.from_url(redis_server)
+    registry.start(message.job, 1)
+    registry.unit_planned(job_id, 0, JobTotals(shards=2, docs=4, tokens=12))
+    registry.close_planning(job_id)
+    for _ in range(worker_app.settings.shard_max_attempts):
+        registry.attempt(job_id, message.shard)
+    written = delivered(1.0, 512)  # ... and killed here: Redis never heard of it
+    model = SimpleNamespace(engine=SimpleNamespace(alive=True, pid=1, embed_rows=None), sha256="0" * 64,
+                            path=Path("m.gguf"))  # no engine to embed with: the shard must be found written
+    task = SimpleNamespace(registry=registry, committing=lambda store, registry: store)
+    result = worker_app._embed(task, message, model, None)
+    status = registry.status(job_id)
+    assert result is not None and result["sha256"] == written.sha256
+    assert status.failed == 0 and status.shards_done == 1 and registry.is_written(job_id, message.shard)
+
+
 def test_a_message_from_before_a_force_restart_of_the_same_job_is_dropped_not_failed(tmp_path, redis_server):
     """`submit --force` over a running job of the same id deletes its inputs with its output and plans it again: a
     message queued before, taken before its unit is planned again, finds no input. It is dropped (the planner sends

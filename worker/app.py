@@ -238,14 +238,6 @@ def _embed(self: ModelTask, shard: ShardMessage, model: ResidentModel, unreachab
         return None
     attempt = registry.attempt(shard.job_id, shard.shard)
     name = model.path.name
-    # A written shard delivered again (a duplicate message) is found written below, not failed as poison.
-    if attempt > settings.shard_max_attempts and not registry.is_written(shard.job_id, shard.shard):
-        error = (f"gave up after {attempt - 1} attempts that ended without a result (the worker process died or "
-                 f"hit the {settings.task_time_limit}s limit); the shard may be poison")
-        log.error("job %s shard %d: %s", shard.job_id, shard.shard, error)
-        registry.shard_failed(shard.job_id, shard.shard, error)
-        metrics.shard_failed(name)
-        return None
     store = open_store(shard.job.out)
     if shard.queued_at and unreachable_since is None:
         metrics.QUEUE_WAIT.labels(name).observe(max(0.0, time.time() - shard.queued_at))
@@ -254,6 +246,16 @@ def _embed(self: ModelTask, shard: ShardMessage, model: ResidentModel, unreachab
         # does. Outside it, a TransientError there ended the task unrecorded, its message acknowledged: the shard
         # was lost and the job waited for it for ever.
         store = self.committing(store, registry)
+        # A written shard delivered again is found written below, not failed as poison: a duplicate message, or the
+        # delivery that wrote it killed before it told Redis (so the store, not only Redis, is asked).
+        if (attempt > settings.shard_max_attempts and not registry.is_written(shard.job_id, shard.shard)
+                and not store.exists(shard.output_key)):
+            error = (f"gave up after {attempt - 1} attempts that ended without a result (the worker process died or "
+                     f"hit the {settings.task_time_limit}s limit); the shard may be poison")
+            log.error("job %s shard %d: %s", shard.job_id, shard.shard, error)
+            registry.shard_failed(shard.job_id, shard.shard, error)
+            metrics.shard_failed(name)
+            return None
         guard = registered(registry, shard, holding(settings.test_hold_dir, shard, nullcontext))
         result = embed_shard(shard, model.engine.embed_rows, model.sha256, store, guard)
         if registry.shard_done(shard.job_id, result):  # the last shard: a planner writes the manifest, off the GPU

@@ -17,16 +17,13 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from bulkembed.contract import keys
 from bulkembed.contract.errors import ShardError
 from bulkembed.contract.job import Dtype, JobSpec, Pooling, ShardMessage
-from bulkembed.contract.registry import ShardResult, stored_result
+from bulkembed.contract.registry import ShardResult, record_rejected, stored_result
 from bulkembed.contract.schema import (
     decoding_digest,
     embedding_schema,
     from_ipc_bytes,
-    rejected_schema,
-    row_sources,
     shard_texts,
     to_ipc_bytes,
 )
@@ -81,8 +78,8 @@ def open_shard(message: ShardMessage, model_sha256: str, store: Store) -> OpenSh
 
 
 def write_shard(shard: OpenShard, embedded: EmbeddedRows, store: Store, guard: Guard = nullcontext) -> ShardResult:
-    """Write the vectors whole and once, and the rows the engine set aside to OUT/_rejected/ (first: a file of
-    vectors is never without its rejected rows), both within `guard` (the worker's: the job still owns OUT)."""
+    """Write the vectors whole and once, naming the rows the engine set aside in their metadata, then OUT/_rejected/
+    from them (registry.record_rejected); both within `guard` (the worker's: the job still owns OUT)."""
     message, table, job = shard.message, shard.table, shard.message.job
     kept = [i for i in range(table.num_rows) if i not in embedded.rejected]
     values = written_values(embedded.vectors, job, embedded.n_embd)
@@ -93,16 +90,13 @@ def write_shard(shard: OpenShard, embedded: EmbeddedRows, store: Store, guard: G
         values = [v for v, ok in zip(values, finite, strict=True) if ok]
     good = np.array([i not in rejected for i in range(table.num_rows)], bool)
     output = _output_table(table.filter(pa.array(good)), values, job, job.dims or embedded.n_embd,
-                           embedded.decoded_by)
+                           embedded.decoded_by, rejected)
     data = to_ipc_bytes(output)
     with guard():
-        if not good.all():
-            _quarantine(store, message, table, rejected)
-        elif store.exists(keys.shard_rejected(message.shard)):  # a delivery killed before its output was written
-            store.delete(keys.shard_rejected(message.shard))  # set other rows aside (a GPU out of memory)
         if not store.put_if_absent(message.output_key, data):
             log.info("job %s shard %d: another delivery wrote it first", message.job_id, message.shard)
-            return stored_result(message, store)
+            return stored_result(message, store)  # its rows set aside, not these, go to _rejected/
+        record_rejected(store, message, rejected, table)
     seconds = time.perf_counter() - shard.started
     n_tokens = int(np.asarray(shard.rows.n_tokens, np.int64)[good].sum())
     log.info("job %s shard %d: %d rows, %d tokens in %.2fs (%.0f tok/s), %d rejected", message.job_id,
@@ -126,7 +120,7 @@ def written_values(vectors: np.ndarray | list[np.ndarray], job: JobSpec, n_embd:
 
 
 def _output_table(table: pa.Table, values: list[np.ndarray], job: JobSpec, dims: int,
-                  decoded_by: dict | None) -> pa.Table:
+                  decoded_by: dict | None, rejected: dict[int, str]) -> pa.Table:
     value_type = pa.float16() if job.dtype is Dtype.FLOAT16 else pa.float32()
     if job.pooling is Pooling.NONE:
         flat = np.concatenate(values).reshape(-1) if values else np.zeros(0, value_type.to_pandas_dtype())
@@ -139,15 +133,6 @@ def _output_table(table: pa.Table, values: list[np.ndarray], job: JobSpec, dims:
     return pa.Table.from_arrays(
         [table.column(name) if name != "embedding" else embedding
          for name in ("id", "embedding", "n_tokens", "truncated", "chunk", "content_hash")],
-        schema=embedding_schema(table.schema.field("id").type, dims, job, decoded_by),
+        schema=embedding_schema(table.schema.field("id").type, dims, job, decoded_by, rejected),
     )
 
-
-def _quarantine(store: Store, message: ShardMessage, table: pa.Table, reasons: dict[int, str]) -> None:
-    """The rows set aside, named as the producer names its quarantined rows: corpus file and row number."""
-    rows = sorted(reasons)
-    source, at = row_sources(table, message.input_key)
-    rejected = pa.table({"id": table.column("id").take(rows), "reason": [reasons[r] for r in rows],
-                         "source": [source] * len(rows), "row": pa.array([at[r] for r in rows], pa.int64())},
-                        schema=rejected_schema(table.schema.field("id").type))
-    store.put(keys.shard_rejected(message.shard), to_ipc_bytes(rejected))
