@@ -125,8 +125,6 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from dataclasses import astuple
-
     from celery import Celery
 
     from bulkembed.contract.queue import PLAN_QUEUE, TASK_PLAN_UNIT, celery_app, shard_sender
@@ -142,7 +140,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     app: Celery = celery_app(settings, "bulkembed-producer")
     with app.producer_or_acquire() as producer:
         submit_job(planned, registry, shard_sender(app, producer),
-                   lambda unit: app.send_task(TASK_PLAN_UNIT, args=[job.job_id, list(astuple(unit))], queue=PLAN_QUEUE,
+                   lambda unit: app.send_task(TASK_PLAN_UNIT, args=[job.job_id, unit.wire()], queue=PLAN_QUEUE,
                                               producer=producer, argsrepr=f"job {job.job_id} unit {unit.index}"),
                    settings, plan_here=not args.queue_only)
     log.info("job %s: %d units %s on %s", job.job_id, len(planned.units),

@@ -175,9 +175,12 @@ class JobSpec(BaseModel):
     id_column: str = "id"
     text_column: str = "text"
     shard_tokens: int
-    unit_rows: int = Field(250_000, gt=0, description="Rows a planning unit gathers (whole Parquet row groups of one "
-                           "file): units are planned side by side and name their shards, so the job's layout depends "
-                           "on it.")
+    unit_rows: int = Field(250_000, gt=0, description="Rows a planning unit gathers (whole Parquet row groups): "
+                           "units are planned side by side and name their shards, so the job's layout depends on it.")
+    units_span_files: bool = Field(
+        False, description="A unit gathers row groups across files, so many small files make full shards. The "
+        "producer sets it; False is what a job planned before says (units of one file each), and is planned so.",
+    )
     max_tokens: int = V4_MAX_TOKENS
     overlength: Overlength = Overlength.TRUNCATE
     pooling: Pooling = Pooling.MEAN
@@ -207,8 +210,9 @@ class JobSpec(BaseModel):
 
     @property
     def job_id(self) -> str:
-        # close_cut_rows and id_type enter only when set: jobs from before them keep their ids.
-        exclude = {"model", *(name for name in ("close_cut_rows", "id_type") if not getattr(self, name))}
+        # These enter only when set: jobs from before them keep their ids.
+        exclude = {"model", *(name for name in ("close_cut_rows", "id_type", "units_span_files")
+                              if not getattr(self, name))}
         identity = self.model_dump(mode="json", exclude=exclude) | {"model_sha256": self.model.sha256}
         digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
         return digest[:16]

@@ -23,19 +23,20 @@ def content_hash(prefixed_text: str) -> bytes:
     return hashlib.blake2b(prefixed_text.encode("utf-8"), digest_size=16).digest()
 
 
-SHARD_SOURCE = METADATA_PREFIX + "source"  # a shard input's corpus file (a unit, and so a shard, reads one)
+SHARD_SOURCE = METADATA_PREFIX + "source"  # the corpus file of an input planned when a shard read one file only
 
 
-def shard_input_schema(id_type: pa.DataType, source: str = "") -> pa.Schema:
+def shard_input_schema(id_type: pa.DataType) -> pa.Schema:
     """A shard's input: the id as the corpus typed it, the text with its prefix, which of its tokens this row embeds
     (bulkembed.contract.job.Span: all of them unless it was truncated or chunked), and where the row comes from
-    (`source`, the corpus file, in the metadata; `row`, the row's number in it), for a quarantine record to name.
-    The text is dictionary-encoded: a long document's chunks are rows of one text, held once (shard_texts)."""
+    (`row`, the row's number in its corpus file `source`), for a quarantine record to name. The text and the source
+    are dictionary-encoded: a long document's chunks are rows of one text, held once (shard_texts), and a shard's
+    rows come from a few files."""
     return pa.schema([
         ("id", id_type), ("text", SHARD_TEXT_TYPE), ("n_tokens", pa.int32()), ("chunk", pa.int32()),
         ("start", pa.int32()), ("stop", pa.int32()), ("truncated", pa.bool_()),
-        ("content_hash", CONTENT_HASH_TYPE), ("row", pa.int64()),
-    ], metadata={SHARD_SOURCE: source})
+        ("content_hash", CONTENT_HASH_TYPE), ("row", pa.int64()), ("source", SHARD_TEXT_TYPE),
+    ])
 
 
 SHARD_TEXT_TYPE = pa.dictionary(pa.int32(), pa.string())
@@ -60,13 +61,15 @@ def shard_texts(column: pa.ChunkedArray) -> list[str]:
     return texts
 
 
-def row_sources(shard_input: pa.Table, input_key: str) -> tuple[str, list[int]]:
-    """The corpus file and row numbers of a shard input's rows; for an input planned before they were recorded, the
-    input itself and the rows' places in it."""
+def row_sources(shard_input: pa.Table, input_key: str) -> tuple[list[str], list[int]]:
+    """The corpus file and row number of each of a shard input's rows; for an input planned before they were
+    recorded, the input itself and the rows' places in it."""
+    if "source" in shard_input.schema.names:
+        return shard_texts(shard_input.column("source")), shard_input.column("row").to_pylist()
     source = (shard_input.schema.metadata or {}).get(SHARD_SOURCE.encode(), b"").decode()
-    if source and "row" in shard_input.schema.names:
-        return source, shard_input.column("row").to_pylist()
-    return input_key, list(range(shard_input.num_rows))
+    if source and "row" in shard_input.schema.names:  # planned when a shard read one file only
+        return [source] * shard_input.num_rows, shard_input.column("row").to_pylist()
+    return [input_key] * shard_input.num_rows, list(range(shard_input.num_rows))
 
 
 def vector_type(dims: int, job: JobSpec) -> pa.DataType:
@@ -124,9 +127,9 @@ def quarantine_table(shard_input: pa.Table, input_key: str, reasons: dict[int, s
     """A shard's rows set aside (shard input row → reason), named as the producer names its quarantined rows:
     corpus file and row number."""
     rows = sorted(reasons)
-    source, at = row_sources(shard_input, input_key)
+    sources, at = row_sources(shard_input, input_key)
     return pa.table({"id": shard_input.column("id").take(rows), "reason": [reasons[r] for r in rows],
-                     "source": [source] * len(rows), "row": pa.array([at[r] for r in rows], pa.int64())},
+                     "source": [sources[r] for r in rows], "row": pa.array([at[r] for r in rows], pa.int64())},
                     schema=rejected_schema(shard_input.schema.field("id").type))
 
 

@@ -133,9 +133,9 @@ class ProducerSettings(Settings):
 
     shard_tokens: int = Field(65536, description="Token budget of one shard.", gt=0)
     unit_rows: int = Field(
-        250_000, gt=0, description="Rows of a planning unit: whole Parquet row groups of one file, gathered until "
-        "they hold this many. Each unit is planned by one planner, so a job plans on as many planners as it has "
-        "units; each unit ends with a few part-filled shards (one per length class).",
+        250_000, gt=0, description="Rows of a planning unit: whole Parquet row groups, in corpus order across "
+        "files, gathered until they hold this many. Each unit is planned by one planner, so a job plans on as many "
+        "planners as it has units; each unit ends with a few part-filled shards (one per length class).",
     )
     queue_per_engine: int = Field(
         16, ge=1, description="Planners hold back while a model's queue holds more shards than this many per engine "

@@ -1,6 +1,6 @@
 """Read a Parquet corpus (a file, a folder, or an s3:// prefix) in bounded record batches, cut into planning units.
 
-A unit is a run of consecutive row groups of one file (Parquet's own unit of reading): planners take units
+A unit is a run of consecutive row groups (Parquet's own unit of reading), across files: planners take units
 independently, so a job plans as fast as there are planner processes, and a resubmitted job skips the units
 already planned."""
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from pathlib import Path
 
 import pyarrow as pa
@@ -191,11 +191,10 @@ def cast_ids(ids: pa.Array, id_type: pa.DataType | None, source: str) -> pa.Arra
 
 
 @dataclass(frozen=True)
-class Unit:
+class Piece:
     """Row groups [first_group, stop_group) of the corpus's file-th file (`path`): rows [first_row, first_row +
-    rows). A planner needs nothing else of the corpus to plan it."""
+    rows)."""
 
-    index: int  # place in the job's list of units, which names its shards
     file: int
     path: str
     first_group: int
@@ -204,19 +203,54 @@ class Unit:
     rows: int
 
 
-def plan_units(corpus: Corpus, unit_rows: int) -> list[Unit]:
-    """Whole row groups of one file, gathered until a unit holds `unit_rows` rows (one row group may hold more).
-    The same corpus and `unit_rows` give the same units, so a resubmitted job finds its units again."""
+@dataclass(frozen=True)
+class Unit:
+    """Whole row groups of consecutive corpus files, in corpus order (one file's, for jobs planned before units
+    spanned files). A planner needs nothing else of the corpus to plan it."""
+
+    index: int  # place in the job's list of units, which names its shards
+    pieces: tuple[Piece, ...]
+
+    @property
+    def rows(self) -> int:
+        return sum(piece.rows for piece in self.pieces)
+
+    def wire(self) -> list:
+        """As a planning task carries it (JSON): of_wire reads it back."""
+        return [self.index, [list(astuple(piece)) for piece in self.pieces]]
+
+    @classmethod
+    def of_wire(cls, fields: list) -> Unit:
+        if len(fields) == 7:  # queued by a bulkembed whose units were one file's: index, then one piece's fields
+            return cls(fields[0], (Piece(*fields[1:]),))
+        return cls(fields[0], tuple(Piece(*piece) for piece in fields[1]))
+
+
+def plan_units(corpus: Corpus, unit_rows: int, span_files: bool = True) -> list[Unit]:
+    """Whole row groups, gathered in corpus order until a unit holds `unit_rows` rows (one row group may hold more);
+    with `span_files`, across files, so a corpus of many small files is cut into full shards rather than a few
+    part-filled ones per file. The same corpus and arguments give the same units, so a resubmitted job finds its
+    units again."""
     units: list[Unit] = []
+    pieces: list[Piece] = []
+
+    def close_unit() -> None:
+        if pieces:
+            units.append(Unit(len(units), tuple(pieces)))
+            pieces.clear()
+
     for file, groups in enumerate(corpus.row_groups):
         first_group, first_row, rows = 0, 0, 0
         for group, group_rows in enumerate(groups):
             rows += group_rows
-            if rows >= unit_rows or group == len(groups) - 1:
+            full = sum(piece.rows for piece in pieces) + rows >= unit_rows
+            if full or group == len(groups) - 1:
                 if rows:
-                    units.append(Unit(len(units), file, corpus.files[file][0], first_group, group + 1, first_row,
-                                      rows))
+                    pieces.append(Piece(file, corpus.files[file][0], first_group, group + 1, first_row, rows))
+                if full or not span_files:
+                    close_unit()
                 first_group, first_row, rows = group + 1, first_row + rows, 0
+    close_unit()
     return units
 
 
@@ -226,18 +260,19 @@ def source_name(fs: pafs.FileSystem, path: str) -> str:
 
 
 def read_batches(fs: pafs.FileSystem, unit: Unit, id_column: str, text_column: str,
-                 id_type: pa.DataType | None = None) -> Iterator[tuple[str, int, pa.RecordBatch]]:
-    """(source file, row number in its file of the batch's first row, batch with columns id and text) of one unit,
-    a bounded batch at a time."""
-    source = source_name(fs, unit.path)
-    row = unit.first_row
-    for batch in file_batches(fs, unit.path, BATCH_ROWS, [id_column, text_column],
-                              range(unit.first_group, unit.stop_group)):
-        ids = cast_ids(batch.column(0), id_type, source)  # the job's, where files differ
-        texts = batch.column(1)
-        texts = texts if texts.type == plain(texts.type) else texts.cast(plain(texts.type))
-        yield source, row, pa.RecordBatch.from_arrays([ids, texts], names=["id", "text"])
-        row += batch.num_rows
+                 id_type: pa.DataType | None = None) -> Iterator[tuple[Piece, str, int, pa.RecordBatch]]:
+    """(piece, its source file, row number in that file of the batch's first row, batch with columns id and text)
+    of one unit, a bounded batch at a time."""
+    for piece in unit.pieces:
+        source = source_name(fs, piece.path)
+        row = piece.first_row
+        for batch in file_batches(fs, piece.path, BATCH_ROWS, [id_column, text_column],
+                                  range(piece.first_group, piece.stop_group)):
+            ids = cast_ids(batch.column(0), id_type, source)  # the job's, where files differ
+            texts = batch.column(1)
+            texts = texts if texts.type == plain(texts.type) else texts.cast(plain(texts.type))
+            yield piece, source, row, pa.RecordBatch.from_arrays([ids, texts], names=["id", "text"])
+            row += batch.num_rows
 
 
 def file_batches(fs: pafs.FileSystem, path: str, batch_size: int, columns: list[str],

@@ -23,6 +23,7 @@ class Document:
     span: Span = Span(0, 0, 0)  # which tokens of the text this row embeds
     content_hash: bytes = b""  # of the prefixed text (bulkembed.contract.schema.content_hash)
     row: int = -1  # its row number in its corpus file
+    source: str = ""  # that file, as quarantine records name it (producer.corpus.source_name)
 
 
 @dataclass

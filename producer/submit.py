@@ -62,7 +62,6 @@ from bulkembed.producer.corpus import (
     open_corpus,
     plan_units,
     read_batches,
-    source_name,
 )
 from bulkembed.producer.dedup import SeenIds, duplicates_between, find_duplicates, id_batches, ordinal
 from bulkembed.producer.planner import Document, ShardPlanner
@@ -138,7 +137,7 @@ def plan_job(input_uri: str, model: str, out: str, options: JobOptions = JobOpti
             task=task, role=options.role,
             prefix=prefix,
             id_column=options.id_column, text_column=options.text_column, shard_tokens=options.shard_tokens,
-            unit_rows=options.unit_rows,
+            unit_rows=options.unit_rows, units_span_files=True,
             max_tokens=choose_max_tokens(options.max_tokens, info, options.max_ubatch, ref.file_name),
             overlength=options.overlength, pooling=pooling, dims=check_dims(options.dims, info, ref.file_name),
             dtype=options.dtype,
@@ -160,7 +159,8 @@ def plan_job(input_uri: str, model: str, out: str, options: JobOptions = JobOpti
     except BaseException:  # no job to count tokens for
         counter.close()
         raise
-    return PlannedJob(job=job, corpus=corpus, units=plan_units(corpus, job.unit_rows), counter=counter, store=store,
+    return PlannedJob(job=job, corpus=corpus, units=plan_units(corpus, job.unit_rows, job.units_span_files),
+                      counter=counter, store=store,
                       previous=previous)
 
 
@@ -350,12 +350,15 @@ def plan_unit(ctx: PlanContext, unit: Unit, sink: ShardSink) -> JobTotals:
     job, same rows, same order): a shard whose output is already there goes to `sink.written` instead."""
     job, store = ctx.job, ctx.store
     cast = pa.type_for_alias(job.id_type) if job.id_type else None  # files whose ids differ in width
-    id_type = cast or pq.ParquetFile(ctx.fs.open_input_file(unit.path)).schema_arrow.field(job.id_column).type
+    first, last = unit.pieces[0], unit.pieces[-1]
+    id_type = cast or pq.ParquetFile(ctx.fs.open_input_file(first.path)).schema_arrow.field(job.id_column).type
     planner = ShardPlanner(job.shard_tokens)
     rejects = _Rejects(store, id_type, unit.index)
-    input_schema = shard_input_schema(id_type, source_name(ctx.fs, unit.path))
+    input_schema = shard_input_schema(id_type)
     written = written_outputs(store, unit.index)
-    duplicates = np.sort(_unit_duplicates(ctx, ordinal(unit.file, unit.first_row), unit.rows))  # ordinals
+    # Ordinals: the unit's pieces are consecutive in corpus order, so its rows are those between these two.
+    duplicates = np.sort(_unit_duplicates(ctx, ordinal(first.file, first.first_row),
+                                          ordinal(last.file, last.first_row + last.rows)))
     reusing: list[np.ndarray] = []
     totals = JobTotals()
 
@@ -377,7 +380,8 @@ def plan_unit(ctx: PlanContext, unit: Unit, sink: ShardSink) -> JobTotals:
                  "n_tokens": lengths, "chunk": [d.span.chunk for d in documents],
                  "start": [d.span.start for d in documents], "stop": [d.span.stop for d in documents],
                  "truncated": [d.span.truncated for d in documents],
-                 "content_hash": [d.content_hash for d in documents], "row": [d.row for d in documents]},
+                 "content_hash": [d.content_hash for d in documents], "row": [d.row for d in documents],
+                 "source": shard_text_column([d.source for d in documents])},
                 schema=input_schema,
             )
             # zstd: a shard's input is a copy of its text (~440 KiB uncompressed at 65,536 tokens): a fraction of it.
@@ -386,8 +390,8 @@ def plan_unit(ctx: PlanContext, unit: Unit, sink: ShardSink) -> JobTotals:
         sink.on_queued(totals.shards - 1)
 
     truncated = 0  # a plain int: JobTotals is a pydantic model, slow to add to a row at a time
-    for source, first_row, batch in read_batches(ctx.fs, unit, job.id_column, job.text_column, cast):
-        at = ordinal(unit.file, first_row)
+    for piece, source, first_row, batch in read_batches(ctx.fs, unit, job.id_column, job.text_column, cast):
+        at = ordinal(piece.file, first_row)
         lo, hi = np.searchsorted(duplicates, [at, at + batch.num_rows])
         accepted = _accept(ctx, batch, source, first_row, rejects, set((duplicates[lo:hi] - at).tolist()),
                            sink.tick)
@@ -398,7 +402,7 @@ def plan_unit(ctx: PlanContext, unit: Unit, sink: ShardSink) -> JobTotals:
             truncated += row.spans[0].truncated
             for span in row.spans:
                 ready = planner.add(Document(row.id, row.text, span.n_tokens(ctx.prefix_length()), span,
-                                             row.content_hash, row.row))
+                                             row.content_hash, row.row, source))
                 if ready:
                     emit_shard(ready)
         sink.tick()
@@ -414,9 +418,9 @@ def plan_unit(ctx: PlanContext, unit: Unit, sink: ShardSink) -> JobTotals:
     return totals
 
 
-def _unit_duplicates(ctx: PlanContext, first: int, rows: int) -> np.ndarray:
+def _unit_duplicates(ctx: PlanContext, first: int, stop: int) -> np.ndarray:
     fs, base = ctx.store.arrow_fs()
-    ordinals, _ = duplicates_between(f"{base}/{keys.DUPLICATES_KEY}", first, first + rows, fs)
+    ordinals, _ = duplicates_between(f"{base}/{keys.DUPLICATES_KEY}", first, stop, fs)
     return ordinals
 
 
@@ -738,8 +742,12 @@ def claim_out(planned: PlannedJob, force: bool, stop: Callable[[str], None] = la
         earlier = JobSpec.model_validate_json(store.get(keys.JOB_KEY)) if held else None
     except ValueError:  # written by another version of bulkembed: not this job
         earlier = None
-    if not force and earlier is not None and earlier.model_copy(update={"input": job.input}).job_id == job.job_id:
-        planned.job = job = earlier  # the input fingerprint names the files by their resolved paths: they agree
+    if not force and earlier is not None and earlier.model_copy(
+            update={"input": job.input, "units_span_files": job.units_span_files}).job_id == job.job_id:
+        # The input fingerprint names the files by their resolved paths: they agree. A job planned before units
+        # spanned files resumes planned as it was (its shards are named by its units).
+        planned.job = job = earlier
+        planned.units = plan_units(planned.corpus, job.unit_rows, job.units_span_files)
     if force:
         # Every job that may still write here is stopped first: the one OUT holds, and this very job (submitted before
         # and still running: its planners' late records would land in the new run's, the inputs they name deleted).

@@ -88,13 +88,13 @@ class PlannerTask(Task):
 
 @app.task(name=TASK_PLAN_UNIT, base=PlannerTask, bind=True, max_retries=None)
 def plan_unit_task(self: PlannerTask, job_id: str, unit: list) -> None:
-    """Plan one unit (its fields in Unit's order). Acknowledged late: a planner killed mid-unit hands it back; the
+    """Plan one unit (Unit.wire). Acknowledged late: a planner killed mid-unit hands it back; the
     next planner skips the shards already queued. The store failing past its client's retries (boto3's, or pyarrow's
     for the input) is retried with backoff; Redis failing hands the unit back (_handing_back); any other error fails
     the job with its reason (planning it again would fail again)."""
     with _handing_back(self, f"job {job_id} unit {unit[0]}"):
         try:
-            _plan(self, job_id, Unit(*unit))
+            _plan(self, job_id, Unit.of_wire(unit))
         except (Retry, Reject, *REDIS_FAILED):  # Reject: a retry (a unit held elsewhere) that could not be queued
             raise
         except JobGone as exc:  # forgotten mid-unit by submit --force: nothing to plan, nothing to record

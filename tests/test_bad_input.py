@@ -17,6 +17,7 @@ from bulkembed.contract.model import file_sha256, queue_name
 from bulkembed.contract.registry import stored_result
 from bulkembed.contract.schema import (
     METADATA_PREFIX,
+    SHARD_SOURCE,
     content_hash,
     from_ipc_bytes,
     read_rejected,
@@ -162,7 +163,7 @@ def test_an_out_inside_the_input_folder_is_not_read_as_corpus(tmp_path, run_cli,
     assert sorted(ds.dataset(corpus / "out", format="arrow").to_table().column("id").to_pylist()) == ["a", "b"]
 
 
-def _shard(tmp_path, tiny_model, rows: list[tuple[str, str, int]], planned_before_rows_were_named: bool = False
+def _shard(tmp_path, tiny_model, rows: list[tuple[str, str, int]], planned_before: str = ""
            ) -> tuple[LocalStore, ShardMessage]:
     """A shard of `rows` (id, text, tokens planned), rows 40, 41, … of in/corpus.parquet."""
     store = LocalStore(tmp_path / "out")
@@ -173,10 +174,12 @@ def _shard(tmp_path, tiny_model, rows: list[tuple[str, str, int]], planned_befor
     table = pa.table({"id": [r[0] for r in rows], "text": [r[1] for r in rows], "n_tokens": [r[2] for r in rows],
                       "chunk": [0] * len(rows), "start": [0] * len(rows), "stop": [r[2] for r in rows],
                       "truncated": [False] * len(rows), "content_hash": [content_hash(r[1]) for r in rows],
-                      "row": range(40, 40 + len(rows))},
-                     schema=shard_input_schema(pa.string(), "in/corpus.parquet"))
-    if planned_before_rows_were_named:
-        table = table.drop_columns(["row"]).replace_schema_metadata({})
+                      "row": range(40, 40 + len(rows)), "source": ["in/corpus.parquet"] * len(rows)},
+                     schema=shard_input_schema(pa.string()))
+    if planned_before == "a shard read one file":  # its file in the metadata
+        table = table.drop_columns(["source"]).replace_schema_metadata({SHARD_SOURCE: "in/corpus.parquet"})
+    if planned_before == "rows were named":
+        table = table.drop_columns(["row", "source"])
     store.put(keys.shard_input(0), to_ipc_bytes(table))
     return store, ShardMessage(job_id="j", job=job, shard=0, n_docs=len(rows), n_tokens=0, longest=1)
 
@@ -348,10 +351,11 @@ class FailingOnPoisonEngine(Engine):
         return super().embed(documents, shape, pooling)
 
 
-@pytest.mark.parametrize("before", [False, True], ids=["", "planned-before-rows-were-named"])
+@pytest.mark.parametrize("before", ["", "a shard read one file", "rows were named"])
 def test_a_document_llama_cpp_fails_on_is_quarantined_and_the_rest_written(tmp_path, tiny_model, before):
     """The record names the row's corpus file and row (the shard input is deleted once the job is done); a shard
-    planned by an older bulkembed names its input and the row's place in it."""
+    planned by an older bulkembed names them as its input did: its one file in the metadata, or, older still, the
+    input itself and the row's place in it."""
     engine = FailingOnPoisonEngine(tiny_model, EngineOptions(threads=2))
     try:
         engine.poison_token = int(engine.vocab.tokenize("~")[0])
@@ -361,7 +365,7 @@ def test_a_document_llama_cpp_fails_on_is_quarantined_and_the_rest_written(tmp_p
         engine.close()
     assert result.rows == 2 and result.rejected == 1
     rejected = from_ipc_bytes(store.get(keys.shard_rejected(0))).to_pylist()
-    source, row = (keys.shard_input(0), 1) if before else ("in/corpus.parquet", 41)
+    source, row = (keys.shard_input(0), 1) if before == "rows were named" else ("in/corpus.parquet", 41)
     assert rejected == [{"id": "p", "reason": "llama.cpp failed: llama_decode returned -3", "source": source,
                          "row": row}]
     assert read_rejected(from_ipc_bytes(store.get(message.output_key)).schema) == {

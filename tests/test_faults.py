@@ -512,7 +512,7 @@ def shard_of_two_rows(store, queue: str = "q"):
     message = ShardMessage.of(spec, 7, [3, 3])
     table = pa.table({"id": [1, 2], "text": ["a", "b"], "n_tokens": [3, 3], "chunk": [0, 0], "start": [0, 0],
                       "stop": [3, 3], "truncated": [False, False], "content_hash": [b"0" * 16, b"1" * 16],
-                      "row": [0, 1]},
+                      "row": [0, 1], "source": ["in/a.parquet"] * 2},
                      schema=shard_input_schema(pa.int64()))
     store.put(message.input_key, to_ipc_bytes(table))
     rows = ShardRows(label="shard 7", prefix="", pooling=spec.pooling, close_cut_rows=False, texts=["a", "b"],

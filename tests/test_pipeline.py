@@ -256,6 +256,40 @@ def test_another_jobs_output_in_out_is_refused_unless_forced(tmp_path, run_cli, 
     assert json.loads((out / "_manifest.json").read_text())["rows"] == 20
 
 
+def test_a_job_planned_before_units_spanned_files_resumes_as_it_was_planned(tmp_path, run_cli, tiny_model):
+    """An OUT half written by a bulkembed whose units were one file's: the same command resumes that job (its id,
+    its units, so its shard names), embedding only what it lacks. Planned anew, the files' rows would have come
+    under other shard names, beside the written ones: every row twice."""
+    from bulkembed.local import run_local
+    from bulkembed.producer.corpus import plan_units
+    from bulkembed.worker.engine import EngineOptions
+    from bulkembed.worker.engines import EngineSetup
+
+    folder = tmp_path / "in"
+    texts = mixed_texts(90, seed=4)
+    for f in range(3):
+        write_corpus(folder / f"part-{f}.parquet", [f"f{f}-{i}" for i in range(30)], texts[f * 30:(f + 1) * 30])
+    out = tmp_path / "out"
+    old = plan_job(str(folder), str(tiny_model), str(out))
+    old.job = old.job.model_copy(update={"units_span_files": False})
+    old.units = plan_units(old.corpus, old.job.unit_rows, span_files=False)
+    run_local(old, str(tiny_model), EngineSetup(EngineOptions(threads=1), engines=1, ubatch=512), progress=False)
+    old.counter.close()
+    assert json.loads((out / "_job.json").read_text()).get("units_span_files") is False and len(old.units) == 3
+    outputs = sorted(out.glob("0*.arrow"))
+    stamps = {p: p.stat().st_mtime_ns for p in outputs}
+    outputs[-1].unlink()  # as if it died before this shard
+    (out / "_manifest.json").unlink()
+    resumed = run_cli("run", folder, "--model", tiny_model, "--out", out)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert resumed.stdout.split(":")[0] == f"job {old.job.job_id}", resumed.stdout
+    assert {p: p.stat().st_mtime_ns for p in outputs[:-1]} == {p: stamps[p] for p in outputs[:-1]}, "kept"
+    ids = ds.dataset(out, format="arrow").to_table().column("id").to_pylist()
+    assert sorted(ids) == sorted(f"f{f}-{i}" for f in range(3) for i in range(30)), "each row once"
+    fresh = run_cli("run", folder, "--model", tiny_model, "--out", tmp_path / "fresh")
+    assert fresh.returncode == 0 and fresh.stdout.split(":")[0] != f"job {old.job.job_id}", "a new job spans files"
+
+
 def test_documents_longer_than_the_ubatch_through_two_workers(tmp_path, bucket, workers, run_cli, tiny_model,
                                                                reference_embedder):
     """Workers with a 64-token ubatch and documents up to ~8 ubatches long: each long document is

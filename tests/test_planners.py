@@ -90,8 +90,8 @@ def test_a_planner_killed_mid_unit_is_taken_over_and_finished_units_are_not_plan
     units whole and stops inside the big one, where it is killed with SIGKILL. A second planner waits out the first
     one's lock, plans only the rest of the big unit, and the job completes with each shard queued and embedded once."""
     url = fault_env["BULKEMBED_REDIS_URL"]
-    env = fault_env | {"BULKEMBED_UNIT_ROWS": "1000", "BULKEMBED_QUEUE_MIN": "12", "BULKEMBED_PLAN_LOCK_S": "3"}
-    ids = write_files(tmp_path / "in", [60, 60, 900])
+    env = fault_env | {"BULKEMBED_UNIT_ROWS": "60", "BULKEMBED_QUEUE_MIN": "12", "BULKEMBED_PLAN_LOCK_S": "3"}
+    ids = write_files(tmp_path / "in", [60, 60, 900], row_group=1000)  # a unit a file: one row group each
     out = tmp_path / "out"
     first = pool.start_planner(env=env)
     submit = background(["submit", tmp_path / "in", "--model", tiny_model, "--out", out, "--shard-tokens", "1500",
@@ -103,7 +103,7 @@ def test_a_planner_killed_mid_unit_is_taken_over_and_finished_units_are_not_plan
     assert sorted(before) == [0, 1] and sum(before.values()) < 12, before
     kill_tree(first, signal.SIGKILL)
     stored = (out / keys.shard_input(keys.shard_number(2, 0))).read_bytes()  # inputs stay until the job is done
-    assert len(stored) < 0.7 * len(to_ipc_bytes(from_ipc_bytes(stored))), "shard inputs are zstd-compressed"
+    assert len(stored) < 0.8 * len(to_ipc_bytes(from_ipc_bytes(stored))), "shard inputs are zstd-compressed"
     queued = int(redis.Redis.from_url(url).hget(keys.REDIS_JOB_QUEUED.format(job_id=job_id), "2"))
     assert queued == 12 - sum(before.values()), "the big unit's shards queued so far are recorded"
     assert queue_length(url) == 12, "held back at BULKEMBED_QUEUE_MIN"

@@ -77,7 +77,7 @@ def test_a_job_written_whole_before_its_planning_closes_gets_its_manifest_though
     from bulkembed.contract import registry as registry_module
     from bulkembed.contract.errors import TransientError
     from bulkembed.contract.settings import ProducerSettings
-    from bulkembed.producer.corpus import Unit
+    from bulkembed.producer.corpus import Piece, Unit
     from bulkembed.producer.submit import plan_claimed
 
     spec = job(tmp_path, queue)
@@ -85,7 +85,7 @@ def test_a_job_written_whole_before_its_planning_closes_gets_its_manifest_though
     registry.unit_planned(spec.job_id, 0, JobTotals(shards=2, docs=2, tokens=6))
     for shard in (0, 1):
         assert not registry.shard_done(spec.job_id, result(shard)), "planning is open: not complete yet"
-    unit, write = Unit(0, 0, "c.parquet", 0, 1, 0, 2), registry_module.write_manifest
+    unit, write = Unit(0, (Piece(0, "c.parquet", 0, 1, 0, 2),)), registry_module.write_manifest
     context = SimpleNamespace(previous=None)  # what closing planning reads of a planner's context: no --reuse
 
     def store_blinks(*args, **kwargs):

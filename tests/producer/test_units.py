@@ -3,6 +3,7 @@ a unit again does (a resumed job): the same shards, those already written report
 
 from __future__ import annotations
 
+import json
 import time
 
 import numpy as np
@@ -15,24 +16,66 @@ from bulkembed.contract.registry import JobRegistry, JobTotals
 from bulkembed.contract.schema import from_ipc_bytes, row_sources
 from bulkembed.contract.settings import ProducerSettings
 from bulkembed.local import embed_shards
-from bulkembed.producer.corpus import open_corpus, plan_units
+from bulkembed.producer.corpus import Piece, Unit, open_corpus, plan_units
 from bulkembed.producer.submit import JobOptions, plan_claimed, plan_job, prepare, produce
 from bulkembed.worker.engine import EngineOptions
 from bulkembed.worker.engines import EnginePool, EngineSetup
 from tests.conftest import mixed_texts, write_corpus
 
 
-def test_units_are_whole_row_groups_of_one_file(tmp_path):
-    for name, rows in (("a", 250), ("b", 40), ("c", 0)):
+def _pieces(units) -> list[list[tuple[int, int, int, int, int]]]:
+    return [[(p.file, p.first_group, p.stop_group, p.first_row, p.rows) for p in u.pieces] for u in units]
+
+
+def test_units_are_whole_row_groups_gathered_across_files(tmp_path):
+    for name, rows in (("a", 250), ("b", 40), ("c", 0), ("d", 30), ("e", 90)):
         write_corpus(tmp_path / f"{name}.parquet", [f"{name}{i}" for i in range(rows)], ["x"] * rows,
                      row_group_size=100)
     corpus = open_corpus(str(tmp_path), "id", "text")
     units = plan_units(corpus, unit_rows=150)
-    assert [(u.file, u.first_group, u.stop_group, u.first_row, u.rows) for u in units] == [
-        (0, 0, 2, 0, 200), (0, 2, 3, 200, 50), (1, 0, 1, 0, 40)]
-    assert [u.index for u in units] == [0, 1, 2] and units == plan_units(corpus, unit_rows=150), "the same again"
-    assert sum(u.rows for u in plan_units(corpus, unit_rows=1)) == 290
-    assert pq.ParquetFile(units[1].path).metadata.num_rows == 250
+    assert _pieces(units) == [[(0, 0, 2, 0, 200)], [(0, 2, 3, 200, 50), (1, 0, 1, 0, 40), (3, 0, 1, 0, 30),
+                                                    (4, 0, 1, 0, 90)]]
+    assert [u.index for u in units] == [0, 1] and units == plan_units(corpus, unit_rows=150), "the same again"
+    assert sum(u.rows for u in plan_units(corpus, unit_rows=1)) == 410
+    assert pq.ParquetFile(units[1].pieces[1].path).metadata.num_rows == 40
+    assert [Unit.of_wire(json.loads(json.dumps(u.wire()))) for u in units] == units, "as a planning task sends it"
+    # A job planned before units spanned files: one file's row groups each, as it was planned then.
+    assert _pieces(plan_units(corpus, unit_rows=150, span_files=False)) == [
+        [(0, 0, 2, 0, 200)], [(0, 2, 3, 200, 50)], [(1, 0, 1, 0, 40)], [(3, 0, 1, 0, 30)], [(4, 0, 1, 0, 90)]]
+    assert Unit.of_wire([2, 1, "b.parquet", 0, 1, 0, 40]) == Unit(2, (Piece(1, "b.parquet", 0, 1, 0, 40),)), \
+        "a unit task queued by that bulkembed"
+
+
+def test_many_small_files_make_full_shards_each_row_named_by_its_file(tmp_path, tiny_model):
+    """300 files of 20 documents: each file used to be a unit of its own, ending in a part-filled shard per length
+    class: hundreds of shards (and output files) of a few rows. Now they fill shards as one file would; each row of
+    a shard's input still names its own file and row, and duplicate ids are found across files."""
+    folder = tmp_path / "in"
+    texts = mixed_texts(6000, seed=5)
+    for f in range(300):
+        ids = [f"f{f}-{i}" for i in range(20)]
+        if f == 299:
+            ids[7] = "f0-3"  # a duplicate of a row of the first file: quarantined, the first kept
+        write_corpus(folder / f"part-{f:03d}.parquet", ids, texts[f * 20:(f + 1) * 20])
+    options = JobOptions(shard_tokens=8000)
+    queued: list = []
+    planned = plan_job(str(folder), str(tiny_model), str(tmp_path / "out"), options)
+    totals, _ = produce(planned, queued.append, lambda result: None)
+    one_file = tmp_path / "one" / "c.parquet"
+    write_corpus(one_file, [f"d{i}" for i in range(6000)], texts)
+    alone, _ = produce(plan_job(str(one_file.parent), str(tiny_model), str(tmp_path / "out-one"), options),
+                       lambda message: None, lambda result: None)
+    assert len(planned.units) == 1 and totals.docs == 5999 and totals.rejected == 1
+    assert totals.shards <= alone.shards + 1, f"{totals.shards} shards for what one file cuts into {alone.shards}"
+    seen = set()
+    for message in queued:
+        table = from_ipc_bytes(planned.store.get(keys.shard_input(message.shard)))
+        sources, rows = row_sources(table, message.input_key)
+        for doc_id, source, row in zip(table.column("id").to_pylist(), sources, rows, strict=True):
+            f, i = (int(part) for part in doc_id[1:].split("-"))
+            assert (source, row) == (str((folder / f"part-{f:03d}.parquet").resolve()), i)
+            seen.add(doc_id)
+    assert len(seen) == 5999 and "f299-7" not in seen
 
 
 def test_planning_again_reports_written_shards_instead_of_queueing_them(tmp_path, tiny_model):
@@ -77,8 +120,8 @@ def test_a_shard_input_names_each_rows_corpus_file_and_row(tmp_path, tiny_model)
     rows_by_id: dict[str, set[int]] = {}
     for message in queued:
         table = from_ipc_bytes(planned.store.get(keys.shard_input(message.shard)))
-        source, rows = row_sources(table, message.input_key)
-        assert source == str(path.resolve())
+        sources, rows = row_sources(table, message.input_key)
+        assert set(sources) == {str(path.resolve())}
         for doc_id, row in zip(table.column("id").to_pylist(), rows, strict=True):
             rows_by_id.setdefault(doc_id, set()).add(row)
     assert rows_by_id == {doc_id: {i} for i, doc_id in enumerate(ids) if i != 130}
