@@ -35,9 +35,9 @@ WORDS = np.array("the river model token embed over and sea alpha beta gamma delt
 
 
 def texts(n: int, seed: int = 0) -> list[str]:
-    """Mostly 2–60 words, every tenth 150–500 (the tiny vocabulary is about a token a word here)."""
+    """Mostly 2–12 words, every tenth 30–100 (the synthetic vocabulary spells a word in a few tokens)."""
     rng = np.random.default_rng(seed)
-    lengths = np.where(np.arange(n) % 10 == 0, rng.integers(150, 500, n), rng.integers(2, 60, n))
+    lengths = np.where(np.arange(n) % 10 == 0, rng.integers(30, 100, n), rng.integers(2, 12, n))
     return [" ".join(rng.choice(WORDS, int(k))) for k in lengths]
 
 

@@ -219,6 +219,7 @@ end
 # back while this closer copied --reuse rows: it would close the job short of that unit's shards).
 _CLOSE_PLANNING = """
 if redis.call('HEXISTS', KEYS[1], 'spec') == 0 or redis.call('HEXISTS', KEYS[1], 'shards') == 1 then return -1 end
+if redis.call('HGET', KEYS[1], 'state') == 'failed' then return -1 end  -- a unit's planning failed: until resubmitted
 if redis.call('HLEN', KEYS[3]) < tonumber(redis.call('HGET', KEYS[1], 'units') or '0') then return -1 end
 local shards = redis.call('HGET', KEYS[1], 'planned_shards') or '0'
 redis.call('HSET', KEYS[1], 'shards', shards, 'state', 'running', unpack(ARGV))
@@ -241,6 +242,27 @@ else
   redis.call('HDEL', KEYS[1], 'shards', 'error', 'manifest_due')
 end
 redis.call('DEL', KEYS[4])
+"""
+# The job listed for KEDA (KEYS: job hash, list; ARGV: job id) while its planning is open and has not failed: a late
+# lister (a submit whose planners closed the job before it listed it) would keep a planner pod up for nothing.
+_NEEDS_PLANNER = """
+if redis.call('HEXISTS', KEYS[1], 'shards') == 1 or redis.call('HGET', KEYS[1], 'state') ~= 'planning' then return 0 end
+redis.call('LREM', KEYS[2], 0, ARGV[1])
+redis.call('RPUSH', KEYS[2], ARGV[1])
+return 1
+"""
+# The job listed for KEDA's GPU workers (KEYS: job hash, done hash, list; ARGV: job id) unless it has failed or every
+# shard of it is settled: a submit of a done job, or one whose shards were written before it listed it, would keep a
+# GPU pod up for nothing.
+_OPEN = """
+local state = redis.call('HGET', KEYS[1], 'state')
+if not state or state == 'failed' or state == 'done' then return 0 end
+local shards = redis.call('HGET', KEYS[1], 'shards')
+local failed_only = tonumber(redis.call('HGET', KEYS[1], 'failed_only') or '0')
+if shards and redis.call('HLEN', KEYS[2]) + failed_only >= tonumber(shards) then return 0 end
+redis.call('LREM', KEYS[3], 0, ARGV[1])
+redis.call('RPUSH', KEYS[3], ARGV[1])
+return 1
 """
 # A delivery of a shard counted (ARGV: shard, 1 or -1; KEYS: job hash, attempts hash), not for a forgotten job.
 _COUNT_ATTEMPT = _EXPIRES_WITH_JOB + """
@@ -301,6 +323,8 @@ class JobRegistry:
         self._close_planning = client.register_script(_CLOSE_PLANNING)
         self._count_attempt = client.register_script(_COUNT_ATTEMPT)
         self._start = client.register_script(_START)
+        self._needs_planner_script = client.register_script(_NEEDS_PLANNER)
+        self._open = client.register_script(_OPEN)
 
     @classmethod
     def from_url(cls, url: str, check: bool = True, retention_s: float = 7 * 24 * 3600) -> JobRegistry:
@@ -367,9 +391,10 @@ class JobRegistry:
         self._needs_planner(job_id)
 
     def _needs_planner(self, job_id: str) -> None:
-        """List the job for KEDA, which keeps a planner up while the list is not empty."""
-        with self.redis.pipeline() as pipe:  # MULTI: listed once, however often it is submitted
-            pipe.lrem(keys.REDIS_PLANNING_JOBS, 0, job_id).rpush(keys.REDIS_PLANNING_JOBS, job_id).execute()
+        """List the job for KEDA, which keeps a planner up while the list is not empty (once, however often it is
+        submitted), unless its planning is closed or has failed."""
+        self._needs_planner_script(keys=[keys.REDIS_JOB.format(job_id=job_id), keys.REDIS_PLANNING_JOBS],
+                                   args=[job_id])
 
     def _needs_no_planner(self, job_id: str) -> None:
         """Every entry of the job off the list: planned, failed, forgotten or done."""
@@ -520,6 +545,11 @@ class JobRegistry:
             self._expire(job_id)
         return complete
 
+    def planning_error(self, job_id: str) -> str | None:
+        """Why the job's planning failed (planning_failed), until it is submitted again; None if it has not."""
+        state, error = self.redis.hmget(keys.REDIS_JOB.format(job_id=job_id), ["state", "error"])
+        return error if state == "failed" and error else None
+
     def planning_failed(self, job_id: str, unit: int, error: str) -> None:
         """A unit could not be planned (not a passing hiccup: its file unreadable, the model missing on the
         planner): the job fails with the reason, and no worker needs to stay up for it. Resubmitting plans it."""
@@ -665,13 +695,12 @@ class JobRegistry:
         return self.redis.lrange(keys.REDIS_QUEUE_OPEN_JOBS.format(queue=queue), 0, -1)
 
     def open(self, job: JobSpec) -> None:
-        """The job is about to queue work for its model's workers: listed for KEDA, which keeps a worker up while
-        any job is (one may have to restore an orphaned shard), until its last shard is written or failed for good.
-        Not before: a submit that dies before queueing anything (in the duplicate-id pass, minutes at 10^9 rows)
-        would keep a GPU pod up for a job with nothing to embed."""
-        key = keys.REDIS_QUEUE_OPEN_JOBS.format(queue=job.model.queue)
-        with self.redis.pipeline() as pipe:  # MULTI: the job is listed once, however often it is submitted
-            pipe.lrem(key, 0, job.job_id).rpush(key, job.job_id).execute()
+        """The job's units are sent: listed for KEDA, which keeps a worker up while any job is (one may have to
+        restore an orphaned shard), until its last shard is written or failed for good. Not before: a submit that
+        dies before (in the duplicate-id pass, minutes at 10^9 rows, or while it sends the units) would keep a GPU
+        pod up for a job that cannot finish. Not for a job that has failed or whose shards are all settled."""
+        self._open(keys=[keys.REDIS_JOB.format(job_id=job.job_id), keys.REDIS_JOB_DONE.format(job_id=job.job_id),
+                         keys.REDIS_QUEUE_OPEN_JOBS.format(queue=job.model.queue)], args=[job.job_id])
 
     def _close(self, job_id: str) -> None:
         spec = self.spec(job_id)

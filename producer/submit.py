@@ -537,6 +537,9 @@ def plan_claimed(registry: JobRegistry, job: JobSpec, context: Callable[[], Plan
     one lost its hold mid-unit (it stalled past BULKEMBED_PLAN_LOCK_S), or it was asked to stop while held back
     (`stopping`): look again later. The shards it queued are not queued again. `keep_planner`: this process is a
     planner pod, to be kept up by KEDA should it write the job's manifest."""
+    if error := registry.planning_error(job.job_id):  # another unit's: nothing more is planned until resubmitted
+        log.warning("job %s unit %d: not planned, the job's planning failed (%s)", job.job_id, unit.index, error)
+        return True
     if not registry.unit_is_planned(job.job_id, unit.index):
         context()  # built before the hold is taken: a planner's first unit may fetch the model
     lock = registry.plan_lock(job.job_id, unit.index, settings.plan_lock_s)
@@ -613,10 +616,12 @@ def submit_job(planned: PlannedJob, registry: JobRegistry, send: Callable[[Shard
     with planned.counter:
         riding_out_the_store(f"job {job.job_id}: its duplicate ids", settings, lambda: prepare(
             planned, settings.dedup_memory_mb, lambda: registry.is_registered(job.job_id)))
-        registry.open(job)  # from here on work is queued for the workers
         left = registry.units_left(job.job_id, len(planned.units))
         for index in left:
             send_unit(planned.units[index])
+        # Listed for KEDA once every unit is sent: a submit killed while sending them leaves no pod up for a job that
+        # cannot finish (its other units wait for it to be submitted again). Workers come for the queued shards.
+        registry.open(job)
         if left:
             registry.units_queued(job.job_id)
         # Held back as a planner is; after the units, so that a queue with no room does not keep them from planners.
@@ -640,6 +645,9 @@ def submit_job(planned: PlannedJob, registry: JobRegistry, send: Callable[[Shard
                 riding_out_the_store(f"job {job.job_id} unit {index}", settings, lambda unit=planned.units[index]:
                                      plan_claimed(registry, job, lambda: ctx, unit, send, settings,
                                                   keep_planner=False))
+            if error := registry.planning_error(job.job_id):  # a planner's unit: the job waits to be submitted again
+                log.error("job %s: planning failed (%s); submit it again once that is fixed", job.job_id, error)
+                return
             left = registry.units_left(job.job_id, len(planned.units))
             if left:  # planned by planners right now (or by one that died: its lock lapses, then a unit is ours)
                 time.sleep(1.0)

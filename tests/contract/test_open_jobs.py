@@ -109,6 +109,7 @@ def test_a_job_failed_for_good_is_closed_and_reopened_when_resubmitted(registry,
     registry.shard_done(spec.job_id, result(0))
     registry.shard_failed(spec.job_id, 1, "poison")
     assert registry.open_jobs(queue) == [other.job_id]
+    registry.plan_failed_again(spec.job_id)  # as submit does before it registers the job again
     submitted(registry, spec)
     assert registry.open_jobs(queue) == [other.job_id, spec.job_id]
 
@@ -309,3 +310,45 @@ def test_a_finished_job_with_a_unit_taken_back_is_not_finishing(registry, queue,
     registry.finalize(spec.job_id)
     registry.plan_again(spec.job_id, 0, [0])
     assert registry.status(spec.job_id).totals is None and registry.planning_open(spec.job_id)
+
+
+def test_a_job_whose_planning_failed_stays_failed_though_its_other_units_are_planned(registry, queue, tmp_path):
+    """Unit 1's planning failed (the model missing on its planner); a planner that has it then plans unit 1 (a
+    duplicate delivery) and the job's shards are written. It stays failed, its error said, until it is submitted
+    again: its planning used to close as if nothing had failed, and the job went running, then done, with the error
+    still beside the state (`submit --wait` exited 0, or 1 if it looked in between)."""
+    spec = job(tmp_path, queue)
+    registry.start(spec, 2)
+    registry.open(spec)
+    registry.unit_planned(spec.job_id, 0, JobTotals(shards=1))
+    registry.planning_failed(spec.job_id, 1, "ModelError: no model")
+    registry.unit_planned(spec.job_id, 1, JobTotals(shards=1))
+    assert not registry.close_planning(spec.job_id)
+    for shard in (0, 1):
+        registry.shard_done(spec.job_id, result(shard))
+    status = registry.status(spec.job_id)
+    assert (status.state, status.error) == ("failed", "unit 1: ModelError: no model")
+    assert registry.open_jobs(queue) == []
+    registry.start(spec, 2)  # submitted again: its planning is open once more, the error gone
+    assert registry.planning_error(spec.job_id) is None and registry.close_planning(spec.job_id)
+
+
+def test_no_pod_is_kept_for_a_job_with_nothing_left_to_do(registry, redis_server, queue, tmp_path):
+    """A submit lists its job for KEDA after sending its units: planners may have planned it whole, and workers
+    written it, by then; a done job submitted again has nothing to embed. Neither is listed: each entry used to stay
+    for ever (nothing else takes it off), a planner pod or a GPU pod kept up with it."""
+    spec = job(tmp_path, queue)
+    registry.start(spec, 1)
+    assert plan(registry, spec.job_id, JobTotals(shards=0)) is True  # planned, closed and complete before it lists
+    registry.units_queued(spec.job_id)
+    registry.open(spec)
+    assert redis.Redis.from_url(redis_server).lrange(keys.REDIS_PLANNING_JOBS, 0, -1).count(spec.job_id) == 0
+    assert registry.open_jobs(queue) == []
+    other = job(tmp_path, queue, "b")
+    submitted(registry, other)
+    plan(registry, other.job_id, JobTotals(shards=1))
+    registry.shard_done(other.job_id, result(0))
+    registry.finalize(other.job_id)
+    assert registry.status(other.job_id).state == "done"
+    submitted(registry, other)  # a done job submitted again, nothing of it lost
+    assert registry.open_jobs(queue) == []

@@ -385,31 +385,97 @@ def test_a_manifest_that_meets_a_redis_failure_is_handed_back(redis_server, monk
     assert handed_back.value.requeue, "back to the plan queue"
 
 
-def test_a_submit_that_dies_before_queueing_anything_holds_no_worker(tmp_path, tiny_model, redis_server, monkeypatch):
+@pytest.mark.parametrize("killed_in", ["the duplicate-id pass", "sending its units"])
+def test_a_submit_that_dies_before_queueing_everything_holds_no_worker(tmp_path, tiny_model, redis_server,
+                                                                       monkeypatch, killed_in):
     """KEDA keeps a GPU worker up while a model's queue has an open job. A submit killed in the duplicate-id pass
-    (minutes at 10^9 rows, before any unit or shard is queued) leaves its job registered but not open; submitted again
-    it runs. Before, the job was opened at registration and kept a GPU pod up for ever with nothing to embed."""
+    (minutes at 10^9 rows, before any unit or shard is queued), or while it sends its units to planners, leaves its
+    job registered but not open; submitted again it runs. Before, a job listed before it was queued whole kept a GPU
+    pod up for ever: the units never sent are never planned, so its shards never all settle."""
     from bulkembed.producer import submit
     from bulkembed.producer.submit import submit_job
 
-    write_corpus(tmp_path / "in" / "c.parquet", [f"d{i}" for i in range(40)], mixed_texts(40, seed=6))
-    planned = plan_job(str(tmp_path / "in"), str(tiny_model), str(tmp_path / "out"), JobOptions(shard_tokens=800))
+    write_corpus(tmp_path / "in" / "c.parquet", [f"d{i}" for i in range(40)], mixed_texts(40, seed=6),
+                 row_group_size=20)
+    options = JobOptions(shard_tokens=800, unit_rows=20)  # two units
+    planned = plan_job(str(tmp_path / "in"), str(tiny_model), str(tmp_path / "out"), options)
     registry = JobRegistry.from_url(redis_server)
     queue = planned.job.model.queue
     registry.redis.delete(keys.REDIS_QUEUE_OPEN_JOBS.format(queue=queue))
 
     def killed(*args, **kwargs):
-        raise KeyboardInterrupt  # Ctrl-C, or the pod deleted, mid-pass
+        raise KeyboardInterrupt  # Ctrl-C, or the pod deleted
 
-    monkeypatch.setattr(submit, "find_duplicates", killed)
     sent: list = []
+    units: list = []
+    if killed_in == "the duplicate-id pass":
+        monkeypatch.setattr(submit, "find_duplicates", killed)
+        send_unit = units.append
+    else:
+        def send_unit(unit) -> None:
+            if units:
+                killed()
+            units.append(unit)
+
     with pytest.raises(KeyboardInterrupt):
-        submit_job(planned, registry, sent.append, sent.append, ProducerSettings())
-    assert sent == [] and registry.open_jobs(queue) == [], "nothing queued, no worker held"
+        submit_job(planned, registry, sent.append, send_unit, ProducerSettings())
+    assert sent == [] and registry.open_jobs(queue) == [], "nothing listed, no worker held"
+    assert planned.job.job_id not in registry.redis.lrange(keys.REDIS_PLANNING_JOBS, 0, -1), "no planner held"
     monkeypatch.undo()
-    submit_job(plan_job(str(tmp_path / "in"), str(tiny_model), str(tmp_path / "out"), JobOptions(shard_tokens=800)),
+    submit_job(plan_job(str(tmp_path / "in"), str(tiny_model), str(tmp_path / "out"), options),
                registry, sent.append, lambda unit: None, ProducerSettings())
     assert sent and registry.open_jobs(queue) == [planned.job.job_id], "open once its shards are queued"
+
+
+def test_a_job_whose_planning_failed_is_planned_no_further_until_it_is_submitted_again(tmp_path, redis_server):
+    """A planner without the model fails the job's unit 1; the planner of unit 0, or the submitting process, does not
+    go on planning the job (queueing GPU work for a failed job) and does not close it: it stayed failed only until
+    then, when it turned running, then done, its planning error still shown beside the state."""
+    from bulkembed.producer.corpus import Piece, Unit
+    from bulkembed.producer.submit import plan_claimed
+    from tests.contract.test_open_jobs import job
+
+    registry = JobRegistry.from_url(redis_server)
+    spec = job(tmp_path, f"q-{time.monotonic_ns()}")
+    registry.start(spec, 2)
+
+    def no_context():
+        raise AssertionError("a failed job's unit is not read")
+
+    registry.planning_failed(spec.job_id, 1, "ModelError: the model is not on this planner")
+    sent: list = []
+    unit = Unit(0, (Piece(0, "c.parquet", 0, 1, 0, 2),))
+    assert plan_claimed(registry, spec, no_context, unit, sent.append, ProducerSettings()), "its task is done"
+    assert sent == [] and not registry.unit_is_planned(spec.job_id, 0)
+    assert registry.planning_error(spec.job_id) == "unit 1: ModelError: the model is not on this planner"
+
+
+def test_a_submit_whose_job_a_planner_failed_stops_planning_it(tmp_path, tiny_model, redis_server):
+    """The submitting process plans units beside planners; one of them fails unit 1 while it plans unit 0. It stops
+    there (its log says why and to submit again) instead of planning on, or waiting for ever for unit 1."""
+    import threading
+
+    from bulkembed.producer.submit import submit_job
+
+    write_corpus(tmp_path / "in" / "c.parquet", [f"d{i}" for i in range(40)], mixed_texts(40, seed=6),
+                 row_group_size=20)
+    planned = plan_job(str(tmp_path / "in"), str(tiny_model), str(tmp_path / "out"),
+                       JobOptions(shard_tokens=800, unit_rows=20))
+    registry = JobRegistry.from_url(redis_server)
+    job_id, sent = planned.job.job_id, []
+
+    def send(message) -> None:  # a planner fails unit 1 as the first shard of unit 0 is queued
+        if not sent:
+            registry.planning_failed(job_id, 1, "ModelError: the model is not on this planner")
+        sent.append(message)
+
+    submitting = threading.Thread(target=submit_job, daemon=True,
+                                  args=(planned, registry, send, lambda unit: None, ProducerSettings()))
+    submitting.start()
+    submitting.join(60)
+    assert not submitting.is_alive(), "submit still waits on a unit of a failed job"
+    assert {m.shard // keys.SHARDS_PER_UNIT for m in sent} == {0} and not registry.unit_is_planned(job_id, 1)
+    assert registry.status(job_id).state == "failed"
 
 
 def test_force_over_a_running_job_stops_it_before_its_files_go(tmp_path, tiny_model, redis_server, monkeypatch):
