@@ -30,6 +30,10 @@ class ShardError(BulkEmbedError):
     """A shard cannot be embedded; permanent, retrying it will not help."""
 
 
+class ForeignOutput(ShardError):
+    """A shard's file in OUT was written by another job: a late write of one that submit --force replaced."""
+
+
 class EngineError(ShardError):
     """llama.cpp refused a decode or a context."""
 

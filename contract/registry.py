@@ -20,7 +20,7 @@ from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 from bulkembed.contract import keys
-from bulkembed.contract.errors import BulkEmbedError, ShardError, StoreRefused
+from bulkembed.contract.errors import BulkEmbedError, ForeignOutput, ShardError, StoreRefused
 from bulkembed.contract.job import JobSpec, ShardMessage
 from bulkembed.contract.manifest import write_manifest
 from bulkembed.contract.schema import (
@@ -126,12 +126,18 @@ class JobStatus(BaseModel):
 
 def stored_result(message: ShardMessage, store: Store) -> ShardResult:
     """A shard found written (a duplicate delivery, a resumed job, the loser of a race to write it): check the file,
-    bring OUT/_rejected/ in line with the rows it set aside, report what it holds."""
+    bring OUT/_rejected/ in line with the rows it set aside, report what it holds. ForeignOutput: another job's
+    (its writer still embedding it when submit --force replaced that job): the caller deletes it where its own job
+    still owns OUT, and writes the shard."""
     data = store.get(message.output_key)
     try:
         table = from_ipc_bytes(data)
     except pa.ArrowInvalid as exc:
         raise ShardError(f"job {message.job_id}: {message.output_key} exists but is not a valid Arrow file") from exc
+    owner = read_metadata(table.schema).get("job_id")
+    if owner is not None and owner != message.job.job_id:
+        raise ForeignOutput(f"{message.output_key} was written by job {owner}, not job {message.job.job_id}: a late "
+                            f"write of a job that submit --force replaced")
     reasons = read_rejected(table.schema)
     if reasons is None:  # written before outputs named their rejected rows: _rejected/ was written first
         rejected = 0

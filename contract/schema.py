@@ -85,6 +85,7 @@ def embedding_schema(id_type: pa.DataType, dims: int, job: JobSpec, decoded_by: 
     JSON (read_decoded_by). `rejected`: a shard output's rows set aside (shard input row → reason), kept as JSON by
     reason (read_rejected); none for files that are not one shard's output."""
     metadata = {
+        "job_id": job.job_id,  # whose file it is: a late write of a job replaced by --force is told from the new one's
         "model_file": job.model.file_name,
         "model_sha256": job.model.sha256,
         "task": job.task.value if job.task else "",

@@ -24,7 +24,7 @@ from redis.exceptions import LockError, LockNotOwnedError
 from redis.lock import Lock
 
 from bulkembed.contract import keys
-from bulkembed.contract.errors import InputError, JobGone
+from bulkembed.contract.errors import ForeignOutput, InputError, JobGone
 from bulkembed.contract.job import (
     Dtype,
     JobSpec,
@@ -238,6 +238,7 @@ class _Rejects:
     store: Store
     id_type: pa.DataType
     unit: int
+    tick: Callable[[], None] = lambda: None  # the planner's look that the unit (and its job) is still its own
     rows: list[dict[str, Any]] = field(default_factory=list)
     files: list[str] = field(default_factory=list)
     count: int = 0
@@ -252,8 +253,10 @@ class _Rejects:
         if not self.rows:
             return
         key = keys.rejected(f"unit-{self.unit:06d}-{len(self.files):04d}")  # the same names when planned again
-        table = pa.Table.from_pylist(self.rows, schema=rejected_schema(self.id_type))
-        self.store.put(key, to_ipc_bytes(table))
+        data = to_ipc_bytes(pa.Table.from_pylist(self.rows, schema=rejected_schema(self.id_type)))
+        if not self.store.put_if_absent(key, data):  # planned before; or a late write of a job --force replaced
+            self.tick()
+            self.store.put(key, data)
         self.files.append(key)
         self.rows = []
 
@@ -353,7 +356,7 @@ def plan_unit(ctx: PlanContext, unit: Unit, sink: ShardSink) -> JobTotals:
     first, last = unit.pieces[0], unit.pieces[-1]
     id_type = cast or pq.ParquetFile(ctx.fs.open_input_file(first.path)).schema_arrow.field(job.id_column).type
     planner = ShardPlanner(job.shard_tokens)
-    rejects = _Rejects(store, id_type, unit.index)
+    rejects = _Rejects(store, id_type, unit.index, sink.tick)
     input_schema = shard_input_schema(id_type)
     written = written_outputs(store, unit.index)
     # Ordinals: the unit's pieces are consecutive in corpus order, so its rows are those between these two.
@@ -373,20 +376,32 @@ def plan_unit(ctx: PlanContext, unit: Unit, sink: ShardSink) -> JobTotals:
         sink.tick()  # still this planner's unit (and job) before anything of the shard is written
         message = ShardMessage.of(job, shard, lengths)
         if message.output_key in written:  # no input needed (a done job's were deleted: not written again)
-            sink.written(message)
-        else:
-            table = pa.table(
-                {"id": [d.id for d in documents], "text": shard_text_column([d.text for d in documents]),
-                 "n_tokens": lengths, "chunk": [d.span.chunk for d in documents],
-                 "start": [d.span.start for d in documents], "stop": [d.span.stop for d in documents],
-                 "truncated": [d.span.truncated for d in documents],
-                 "content_hash": [d.content_hash for d in documents], "row": [d.row for d in documents],
-                 "source": shard_text_column([d.source for d in documents])},
-                schema=input_schema,
-            )
-            # zstd: a shard's input is a copy of its text (~440 KiB uncompressed at 65,536 tokens): a fraction of it.
-            store.put_if_absent(keys.shard_input(shard), to_ipc_bytes(table, "zstd"))  # same job id, same content
-            sink.emit(message)
+            try:
+                sink.written(message)
+                sink.on_queued(totals.shards - 1)
+                return
+            except ForeignOutput as exc:
+                log.warning("job %s shard %d: %s; deleted, the shard is queued anew", job.job_id, shard, exc)
+                sink.tick()
+                store.delete(message.output_key)
+        table = pa.table(
+            {"id": [d.id for d in documents], "text": shard_text_column([d.text for d in documents]),
+             "n_tokens": lengths, "chunk": [d.span.chunk for d in documents],
+             "start": [d.span.start for d in documents], "stop": [d.span.stop for d in documents],
+             "truncated": [d.span.truncated for d in documents],
+             "content_hash": [d.content_hash for d in documents], "row": [d.row for d in documents],
+             "source": shard_text_column([d.source for d in documents])},
+            schema=input_schema,
+        )
+        # zstd: a shard's input is a copy of its text (~440 KiB uncompressed at 65,536 tokens): a fraction of it.
+        data = to_ipc_bytes(table, "zstd")
+        if not store.put_if_absent(keys.shard_input(shard), data):
+            # This job's, planned before (the same bytes); or the late write of a job that submit --force replaced,
+            # which a worker would embed as this job's. Written over while the unit is still this planner's (the
+            # replaced job's planner, late too, stops at that look instead).
+            sink.tick()
+            store.put(keys.shard_input(shard), data)
+        sink.emit(message)
         sink.on_queued(totals.shards - 1)
 
     truncated = 0  # a plain int: JobTotals is a pydantic model, slow to add to a row at a time

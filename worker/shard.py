@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from bulkembed.contract.errors import ShardError
+from bulkembed.contract.errors import ForeignOutput, ShardError
 from bulkembed.contract.job import Dtype, JobSpec, Pooling, ShardMessage
 from bulkembed.contract.registry import ShardResult, record_rejected, stored_result
 from bulkembed.contract.schema import (
@@ -49,13 +49,14 @@ class OpenShard:
 def embed_shard(message: ShardMessage, embed: Embedder, model_sha256: str, store: Store,
                 guard: Guard = nullcontext) -> ShardResult:
     """`guard` serializes check-and-write where the store has no conditional writes (a Redis lock)."""
-    opened = open_shard(message, model_sha256, store)
+    opened = open_shard(message, model_sha256, store, guard)
     if isinstance(opened, ShardResult):
         return opened
     return write_shard(opened, embed(opened.rows), store, guard)
 
 
-def open_shard(message: ShardMessage, model_sha256: str, store: Store) -> OpenShard | ShardResult:
+def open_shard(message: ShardMessage, model_sha256: str, store: Store, guard: Guard = nullcontext
+               ) -> OpenShard | ShardResult:
     """The shard's rows for the engine, or its result if an earlier delivery wrote it."""
     job = message.job
     if model_sha256 != job.model.sha256:
@@ -63,9 +64,9 @@ def open_shard(message: ShardMessage, model_sha256: str, store: Store) -> OpenSh
             f"job {message.job_id} shard {message.shard}: this worker's model (sha256 {model_sha256[:12]}) is not "
             f"the job's {job.model.file_name} ({job.model.sha256[:12]})"
         )
-    if store.exists(message.output_key):
+    if store.exists(message.output_key) and (found := _found_written(message, store, guard)) is not None:
         log.info("job %s shard %d: already written, skipped", message.job_id, message.shard)
-        return stored_result(message, store)
+        return found
     started = time.perf_counter()
     table = from_ipc_bytes(store.get(message.input_key))
     column = {name: table.column(name).to_pylist() for name in ("start", "stop", "chunk", "n_tokens")}
@@ -93,9 +94,10 @@ def write_shard(shard: OpenShard, embedded: EmbeddedRows, store: Store, guard: G
                            embedded.decoded_by, rejected)
     data = to_ipc_bytes(output)
     with guard():
-        if not store.put_if_absent(message.output_key, data):
-            log.info("job %s shard %d: another delivery wrote it first", message.job_id, message.shard)
-            return stored_result(message, store)  # its rows set aside, not these, go to _rejected/
+        while not store.put_if_absent(message.output_key, data):
+            if (found := _found_written(message, store, nullcontext)) is not None:  # within guard already
+                log.info("job %s shard %d: another delivery wrote it first", message.job_id, message.shard)
+                return found  # its rows set aside, not these, go to _rejected/
         record_rejected(store, message, rejected, table)
     seconds = time.perf_counter() - shard.started
     n_tokens = int(np.asarray(shard.rows.n_tokens, np.int64)[good].sum())
@@ -104,6 +106,18 @@ def write_shard(shard: OpenShard, embedded: EmbeddedRows, store: Store, guard: G
     return ShardResult(shard=message.shard, key=message.output_key, rows=output.num_rows, tokens=n_tokens,
                        sha256=hashlib.sha256(data).hexdigest(), rejected=int((~good).sum()), seconds=seconds,
                        decoding=decoding_digest(embedded.decoded_by or {}))
+
+
+def _found_written(message: ShardMessage, store: Store, guard: Guard) -> ShardResult | None:
+    """The shard's written file's result; None where it was another job's (ForeignOutput), deleted within `guard`
+    (this job still owns OUT: a worker of the replaced job stops there instead)."""
+    try:
+        return stored_result(message, store)
+    except ForeignOutput as exc:
+        with guard():
+            log.warning("job %s shard %d: %s; deleted, the shard is written anew", message.job_id, message.shard, exc)
+            store.delete(message.output_key)
+        return None
 
 
 NOT_FINITE = "NaN or infinity in its vector"
