@@ -145,7 +145,12 @@ def cmd_submit(args: argparse.Namespace) -> int:
                    settings, plan_here=not args.queue_only)
     log.info("job %s: %d units %s on %s", job.job_id, len(planned.units),
              "queued for planners" if args.queue_only else "planned", job.model.queue)
-    return wait_for(registry, job.job_id) if args.wait else 0
+    if args.wait:
+        return wait_for(registry, job.job_id)
+    if error := registry.planning_error(job.job_id):  # a unit's, found by a planner while this one planned
+        print(f"job {job.job_id}: planning failed: {error}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def cmd_planner(args: argparse.Namespace) -> int:

@@ -216,12 +216,15 @@ class Unit:
         return sum(piece.rows for piece in self.pieces)
 
     def wire(self) -> list:
-        """As a planning task carries it (JSON): of_wire reads it back."""
+        """As a planning task carries it (JSON): of_wire reads it back. A unit of one piece goes as units of one file
+        always went (index, then the piece's fields), which planners of an older bulkembed read too."""
+        if len(self.pieces) == 1:
+            return [self.index, *astuple(self.pieces[0])]
         return [self.index, [list(astuple(piece)) for piece in self.pieces]]
 
     @classmethod
     def of_wire(cls, fields: list) -> Unit:
-        if len(fields) == 7:  # queued by a bulkembed whose units were one file's: index, then one piece's fields
+        if len(fields) == 7:  # one piece: index, then its fields
             return cls(fields[0], (Piece(*fields[1:]),))
         return cls(fields[0], tuple(Piece(*piece) for piece in fields[1]))
 

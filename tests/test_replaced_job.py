@@ -5,8 +5,6 @@ registered instead of deleting the new job's files."""
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -28,11 +26,12 @@ def _replaced(message):
     return message.model_copy(update={"job": job, "job_id": job.job_id})
 
 
-@contextmanager
 def _gone(job_id: str):
-    """The guard of a worker whose job was forgotten (worker.app.registered)."""
-    raise JobGone.of(job_id, "its OUT may be another job's now")
-    yield
+    """A worker's look that its job still owns OUT (worker.app.still_registered), its job forgotten."""
+    def owned() -> None:
+        raise JobGone.of(job_id, "its OUT may be another job's now")
+
+    return owned
 
 
 def test_a_shard_file_of_the_replaced_job_is_written_over(tmp_path, tiny_model):
@@ -49,7 +48,7 @@ def test_a_shard_file_of_the_replaced_job_is_written_over(tmp_path, tiny_model):
     # The replaced job's worker, late again, finds the new job's file and stops at its look (JobGone): it deletes
     # nothing of the new job's.
     with pytest.raises(JobGone):
-        embed_shard(old, lambda rows: _vectors(*ALL_EMBEDDED), sha, store, lambda: _gone(old.job_id))
+        embed_shard(old, lambda rows: _vectors(*ALL_EMBEDDED), sha, store, owned=_gone(old.job_id))
     assert store.get(message.output_key) == to_ipc_bytes(written)
 
 
@@ -63,6 +62,21 @@ def test_a_shard_file_of_the_replaced_job_landing_while_this_one_embeds_is_writt
     assert racing.other_result is not None, "the replaced job's file landed first"
     assert read_metadata(from_ipc_bytes(store.get(message.output_key)).schema)["job_id"] == message.job.job_id
     assert stored_result(message, store).sha256 == result.sha256
+
+
+def test_a_replaced_jobs_put_slow_past_the_new_jobs_file_deletes_nothing(tmp_path, tiny_model):
+    """The replaced job's worker looked that its job was registered, then its put took longer than --force waits:
+    the new job's file is there when it fails. It stops (JobGone) instead of deleting that file as a foreign one and
+    writing its own (a reviewer's reproduction: the new job's manifest named vectors OUT no longer held)."""
+    store, message = _shard(tmp_path, tiny_model, [("a", "x", 1), ("b", "y", 1)])
+    old = _replaced(message)
+    sha = message.job.model.sha256
+    opened, opened_old = open_shard(message, sha, store), open_shard(old, sha, store)
+    racing = RunsTheOtherFirst(store, "put_if_absent", lambda: write_shard(opened, _vectors(*ALL_EMBEDDED), store))
+    with pytest.raises(JobGone):
+        write_shard(opened_old, _vectors([3.0, 0, 0], [np.nan, 0, 0]), racing, owned=_gone(old.job_id))
+    assert stored_result(message, store).sha256 == racing.other_result.sha256, "the new job's file, untouched"
+    assert not store.exists(keys.shard_rejected(0)), "and no record of the replaced job's"
 
 
 def test_a_planner_writes_over_the_replaced_jobs_inputs_outputs_and_records(tmp_path, tiny_model):

@@ -163,14 +163,19 @@ def _give_back(what: str, why: str) -> NoReturn:
     raise Reject(why, requeue=True)
 
 
+def still_registered(registry: JobRegistry, shard: ShardMessage) -> None:
+    """JobGone where the shard's job is no longer in Redis: the OUT of a job forgotten by submit --force is another
+    job's now, under the same file names."""
+    if not registry.is_registered(shard.job_id):
+        raise JobGone.of(shard.job_id, "its OUT may be another job's now")
+
+
 def registered(registry: JobRegistry, shard: ShardMessage, guard: Guard) -> Guard:
-    """`guard`, then a last look that the shard's job is still in Redis, just before its file is written: the OUT
-    of a job forgotten by submit --force is another job's now, under the same file names."""
+    """`guard`, then a last look that the shard's job is still in Redis, just before its file is written."""
     @contextmanager
     def checked() -> Iterator[None]:
         with guard():
-            if not registry.is_registered(shard.job_id):
-                raise JobGone.of(shard.job_id, "its OUT may be another job's now")
+            still_registered(registry, shard)
             yield
 
     return checked
@@ -257,7 +262,8 @@ def _embed(self: ModelTask, shard: ShardMessage, model: ResidentModel, unreachab
             metrics.shard_failed(name)
             return None
         guard = registered(registry, shard, holding(settings.test_hold_dir, shard, nullcontext))
-        result = embed_shard(shard, model.engine.embed_rows, model.sha256, store, guard)
+        result = embed_shard(shard, model.engine.embed_rows, model.sha256, store, guard,
+                             lambda: still_registered(registry, shard))
         if registry.shard_done(shard.job_id, result):  # the last shard: a planner writes the manifest, off the GPU
             # Redelivered after this failed, the shard is found written and this is sent again (complete is
             # complete however often it is asked).

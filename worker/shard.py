@@ -33,6 +33,7 @@ from bulkembed.worker.rows import EmbeddedRows, ShardRows, as_written, finish_ve
 log = logging.getLogger(__name__)
 
 Guard = Callable[[], AbstractContextManager]
+Owned = Callable[[], None]  # raises JobGone where the shard's job no longer owns OUT (forgotten by submit --force)
 Embedder = Callable[[ShardRows], EmbeddedRows]  # the engine process's embed_rows (worker.engines), or in-process
 
 
@@ -47,15 +48,16 @@ class OpenShard:
 
 
 def embed_shard(message: ShardMessage, embed: Embedder, model_sha256: str, store: Store,
-                guard: Guard = nullcontext) -> ShardResult:
-    """`guard` serializes check-and-write where the store has no conditional writes (a Redis lock)."""
-    opened = open_shard(message, model_sha256, store, guard)
+                guard: Guard = nullcontext, owned: Owned = lambda: None) -> ShardResult:
+    """`guard` is entered around the write (the worker's: the job still owns OUT, a test's hold); `owned` is asked
+    again before anything found in OUT is deleted or recorded."""
+    opened = open_shard(message, model_sha256, store, owned)
     if isinstance(opened, ShardResult):
         return opened
-    return write_shard(opened, embed(opened.rows), store, guard)
+    return write_shard(opened, embed(opened.rows), store, guard, owned)
 
 
-def open_shard(message: ShardMessage, model_sha256: str, store: Store, guard: Guard = nullcontext
+def open_shard(message: ShardMessage, model_sha256: str, store: Store, owned: Owned = lambda: None
                ) -> OpenShard | ShardResult:
     """The shard's rows for the engine, or its result if an earlier delivery wrote it."""
     job = message.job
@@ -64,7 +66,7 @@ def open_shard(message: ShardMessage, model_sha256: str, store: Store, guard: Gu
             f"job {message.job_id} shard {message.shard}: this worker's model (sha256 {model_sha256[:12]}) is not "
             f"the job's {job.model.file_name} ({job.model.sha256[:12]})"
         )
-    if store.exists(message.output_key) and (found := _found_written(message, store, guard)) is not None:
+    if store.exists(message.output_key) and (found := _found_written(message, store, owned)) is not None:
         log.info("job %s shard %d: already written, skipped", message.job_id, message.shard)
         return found
     started = time.perf_counter()
@@ -78,7 +80,8 @@ def open_shard(message: ShardMessage, model_sha256: str, store: Store, guard: Gu
     return OpenShard(message, table, rows, started)
 
 
-def write_shard(shard: OpenShard, embedded: EmbeddedRows, store: Store, guard: Guard = nullcontext) -> ShardResult:
+def write_shard(shard: OpenShard, embedded: EmbeddedRows, store: Store, guard: Guard = nullcontext,
+                owned: Owned = lambda: None) -> ShardResult:
     """Write the vectors whole and once, naming the rows the engine set aside in their metadata, then OUT/_rejected/
     from them (registry.record_rejected); both within `guard` (the worker's: the job still owns OUT)."""
     message, table, job = shard.message, shard.table, shard.message.job
@@ -95,9 +98,10 @@ def write_shard(shard: OpenShard, embedded: EmbeddedRows, store: Store, guard: G
     data = to_ipc_bytes(output)
     with guard():
         while not store.put_if_absent(message.output_key, data):
-            if (found := _found_written(message, store, nullcontext)) is not None:  # within guard already
+            if (found := _found_written(message, store, owned)) is not None:
                 log.info("job %s shard %d: another delivery wrote it first", message.job_id, message.shard)
                 return found  # its rows set aside, not these, go to _rejected/
+        owned()  # a put slow past submit --force's wait: the record is the new job's to write
         record_rejected(store, message, rejected, table)
     seconds = time.perf_counter() - shard.started
     n_tokens = int(np.asarray(shard.rows.n_tokens, np.int64)[good].sum())
@@ -108,15 +112,16 @@ def write_shard(shard: OpenShard, embedded: EmbeddedRows, store: Store, guard: G
                        decoding=decoding_digest(embedded.decoded_by or {}))
 
 
-def _found_written(message: ShardMessage, store: Store, guard: Guard) -> ShardResult | None:
-    """The shard's written file's result; None where it was another job's (ForeignOutput), deleted within `guard`
-    (this job still owns OUT: a worker of the replaced job stops there instead)."""
+def _found_written(message: ShardMessage, store: Store, owned: Owned) -> ShardResult | None:
+    """The shard's written file's result; None where it was another job's (ForeignOutput), deleted once `owned` says
+    this job still owns OUT (a worker of the replaced job, its put slow past --force's wait, stops there instead of
+    deleting the new job's file)."""
     try:
         return stored_result(message, store)
     except ForeignOutput as exc:
-        with guard():
-            log.warning("job %s shard %d: %s; deleted, the shard is written anew", message.job_id, message.shard, exc)
-            store.delete(message.output_key)
+        owned()
+        log.warning("job %s shard %d: %s; deleted, the shard is written anew", message.job_id, message.shard, exc)
+        store.delete(message.output_key)
         return None
 
 

@@ -44,6 +44,7 @@ def test_units_are_whole_row_groups_gathered_across_files(tmp_path):
         [(0, 0, 2, 0, 200)], [(0, 2, 3, 200, 50)], [(1, 0, 1, 0, 40)], [(3, 0, 1, 0, 30)], [(4, 0, 1, 0, 90)]]
     assert Unit.of_wire([2, 1, "b.parquet", 0, 1, 0, 40]) == Unit(2, (Piece(1, "b.parquet", 0, 1, 0, 40),)), \
         "a unit task queued by that bulkembed"
+    assert units[0].wire() == [0, 0, str(tmp_path / "a.parquet"), 0, 2, 0, 200], "as that bulkembed's planners read"
 
 
 def test_many_small_files_make_full_shards_each_row_named_by_its_file(tmp_path, tiny_model):
