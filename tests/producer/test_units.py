@@ -479,6 +479,25 @@ def test_a_submit_whose_job_a_planner_failed_stops_planning_it(tmp_path, tiny_mo
     assert registry.status(job_id).state == "failed"
 
 
+def test_submit_without_wait_exits_1_when_a_planner_failed_a_unit(tmp_path, tiny_model, redis_server, monkeypatch,
+                                                                   capsys):
+    """`submit` (no --wait) stops planning a job a planner failed; it says why and exits 1, not 0 as if queued."""
+    from bulkembed import cli
+    from bulkembed.producer import submit
+
+    write_corpus(tmp_path / "in" / "c.parquet", [f"d{i}" for i in range(20)], mixed_texts(20, seed=2))
+    monkeypatch.setenv("BULKEMBED_REDIS_URL", redis_server)
+
+    def planner_fails_a_unit(planned, registry, *args, **kwargs) -> None:
+        registry.start(planned.job, len(planned.units))
+        registry.planning_failed(planned.job.job_id, 0, "ModelError: the model is not on this planner")
+
+    monkeypatch.setattr(submit, "submit_job", planner_fails_a_unit)
+    code = cli.main(["submit", str(tmp_path / "in"), "--model", str(tiny_model), "--out", str(tmp_path / "out")])
+    assert code == 1
+    assert "planning failed: unit 0: ModelError: the model is not on this planner" in capsys.readouterr().err
+
+
 def test_force_over_a_running_job_stops_it_before_its_files_go(tmp_path, tiny_model, redis_server, monkeypatch):
     """submit --force into an OUT that holds another job still running: that job is forgotten in Redis, its
     planners' holds too, and its files are deleted only STOPPING_S later, once its planners have had the time to
