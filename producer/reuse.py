@@ -165,10 +165,17 @@ def copy_reused(previous: PreviousOutput, reused: SeenIds, store: Store, job: Jo
         if not still_ours():
             raise JobGone.of(job.job_id, f"{key} not copied")
         if not store.put_if_absent(key, data):
-            data = store.get(key)
-            if from_ipc_bytes(data).num_rows != taken.num_rows:
+            found = store.get(key)
+            owner = read_metadata(from_ipc_bytes(found).schema).get("job_id")
+            if owner is not None and owner != job.job_id:  # a late copy of a job that submit --force replaced
+                if not still_ours():
+                    raise JobGone.of(job.job_id, f"{key} not copied")
+                store.put(key, data)
+            elif from_ipc_bytes(found).num_rows != taken.num_rows:
                 raise ShardError(f"job {job.job_id}: {key} exists with other rows than {source} gives; "
                                  f"start over with --force")
+            else:
+                data = found
         return ReusedFile(key=key, source=source, rows=taken.num_rows,
                           tokens=int(pc.sum(taken.column("n_tokens")).as_py()),
                           truncated=int(pc.sum(pc.and_(taken.column("truncated"),

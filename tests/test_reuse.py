@@ -342,3 +342,25 @@ def test_reuse_copies_stop_once_the_job_is_forgotten(tmp_path, run_cli, tiny_mod
         copy_reused(previous, previous.load_index(), planned.store, planned.job, still_ours=forgotten_after_the_first)
     copies = [key for key, _ in planned.store.list() if key.startswith("reused-")]
     assert len(copies) == 1, f"only the copy written while the job was its own: {copies}"
+
+
+def test_a_reused_copy_of_the_job_force_replaced_is_written_over(tmp_path, run_cli, tiny_model):
+    """A copy of PREV_OUT's rows that the replaced job's planner wrote late (past --force's wait) is not taken for
+    this job's: it is written over. Before, it was kept where its row count matched, and refused otherwise."""
+    from bulkembed.contract.schema import METADATA_PREFIX, from_ipc_bytes, read_metadata, to_ipc_bytes
+    from bulkembed.producer.reuse import copy_reused, open_previous
+    from bulkembed.producer.submit import JobOptions, plan_job
+
+    path1, path2, _, _ = two_versions(tmp_path)
+    run_ok(run_cli, path1, "--out", tmp_path / "v1-out", "--model", tiny_model, "--shard-tokens", "1500")
+    planned = plan_job(str(path2), str(tiny_model), str(tmp_path / "new"), JobOptions(shard_tokens=1500))
+    previous = open_previous(str(tmp_path / "v1-out"), planned.job, None)
+    first = copy_reused(previous, previous.load_index(), planned.store, planned.job)
+    key = first[0].key
+    mine = planned.store.get(key)
+    table = from_ipc_bytes(mine)
+    metadata = dict(table.schema.metadata) | {(METADATA_PREFIX + "job_id").encode(): b"0123456789abcdef"}
+    planned.store.put(key, to_ipc_bytes(table.slice(1).replace_schema_metadata(metadata)))  # the late copy
+    again = copy_reused(previous, previous.load_index(), planned.store, planned.job)
+    assert planned.store.get(key) == mine and again[0].sha256 == first[0].sha256
+    assert read_metadata(from_ipc_bytes(planned.store.get(key)).schema)["job_id"] == planned.job.job_id
