@@ -236,20 +236,24 @@ def plan_units(corpus: Corpus, unit_rows: int, span_files: bool = True) -> list[
     units again."""
     units: list[Unit] = []
     pieces: list[Piece] = []
+    gathered = 0  # rows of `pieces`
 
     def close_unit() -> None:
+        nonlocal gathered
         if pieces:
             units.append(Unit(len(units), tuple(pieces)))
             pieces.clear()
+            gathered = 0
 
     for file, groups in enumerate(corpus.row_groups):
         first_group, first_row, rows = 0, 0, 0
         for group, group_rows in enumerate(groups):
             rows += group_rows
-            full = sum(piece.rows for piece in pieces) + rows >= unit_rows
+            full = gathered + rows >= unit_rows
             if full or group == len(groups) - 1:
                 if rows:
                     pieces.append(Piece(file, corpus.files[file][0], first_group, group + 1, first_row, rows))
+                    gathered += rows
                 if full or not span_files:
                     close_unit()
                 first_group, first_row, rows = group + 1, first_row + rows, 0
