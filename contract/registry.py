@@ -26,6 +26,7 @@ from bulkembed.contract.manifest import write_manifest
 from bulkembed.contract.schema import (
     decoding_digest,
     from_ipc_bytes,
+    other_writer,
     quarantine_table,
     read_decoded_by,
     read_metadata,
@@ -134,8 +135,7 @@ def stored_result(message: ShardMessage, store: Store) -> ShardResult:
         table = from_ipc_bytes(data)
     except pa.ArrowInvalid as exc:
         raise ShardError(f"job {message.job_id}: {message.output_key} exists but is not a valid Arrow file") from exc
-    owner = read_metadata(table.schema).get("job_id")
-    if owner is not None and owner != message.job.job_id:
+    if owner := other_writer(table.schema, message.job):
         raise ForeignOutput(f"{message.output_key} was written by job {owner}, not job {message.job.job_id}: a late "
                             f"write of a job that submit --force replaced")
     reasons = read_rejected(table.schema)

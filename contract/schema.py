@@ -155,6 +155,13 @@ def read_decoded_by(schema: pa.Schema) -> dict:
     return json.loads(read_metadata(schema).get("decoded_by") or "{}")
 
 
+def other_writer(schema: pa.Schema, job: JobSpec) -> str | None:
+    """The id of the job that wrote a file of `job`'s OUT, where that is another job (a late write of one that submit
+    --force replaced); None where it is `job`, or the file is older than the record."""
+    owner = read_metadata(schema).get("job_id")
+    return owner if owner is not None and owner != job.job_id else None
+
+
 def read_rejected(schema: pa.Schema) -> dict[int, str] | None:
     """A shard output's rows set aside (embedding_schema's rejected); None for a file written before outputs
     carried them."""

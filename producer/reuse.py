@@ -31,6 +31,7 @@ from bulkembed.contract.schema import (
     decoding_digest,
     embedding_schema,
     from_ipc_bytes,
+    other_writer,
     read_decoded_by,
     read_metadata,
     stored_schema,
@@ -166,12 +167,12 @@ def copy_reused(previous: PreviousOutput, reused: SeenIds, store: Store, job: Jo
             raise JobGone.of(job.job_id, f"{key} not copied")
         if not store.put_if_absent(key, data):
             found = store.get(key)
-            owner = read_metadata(from_ipc_bytes(found).schema).get("job_id")
-            if owner is not None and owner != job.job_id:  # a late copy of a job that submit --force replaced
+            copied = from_ipc_bytes(found)
+            if other_writer(copied.schema, job):  # a late copy of a job that submit --force replaced
                 if not still_ours():
                     raise JobGone.of(job.job_id, f"{key} not copied")
                 store.put(key, data)
-            elif from_ipc_bytes(found).num_rows != taken.num_rows:
+            elif copied.num_rows != taken.num_rows:
                 raise ShardError(f"job {job.job_id}: {key} exists with other rows than {source} gives; "
                                  f"start over with --force")
             else:

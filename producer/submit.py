@@ -253,12 +253,20 @@ class _Rejects:
         if not self.rows:
             return
         key = keys.rejected(f"unit-{self.unit:06d}-{len(self.files):04d}")  # the same names when planned again
-        data = to_ipc_bytes(pa.Table.from_pylist(self.rows, schema=rejected_schema(self.id_type)))
-        if not self.store.put_if_absent(key, data):  # planned before; or a late write of a job --force replaced
-            self.tick()
-            self.store.put(key, data)
+        put_over_stale(self.store, key, to_ipc_bytes(pa.Table.from_pylist(self.rows, schema=rejected_schema(
+            self.id_type))), self.tick)
         self.files.append(key)
         self.rows = []
+
+
+def put_over_stale(store: Store, key: str, data: bytes, still_ours: Callable[[], None]) -> None:
+    """Write a planner's file. One already there is this job's, planned before (the same bytes), or the late write
+    of a job that submit --force replaced, which would pass for this job's: written over once `still_ours` (which
+    raises where the unit or its job is no longer this planner's) passes, so the replaced job's planner, late too,
+    stops there instead of writing over the new job's."""
+    if not store.put_if_absent(key, data):
+        still_ours()
+        store.put(key, data)
 
 
 def _reason_to_reject(doc_id: Any, text: str | None) -> str | None:
@@ -375,34 +383,32 @@ def plan_unit(ctx: PlanContext, unit: Unit, sink: ShardSink) -> JobTotals:
             return
         sink.tick()  # still this planner's unit (and job) before anything of the shard is written
         message = ShardMessage.of(job, shard, lengths)
-        if message.output_key in written:  # no input needed (a done job's were deleted: not written again)
-            try:
-                sink.written(message)
-                sink.on_queued(totals.shards - 1)
-                return
-            except ForeignOutput as exc:
-                log.warning("job %s shard %d: %s; deleted, the shard is queued anew", job.job_id, shard, exc)
-                sink.tick()
-                store.delete(message.output_key)
-        table = pa.table(
-            {"id": [d.id for d in documents], "text": shard_text_column([d.text for d in documents]),
-             "n_tokens": lengths, "chunk": [d.span.chunk for d in documents],
-             "start": [d.span.start for d in documents], "stop": [d.span.stop for d in documents],
-             "truncated": [d.span.truncated for d in documents],
-             "content_hash": [d.content_hash for d in documents], "row": [d.row for d in documents],
-             "source": shard_text_column([d.source for d in documents])},
-            schema=input_schema,
-        )
-        # zstd: a shard's input is a copy of its text (~440 KiB uncompressed at 65,536 tokens): a fraction of it.
-        data = to_ipc_bytes(table, "zstd")
-        if not store.put_if_absent(keys.shard_input(shard), data):
-            # This job's, planned before (the same bytes); or the late write of a job that submit --force replaced,
-            # which a worker would embed as this job's. Written over while the unit is still this planner's (the
-            # replaced job's planner, late too, stops at that look instead).
-            sink.tick()
-            store.put(keys.shard_input(shard), data)
-        sink.emit(message)
+        # No input needed for a shard written (a done job's were deleted: not written again).
+        if message.output_key not in written or not found_written(message):
+            table = pa.table(
+                {"id": [d.id for d in documents], "text": shard_text_column([d.text for d in documents]),
+                 "n_tokens": lengths, "chunk": [d.span.chunk for d in documents],
+                 "start": [d.span.start for d in documents], "stop": [d.span.stop for d in documents],
+                 "truncated": [d.span.truncated for d in documents],
+                 "content_hash": [d.content_hash for d in documents], "row": [d.row for d in documents],
+                 "source": shard_text_column([d.source for d in documents])},
+                schema=input_schema,
+            )
+            # zstd: a shard's input is a copy of its text (~440 KiB uncompressed at 65,536 tokens): a fraction of it.
+            put_over_stale(store, keys.shard_input(shard), to_ipc_bytes(table, "zstd"), sink.tick)
+            sink.emit(message)
         sink.on_queued(totals.shards - 1)
+
+    def found_written(message: ShardMessage) -> bool:
+        """The shard's file reported to the sink; False where it was another job's (ForeignOutput), deleted."""
+        try:
+            sink.written(message)
+            return True
+        except ForeignOutput as exc:
+            log.warning("job %s shard %d: %s; deleted, the shard is queued anew", job.job_id, message.shard, exc)
+            sink.tick()
+            store.delete(message.output_key)
+            return False
 
     truncated = 0  # a plain int: JobTotals is a pydantic model, slow to add to a row at a time
     for piece, source, first_row, batch in read_batches(ctx.fs, unit, job.id_column, job.text_column, cast):
