@@ -250,6 +250,26 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cancel(args: argparse.Namespace) -> int:
+    from bulkembed.contract.registry import JobRegistry
+
+    registry = JobRegistry.from_url(ProducerSettings().redis_url.get_secret_value())
+    spec = registry.spec(args.job)
+    status = registry.cancel(args.job)
+    if status is None:
+        print(f"no job {args.job} in this Redis (a finished job's keys expire after BULKEMBED_JOB_RETENTION_S); "
+              f"nothing to cancel", file=sys.stderr)
+        return 2
+    if status.state == "done":
+        print(f"job {args.job} is done: nothing to cancel")
+        return 0
+    shards = f"{status.shards_done}/{status.totals.shards}" if status.totals else f"{status.shards_done}/?"
+    print(f"job {args.job} cancelled while {status.state} (shards written {shards}): workers drop its queued shards, "
+          f"its planners stop at their next shard; what it wrote stays in {spec.out if spec else 'its OUT'}, and the "
+          f"same submit command resumes it")
+    return 0
+
+
 def cmd_worker(args: argparse.Namespace) -> int:
     from bulkembed.contract.model import choose_pooling, model_info, model_ref
     from bulkembed.contract.registry import wait_for_redis
@@ -289,6 +309,10 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true")
     status.add_argument("--failures", action="store_true", help="list every failed shard and its error")
     status.set_defaults(func=cmd_status)
+
+    cancel = commands.add_parser("cancel", help="stop a job: its queued shards are dropped, what it wrote stays")
+    cancel.add_argument("job")
+    cancel.set_defaults(func=cmd_cancel)
 
     run = commands.add_parser("run", help="embed in this process: no Redis, no workers")
     _job_arguments(run, model_default=DEFAULT_MODEL)

@@ -43,16 +43,17 @@ class TransientError(BulkEmbedError):
 
 
 class JobGone(BulkEmbedError):
-    """The job is no longer in Redis (forgotten by submit --force, its OUT handed to another job; or expired)."""
+    """The job is no longer in Redis (cancelled; forgotten by submit --force, its OUT handed to another job; or
+    expired)."""
 
     @classmethod
     def of(cls, job_id: str, consequence: str) -> JobGone:
         return cls(f"job {job_id} is no longer in Redis ({GONE_WHY}): {consequence}")
 
 
-# Every way a job leaves Redis, for messages that cannot tell which (the first is the one this process acts for).
-GONE_WHY = ("forgotten by submit --force, expired after BULKEMBED_JOB_RETENTION_S, or lost with Redis's data in a "
-            "restart without persistence")
+# Every way a job leaves Redis, for messages that cannot tell which.
+GONE_WHY = ("cancelled, forgotten by submit --force, expired after BULKEMBED_JOB_RETENTION_S, or lost with Redis's "
+            "data in a restart without persistence")
 
 
 class StoreRefused(BulkEmbedError):

@@ -414,6 +414,20 @@ class JobRegistry:
         holds = list(self.redis.scan_iter(match=keys.REDIS_PLAN_LOCK.format(job_id=job_id, unit="*"), count=PAGE))
         self.redis.delete(*self._keys(job_id), *holds)
 
+    def cancel(self, job_id: str) -> JobStatus | None:
+        """`bulkembed cancel`: the job forgotten as --force forgets one (its workers drop its queued shards, its
+        planners and submitting process stop, KEDA lets its pods go), unless it is done; what it wrote stays, and
+        submitting it again resumes it. Returns its status as it was; None where Redis did not know it, whose KEDA
+        entries (a job abandoned while listed, then expired) are taken off every queue's list all the same."""
+        status = self.status(job_id)
+        if status is not None and status.state == "done":
+            return status
+        if status is None:
+            for listed in self.redis.scan_iter(match=keys.REDIS_QUEUE_OPEN_JOBS.format(queue="*"), count=PAGE):
+                self.redis.lrem(listed, 0, job_id)
+        self.forget(job_id)
+        return status
+
     def manifest_due(self, job_id: str) -> bool:
         """The job was complete when its planning closed (no worker sends its manifest task) and its manifest is not
         written yet: a planner's try failed, and the next one writes it."""

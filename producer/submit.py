@@ -589,6 +589,8 @@ def plan_claimed(registry: JobRegistry, job: JobSpec, context: Callable[[], Plan
             try:
                 totals = plan_unit(context(), unit, sink)
             except LockNotOwnedError:  # stalled past the lock: another planner may have the unit now, or none
+                if not registry.is_registered(job.job_id):  # or its job was cancelled, or forgotten by --force
+                    raise JobGone.of(job.job_id, f"unit {unit.index} is left part planned") from None
                 log.warning("job %s unit %d: its hold lapsed mid-unit; it is looked at again later", job.job_id,
                             unit.index)
                 return False

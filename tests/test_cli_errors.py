@@ -76,6 +76,7 @@ WRONG_OPTIONS = [
     (["worker", "--model", "no-such-model.gguf"], "no-such-model.gguf"),
     (["worker"], "--model"),
     (["status"], "job"),
+    (["cancel"], "job"),
     (["planner", "--concurrency", "0"], "--concurrency"),
     (["embed", "a text", "--model", "model.gguf", "--out", "vectors.csv"], "--out"),
     (["run", "corpus.parquet", "--model", "model.gguf", "--out", "out", "--max-tokens", "0"], "--max-tokens"),

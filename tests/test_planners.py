@@ -1,7 +1,7 @@
 """Planning as distributed work, with real planner, worker, Redis and S3 processes: a job of many units planned by
 two planners; a planner killed mid-unit and a submitting process killed mid-plan, their units taken over without
-re-planning finished ones; planners held back by the queue's length. Every row ends up once in the output and every
-shard is embedded once."""
+re-planning finished ones; planners held back by the queue's length; a job cancelled mid-plan. Every row ends up
+once in the output and every shard is embedded once."""
 
 from __future__ import annotations
 
@@ -173,6 +173,41 @@ def test_a_planner_stopped_while_held_back_hands_its_unit_back(tmp_path, pool, b
     assert list(planned_units(second.log.read_text())) == [0] and manifest["shard_count"] > 4
     assert set(attempts(url, job_id).values()) == {1}, "every shard queued once and embedded once"
     assert client.lrange(keys.REDIS_PLANNING_JOBS, 0, -1) == [], "no longer listed once planned"
+
+
+def test_a_cancelled_job_stops_drops_its_queued_shards_and_the_same_submit_resumes_it(tmp_path, pool, background,
+                                                                                      fault_env, tiny_model):
+    """`bulkembed cancel` on a job mid-plan (its planner held back inside its one unit, four shards queued, no worker
+    yet): `submit --wait` exits 1 saying so, the planner stops planning it, no KEDA list holds it, and a worker drops
+    its queued shards without embedding them; what it wrote stays, and the same submit command resumes it to a whole
+    output. Before, stopping a job took `submit --force` (which deletes its output) or redis-cli."""
+    url = fault_env["BULKEMBED_REDIS_URL"]
+    env = fault_env | {"BULKEMBED_PLAN_LOCK_S": "3", "BULKEMBED_QUEUE_MIN": "4"}
+    planner, submit, job_id, ids, out = held_back(tmp_path, pool, background, tiny_model, env)
+    cancelled = cli(env, "cancel", job_id)
+    assert cancelled.returncode == 0, cancelled.stderr[-2000:]
+    assert f"job {job_id} cancelled while planning (shards written 0/?)" in cancelled.stdout, cancelled.stdout
+    assert submit.wait(30) == 1 and "gone from Redis (cancelled" in submit.stderr, submit.stderr[-2000:]
+    wait_until(lambda: f"job {job_id} is no longer in Redis" in planner.log.read_text(), 30,
+               "the planner to stop at its next look")
+    client = redis.Redis.from_url(url, decode_responses=True)
+    assert client.lrange(keys.REDIS_PLANNING_JOBS, 0, -1) == []
+    assert client.lrange(keys.REDIS_QUEUE_OPEN_JOBS.format(queue=QUEUE), 0, -1) == []
+    assert len(open_store(str(out)).list("_shards/")) >= 4, "the shard inputs it wrote stay"
+
+    worker = pool.start(tiny_model)
+    wait_until(lambda: queue_length(url) == 0, 60, "the worker to take the cancelled job's shards")
+    wait_until(lambda: worker.log.read_text().count("dropped, not written") == 4, 30, "the four shards dropped")
+    assert not list(out.glob("*.arrow")), "no shard of a cancelled job is embedded"
+    assert cli(env, "status", job_id).returncode == 2 and cli(env, "cancel", job_id).returncode == 2
+
+    again = cli(env, "submit", tmp_path / "in", "--model", tiny_model, "--out", out, "--shard-tokens", "1500",
+                "--queue-only", "--wait", timeout_s=180)
+    assert again.returncode == 0 and again.stdout.split()[0] == job_id, again.stderr[-3000:]
+    check_exactly_once(str(out), ids)
+    done = cli(env, "cancel", job_id)
+    assert done.returncode == 0 and f"job {job_id} is done: nothing to cancel" in done.stdout
+    assert status(env, job_id)["state"] == "done", "a done job is left as it is"
 
 
 def test_the_submitting_process_killed_mid_plan_leaves_its_units_to_planners(tmp_path, pool, background, fault_env,

@@ -352,3 +352,39 @@ def test_no_pod_is_kept_for_a_job_with_nothing_left_to_do(registry, redis_server
     assert registry.status(other.job_id).state == "done"
     submitted(registry, other)  # a done job submitted again, nothing of it lost
     assert registry.open_jobs(queue) == []
+
+
+def test_cancel_forgets_a_running_job_takes_it_off_the_lists_and_leaves_a_done_one(registry, redis_server, queue,
+                                                                                    tmp_path):
+    """`bulkembed cancel`: a running job is forgotten (its workers drop its shards: not registered) and no longer
+    listed for KEDA's workers or planners; a done job is left as it is, its status kept for `status`."""
+    running, done = job(tmp_path, queue, "running"), job(tmp_path, queue, "done")
+    for spec in (running, done):
+        submitted(registry, spec)
+        registry.units_queued(spec.job_id)
+    assert not plan(registry, running.job_id, JobTotals(shards=2))
+    registry.shard_done(running.job_id, result(0))
+    plan(registry, done.job_id, JobTotals(shards=1))
+    registry.shard_done(done.job_id, result(0))
+    registry.finalize(done.job_id)
+    assert registry.open_jobs(queue) == [running.job_id]
+
+    before = registry.cancel(running.job_id)
+    assert (before.state, before.shards_done, before.totals.shards) == ("running", 1, 2)
+    assert not registry.is_registered(running.job_id) and registry.status(running.job_id) is None
+    assert registry.open_jobs(queue) == [] and running.job_id not in registry.redis.lrange(keys.REDIS_PLANNING_JOBS,
+                                                                                           0, -1)
+    assert registry.cancel(done.job_id).state == "done" and registry.status(done.job_id).state == "done"
+    assert registry.cancel(running.job_id) is None, "already forgotten"
+
+
+def test_cancel_takes_a_job_redis_no_longer_knows_off_every_queues_list(registry, redis_server, queue, tmp_path):
+    """A job abandoned while listed (a resubmit killed while it queued lost shards again) whose keys have expired
+    since: its entry would keep a GPU pod up for ever. cancel drops it though Redis holds no spec to name its queue."""
+    stranded, other = job(tmp_path, queue, "stranded"), job(tmp_path, queue, "other")
+    for spec in (stranded, other):
+        submitted(registry, spec)
+    registry.redis.delete(keys.REDIS_JOB.format(job_id=stranded.job_id))  # expired
+    assert registry.open_jobs(queue) == [stranded.job_id, other.job_id]
+    assert registry.cancel(stranded.job_id) is None
+    assert registry.open_jobs(queue) == [other.job_id], "only the stranded entry is dropped"
