@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 import time
+from datetime import UTC, datetime
 from typing import NoReturn
 
 from bulkembed.bench.cli import add_bench_parser
@@ -221,7 +222,11 @@ def wait_for(registry, job_id: str, poll_s: float = 1.0, no_worker_s: float = NO
 def cmd_status(args: argparse.Namespace) -> int:
     from bulkembed.contract.registry import JobRegistry
 
+    if args.job is None and args.failures:
+        raise BulkEmbedError("status --failures lists one job's failed shards: name the job")
     registry = JobRegistry.from_url(ProducerSettings().redis_url.get_secret_value())
+    if args.job is None:
+        return list_jobs(registry, args.json)
     status = registry.status(args.job)
     if status is None:
         print(f"no job {args.job} in this Redis (a finished job's keys expire after BULKEMBED_JOB_RETENTION_S; its "
@@ -247,6 +252,25 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"  shard {keys.shard_name(int(shard))}: {error}")
     if status.failed > len(status.failures):
         print(f"  … and {status.failed - len(status.failures)} more (--failures lists them all)")
+    return 0
+
+
+def list_jobs(registry, as_json: bool) -> int:
+    """`status` without a job: a line for each job Redis knows, newest first."""
+    for started, spec in registry.jobs():
+        status = registry.status(spec.job_id)
+        if status is None:  # its keys expired, or it was cancelled, since the listing
+            continue
+        when = datetime.fromtimestamp(started, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+        if as_json:
+            print(json.dumps(status.model_dump(mode="json") | {"finished": status.finished, "submitted": when,
+                                                                "input": spec.input, "out": spec.out,
+                                                                "model": spec.model.file_name}))
+            continue
+        more = "+" if status.totals is None else ""
+        print(f"{spec.job_id}  {status.state:<9}  shards {status.shards_done}/{status.planned.shards}{more}  "
+              f"rows {status.rows_done}  failed {status.failed}  submitted {when}  {spec.model.file_name}  "
+              f"{spec.input} → {spec.out}")
     return 0
 
 
@@ -305,7 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     worker.set_defaults(func=cmd_worker)
 
     status = commands.add_parser("status", help="progress of a job")
-    status.add_argument("job")
+    status.add_argument("job", nargs="?", help="a job id; without one, every job Redis knows, newest first")
     status.add_argument("--json", action="store_true")
     status.add_argument("--failures", action="store_true", help="list every failed shard and its error")
     status.set_defaults(func=cmd_status)

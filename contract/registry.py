@@ -614,6 +614,19 @@ class JobRegistry:
         shards = self.redis.hget(keys.REDIS_JOB.format(job_id=job_id), "shards")
         return int(shards) if shards is not None else None
 
+    def jobs(self) -> list[tuple[float, JobSpec]]:
+        """Every job Redis knows (a finished one until its keys expire), newest first, with when it was (last)
+        submitted: for `status` without a job. One SCAN of the keyspace, then a read per job."""
+        prefix = keys.REDIS_JOB.format(job_id="")
+        found = []
+        for key in self.redis.scan_iter(match=f"{prefix}*", count=PAGE, _type="HASH"):
+            if ":" in key.removeprefix(prefix):  # the job's other hashes: done, failed, units, ...
+                continue
+            spec, started = self.redis.hmget(key, "spec", "started")
+            if spec:
+                found.append((float(started or 0), JobSpec.model_validate_json(spec)))
+        return sorted(found, key=lambda job: job[0], reverse=True)
+
     def spec(self, job_id: str) -> JobSpec | None:
         raw = self.redis.hget(keys.REDIS_JOB.format(job_id=job_id), "spec")
         return JobSpec.model_validate_json(raw) if raw else None

@@ -184,6 +184,9 @@ def test_a_cancelled_job_stops_drops_its_queued_shards_and_the_same_submit_resum
     url = fault_env["BULKEMBED_REDIS_URL"]
     env = fault_env | {"BULKEMBED_PLAN_LOCK_S": "3", "BULKEMBED_QUEUE_MIN": "4"}
     planner, submit, job_id, ids, out = held_back(tmp_path, pool, background, tiny_model, env)
+    listing = cli(env, "status")  # every job this Redis knows: this one
+    assert listing.returncode == 0 and listing.stdout.startswith(f"{job_id}  planning   shards 0/"), listing
+    assert listing.stdout.count("\n") == 1 and f"{tmp_path / 'in'} → {out}" in listing.stdout, listing.stdout
     cancelled = cli(env, "cancel", job_id)
     assert cancelled.returncode == 0, cancelled.stderr[-2000:]
     assert f"job {job_id} cancelled while planning (shards written 0/?)" in cancelled.stdout, cancelled.stdout
@@ -208,6 +211,8 @@ def test_a_cancelled_job_stops_drops_its_queued_shards_and_the_same_submit_resum
     done = cli(env, "cancel", job_id)
     assert done.returncode == 0 and f"job {job_id} is done: nothing to cancel" in done.stdout
     assert status(env, job_id)["state"] == "done", "a done job is left as it is"
+    listed = [json.loads(line) for line in cli(env, "status", "--json").stdout.splitlines()]
+    assert [(job["job_id"], job["state"], job["out"]) for job in listed] == [(job_id, "done", str(out))]
 
 
 def test_the_submitting_process_killed_mid_plan_leaves_its_units_to_planners(tmp_path, pool, background, fault_env,

@@ -4,6 +4,7 @@ good."""
 
 from __future__ import annotations
 
+import time
 import uuid
 from pathlib import Path
 from types import SimpleNamespace
@@ -388,3 +389,20 @@ def test_cancel_takes_a_job_redis_no_longer_knows_off_every_queues_list(registry
     assert registry.open_jobs(queue) == [stranded.job_id, other.job_id]
     assert registry.cancel(stranded.job_id) is None
     assert registry.open_jobs(queue) == [other.job_id], "only the stranded entry is dropped"
+
+
+def test_jobs_lists_every_job_redis_knows_newest_first_and_not_their_other_hashes(tmp_path, fresh_redis, queue):
+    """`bulkembed status` without a job: each job once (not its done, failed, units... hashes, which share its
+    prefix), the last submitted first; a cancelled one is gone from the list."""
+    registry = JobRegistry.from_url(fresh_redis.url)
+    specs = [job(tmp_path, queue, name) for name in ("first", "second", "third")]
+    for spec in specs:
+        submitted(registry, spec)
+        plan(registry, spec.job_id, JobTotals(shards=2))
+        registry.shard_done(spec.job_id, result(0))
+        registry.shard_failed(spec.job_id, 1, "for good")
+        time.sleep(0.01)
+    registry.cancel(specs[1].job_id)
+    listed_jobs = registry.jobs()
+    assert [spec.job_id for _, spec in listed_jobs] == [specs[2].job_id, specs[0].job_id]
+    assert listed_jobs[0][0] > listed_jobs[1][0] > time.time() - 60
