@@ -171,9 +171,11 @@ def wait_for(registry, job_id: str, poll_s: float = 1.0, no_worker_s: float = NO
     """A progress bar until every shard is written (exit 0) or some failed for good (exit 1); a line if no worker of
     the job's model reports for `no_worker_s` (it would wait for ever, the bar at 0)."""
     from tqdm import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
 
     spec, unserved_since, said = registry.spec(job_id), None, False
-    with tqdm(unit="tok", unit_scale=True, desc=f"job {job_id}") as bar:
+    # Log lines (a manifest written here, say) above the bar, not run into it.
+    with tqdm(unit="tok", unit_scale=True, desc=f"job {job_id}") as bar, logging_redirect_tqdm():
         while True:
             status = registry.status(job_id)
             if status is None:

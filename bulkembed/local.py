@@ -10,6 +10,7 @@ import time
 from collections.abc import Iterator
 
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from bulkembed.contract.job import ShardMessage
 from bulkembed.contract.manifest import write_manifest
@@ -60,7 +61,7 @@ def run_local(planned: PlannedJob, model_path: str, setup: EngineSetup, progress
                  plan.options.ubatch)
         started, embedded = time.perf_counter(), 0
         with tqdm(total=totals.tokens, initial=sum(r.tokens for r in results), unit="tok", unit_scale=True,
-                  disable=not progress, desc=f"job {planned.job.job_id}") as bar:
+                  disable=not progress, desc=f"job {planned.job.job_id}") as bar, logging_redirect_tqdm():
             if totals.reused_rows:
                 bar.set_postfix(reused_rows=totals.reused_rows)  # copied from PREV_OUT, not embedded
             for result in embed_shards(pool, messages, planned.store):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -103,6 +104,10 @@ def test_run_embedded_mode_local_and_s3(corpus, bucket, tmp_path, run_cli, tiny_
     check_output(ds.dataset(local_out, format="arrow").to_table(), expected, reference_embedder)
     assert json.loads((local_out / "_manifest.json").read_text())["rows"] == N_ROWS
     assert not (local_out / "_shards").exists(), "a done job's shard inputs are deleted, their folder too"
+    # Each shard's log line is written above the progress bar (which tqdm clears first with a carriage return), not
+    # run on after the bar's text: in a terminal every line ended `…tok/s]2026-11-28 02:47:32,458 INFO …`.
+    assert done.stderr.count("bulkembed.worker.shard: job") > 1
+    assert not re.search(r"[^\n\r]\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} ", done.stderr), done.stderr[-3000:]
 
     s3_out = f"s3://{bucket}/run-out"
     done = run_cli("run", folder / "part-0.parquet", "--model", tiny_model, "--out", s3_out)
