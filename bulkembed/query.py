@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import argparse
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable
 from pathlib import Path
 from typing import BinaryIO, NamedTuple
 
@@ -130,19 +130,21 @@ class Embedder:
                         out, "; ".join(differs))
         return embedder
 
-    def embed(self, texts: Sequence[str], role: Role | str = Role.QUERY) -> np.ndarray:
+    def embed(self, texts: Iterable[str], role: Role | str = Role.QUERY) -> np.ndarray:
         """(len(texts), dims), float32 (float16 for dtype float16, as an index of it holds): each text's vector as a
-        bulk job with this role would write it. A text that cannot be embedded raises TextError naming it."""
-        if isinstance(texts, str):
+        bulk job with this role would write it. `texts`: a list, or any iterable of str (a generator, a numpy array
+        of strings, a pandas Series), read once. A text that cannot be embedded raises TextError naming it."""
+        if isinstance(texts, (str, bytes)):
             raise TypeError("embed takes a list of texts, not one string")
         if self.closed:  # its engine process is gone: say why, rather than that it died
             raise ValueError("this Embedder is closed; make another (or embed inside its `with` block)")
         prefix = choose_prefix(self.task, Role(role), self.prefix, self.path.name)
+        texts = [str(text) if isinstance(text, np.str_) else text for text in texts]  # a generator is read once
         for row, text in enumerate(texts):
             _check_text(row, text)
         if not texts:
             return as_written(np.zeros((0, self.dims)), self.dtype)
-        embedded = self.engine.embed_queries(list(texts), prefix, self.pooling, self.max_tokens)
+        embedded = self.engine.embed_queries(texts, prefix, self.pooling, self.max_tokens)
         if embedded.rejected:
             row, reason = next(iter(embedded.rejected.items()))
             raise TextError(row, f"could not be embedded: {reason}")
@@ -188,7 +190,7 @@ def read_index(out: str) -> Index:
     return Index(out, job, read_decoded_by(stored_schema(store, main["example"])) if main["digest"] else {})
 
 
-def embed(texts: Sequence[str], model: str | Path, role: Role | str = Role.QUERY, **options) -> np.ndarray:
+def embed(texts: Iterable[str], model: str | Path, role: Role | str = Role.QUERY, **options) -> np.ndarray:
     """Load `model`, embed `texts`, unload: for one call. Keep an `Embedder` for many."""
     with Embedder(model, **options) as embedder:
         return embedder.embed(texts, role)

@@ -128,8 +128,13 @@ def test_the_python_api_embeds_queries_as_a_query_job_would(outlier_models, corp
         one_at_a_time = np.concatenate([embedder.embed([TEXTS[i]]) for i in range(12)])  # role: query by default
         assert embedder.engine.pid == pid and embedder.engine.alive, "one engine for every call"
         passages = embedder.embed(TEXTS[:3], role="passage")
-    assert one_at_a_time.shape == (12, 128)
-    assert np.array_equal(one_at_a_time, np.stack([index[i] for i in IDS[:12]]))
+        # Any iterable of texts, read once: a generator (it came back empty, with no error), a numpy array of
+        # strings (its truth value was asked), a tuple.
+        many = [embedder.embed(t for t in TEXTS[:12]), embedder.embed(np.array(TEXTS[:12])),
+                embedder.embed(tuple(TEXTS[:12]))]
+    rows = np.stack([index[i] for i in IDS[:12]])
+    assert one_at_a_time.shape == (12, 128) and np.array_equal(one_at_a_time, rows)
+    assert all(np.array_equal(vectors, rows) for vectors in many)
     with pytest.raises(ValueError, match="Embedder is closed"):
         embedder.embed(TEXTS[:1])
     assert cos(passages, one_at_a_time[:3]).max() < 0.9999, "the role changes the prefix, so the vector"
