@@ -14,7 +14,7 @@ import hashlib
 import json
 import logging
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -70,6 +70,7 @@ class PreviousOutput:
     source: ReuseSource
     files: list[str]  # its embedding files, as its manifest lists them
     index: SeenIds | None = None  # keys of its rows, once loaded
+    sha256: dict[str, str | None] = field(default_factory=dict)  # a file's, as its manifest records it
 
     def load_index(self) -> SeenIds:
         """Read the id and content_hash columns of every file (from a folder or S3) into sorted runs."""
@@ -104,8 +105,10 @@ def open_previous(uri: str, job: JobSpec, id_type: pa.DataType | None) -> Previo
     previous = JobSpec.model_validate(manifest["job"])
     ours, theirs = job.vector_options(), previous.vector_options()
     differences = [f"{name} {theirs[name]!r} there, {ours[name]!r} here" for name in ours if ours[name] != theirs[name]]
-    files = manifest_shards(store, manifest).column("key").to_pylist()
-    files += [f["key"] for f in manifest.get("reused_files", [])]
+    shards = manifest_shards(store, manifest)
+    sha256 = dict(zip(shards.column("key").to_pylist(), shards.column("sha256").to_pylist(), strict=True))
+    sha256 |= {f["key"]: f.get("sha256") for f in manifest.get("reused_files", [])}
+    files = list(sha256)
     if files and not differences:  # compatible by its manifest: are its files all there, and as it says?
         present = {key for key, _ in store.list()}  # one listing: a file lost since is found now, not while planning
         if missing := [key for key in files if key not in present]:
@@ -118,7 +121,7 @@ def open_previous(uri: str, job: JobSpec, id_type: pa.DataType | None) -> Previo
                                 f"Its vectors cannot be reused; pass --ignore-incompatible-reuse to embed every "
                                 f"row instead")
     source = ReuseSource(uri=store.uri, job_id=manifest["job_id"], manifest_sha256=hashlib.sha256(raw).hexdigest())
-    return PreviousOutput(store=store, source=source, files=files)
+    return PreviousOutput(store=store, source=source, files=files, sha256=sha256)
 
 
 def unreadable(uri: str, what: str, exc: Exception) -> InputError:
@@ -148,10 +151,14 @@ def copy_reused(previous: PreviousOutput, reused: SeenIds, store: Store, job: Jo
     meanwhile by submit --force no longer owns OUT (JobGone)."""
     def copy(index: int, source: str) -> ReusedFile | None:
         try:
-            table = from_ipc_bytes(previous.store.get(source))
+            found = previous.store.get(source)
+            if (recorded := previous.sha256.get(source)) and hashlib.sha256(found).hexdigest() != recorded:
+                # Damaged inside its data: it may still parse, its vectors wrong (norms of 0.66 seen).
+                raise ValueError(f"its sha256 is not the {recorded[:12]}… its manifest records")
+            table = from_ipc_bytes(found)
         except TransientError:
             raise
-        except Exception as exc:  # gone (OSError, S3's NoSuchKey) or not Arrow since the matches were made
+        except Exception as exc:  # gone (OSError, S3's NoSuchKey), not Arrow or altered since the matches were made
             raise unreadable(previous.source.uri, source, exc) from None
         mask = reused.contains(row_keys(table.column("id").to_pylist(), table.column("content_hash").to_pylist()))
         if not mask.any():

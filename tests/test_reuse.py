@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pytest
 
@@ -175,6 +176,21 @@ def test_an_incompatible_prev_out_is_refused_before_anything_is_written(tmp_path
     done = run_cli("run", path2, "--out", tmp_path / "o4", "--reuse", several, "--model", tiny_model)
     assert done.returncode == 2 and f"--reuse {several}: cannot read" in done.stderr, done.stderr[-2000:]
     assert "Traceback" not in done.stderr
+    # Altered inside its data, it still parses: its vectors would be copied wrong (a reviewer's flipped bytes gave
+    # rows of norm 0.66 in a normalized output, exit 0). Its sha256 is not its manifest's: named, not copied.
+    altered = tmp_path / "altered"
+    shutil.copytree(prev, altered)
+    table = from_ipc_bytes((altered / keys.shard_output(0)).read_bytes())
+    vectors = table.column("embedding").combine_chunks()
+    halved = pa.FixedSizeListArray.from_arrays(pc.multiply(vectors.flatten(), pa.scalar(0.5, pa.float32())),
+                                               type=vectors.type)
+    (altered / keys.shard_output(0)).write_bytes(to_ipc_bytes(table.set_column(
+        table.schema.get_field_index("embedding"), table.schema.field("embedding"), halved)))
+    done = run_cli("run", path2, "--out", tmp_path / "o6", "--reuse", altered, "--model", tiny_model)
+    assert done.returncode == 2 and f"--reuse {altered}: cannot read {keys.shard_output(0)}" in done.stderr, \
+        done.stderr[-2000:]
+    assert "its sha256 is not the" in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "o6" / keys.reused_output(0)).exists(), "its rows are not copied"
     # An output written before content hashes existed cannot say which rows are unchanged.
     first = prev / keys.shard_output(0)
     first.write_bytes(to_ipc_bytes(from_ipc_bytes(first.read_bytes()).drop_columns(["content_hash"])))
