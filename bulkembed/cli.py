@@ -201,6 +201,9 @@ def wait_for(registry, job_id: str, poll_s: float = 1.0, no_worker_s: float = NO
                 continue
             time.sleep(poll_s)
     if status is None:  # said once the bar is closed, on a line of its own
+        if (cancelled := registry.cancelled(job_id)) is not None:
+            print(_cancelled_line(cancelled), file=sys.stderr)
+            return 1
         print(f"job {job_id} is gone from Redis ({GONE_WHY}); what was written stays, and the same submit command "
               f"resumes the job", file=sys.stderr)
         return 1
@@ -230,6 +233,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.job is None:
         return list_jobs(registry, args.json)
     status = registry.status(args.job)
+    if status is None and (cancelled := registry.cancelled(args.job)) is not None:
+        print(json.dumps(_cancelled_json(cancelled)) if args.json else _cancelled_line(cancelled))
+        return 0
     if status is None:
         print(f"no job {args.job} in this Redis (a finished job's keys expire after BULKEMBED_JOB_RETENTION_S; its "
               f"_manifest.json stays)", file=sys.stderr)
@@ -257,22 +263,45 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _utc(seconds: float) -> str:
+    return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+def _cancelled_json(job) -> dict:
+    return {"job_id": job.job_id, "state": "cancelled", "finished": True, "cancelled": _utc(job.cancelled),
+            "state_then": job.state, "shards_done": job.shards_done, "shards": job.shards, "input": job.spec.input,
+            "out": job.spec.out, "model": job.spec.model.file_name}
+
+
+def _cancelled_line(job) -> str:
+    shards = f"{job.shards_done}/{'?' if job.shards is None else job.shards}"
+    return (f"job {job.job_id}: cancelled {_utc(job.cancelled)} while {job.state} (shards written {shards}); what it "
+            f"wrote stays in {job.spec.out}, and submitting it again resumes it")
+
+
 def list_jobs(registry, as_json: bool) -> int:
-    """`status` without a job: a line for each job Redis knows, newest first."""
+    """`status` without a job: a line for each job Redis knows, cancelled ones too, newest first."""
+    lines: list[tuple[float, str]] = []
     for started, spec in registry.jobs():
         status = registry.status(spec.job_id)
         if status is None:  # its keys expired, or it was cancelled, since the listing
             continue
-        when = datetime.fromtimestamp(started, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
         if as_json:
-            print(json.dumps(status.model_dump(mode="json") | {"finished": status.finished, "submitted": when,
-                                                                "input": spec.input, "out": spec.out,
-                                                                "model": spec.model.file_name}))
+            lines.append((started, json.dumps(status.model_dump(mode="json") | {
+                "finished": status.finished, "submitted": _utc(started), "input": spec.input, "out": spec.out,
+                "model": spec.model.file_name})))
             continue
         more = "+" if status.totals is None else ""
-        print(f"{spec.job_id}  {status.state:<9}  shards {status.shards_done}/{status.planned.shards}{more}  "
-              f"rows {status.rows_done}  failed {status.failed}  submitted {when}  {spec.model.file_name}  "
-              f"{spec.input} → {spec.out}")
+        lines.append((started, f"{spec.job_id}  {status.state:<9}  shards {status.shards_done}/"
+                               f"{status.planned.shards}{more}  rows {status.rows_done}  failed {status.failed}  "
+                               f"submitted {_utc(started)}  {spec.model.file_name}  {spec.input} → {spec.out}"))
+    for job in registry.cancelled_jobs():
+        shards = f"{job.shards_done}/{'?' if job.shards is None else job.shards}"
+        lines.append((job.cancelled, json.dumps(_cancelled_json(job)) if as_json else
+                      f"{job.job_id}  cancelled  shards {shards}  was {job.state}  cancelled {_utc(job.cancelled)}  "
+                      f"{job.spec.model.file_name}  {job.spec.input} → {job.spec.out}"))
+    for _, line in sorted(lines, key=lambda line: line[0], reverse=True):
+        print(line)
     return 0
 
 
@@ -283,6 +312,9 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     spec = registry.spec(args.job)
     status = registry.cancel(args.job)
     if status is None:
+        if (cancelled := registry.cancelled(args.job)) is not None:
+            print(_cancelled_line(cancelled))
+            return 0
         print(f"no job {args.job} in this Redis (a finished job's keys expire after BULKEMBED_JOB_RETENTION_S); "
               f"nothing to cancel", file=sys.stderr)
         return 2

@@ -34,6 +34,9 @@ REDIS_JOB_FAILED = "bulkembed:job:{job_id}:failed"  # hash: shard -> error
 REDIS_JOB_ATTEMPTS = "bulkembed:job:{job_id}:attempts"  # hash: shard -> deliveries started
 REDIS_JOB_UNITS = "bulkembed:job:{job_id}:units"  # hash: unit -> its planning totals, once all its shards are queued
 REDIS_JOB_QUEUED = "bulkembed:job:{job_id}:queued"  # hash: unit -> how many of its shards are queued so far
+# hash: what `bulkembed cancel` left of a job it forgot (when, its state and shards then, its spec), for `status`;
+# expires after the retention, deleted when the job is submitted again.
+REDIS_JOB_CANCELLED = "bulkembed:cancelled:{job_id}"
 REDIS_PLAN_LOCK = "bulkembed:plan-lock:{job_id}:{unit}"  # held by the one planner planning a unit
 # hash: worker -> "engines expiry": the engines serving a model's queue, which bound how long planners let it grow.
 REDIS_QUEUE_ENGINES = "bulkembed:engines:{queue}"

@@ -125,6 +125,23 @@ class JobStatus(BaseModel):
         return self.planned.rejected + self.rejected_done
 
 
+class CancelledJob(BaseModel):
+    """What `bulkembed cancel` kept of a job: for `status`, which otherwise would not know it."""
+
+    job_id: str
+    spec: JobSpec
+    cancelled: float  # when (Unix time)
+    state: str  # its state then
+    shards_done: int
+    shards: int | None  # None while it was planning
+
+    @classmethod
+    def of(cls, job_id: str, record: dict[str, str]) -> CancelledJob:
+        return cls(job_id=job_id, spec=JobSpec.model_validate_json(record["spec"]),
+                   cancelled=float(record["cancelled"]), state=record["state"], shards_done=int(record["shards_done"]),
+                   shards=int(record["shards"]) if record["shards"] else None)
+
+
 def stored_result(message: ShardMessage, store: Store) -> ShardResult:
     """A shard found written (a duplicate delivery, a resumed job, the loser of a race to write it): check the file,
     bring OUT/_rejected/ in line with the rows it set aside, report what it holds. ForeignOutput: another job's
@@ -362,6 +379,7 @@ class JobRegistry:
         A job whose planning was closed with every unit planned stays closed (its submit may die before closing it
         again: nobody else would); when complete, its manifest is written again (close_if_planned)."""
         self._start(keys=self._keys(job.job_id), args=[job.model_dump_json(), time.time(), units])
+        self.redis.delete(keys.REDIS_JOB_CANCELLED.format(job_id=job.job_id))
 
     def plan_failed_again(self, job_id: str) -> list[int]:
         """A resubmitted job's shards that had failed for good are embedded again. Those of a planned unit: the unit
@@ -417,16 +435,31 @@ class JobRegistry:
     def cancel(self, job_id: str) -> JobStatus | None:
         """`bulkembed cancel`: the job forgotten as --force forgets one (its workers drop its queued shards, its
         planners and submitting process stop, KEDA lets its pods go), unless it is done; what it wrote stays, and
-        submitting it again resumes it. Returns its status as it was; None where Redis did not know it, whose KEDA
-        entries (a job abandoned while listed, then expired) are taken off every queue's list all the same."""
-        status = self.status(job_id)
+        submitting it again resumes it. A record of it is kept for `status` (`cancelled`) until the retention ends.
+        Returns its status as it was; None where Redis did not know it, whose KEDA entries (a job abandoned while
+        listed, then expired) are taken off every queue's list all the same."""
+        status, spec = self.status(job_id), self.spec(job_id)
         if status is not None and status.state == "done":
             return status
         if status is None:
             for listed in self.redis.scan_iter(match=keys.REDIS_QUEUE_OPEN_JOBS.format(queue="*"), count=PAGE):
                 self.redis.lrem(listed, 0, job_id)
         self.forget(job_id)
+        if status is not None and spec is not None:
+            record = keys.REDIS_JOB_CANCELLED.format(job_id=job_id)
+            shards = status.totals.shards if status.totals else None
+            with self.redis.pipeline() as pipe:
+                pipe.hset(record, mapping={"spec": spec.model_dump_json(), "cancelled": time.time(),
+                                           "state": status.state, "shards_done": status.shards_done,
+                                           "shards": "" if shards is None else shards})
+                pipe.expire(record, int(self.retention_s))
+                pipe.execute()
         return status
+
+    def cancelled(self, job_id: str) -> CancelledJob | None:
+        """What `cancel` kept of the job, where it was cancelled (and not submitted again since)."""
+        record = self.redis.hgetall(keys.REDIS_JOB_CANCELLED.format(job_id=job_id))
+        return CancelledJob.of(job_id, record) if record else None
 
     def manifest_due(self, job_id: str) -> bool:
         """The job was complete when its planning closed (no worker sends its manifest task) and its manifest is not
@@ -626,6 +659,13 @@ class JobRegistry:
             if spec:
                 found.append((float(started or 0), JobSpec.model_validate_json(spec)))
         return sorted(found, key=lambda job: job[0], reverse=True)
+
+    def cancelled_jobs(self) -> list[CancelledJob]:
+        """Every job `cancel` kept a record of, the last cancelled first."""
+        prefix = keys.REDIS_JOB_CANCELLED.format(job_id="")
+        found = [self.cancelled(key.removeprefix(prefix)) for key in self.redis.scan_iter(match=f"{prefix}*",
+                                                                                          count=PAGE)]
+        return sorted((job for job in found if job is not None), key=lambda job: job.cancelled, reverse=True)
 
     def spec(self, job_id: str) -> JobSpec | None:
         raw = self.redis.hget(keys.REDIS_JOB.format(job_id=job_id), "spec")

@@ -190,7 +190,9 @@ def test_a_cancelled_job_stops_drops_its_queued_shards_and_the_same_submit_resum
     cancelled = cli(env, "cancel", job_id)
     assert cancelled.returncode == 0, cancelled.stderr[-2000:]
     assert f"job {job_id} cancelled while planning (shards written 0/?)" in cancelled.stdout, cancelled.stdout
-    assert submit.wait(30) == 1 and "gone from Redis (cancelled" in submit.stderr, submit.stderr[-2000:]
+    assert submit.wait(30) == 1, submit.stderr[-2000:]
+    assert re.search(rf"job {job_id}: cancelled [\d-]+ [\d:]+Z while planning \(shards written 0/\?\)",
+                     submit.stderr), submit.stderr[-2000:]
     wait_until(lambda: f"job {job_id} is no longer in Redis" in planner.log.read_text(), 30,
                "the planner to stop at its next look")
     client = redis.Redis.from_url(url, decode_responses=True)
@@ -202,7 +204,14 @@ def test_a_cancelled_job_stops_drops_its_queued_shards_and_the_same_submit_resum
     wait_until(lambda: queue_length(url) == 0, 60, "the worker to take the cancelled job's shards")
     wait_until(lambda: worker.log.read_text().count("dropped, not written") == 4, 30, "the four shards dropped")
     assert not list(out.glob("*.arrow")), "no shard of a cancelled job is embedded"
-    assert cli(env, "status", job_id).returncode == 2 and cli(env, "cancel", job_id).returncode == 2
+    for command in ("status", "cancel"):  # what cancel kept of it, until the job's retention ends
+        again = cli(env, command, job_id)
+        assert again.returncode == 0 and f"job {job_id}: cancelled" in again.stdout, again
+        assert f"what it wrote stays in {out}, and submitting it again resumes it" in again.stdout
+    assert status(env, job_id)["state"] == "cancelled"
+    listing = cli(env, "status").stdout
+    assert listing.startswith(f"{job_id}  cancelled  shards 0/?  was planning  cancelled ") and \
+        listing.count("\n") == 1, listing
 
     again = cli(env, "submit", tmp_path / "in", "--model", tiny_model, "--out", out, "--shard-tokens", "1500",
                 "--queue-only", "--wait", timeout_s=180)
@@ -212,7 +221,8 @@ def test_a_cancelled_job_stops_drops_its_queued_shards_and_the_same_submit_resum
     assert done.returncode == 0 and f"job {job_id} is done: nothing to cancel" in done.stdout
     assert status(env, job_id)["state"] == "done", "a done job is left as it is"
     listed = [json.loads(line) for line in cli(env, "status", "--json").stdout.splitlines()]
-    assert [(job["job_id"], job["state"], job["out"]) for job in listed] == [(job_id, "done", str(out))]
+    assert [(job["job_id"], job["state"], job["out"]) for job in listed] == [(job_id, "done", str(out))], \
+        "submitted again, it is no longer listed as cancelled"
 
 
 def test_the_submitting_process_killed_mid_plan_leaves_its_units_to_planners(tmp_path, pool, background, fault_env,

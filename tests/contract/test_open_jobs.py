@@ -376,7 +376,14 @@ def test_cancel_forgets_a_running_job_takes_it_off_the_lists_and_leaves_a_done_o
     assert registry.open_jobs(queue) == [] and running.job_id not in registry.redis.lrange(keys.REDIS_PLANNING_JOBS,
                                                                                            0, -1)
     assert registry.cancel(done.job_id).state == "done" and registry.status(done.job_id).state == "done"
+    assert registry.cancelled(done.job_id) is None
     assert registry.cancel(running.job_id) is None, "already forgotten"
+    kept = registry.cancelled(running.job_id)  # for `status`, which would not know the job otherwise
+    assert (kept.state, kept.shards_done, kept.shards, kept.spec) == ("running", 1, 2, running)
+    assert 0 < registry.redis.ttl(keys.REDIS_JOB_CANCELLED.format(job_id=running.job_id)) <= registry.retention_s
+    assert [job.job_id for job in registry.cancelled_jobs()] == [running.job_id]
+    submitted(registry, running)  # submitted again: running, no longer cancelled
+    assert registry.cancelled(running.job_id) is None and registry.is_registered(running.job_id)
 
 
 def test_cancel_takes_a_job_redis_no_longer_knows_off_every_queues_list(registry, redis_server, queue, tmp_path):
