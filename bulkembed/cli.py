@@ -383,7 +383,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+RESUMABLE = ("run", "submit")  # the commands a Ctrl-C leaves a job of, resumed by the same command
+
+
 def main(argv: list[str] | None = None) -> int:
+    args = None
     try:  # settings are read while the parser is built (defaults) and by every command
         args = build_parser().parse_args(argv)
         logging.basicConfig(level=ProducerSettings().log_level, format=LOG_FORMAT)  # as llama processes log
@@ -393,8 +397,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bulkembed: {' '.join(str(exc).split())}", file=sys.stderr)  # one line, whatever a library said
         return 2
     except KeyboardInterrupt:  # Ctrl-C: what is written is whole (objects are written once), a job resumes
-        print("bulkembed: interrupted; what was written stays, and the same command resumes a job", file=sys.stderr)
+        resumes = "; what was written stays, and the same command resumes the job" if (
+            args is not None and args.command in RESUMABLE) else ""
+        print(f"bulkembed: interrupted{resumes}", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `bulkembed status --json | head -1`: the reader has gone, so has what was to be read
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit, flushing stdout
+        return 1
     except Exception as exc:
         if (line := s3_refusal(exc)) is None:
             raise

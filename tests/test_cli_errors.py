@@ -4,6 +4,7 @@ stderr that names what is wrong, never a traceback."""
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import signal
 import socket
@@ -220,4 +221,16 @@ def test_ctrl_c_is_one_line(workdir: Path):
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 130, stderr
-    assert "Traceback" not in stderr and stderr.strip().splitlines()[-1].startswith("bulkembed: interrupted"), stderr
+    assert "Traceback" not in stderr and stderr.strip().splitlines()[-1] == "bulkembed: interrupted", \
+        "embed has no job to resume: " + stderr
+
+
+def test_a_reader_that_stops_early_is_no_error(workdir: Path):
+    """`bulkembed embed … | head -1`: the reader closes the pipe after one line. Before, a BrokenPipeError
+    traceback (twice: again at exit, flushing stdout)."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("BULKEMBED_")}
+    texts = "".join(f"text number {i}\n" for i in range(3000))
+    done = subprocess.run(f"{sys.executable} -m bulkembed.cli embed --model model.gguf | head -1", shell=True,
+                          env=clean, cwd=workdir, input=texts, capture_output=True, text=True, timeout=120)
+    assert json.loads(done.stdout)["text"] == "text number 0"
+    assert "Traceback" not in done.stderr and "BrokenPipeError" not in done.stderr, done.stderr[-2000:]
