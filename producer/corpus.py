@@ -114,6 +114,9 @@ def open_corpus(uri: str, id_column: str, text_column: str) -> Corpus:
         if not (is_text(text_type) or pa.types.is_null(text_type)):
             raise InputError(f"{path}: text column {text_column!r} is {text_type}, not a string")
         this_id = schema.field(id_column).type
+        if pa.types.is_null(this_id):  # no ids at all, as pandas writes a column of None: read as the others' type,
+            file_id_types.add(this_id)  # its rows quarantined, "null id"
+            continue
         if not (pa.types.is_integer(this_id) or is_text(this_id)):
             raise InputError(f"{path}: id column {id_column!r} is {this_id}; use an integer or string id")
         common = plain(this_id) if id_type is None else common_id_type(id_type, plain(this_id))
@@ -123,6 +126,9 @@ def open_corpus(uri: str, id_column: str, text_column: str) -> Corpus:
         id_type = common
     if total_rows == 0:
         raise InputError(f"input {uri} has no rows")
+    if id_type is None:
+        raise InputError(f"input {uri}: its id column {id_column!r} is null in every file (no row has an id); "
+                         f"name the id column with --id-column")
     return Corpus(fs=fs, files=files, id_type=id_type, row_groups=tuple(row_groups),
                   mixed_ids=file_id_types != {id_type})
 

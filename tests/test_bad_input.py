@@ -428,6 +428,23 @@ def test_a_file_damaged_inside_its_data_is_one_line_naming_it(tmp_path, run_cli,
     assert f"cannot read {damaged}" in done.stderr.strip().splitlines()[-1], done.stderr[-3000:]
 
 
+def test_a_file_whose_id_column_is_all_none_has_its_rows_quarantined(tmp_path, run_cli, tiny_model):
+    """An id column of only None (Arrow's null type, as pandas writes it) beside files of string ids: its rows are
+    null ids, set aside one by one as any null id is, not a refused corpus. Every file's ids null: refused, said."""
+    write_corpus(tmp_path / "in" / "a.parquet", ["a1", "a2"], ["one text", "another"])
+    pq.write_table(pa.table({"id": pa.nulls(2), "text": ["x", "y"]}), tmp_path / "in" / "b.parquet")
+    done = run_cli("run", tmp_path / "in", "--model", tiny_model, "--out", tmp_path / "out")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert sorted(ds.dataset(tmp_path / "out", format="arrow").to_table().column("id").to_pylist()) == ["a1", "a2"]
+    rejected = ds.dataset(tmp_path / "out" / "_rejected", format="arrow").to_table()
+    assert rejected.column("reason").to_pylist() == ["null id", "null id"]
+    assert sorted(rejected.column("row").to_pylist()) == [0, 1]
+    (tmp_path / "in" / "a.parquet").unlink()
+    done = run_cli("run", tmp_path / "in", "--model", tiny_model, "--out", tmp_path / "out2")
+    assert done.returncode == 2 and "'id' is null in every file" in done.stderr.strip().splitlines()[-1], \
+        done.stderr[-2000:]
+
+
 def test_a_file_whose_text_column_is_all_none_has_its_rows_quarantined(tmp_path, run_cli, tiny_model):
     """pandas writes a column of only None as Arrow's null type: those rows are null texts, not a refused corpus."""
     write_corpus(tmp_path / "in" / "a.parquet", ["a1", "a2"], ["one text", "another"])
