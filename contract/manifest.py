@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from bulkembed.contract import keys
-from bulkembed.contract.store import Store
+from bulkembed.contract.store import Store, open_store
 
 if TYPE_CHECKING:  # registry imports this module, so its models are for typing only
     from bulkembed.contract.job import JobSpec
@@ -98,9 +98,11 @@ def read_manifest(store: Store) -> dict | None:
     return json.loads(store.get(keys.MANIFEST_KEY))
 
 
-def manifest_shards(store: Store, manifest: dict | None = None) -> pa.Table:
-    """Every written shard, sorted by shard. `manifest`: the summary, when the caller has read it already.
-    FileNotFoundError when there is no manifest."""
+def manifest_shards(store: Store | str | Path, manifest: dict | None = None) -> pa.Table:
+    """Every written shard of an output (its store, or its folder or s3:// URI), sorted by shard. `manifest`: the
+    summary, when the caller has read it already. FileNotFoundError when there is no manifest."""
+    if isinstance(store, (str, Path)):
+        store = open_store(str(store))
     manifest = manifest if manifest is not None else read_manifest(store)
     if manifest is None:
         raise FileNotFoundError(f"no {keys.MANIFEST_KEY} in {store.uri}")

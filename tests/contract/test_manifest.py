@@ -88,6 +88,7 @@ def check_written(store: Store, spec, found: list[ShardResult]) -> dict:
     table = manifest_shards(store)
     assert table.schema == shards_schema()
     assert table.to_pylist() == inline_shards(found)
+    assert manifest_shards(store.uri).equals(table), "read from the output's folder or s3:// URI as README shows"
     return summary
 
 
