@@ -273,10 +273,15 @@ def _cancelled_json(job) -> dict:
             "out": job.spec.out, "model": job.spec.model.file_name}
 
 
+def _written(done: int, shards: int | None) -> str:
+    """Shards written of the job's, "?" for its count while it is planned."""
+    return f"{done}/{'?' if shards is None else shards}"
+
+
 def _cancelled_line(job) -> str:
-    shards = f"{job.shards_done}/{'?' if job.shards is None else job.shards}"
-    return (f"job {job.job_id}: cancelled {_utc(job.cancelled)} while {job.state} (shards written {shards}); what it "
-            f"wrote stays in {job.spec.out}, and submitting it again resumes it")
+    return (f"job {job.job_id}: cancelled {_utc(job.cancelled)} while {job.state} (shards written "
+            f"{_written(job.shards_done, job.shards)}); what it wrote stays in {job.spec.out}, and submitting it "
+            f"again resumes it")
 
 
 def list_jobs(registry, as_json: bool) -> int:
@@ -296,10 +301,10 @@ def list_jobs(registry, as_json: bool) -> int:
                                f"{status.planned.shards}{more}  rows {status.rows_done}  failed {status.failed}  "
                                f"submitted {_utc(started)}  {spec.model.file_name}  {spec.input} → {spec.out}"))
     for job in registry.cancelled_jobs():
-        shards = f"{job.shards_done}/{'?' if job.shards is None else job.shards}"
         lines.append((job.cancelled, json.dumps(_cancelled_json(job)) if as_json else
-                      f"{job.job_id}  cancelled  shards {shards}  was {job.state}  cancelled {_utc(job.cancelled)}  "
-                      f"{job.spec.model.file_name}  {job.spec.input} → {job.spec.out}"))
+                      f"{job.job_id}  cancelled  shards {_written(job.shards_done, job.shards)}  was {job.state}  "
+                      f"cancelled {_utc(job.cancelled)}  {job.spec.model.file_name}  {job.spec.input} → "
+                      f"{job.spec.out}"))
     for _, line in sorted(lines, key=lambda line: line[0], reverse=True):
         print(line)
     return 0
@@ -321,7 +326,7 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     if status.state == "done":
         print(f"job {args.job} is done: nothing to cancel")
         return 0
-    shards = f"{status.shards_done}/{status.totals.shards}" if status.totals else f"{status.shards_done}/?"
+    shards = _written(status.shards_done, status.totals.shards if status.totals else None)
     print(f"job {args.job} cancelled while {status.state} (shards written {shards}): workers drop its queued shards, "
           f"its planners stop at their next shard; what it wrote stays in {spec.out if spec else 'its OUT'}, and the "
           f"same submit command resumes it")
