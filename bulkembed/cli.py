@@ -313,7 +313,8 @@ def list_jobs(registry, as_json: bool) -> int:
 def cmd_cancel(args: argparse.Namespace) -> int:
     from bulkembed.contract.registry import JobRegistry
 
-    registry = JobRegistry.from_url(ProducerSettings().redis_url.get_secret_value())
+    settings = ProducerSettings()
+    registry = JobRegistry.from_url(settings.redis_url.get_secret_value(), retention_s=settings.job_retention_s)
     spec = registry.spec(args.job)
     status = registry.cancel(args.job)
     if status is None:

@@ -182,7 +182,7 @@ def test_a_cancelled_job_stops_drops_its_queued_shards_and_the_same_submit_resum
     its queued shards without embedding them; what it wrote stays, and the same submit command resumes it to a whole
     output. Before, stopping a job took `submit --force` (which deletes its output) or redis-cli."""
     url = fault_env["BULKEMBED_REDIS_URL"]
-    env = fault_env | {"BULKEMBED_PLAN_LOCK_S": "3", "BULKEMBED_QUEUE_MIN": "4"}
+    env = fault_env | {"BULKEMBED_PLAN_LOCK_S": "3", "BULKEMBED_QUEUE_MIN": "4", "BULKEMBED_JOB_RETENTION_S": "900"}
     planner, submit, job_id, ids, out = held_back(tmp_path, pool, background, tiny_model, env)
     listing = cli(env, "status")  # every job this Redis knows: this one
     assert listing.returncode == 0 and listing.stdout.startswith(f"{job_id}  planning   shards 0/"), listing
@@ -198,6 +198,7 @@ def test_a_cancelled_job_stops_drops_its_queued_shards_and_the_same_submit_resum
     client = redis.Redis.from_url(url, decode_responses=True)
     assert client.lrange(keys.REDIS_PLANNING_JOBS, 0, -1) == []
     assert client.lrange(keys.REDIS_QUEUE_OPEN_JOBS.format(queue=QUEUE), 0, -1) == []
+    assert 0 < client.ttl(keys.REDIS_JOB_CANCELLED.format(job_id=job_id)) <= 900, "kept for the job's retention"
     assert len(open_store(str(out)).list("_shards/")) >= 4, "the shard inputs it wrote stay"
 
     worker = pool.start(tiny_model)
