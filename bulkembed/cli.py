@@ -324,8 +324,8 @@ def cmd_cancel(args: argparse.Namespace) -> int:
         print(f"no job {args.job} in this Redis (a finished job's keys expire after BULKEMBED_JOB_RETENTION_S); "
               f"nothing to cancel", file=sys.stderr)
         return 2
-    if status.state == "done":
-        print(f"job {args.job} is done: nothing to cancel")
+    if status.state in ("done", "finishing"):
+        print(f"job {args.job} is {status.state} (every shard written): nothing to cancel")
         return 0
     shards = _written(status.shards_done, status.totals.shards if status.totals else None)
     print(f"job {args.job} cancelled while {status.state} (shards written {shards}): workers drop its queued shards, "

@@ -434,12 +434,13 @@ class JobRegistry:
 
     def cancel(self, job_id: str) -> JobStatus | None:
         """`bulkembed cancel`: the job forgotten as --force forgets one (its workers drop its queued shards, its
-        planners and submitting process stop, KEDA lets its pods go), unless it is done; what it wrote stays, and
+        planners and submitting process stop, KEDA lets its pods go), unless it is done or finishing (every shard
+        written, its manifest not yet: cancelled, it would have none until submitted again); what it wrote stays, and
         submitting it again resumes it. A record of it is kept for `status` (`cancelled`) until the retention ends.
         Returns its status as it was; None where Redis did not know it, whose KEDA entries (a job abandoned while
         listed, then expired) are taken off every queue's list all the same."""
         status, spec = self.status(job_id), self.spec(job_id)
-        if status is not None and status.state == "done":
+        if status is not None and status.state in ("done", "finishing"):  # finishing: every shard written
             return status
         if status is None:
             for listed in self.redis.scan_iter(match=keys.REDIS_QUEUE_OPEN_JOBS.format(queue="*"), count=PAGE):

@@ -219,7 +219,7 @@ def test_a_cancelled_job_stops_drops_its_queued_shards_and_the_same_submit_resum
     assert again.returncode == 0 and again.stdout.split()[0] == job_id, again.stderr[-3000:]
     check_exactly_once(str(out), ids)
     done = cli(env, "cancel", job_id)
-    assert done.returncode == 0 and f"job {job_id} is done: nothing to cancel" in done.stdout
+    assert done.returncode == 0 and f"job {job_id} is done (every shard written): nothing to cancel" in done.stdout
     assert status(env, job_id)["state"] == "done", "a done job is left as it is"
     listed = [json.loads(line) for line in cli(env, "status", "--json").stdout.splitlines()]
     assert [(job["job_id"], job["state"], job["out"]) for job in listed] == [(job_id, "done", str(out))], \

@@ -377,6 +377,11 @@ def test_cancel_forgets_a_running_job_takes_it_off_the_lists_and_leaves_a_done_o
                                                                                            0, -1)
     assert registry.cancel(done.job_id).state == "done" and registry.status(done.job_id).state == "done"
     assert registry.cancelled(done.job_id) is None
+    finishing = job(tmp_path, queue, "finishing")  # every shard written, its manifest not yet: it would have none
+    submitted(registry, finishing)
+    plan(registry, finishing.job_id, JobTotals(shards=1))
+    registry.shard_done(finishing.job_id, result(0))
+    assert registry.cancel(finishing.job_id).state == "finishing" and registry.is_registered(finishing.job_id)
     assert registry.cancel(running.job_id) is None, "already forgotten"
     kept = registry.cancelled(running.job_id)  # for `status`, which would not know the job otherwise
     assert (kept.state, kept.shards_done, kept.shards, kept.spec) == ("running", 1, 2, running)
