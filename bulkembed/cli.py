@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import select
 import sys
 import time
 from datetime import UTC, datetime
@@ -13,7 +14,7 @@ from typing import NoReturn
 
 from bulkembed.bench.cli import add_bench_parser
 from bulkembed.contract import keys
-from bulkembed.contract.errors import GONE_WHY, BulkEmbedError
+from bulkembed.contract.errors import GONE_WHY, BulkEmbedError, JobGone
 from bulkembed.contract.job import Dtype, Overlength, Pooling, Role, Task
 from bulkembed.contract.llama_process import LOG_FORMAT
 from bulkembed.contract.model import DEFAULT_MODEL
@@ -140,10 +141,16 @@ def cmd_submit(args: argparse.Namespace) -> int:
     print(job.job_id, flush=True)  # before planning: `status` follows it from now on
     app: Celery = celery_app(settings, "bulkembed-producer")
     with app.producer_or_acquire() as producer:
-        submit_job(planned, registry, shard_sender(app, producer),
-                   lambda unit: app.send_task(TASK_PLAN_UNIT, args=[job.job_id, unit.wire()], queue=PLAN_QUEUE,
-                                              producer=producer, argsrepr=f"job {job.job_id} unit {unit.index}"),
-                   settings, plan_here=not args.queue_only)
+        try:
+            submit_job(planned, registry, shard_sender(app, producer),
+                       lambda unit: app.send_task(TASK_PLAN_UNIT, args=[job.job_id, unit.wire()], queue=PLAN_QUEUE,
+                                                  producer=producer, argsrepr=f"job {job.job_id} unit {unit.index}"),
+                       settings, plan_here=not args.queue_only)
+        except JobGone:
+            if (cancelled := registry.cancelled(job.job_id)) is None:
+                raise
+            print(_cancelled_line(cancelled), file=sys.stderr)  # while this process planned it
+            return 1
     log.info("job %s: %d units %s on %s", job.job_id, len(planned.units),
              "queued for planners" if args.queue_only else "planned", job.model.queue)
     if args.wait:
@@ -315,23 +322,30 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
     settings = ProducerSettings()
     registry = JobRegistry.from_url(settings.redis_url.get_secret_value(), retention_s=settings.job_retention_s)
-    spec = registry.spec(args.job)
-    status = registry.cancel(args.job)
-    if status is None:
-        if (cancelled := registry.cancelled(args.job)) is not None:
-            print(_cancelled_line(cancelled))
-            return 0
-        print(f"no job {args.job} in this Redis (a finished job's keys expire after BULKEMBED_JOB_RETENTION_S); "
-              f"nothing to cancel", file=sys.stderr)
-        return 2
-    if status.state in ("done", "finishing"):
-        print(f"job {args.job} is {status.state} (every shard written): nothing to cancel")
+    outcome, unlisted = registry.cancel(args.job)
+    if outcome in ("done", "finishing", "failed"):
+        settled = "every shard written" if outcome != "failed" else "every shard settled, some failed for good"
+        print(f"job {args.job} is {outcome} ({settled}): nothing to cancel")
         return 0
-    shards = _written(status.shards_done, status.totals.shards if status.totals else None)
-    print(f"job {args.job} cancelled while {status.state} (shards written {shards}): workers drop its queued shards, "
-          f"its planners stop at their next shard; what it wrote stays in {spec.out if spec else 'its OUT'}, and the "
-          f"same submit command resumes it")
-    return 0
+    if (cancelled := registry.cancelled(args.job)) is not None:  # now, or before
+        if outcome == "cancelled":
+            print(f"job {args.job} cancelled while {cancelled.state} (shards written "
+                  f"{_written(cancelled.shards_done, cancelled.shards)}): workers drop its queued shards, its planners "
+                  f"stop at their next shard; what it wrote stays in {cancelled.spec.out}, and the same submit "
+                  f"command resumes it")
+        else:
+            print(_cancelled_line(cancelled))
+        return 0
+    if outcome == "cancelled":  # submitted again at that very moment, which took the record back
+        print(f"job {args.job} cancelled; it has been submitted again since")
+        return 0
+    if unlisted:
+        print(f"job {args.job} is no longer in this Redis (its keys expired); {unlisted} KEDA entries of it, which "
+              f"kept a worker up, are removed")
+        return 0
+    print(f"no job {args.job} in this Redis (a finished job's keys expire after BULKEMBED_JOB_RETENTION_S); "
+          f"nothing to cancel", file=sys.stderr)
+    return 2
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
@@ -407,7 +421,10 @@ def main(argv: list[str] | None = None) -> int:
             args is not None and args.command in RESUMABLE) else ""
         print(f"bulkembed: interrupted{resumes}", file=sys.stderr)
         return 130
-    except BrokenPipeError:  # `bulkembed status --json | head -1`: the reader has gone, so has what was to be read
+    except BrokenPipeError:
+        if not _stdout_reader_gone():  # another pipe or socket (an engine's, say): not to be taken quietly
+            raise
+        # `bulkembed status --json | head -1`: the reader has gone, and with it what was to be read.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit, flushing stdout
         return 1
     except Exception as exc:
@@ -415,6 +432,16 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"bulkembed: {' '.join(line.split())}", file=sys.stderr)
         return 2
+
+
+def _stdout_reader_gone() -> bool:
+    """Standard output is a pipe whose reading end is closed (poll says POLLERR)."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (OSError, ValueError, AttributeError):  # no file descriptor, or no poll on this platform
+        return False
 
 
 def s3_refusal(exc: Exception) -> str | None:

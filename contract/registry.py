@@ -264,7 +264,29 @@ else
   redis.call('HSET', KEYS[1], 'state', 'planning')
   redis.call('HDEL', KEYS[1], 'shards', 'error', 'manifest_due')
 end
-redis.call('DEL', KEYS[4])
+redis.call('DEL', KEYS[4], KEYS[7])  -- attempts start afresh; cancelled no more
+"""
+# A job cancelled (KEYS: JobRegistry._keys; ARGV: time, retention in s) in one step with the look at its state, so
+# that no last shard written meanwhile leaves a complete job forgotten (no manifest) or a manifest being streamed
+# from hashes deleted under it: its keys deleted and a record of it kept for `status`, unless it is done, finishing
+# (every shard written) or failed with every shard settled. Returns the outcome, and for a cancelled job its state,
+# shards written and shard count ('' while planning).
+_CANCEL = """
+local spec, state, shards, failed_only = unpack(redis.call('HMGET', KEYS[1], 'spec', 'state', 'shards', 'failed_only'))
+if not spec then return {'unknown'} end
+if state == 'done' then return {'done'} end
+local done = redis.call('HLEN', KEYS[2])
+if shards then
+  if done >= tonumber(shards) then return {'finishing'} end
+  if redis.call('HLEN', KEYS[3]) > 0 and done + tonumber(failed_only or '0') >= tonumber(shards) then
+    return {'failed'}
+  end
+end
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6])
+redis.call('HSET', KEYS[7], 'spec', spec, 'cancelled', ARGV[1], 'state', state, 'shards_done', done,
+           'shards', shards or '')
+redis.call('EXPIRE', KEYS[7], ARGV[2])
+return {'cancelled'}
 """
 # The job listed for KEDA (KEYS: job hash, list; ARGV: job id) while its planning is open and has not failed: a late
 # lister (a submit whose planners closed the job before it listed it) would keep a planner pod up for nothing.
@@ -346,6 +368,7 @@ class JobRegistry:
         self._close_planning = client.register_script(_CLOSE_PLANNING)
         self._count_attempt = client.register_script(_COUNT_ATTEMPT)
         self._start = client.register_script(_START)
+        self._cancel = client.register_script(_CANCEL)
         self._needs_planner_script = client.register_script(_NEEDS_PLANNER)
         self._open = client.register_script(_OPEN)
 
@@ -371,7 +394,7 @@ class JobRegistry:
         """The job's keys, in the order _START takes them."""
         return [k.format(job_id=job_id) for k in (keys.REDIS_JOB, keys.REDIS_JOB_DONE, keys.REDIS_JOB_FAILED,
                                                    keys.REDIS_JOB_ATTEMPTS, keys.REDIS_JOB_UNITS,
-                                                   keys.REDIS_JOB_QUEUED)]
+                                                   keys.REDIS_JOB_QUEUED, keys.REDIS_JOB_CANCELLED)]
 
     def start(self, job: JobSpec, units: int) -> None:
         """Register a job of `units` planning units; a resubmitted one keeps what its units and shards already did,
@@ -425,37 +448,37 @@ class JobRegistry:
         self.redis.lrem(keys.REDIS_PLANNING_JOBS, 0, job_id)
 
     def forget(self, job_id: str) -> None:
-        """Drop everything Redis knows of a job (--force), its planners' holds too: a planner of it stops when it
-        next renews its hold, and its workers drop its shards (is_registered)."""
+        """Drop everything Redis knows of a job (--force; a record of its cancelling too), its planners' holds too: a
+        planner of it stops when it next renews its hold, and its workers drop its shards (is_registered)."""
         self._close(job_id)
-        self._needs_no_planner(job_id)
-        holds = list(self.redis.scan_iter(match=keys.REDIS_PLAN_LOCK.format(job_id=job_id, unit="*"), count=PAGE))
-        self.redis.delete(*self._keys(job_id), *holds)
+        self._let_go(job_id)
+        self.redis.delete(*self._keys(job_id))
 
-    def cancel(self, job_id: str) -> JobStatus | None:
+    def _let_go(self, job_id: str) -> None:
+        """A forgotten job off the planners' KEDA list, its planners' holds deleted."""
+        self._needs_no_planner(job_id)
+        if holds := list(self.redis.scan_iter(match=keys.REDIS_PLAN_LOCK.format(job_id=job_id, unit="*"),
+                                              count=PAGE)):
+            self.redis.delete(*holds)
+
+    def cancel(self, job_id: str) -> tuple[str, int]:
         """`bulkembed cancel`: the job forgotten as --force forgets one (its workers drop its queued shards, its
-        planners and submitting process stop, KEDA lets its pods go), unless it is done or finishing (every shard
-        written, its manifest not yet: cancelled, it would have none until submitted again); what it wrote stays, and
-        submitting it again resumes it. A record of it is kept for `status` (`cancelled`) until the retention ends.
-        Returns its status as it was; None where Redis did not know it, whose KEDA entries (a job abandoned while
-        listed, then expired) are taken off every queue's list all the same."""
-        status, spec = self.status(job_id), self.spec(job_id)
-        if status is not None and status.state in ("done", "finishing"):  # finishing: every shard written
-            return status
-        if status is None:
+        planners and submitting process stop, KEDA lets its pods go), with a record of it for `status` (cancelled)
+        until the retention ends; what it wrote stays, and submitting it again resumes it. Not a job done, finishing
+        (every shard written: it would have no manifest until submitted again) or failed with every shard settled.
+        Returns the outcome (cancelled, done, finishing, failed, unknown) and, for a job Redis does not know, how
+        many KEDA entries of it were taken off the queues' lists (a job abandoned while listed, then expired)."""
+        spec = self.spec(job_id)  # its queue: gone with its keys once cancelled
+        outcome = self._cancel(keys=self._keys(job_id), args=[time.time(), int(self.retention_s)])[0]
+        unlisted = 0
+        if outcome == "cancelled" and spec is not None:
+            self.redis.lrem(keys.REDIS_QUEUE_OPEN_JOBS.format(queue=spec.model.queue), 0, job_id)
+        elif outcome in ("cancelled", "unknown"):  # no spec to name its queue: every queue's list
             for listed in self.redis.scan_iter(match=keys.REDIS_QUEUE_OPEN_JOBS.format(queue="*"), count=PAGE):
-                self.redis.lrem(listed, 0, job_id)
-        self.forget(job_id)
-        if status is not None and spec is not None:
-            record = keys.REDIS_JOB_CANCELLED.format(job_id=job_id)
-            shards = status.totals.shards if status.totals else None
-            with self.redis.pipeline() as pipe:
-                pipe.hset(record, mapping={"spec": spec.model_dump_json(), "cancelled": time.time(),
-                                           "state": status.state, "shards_done": status.shards_done,
-                                           "shards": "" if shards is None else shards})
-                pipe.expire(record, int(self.retention_s))
-                pipe.execute()
-        return status
+                unlisted += self.redis.lrem(listed, 0, job_id)
+        if outcome in ("cancelled", "unknown"):
+            self._let_go(job_id)
+        return outcome, unlisted
 
     def cancelled(self, job_id: str) -> CancelledJob | None:
         """What `cancel` kept of the job, where it was cancelled (and not submitted again since)."""

@@ -234,3 +234,15 @@ def test_a_reader_that_stops_early_is_no_error(workdir: Path):
                           env=clean, cwd=workdir, input=texts, capture_output=True, text=True, timeout=120)
     assert json.loads(done.stdout)["text"] == "text number 0"
     assert "Traceback" not in done.stderr and "BrokenPipeError" not in done.stderr, done.stderr[-2000:]
+
+
+def test_a_broken_pipe_other_than_stdouts_is_not_taken_quietly(monkeypatch):
+    """Only a closed standard output ends a command quietly; a pipe or socket of its own breaking is an error."""
+    from bulkembed import cli
+
+    def broken(args) -> int:
+        raise BrokenPipeError("an engine's pipe")
+
+    monkeypatch.setattr(cli, "cmd_status", broken)
+    with pytest.raises(BrokenPipeError, match="an engine's pipe"):
+        cli.main(["status", "some-job"])

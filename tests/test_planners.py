@@ -226,6 +226,28 @@ def test_a_cancelled_job_stops_drops_its_queued_shards_and_the_same_submit_resum
         "submitted again, it is no longer listed as cancelled"
 
 
+def test_a_submit_planning_a_job_that_is_cancelled_ends_saying_so(tmp_path, pool, background, fault_env, tiny_model):
+    """`submit --wait` (planning the job itself, held back inside its unit) when the job is cancelled: exit 1 with the
+    cancelled line, as for one that waits on planners. Before: exit 2 and a line listing every way a job leaves Redis.
+    And `cancel` of a job whose keys expired while it was listed for KEDA removes the entry and says so (exit 0)."""
+    url = fault_env["BULKEMBED_REDIS_URL"]
+    env = fault_env | {"BULKEMBED_QUEUE_MIN": "4", "BULKEMBED_PLAN_LOCK_S": "3"}
+    write_files(tmp_path / "in", [600], row_group=600)
+    submit = background(["submit", tmp_path / "in", "--model", tiny_model, "--out", tmp_path / "out",
+                         "--shard-tokens", "1500", "--wait"], env, "submit")
+    job_id = wait_until(lambda: submit.stdout.split()[:1], 60, "submit to print the job id")[0]
+    wait_until(lambda: queue_length(url) == 4, 60, "submit held back mid-plan")
+    assert cli(env, "cancel", job_id).returncode == 0
+    assert submit.wait(60) == 1, submit.stderr[-2000:]
+    assert submit.stderr.strip().splitlines()[-1].startswith(f"job {job_id}: cancelled "), submit.stderr[-2000:]
+
+    redis.Redis.from_url(url).rpush(keys.REDIS_QUEUE_OPEN_JOBS.format(queue=QUEUE), "0123456789abcdef")
+    stranded = cli(env, "cancel", "0123456789abcdef")
+    assert stranded.returncode == 0 and "1 KEDA entries of it, which kept a worker up, are removed" in \
+        stranded.stdout, stranded
+    assert redis.Redis.from_url(url).llen(keys.REDIS_QUEUE_OPEN_JOBS.format(queue=QUEUE)) == 0
+
+
 def test_the_submitting_process_killed_mid_plan_leaves_its_units_to_planners(tmp_path, pool, background, fault_env,
                                                                              tiny_model):
     """`submit` plans units itself (beside planners); killed with SIGKILL while planning, the units it had queued for

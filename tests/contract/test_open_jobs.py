@@ -355,40 +355,56 @@ def test_no_pod_is_kept_for_a_job_with_nothing_left_to_do(registry, redis_server
     assert registry.open_jobs(queue) == []
 
 
-def test_cancel_forgets_a_running_job_takes_it_off_the_lists_and_leaves_a_done_one(registry, redis_server, queue,
-                                                                                    tmp_path):
-    """`bulkembed cancel`: a running job is forgotten (its workers drop its shards: not registered) and no longer
-    listed for KEDA's workers or planners; a done job is left as it is, its status kept for `status`."""
-    running, done = job(tmp_path, queue, "running"), job(tmp_path, queue, "done")
-    for spec in (running, done):
-        submitted(registry, spec)
-        registry.units_queued(spec.job_id)
-    assert not plan(registry, running.job_id, JobTotals(shards=2))
-    registry.shard_done(running.job_id, result(0))
-    plan(registry, done.job_id, JobTotals(shards=1))
-    registry.shard_done(done.job_id, result(0))
-    registry.finalize(done.job_id)
-    assert registry.open_jobs(queue) == [running.job_id]
+def settle(registry: JobRegistry, spec: JobSpec, shards: int, written: int, failed: int = 0) -> None:
+    """The job submitted, planned into `shards` shards, `written` of them written and the next `failed` failed."""
+    submitted(registry, spec)
+    registry.units_queued(spec.job_id)
+    plan(registry, spec.job_id, JobTotals(shards=shards))
+    for shard in range(written):
+        registry.shard_done(spec.job_id, result(shard))
+    for shard in range(written, written + failed):
+        registry.shard_failed(spec.job_id, shard, "for good")
 
-    before = registry.cancel(running.job_id)
-    assert (before.state, before.shards_done, before.totals.shards) == ("running", 1, 2)
+
+def test_cancel_forgets_a_running_job_takes_it_off_the_lists_and_keeps_a_record(registry, redis_server, queue,
+                                                                                 tmp_path):
+    """`bulkembed cancel`: a running job is forgotten (its workers drop its shards: not registered) and no longer
+    listed for KEDA's workers or planners; a record says it was cancelled, until the retention ends or the job is
+    submitted again (or replaced by --force)."""
+    running = job(tmp_path, queue, "running")
+    settle(registry, running, shards=3, written=1, failed=1)  # one shard neither written nor failed
+    assert registry.open_jobs(queue) == [running.job_id]
+    assert registry.cancel(running.job_id) == ("cancelled", 0)
     assert not registry.is_registered(running.job_id) and registry.status(running.job_id) is None
     assert registry.open_jobs(queue) == [] and running.job_id not in registry.redis.lrange(keys.REDIS_PLANNING_JOBS,
                                                                                            0, -1)
-    assert registry.cancel(done.job_id).state == "done" and registry.status(done.job_id).state == "done"
-    assert registry.cancelled(done.job_id) is None
-    finishing = job(tmp_path, queue, "finishing")  # every shard written, its manifest not yet: it would have none
-    submitted(registry, finishing)
-    plan(registry, finishing.job_id, JobTotals(shards=1))
-    registry.shard_done(finishing.job_id, result(0))
-    assert registry.cancel(finishing.job_id).state == "finishing" and registry.is_registered(finishing.job_id)
-    assert registry.cancel(running.job_id) is None, "already forgotten"
     kept = registry.cancelled(running.job_id)  # for `status`, which would not know the job otherwise
-    assert (kept.state, kept.shards_done, kept.shards, kept.spec) == ("running", 1, 2, running)
+    assert (kept.state, kept.shards_done, kept.shards, kept.spec) == ("running", 1, 3, running)
     assert 0 < registry.redis.ttl(keys.REDIS_JOB_CANCELLED.format(job_id=running.job_id)) <= registry.retention_s
     assert [job.job_id for job in registry.cancelled_jobs()] == [running.job_id]
-    submitted(registry, running)  # submitted again: running, no longer cancelled
+    assert registry.cancel(running.job_id) == ("unknown", 0), "already forgotten"
+    assert registry.cancelled(running.job_id) is not None, "the record stays"
+
+    submitted(registry, running)  # submitted again: running, no longer cancelled (deleted by the same script)
     assert registry.cancelled(running.job_id) is None and registry.is_registered(running.job_id)
+    registry.cancel(running.job_id)
+    registry.forget(running.job_id)  # submit --force of another job into its OUT: its files are deleted
+    assert registry.cancelled(running.job_id) is None, "a record saying its output stays would lie"
+
+
+def test_cancel_leaves_a_job_done_finishing_or_settled_as_it_is(registry, queue, tmp_path):
+    """A done job keeps its status; a finishing one (every shard written, its manifest not yet) would have no
+    manifest until submitted again, and one failed with every shard settled would lose its list of failures. The
+    look and the forgetting are one step: no last shard written in between can be forgotten with its job."""
+    done, finishing, failed = (job(tmp_path, queue, name) for name in ("done", "finishing", "failed"))
+    settle(registry, done, shards=1, written=1)
+    registry.finalize(done.job_id)
+    settle(registry, finishing, shards=2, written=2)
+    settle(registry, failed, shards=2, written=1, failed=1)
+    for spec, outcome in ((done, "done"), (finishing, "finishing"), (failed, "failed")):
+        assert registry.cancel(spec.job_id) == (outcome, 0)
+        assert registry.status(spec.job_id).state == outcome and registry.cancelled(spec.job_id) is None
+    assert len(list(registry.failures(failed.job_id))) == 1
 
 
 def test_cancel_takes_a_job_redis_no_longer_knows_off_every_queues_list(registry, redis_server, queue, tmp_path):
@@ -399,8 +415,9 @@ def test_cancel_takes_a_job_redis_no_longer_knows_off_every_queues_list(registry
         submitted(registry, spec)
     registry.redis.delete(keys.REDIS_JOB.format(job_id=stranded.job_id))  # expired
     assert registry.open_jobs(queue) == [stranded.job_id, other.job_id]
-    assert registry.cancel(stranded.job_id) is None
+    assert registry.cancel(stranded.job_id) == ("unknown", 1)
     assert registry.open_jobs(queue) == [other.job_id], "only the stranded entry is dropped"
+    assert registry.cancel(stranded.job_id) == ("unknown", 0)
 
 
 def test_jobs_lists_every_job_redis_knows_newest_first_and_not_their_other_hashes(tmp_path, fresh_redis, queue):
@@ -412,7 +429,8 @@ def test_jobs_lists_every_job_redis_knows_newest_first_and_not_their_other_hashe
         submitted(registry, spec)
         plan(registry, spec.job_id, JobTotals(shards=2))
         registry.shard_done(spec.job_id, result(0))
-        registry.shard_failed(spec.job_id, 1, "for good")
+        if spec is not specs[1]:  # the one to be cancelled stays unsettled (a settled job is not cancelled)
+            registry.shard_failed(spec.job_id, 1, "for good")
         time.sleep(0.01)
     registry.cancel(specs[1].job_id)
     listed_jobs = registry.jobs()
