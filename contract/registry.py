@@ -269,8 +269,8 @@ redis.call('DEL', KEYS[4], KEYS[7])  -- attempts start afresh; cancelled no more
 # A job cancelled (KEYS: JobRegistry._keys; ARGV: time, retention in s) in one step with the look at its state, so
 # that no last shard written meanwhile leaves a complete job forgotten (no manifest) or a manifest being streamed
 # from hashes deleted under it: its keys deleted and a record of it kept for `status`, unless it is done, finishing
-# (every shard written) or failed with every shard settled. Returns the outcome, and for a cancelled job its state,
-# shards written and shard count ('' while planning).
+# (every shard written) or failed with every shard settled. Returns {outcome}: cancelled, done, finishing, failed or
+# unknown (no spec: never submitted, expired, or forgotten already).
 _CANCEL = """
 local spec, state, shards, failed_only = unpack(redis.call('HMGET', KEYS[1], 'spec', 'state', 'shards', 'failed_only'))
 if not spec then return {'unknown'} end
