@@ -139,7 +139,7 @@ class Embedder:
         if self.closed:  # its engine process is gone: say why, rather than that it died
             raise ValueError("this Embedder is closed; make another (or embed inside its `with` block)")
         prefix = choose_prefix(self.task, Role(role), self.prefix, self.path.name)
-        texts = [str(text) if isinstance(text, np.str_) else text for text in texts]  # a generator is read once
+        texts = list(texts)  # a generator is read once
         for row, text in enumerate(texts):
             _check_text(row, text)
         if not texts:
