@@ -402,7 +402,6 @@ class JobRegistry:
         A job whose planning was closed with every unit planned stays closed (its submit may die before closing it
         again: nobody else would); when complete, its manifest is written again (close_if_planned)."""
         self._start(keys=self._keys(job.job_id), args=[job.model_dump_json(), time.time(), units])
-        self.redis.delete(keys.REDIS_JOB_CANCELLED.format(job_id=job.job_id))
 
     def plan_failed_again(self, job_id: str) -> list[int]:
         """A resubmitted job's shards that had failed for good are embedded again. Those of a planned unit: the unit
@@ -472,7 +471,7 @@ class JobRegistry:
         outcome = self._cancel(keys=self._keys(job_id), args=[time.time(), int(self.retention_s)])[0]
         unlisted = 0
         if outcome == "cancelled" and spec is not None:
-            self.redis.lrem(keys.REDIS_QUEUE_OPEN_JOBS.format(queue=spec.model.queue), 0, job_id)
+            self._close(job_id, spec)
         elif outcome in ("cancelled", "unknown"):  # no spec to name its queue: every queue's list
             for listed in self.redis.scan_iter(match=keys.REDIS_QUEUE_OPEN_JOBS.format(queue="*"), count=PAGE):
                 unlisted += self.redis.lrem(listed, 0, job_id)
@@ -799,8 +798,9 @@ class JobRegistry:
         self._open(keys=[keys.REDIS_JOB.format(job_id=job.job_id), keys.REDIS_JOB_DONE.format(job_id=job.job_id),
                          keys.REDIS_QUEUE_OPEN_JOBS.format(queue=job.model.queue)], args=[job.job_id])
 
-    def _close(self, job_id: str) -> None:
-        spec = self.spec(job_id)
+    def _close(self, job_id: str, spec: JobSpec | None = None) -> None:
+        """The job off its queue's KEDA list (`spec`: read before its keys were deleted)."""
+        spec = spec or self.spec(job_id)
         if spec is not None:
             self.redis.lrem(keys.REDIS_QUEUE_OPEN_JOBS.format(queue=spec.model.queue), 0, job_id)
 
