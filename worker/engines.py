@@ -128,7 +128,7 @@ class EngineSetup:
 
     options: EngineOptions
     engines: int | str = 1  # or "auto"
-    ubatch: int | str = "auto"  # a number pins it; "auto" probes on a GPU; "probe" probes anywhere
+    ubatch: int | str = "auto"  # a number pins it; "auto" probes on a GPU (packed); "probe" probes anywhere
     probe_cache: str | None = None  # file of cached probe results; None: probe every start
 
 
@@ -198,7 +198,13 @@ class EnginePool:
 
     def start(self, self_test: bool = True) -> EnginePlan:
         """Choose the ubatch (pinned, cached or probed), self-test at that ubatch."""
-        measure = {"auto": self.facts.gpu_offload, "probe": True}.get(str(self.ubatch), False)
+        if isinstance(self.ubatch, int):
+            fixed: int | None = self.ubatch
+        elif self.ubatch == "probe":
+            fixed = None
+        else:
+            fixed = probe.auto_ubatch(self.facts.gpu_offload, self.options.isolate, self.facts.candidates)
+        measure = fixed is None
         result = None
         if measure:
             device = probe.device_name()
@@ -214,7 +220,7 @@ class EnginePool:
             result = probe.combine(device, timings, time.perf_counter() - started)
             if self.cache:
                 self.cache.put(key, result)
-        ubatch = result.ubatch if result else (self.ubatch if isinstance(self.ubatch, int) else probe.CPU_UBATCH)
+        ubatch = result.ubatch if result else fixed
         if result:
             log.info("ubatch %s on %s with %d engine(s): %s → %d (%.1fs)", "cached" if result.cached else "probe",
                      result.device, self.engines, result.table(), ubatch, result.seconds)

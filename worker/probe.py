@@ -14,6 +14,7 @@ import os
 import shutil
 import subprocess
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -96,6 +97,16 @@ def engines_that_fit(model_mib: float, free_mib: float | None) -> int:
 
 def candidates_for(engine: Engine) -> list[int]:
     return [ub for ub in CANDIDATES if ub <= max(CANDIDATES[0], engine.n_ctx_train)]
+
+
+def auto_ubatch(gpu_offload: bool, isolate: bool, candidates: Sequence[int]) -> int | None:
+    """`--ubatch auto`'s cap where it is not measured; None where it is (a GPU, packed). Isolated, the cap only decides
+    where long documents are cut, and so their vectors: a timing, which changes with the engine count and the device's
+    load, must not choose it. There it is the largest candidate the model takes (what the probe chose for packing on
+    the H100 and H200: fewest pieces, fullest decodes)."""
+    if not gpu_offload:
+        return CPU_UBATCH
+    return max(candidates, default=CANDIDATES[0]) if isolate else None
 
 
 def probe_documents(engine: Engine, ubatch: int, decodes: int) -> list[np.ndarray]:

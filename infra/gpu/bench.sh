@@ -79,14 +79,16 @@ EOF2
   step invariance-v4 90 "${LLAMA_FIRST[@]}" $REPO/benchmarks/batch_invariance.py --model $W/synthetic-v4-F16.gguf --texts 100
   ;;
 isolated)
-  # --isolate on CUDA (one document a decode, from an emptied cache): are the rows bit-identical whatever the cut and
-  # the neighbours (packing's are not: `window`), and what does it cost against packing? About 7 minutes; steps.log
-  # and the two benches' reports come back. The libraries need no patch for it: without build-cuda.sh's (33 min
-  # here), copy shared/gpu-prebuilt's archive to .gpu/llama-cuda-sm90.tar.xz before prepare.sh (the LM head is then
-  # computed, in both modes alike).
+  # --isolate on CUDA (one document a decode, from an emptied cache): are the rows bit-identical whatever the cut,
+  # the neighbours and the run (packing's are not: `window`), and what does it cost against packing? About 8
+  # minutes; steps.log and the two benches' reports come back. The libraries need no patch for it: without
+  # build-cuda.sh's (33 min here), copy shared/gpu-prebuilt's archive to .gpu/llama-cuda-sm90.tar.xz before
+  # prepare.sh (the LM head is then computed, in both modes alike).
   nvidia-smi --query-gpu=name,memory.total,driver_version,compute_cap --format=csv,noheader | tee -a "$LOG"
   v4_model_start
   step invariance-isolated 120 "${LLAMA_FIRST[@]}" $REPO/benchmarks/batch_invariance.py --quants F16,Q8_0,IQ3_S --isolate
+  # The issue's target as a user meets it: whole `bulkembed run`s with another shard size, ubatch cap, engine count.
+  step runs-isolated 100 "${LLAMA_FIRST[@]}" $REPO/benchmarks/invariance_runs.py --isolate
   v4_model_wait
   # A GPU worker's self-test, never run on a GPU yet: packed against alone, held to MIN_COSINE_GPU (0.999). Its
   # worst cosine is printed, or the SelfTestError that would stop every worker.
@@ -101,6 +103,8 @@ print('self-test worst cosine', self_test_file(Path('$W/synthetic-v4-F16.gguf'),
   bench iso-f16 150 --synthetic-model v4 --quant F16 --synthetic 1500 --ubatch 1024 --modes bulkembed,bulkembed-isolated
   bench iso-f16-engines 120 --synthetic-model v4 --quant F16 --synthetic 1500 --ubatch 1024 --engines 3 --isolate \
     --modes bulkembed
+  # Last, if time is left: the same whole runs packed (what two runs on CUDA give without --isolate).
+  step runs-packed 90 "${LLAMA_FIRST[@]}" $REPO/benchmarks/invariance_runs.py
   ;;
 padding)
   # Batch invariance on CUDA with every decode padded to the whole ubatch (one decode size, so one kernel shape),

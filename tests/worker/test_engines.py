@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -239,6 +240,25 @@ def test_auto_ubatch_on_cpu_is_fixed_and_pinned_ubatch_is_kept(tiny_model, tmp_p
             plan = pool.start(self_test=False)
         assert plan.options.ubatch == expected and plan.probe is None
     assert not (tmp_path / "p").exists(), "nothing was measured on the CPU without --ubatch probe"
+
+
+def test_isolated_auto_ubatch_on_a_gpu_is_fixed_not_measured(tiny_model, tmp_path):
+    """Isolated, the cap decides where long documents are cut: a probe, whose pick moves with the engine count and the
+    device's load, would move their vectors. No GPU here: the engines' facts are made to say they offload (a stand-in,
+    labelled so); what is checked is the pool's decision, and that packing on a GPU still measures."""
+    sha = file_sha256(tiny_model)
+    for isolate in (True, False):
+        setup = EngineSetup(EngineOptions(threads=1, isolate=isolate), engines=1, ubatch="auto",
+                            probe_cache=str(tmp_path / "p"))
+        with EnginePool(tiny_model, sha, setup) as pool:
+            pool.facts = dataclasses.replace(pool.facts, gpu_offload=True)
+            plan = pool.start(self_test=False)
+        if isolate:
+            assert plan.probe is None and plan.options.ubatch == max(probe.CANDIDATES)
+        else:
+            assert plan.probe is not None and plan.options.ubatch == plan.probe.ubatch
+    assert probe.auto_ubatch(True, True, [256, 512]) == 512, "within what the model takes"
+    assert probe.auto_ubatch(False, True, probe.CANDIDATES) == probe.CPU_UBATCH
 
 
 @pytest.mark.parametrize(("free_mib", "expected"), [(None, 1), (2000, 1), (20000, 3), (11000, 2)])
