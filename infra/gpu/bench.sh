@@ -81,9 +81,9 @@ EOF2
 isolated)
   # --isolate on CUDA (one document a decode, from an emptied cache): are the rows bit-identical whatever the cut,
   # the neighbours and the run (packing's are not: `window`), and what does it cost against packing? About 8
-  # minutes; steps.log and the two benches' reports come back. The libraries need no patch for it: without
-  # build-cuda.sh's (33 min here), copy shared/gpu-prebuilt's archive to .gpu/llama-cuda-sm90.tar.xz before
-  # prepare.sh (the LM head is then computed, in both modes alike).
+  # minutes; steps.log and the two benches' reports come back. The bits need no patch: without build-cuda.sh's
+  # libraries (33 to 61 min here), `prepare.sh --prebuilt` (the LM head is then computed, in both modes alike, which
+  # makes isolation's cost look smaller than it is).
   nvidia-smi --query-gpu=name,memory.total,driver_version,compute_cap --format=csv,noheader | tee -a "$LOG"
   v4_model_start
   step invariance-isolated 120 "${LLAMA_FIRST[@]}" $REPO/benchmarks/batch_invariance.py --quants F16,Q8_0,IQ3_S --isolate
