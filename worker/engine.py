@@ -58,6 +58,10 @@ class EngineOptions:
     # on the host where the engine runs on the CPU, the cost there being nil; on a GPU the copy and the sum would
     # stall the device between decodes, and its kernels move packed vectors more than that anyway.
     pool_on_host: bool | None = None
+    # `ubatch` stands for `--ubatch auto`: an engine started alone (`embed`, Embedder) takes the cap a worker's pool
+    # would where that is fixed rather than measured (probe.auto_ubatch: isolated on a GPU), so that a query's long
+    # text is cut where the index's was.
+    ubatch_auto: bool = False
 
     @classmethod
     def from_settings(cls, settings: WorkerSettings, *, ubatch: int | str, gpu_layers: int, threads: int,
@@ -67,13 +71,14 @@ class EngineOptions:
         return cls(ubatch=ubatch if isinstance(ubatch, int) else 512, gpu_layers=gpu_layers, threads=threads,
                    flash_attn=flash_attn_choice(flash_attn), logical_batch=settings.logical_batch,
                    skip_lm_head=settings.skip_lm_head, min_decode=settings.min_decode,
-                   isolate=settings.isolate if isolate is None else isolate)
+                   isolate=settings.isolate if isolate is None else isolate, ubatch_auto=ubatch == "auto")
 
     def like(self, decoded_by: dict[str, str | int]) -> EngineOptions:
         """These options with the decoding that `decoded_by` (Engine.decoded_by, read from an index) records: the
         ubatch cap too, which decides where long documents are cut."""
         return replace(self, isolate=decoded_by["layout"] == "isolated", min_decode=int(decoded_by["min_decode"]),
-                       ubatch=int(decoded_by["ubatch"]), flash_attn=flash_attn_choice(str(decoded_by["flash_attn"])),
+                       ubatch=int(decoded_by["ubatch"]), ubatch_auto=False,
+                       flash_attn=flash_attn_choice(str(decoded_by["flash_attn"])),
                        pool_on_host=decoded_by.get("pooled_on", "device") == "host")  # older outputs: in the graph
 
 

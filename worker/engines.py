@@ -47,7 +47,10 @@ class EngineFacts:
 def _start_engine(model_path: str, options: EngineOptions) -> EngineFacts:
     global _ENGINE
     _ENGINE = Engine(model_path, options)
-    return EngineFacts(_ENGINE.gpu_offload, _ENGINE.load_seconds, probe.candidates_for(_ENGINE),
+    candidates = probe.candidates_for(_ENGINE)
+    if options.ubatch_auto and (cap := probe.auto_ubatch(_ENGINE.gpu_offload, options.isolate, candidates)):
+        _ENGINE.options = dataclasses.replace(_ENGINE.options, ubatch=cap)
+    return EngineFacts(_ENGINE.gpu_offload, _ENGINE.load_seconds, candidates,
                        _ENGINE.lm_head_skipped, _ENGINE.lm_head_state, _ENGINE.decoded_by)
 
 

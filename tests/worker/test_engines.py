@@ -261,6 +261,32 @@ def test_isolated_auto_ubatch_on_a_gpu_is_fixed_not_measured(tiny_model, tmp_pat
     assert probe.auto_ubatch(False, True, probe.CANDIDATES) == probe.CPU_UBATCH
 
 
+def test_an_engine_started_alone_takes_the_auto_cap_a_worker_would(tiny_model, monkeypatch):
+    """`embed` and Embedder start one engine, without a pool: where `auto` is fixed (isolated, on a GPU) they cut a
+    long text where a worker does. No GPU here: llama.cpp is made to say it offloads (a stand-in, labelled so; this
+    CPU build ignores the layers it is then asked to offload)."""
+    import llama_cpp
+
+    from bulkembed.contract.settings import WorkerSettings
+    from bulkembed.worker import engines
+
+    monkeypatch.setattr(llama_cpp, "llama_supports_gpu_offload", lambda: True)
+    settings = WorkerSettings()
+    try:
+        for isolate, ubatch, expected in ((True, "auto", 2048), (False, "auto", 512), (True, 256, 256)):
+            options = EngineOptions.from_settings(settings, ubatch=ubatch, gpu_layers=-1, threads=1, flash_attn="auto",
+                                                  isolate=isolate)
+            facts = engines._start_engine(str(tiny_model), options)
+            assert facts.gpu_offload and facts.decoded_by["ubatch"] == expected, (isolate, ubatch, facts.decoded_by)
+            engines.engine().close()
+        from_index = options.like({**facts.decoded_by, "layout": "isolated", "ubatch": 512})
+        facts = engines._start_engine(str(tiny_model), from_index)
+        assert facts.decoded_by["ubatch"] == 512, "an index's recorded cap is kept"
+        engines.engine().close()
+    finally:
+        engines._ENGINE = None
+
+
 @pytest.mark.parametrize(("free_mib", "expected"), [(None, 1), (2000, 1), (20000, 3), (11000, 2)])
 def test_engines_that_fit_the_gpu(free_mib, expected):
     assert probe.engines_that_fit(3000, free_mib) == expected
