@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Run HERE (no GPU, 2 cores): llama.cpp's shared libraries for CUDA, patched by the project's recipe
 # (infra/llama-cpp/build.sh --source: LM head left out of embedding decodes), so a GPU session spends its device
-# time measuring, not building (docs/notes.md 34: ~25 min on 2 cores, ~40 MB as tar.xz: it fits one call's 64 MiB).
+# time measuring, not building (docs/notes.md 34: ~40 MB as tar.xz, it fits one call's 64 MiB). It takes 25 to 61 min on
+# 2 cores (3,639 s on 2026-11-28, a CPU wheel's build beside it for 8 of them), and a loan can end meanwhile (it did
+# then): where a GPU is lent and the check needs no patch, call first with `prepare.sh --prebuilt` instead.
 #
 #   bash infra/gpu/build-cuda.sh [ARCHS]      # default 90 (H100/H200); 89 for an L4
 #
