@@ -184,7 +184,8 @@ class EnginePool:
             self.options = split_threads(self.setup.options, self.engines)
             while len(self.processes) < self.engines:  # one at a time: those made are closed if one fails to start
                 self.processes.append(LlamaProcess())
-            options = dataclasses.replace(self.options, ubatch=pinned)
+            # The pool decides the cap itself (start()), for every engine at once: not each engine on its own.
+            options = dataclasses.replace(self.options, ubatch=pinned, ubatch_auto=False)
             self.facts: EngineFacts = self.call_all(_start_engine, str(self.model_path), options)[0]  # side by side
         except BaseException:
             self.__exit__()
